@@ -1,0 +1,123 @@
+"""The contract between the supervisor and a worker process.
+
+Rules for this module:
+- It imports nothing heavy (no llama_cpp, no aiohttp): the supervisor imports it and
+  must start without llama_cpp installed.
+- Every message crossing the process boundary is a msgspec Struct defined here, so the
+  two sides cannot drift apart.
+
+How a worker is started: ``<worker_command> --spec PATH`` where PATH holds a JSON
+``LaunchSpec``. The worker serves HTTP on ``spec.socket_path`` (a Unix socket, never TCP)
+and exits with one of the ``ExitCode`` values below.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+import msgspec
+
+SplitMode = Literal["layer", "row", "none"]
+
+
+class ExitCode(enum.IntEnum):
+    """Why a worker stopped. The supervisor's restart policy acts on these."""
+
+    OK = 0  # asked to stop (SIGTERM/SIGINT) and did
+    FAILURE = 1  # anything unexpected: back off and restart
+    BAD_SPEC = 3  # the launch spec is invalid: restarting cannot help
+    BAD_MODEL = 4  # model file missing, unreadable or not GGUF: restarting cannot help
+    OOM = 5  # out of memory while loading: re-plan with a smaller footprint
+
+
+# Exit codes after which a restart with the same inputs cannot succeed.
+PERMANENT_EXIT_CODES = frozenset({ExitCode.BAD_SPEC, ExitCode.BAD_MODEL})
+
+# Substrings of llama.cpp / ggml / CUDA log lines that mean "out of memory".
+# Matched case-insensitively against each stderr line of the worker, by the worker
+# itself (to choose its exit code) and by the supervisor (a worker killed before it
+# could exit cleanly still left these lines behind).
+OOM_MARKERS = (
+    "out of memory",
+    "cudamalloc failed",
+    "failed to allocate cuda",
+    "unable to allocate cuda",
+    "failed to allocate buffer",
+    "cuda error: out of memory",
+    "cublas_status_alloc_failed",
+    "ggml_backend_cuda_buffer_type_alloc_buffer: allocating",
+    "cannot allocate memory",
+)
+
+
+def is_oom_line(line: str) -> bool:
+    low = line.lower()
+    if "ggml_backend_cuda_buffer_type_alloc_buffer: allocating" in low:
+        # llama.cpp prints this line right before the failure message; only count it
+        # when it reports a failure.
+        return "failed" in low
+    return any(m in low for m in OOM_MARKERS)
+
+
+# Prefix of every line the worker writes to stderr that comes from llama.cpp itself,
+# so a person (and the supervisor's ring buffer) can tell it from the worker's own lines.
+LLAMA_LOG_PREFIX = "llama.cpp: "
+
+
+class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Everything a worker needs to load one model. Applied to llama_cpp.Llama as given."""
+
+    model_path: str
+    socket_path: str
+    model_alias: str | None = None  # id served on /v1/models; default: file stem
+    n_gpu_layers: int = 0  # -1 = all layers
+    tensor_split: list[float] | None = None
+    split_mode: SplitMode = "layer"
+    main_gpu: int = 0
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: int | None = None  # None: llama.cpp's default
+    chat_format: str | None = None  # None: the template in the GGUF metadata
+    flash_attn: bool = False
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+class AppliedParams(msgspec.Struct, kw_only=True):
+    """What the worker actually applied, reported by /health once ready."""
+
+    model_path: str
+    n_gpu_layers: int
+    tensor_split: list[float] | None
+    split_mode: SplitMode
+    main_gpu: int
+    n_ctx: int
+    n_batch: int
+    n_threads: int
+    chat_format: str | None
+    cuda_visible_devices: str | None
+    cuda_device_order: str | None
+    llama_cpp_version: str
+    gpu_offload_supported: bool
+
+
+class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Body of the worker's GET /health. 503 while loading, 200 once ready."""
+
+    status: Literal["loading", "ok"]
+    pid: int
+    progress: float = 0.0  # model load progress, 0..1
+    model: str | None = None
+    params: AppliedParams | None = None
+    # Generation liveness: how many requests are running or waiting, and seconds since
+    # the running generation last produced a token (None when idle). The supervisor
+    # uses this to detect a hung generation.
+    active: int = 0
+    queued: int = 0
+    seconds_since_token: float | None = None
+    requests_served: int = 0
+
+
+health_decoder = msgspec.json.Decoder(Health)
+spec_decoder = msgspec.json.Decoder(LaunchSpec)
+encoder = msgspec.json.Encoder()

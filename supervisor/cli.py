@@ -1,0 +1,201 @@
+"""``vram-llm``: argparse -> Config -> plan / serve / status.
+
+Rules for this module:
+- The flags are declared ONCE, in ``FLAGS``: each maps to a dotted key of the Config
+  schema (supervisor/config.py) and is decoded through that schema, so a flag and its
+  config key cannot disagree about types or allowed values.
+- This is the only module that configures logging (``configure_logging``).
+- Errors a user can fix are one line on stderr, ``vram-llm: error: ...``, exit status 2;
+  never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Coroutine, NoReturn
+
+from supervisor.config import Config, ConfigError, load_config as load_config_file
+from supervisor.gpus import GpuProbeError
+from supervisor.model import ModelError
+from supervisor.planning import make_plan
+
+PROG = "vram-llm"
+EXIT_USAGE = 2
+
+
+def _devices(value: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip() != ""]
+    except ValueError:
+        out = []
+    if not out or any(d < 0 for d in out):
+        raise ConfigError(f"--devices: expected comma-separated NVML GPU indices like 0,2, got {value!r}")
+    return out
+
+
+def _command(value: str) -> list[str]:
+    try:
+        argv = shlex.split(value)
+    except ValueError as e:
+        raise ConfigError(f"--worker-command: {e}") from None
+    if not argv:
+        raise ConfigError("--worker-command must not be empty")
+    return argv
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    key: str  # dotted Config path
+    help: str
+    metavar: str | None = None
+    convert: Callable[[str], Any] | None = None  # str -> value before schema decoding
+    const: bool | None = None  # a switch: sets the key to this value
+    choices: tuple[str, ...] | None = None
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("--model", "model.path", "GGUF model file (default: the embedded SmolLM2-135M-Instruct)", "PATH"),
+    Flag("--host", "server.host", "address to listen on (default 127.0.0.1)", "HOST"),
+    Flag("--port", "server.port", "port to listen on (default 8080)", "PORT", int),
+    Flag("--reserve-mib", "gpu.reserve_mib", "VRAM left free on every GPU (default 1024)", "MIB", int),
+    Flag("--device-order", "gpu.device_order", "order of GPUs in the split (default free_desc)",
+         choices=("free_desc", "pci")),
+    Flag("--split-mode", "gpu.split_mode", "llama.cpp split mode (default layer)", choices=("layer", "row", "none")),
+    Flag("--no-set-cuda-visible-devices", "gpu.set_cuda_visible_devices",
+         "keep the inherited CUDA_VISIBLE_DEVICES; the split follows its order", const=False),
+    Flag("--devices", "gpu.devices", "only these NVML GPU indices, e.g. 0,2", "LIST", _devices),
+    Flag("--use-fit-params", "gpu.use_fit_params", "take the layer split from llama.cpp's llama-fit-params",
+         const=True),
+    Flag("--ctx-size", "model.ctx_size", "context size in tokens (default 4096)", "N", int),
+    Flag("--simulate-gpus", "gpu.simulate_gpus", "plan for the GPUs listed in this JSON file", "FILE"),
+    Flag("--worker-command", "worker.command", "worker command line, shell-quoted (tests)", "CMD", _command),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other usage error of ours (argparse prints usage too).
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help="config.toml (see config.example.toml)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    for f in FLAGS:
+        dest = f.key.replace(".", "__")
+        if f.const is not None:
+            p.add_argument(f.name, dest=dest, action="store_const", const=f.const, default=None, help=f.help)
+        else:
+            p.add_argument(f.name, dest=dest, metavar=f.metavar, choices=f.choices, default=None, help=f.help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Serve a GGUF model with llama.cpp, split across GPUs by free VRAM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("plan", help="show where the model's layers would go, then exit")
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=_cmd_plan)
+    s = sub.add_parser("serve", help="run the supervisor and serve the OpenAI API")
+    _add_common(s)
+    s.set_defaults(handler=_cmd_serve)
+    st = sub.add_parser("status", help="ask a running vram-llm for its state")
+    _add_common(st)
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.set_defaults(handler=_cmd_status)
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The config file (if any) with the given flags on top; ConfigError if wrong."""
+    overrides: dict[str, Any] = {}
+    for f in FLAGS:
+        value = getattr(args, f.key.replace(".", "__"), None)
+        if value is None:
+            continue
+        if f.convert is not None and f.const is None:
+            try:
+                value = f.convert(value)
+            except ValueError:
+                raise ConfigError(f"{f.name}: expected a number, got {value!r}") from None
+        overrides[f.key] = value
+    try:
+        return load_config_file(args.config, overrides)
+    except ConfigError as e:
+        # Name the flag the user typed, not the config key behind it.
+        msg = str(e)
+        for f in FLAGS:
+            if msg.startswith(f"flag: {f.key}:"):
+                raise ConfigError(f"{f.name}{msg[len('flag: ' + f.key):]}") from None
+        raise
+
+
+def configure_logging(level: str | int = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# --- subcommands ----------------------------------------------------------------------------
+
+
+def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
+    from supervisor.plan_report import plan_json, render_plan
+
+    result, _, _ = make_plan(cfg)
+    sys.stdout.write(plan_json(result) + "\n" if args.json else render_plan(result))
+    return 0
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """The one place that chooses the event loop: uvloop where available."""
+    try:
+        import uvloop
+    except ImportError:  # not on this platform: the default loop works too
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def _cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    from supervisor import app  # lazy: plan must not need the serving stack
+
+    return run_loop(app.serve(cfg, reload_config=lambda: load_config(args)))
+
+
+def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    from supervisor import status_cli
+
+    return int(status_cli.run(cfg, args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args)
+        return int(args.handler(cfg, args))
+    except (ConfigError, ModelError, GpuProbeError) as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `vram-llm plan | head`: the reader went away; not an error worth a traceback.
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""vram-llm's configuration: ONE typed schema, strict at the edge.
+
+Rules for this module:
+- ``Config`` below is the only description of the settings. The TOML file and the CLI
+  flags (supervisor/cli.py maps each flag to a dotted path here) are both decoded through
+  it, so they cannot drift apart.
+- Unknown keys and bad values are ``ConfigError``s naming the key and what is allowed.
+- Defaults here are the documented defaults; config.example.toml repeats them and a test
+  decodes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Mib = Annotated[int, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+DeviceOrder = Literal["free_desc", "pci"]
+SplitMode = Literal["layer", "row", "none"]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelSection(_Section):
+    path: str = ""  # empty: the embedded default model (SmolLM2-135M-Instruct)
+    alias: str = ""  # model id served on /v1/models; empty: the file stem
+    ctx_size: PositiveInt = 4096
+    n_batch: PositiveInt = 512
+    threads: NonNegInt = 0  # 0: llama.cpp's default
+    chat_format: str = ""  # empty: the chat template in the GGUF metadata
+    flash_attn: bool = False
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    runtime_dir: str = ""  # empty: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir
+
+
+class GpuSection(_Section):
+    reserve_mib: Mib = 1024
+    reserve_overrides: dict[str, Mib] = msgspec.field(default_factory=dict)  # UUID or NVML index
+    device_order: DeviceOrder = "free_desc"
+    split_mode: SplitMode = "layer"
+    devices: list[NonNegInt] = msgspec.field(default_factory=list)  # NVML indices; empty: all
+    set_cuda_visible_devices: bool = True
+    use_fit_params: bool = False
+    fit_params_command: str = "llama-fit-params"
+    simulate_gpus: str = ""  # path of a simulated inventory (JSON)
+
+
+class WorkerSection(_Section):
+    command: list[str] = msgspec.field(default_factory=list)  # empty: python -m worker
+    load_stall_timeout_s: Seconds = 120.0
+    health_interval_s: Seconds = 5.0
+    health_timeout_s: Seconds = 5.0
+    health_failures: PositiveInt = 3
+    token_stall_timeout_s: Seconds = 120.0
+    stop_timeout_s: Seconds = 10.0
+    stderr_lines: PositiveInt = 200
+
+
+class RestartSection(_Section):
+    backoff_initial_s: Seconds = 1.0
+    backoff_max_s: Seconds = 60.0
+    stable_after_s: Seconds = 300.0
+    max_failures: PositiveInt = 5
+    failure_window_s: Seconds = 600.0
+    oom_settle_timeout_s: Seconds = 30.0
+
+
+class AdmissionSection(_Section):
+    queue_size: NonNegInt = 64
+    wait_timeout_s: Seconds = 120.0
+
+
+class ShutdownSection(_Section):
+    grace_s: Seconds = 30.0
+
+
+class Config(_Section):
+    model: ModelSection = msgspec.field(default_factory=ModelSection)
+    server: ServerSection = msgspec.field(default_factory=ServerSection)
+    gpu: GpuSection = msgspec.field(default_factory=GpuSection)
+    worker: WorkerSection = msgspec.field(default_factory=WorkerSection)
+    restart: RestartSection = msgspec.field(default_factory=RestartSection)
+    admission: AdmissionSection = msgspec.field(default_factory=AdmissionSection)
+    shutdown: ShutdownSection = msgspec.field(default_factory=ShutdownSection)
+
+
+class ConfigError(Exception):
+    """A config file or flag is wrong; the message is one line naming the key."""
+
+
+# --- errors that name the key and what is allowed -----------------------------------------
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+
+
+def _struct_at(path: list[str]) -> type[msgspec.Struct] | None:
+    """The Struct type found by walking field names from Config."""
+    t: Any = Config
+    for name in path:
+        hints = typing.get_type_hints(t, include_extras=True)
+        if name not in hints:
+            return None
+        t = hints[name]
+        if not (isinstance(t, type) and issubclass(t, msgspec.Struct)):
+            return None
+    return t if isinstance(t, type) and issubclass(t, msgspec.Struct) else None
+
+
+def _field_type(path: list[str]) -> Any:
+    if not path:
+        return None
+    parent = _struct_at(path[:-1])
+    if parent is None:
+        return None
+    return typing.get_type_hints(parent, include_extras=True).get(path[-1])
+
+
+def _error_key(err: msgspec.ValidationError) -> str:
+    m = _AT.match(str(err))
+    raw_path = (m.group("path") or "") if m else ""
+    return ".".join(p for p in re.split(r"\.|\[[^\]]*\]", raw_path) if p)
+
+
+def _explain(err: msgspec.ValidationError, source: str) -> ConfigError:
+    m = _AT.match(str(err))
+    msg = m.group("msg") if m else str(err)
+    raw_path = (m.group("path") or "") if m else ""
+    parts = [p for p in re.split(r"\.|\[[^\]]*\]", raw_path) if p]
+    key = ".".join(parts)
+    unknown = re.match(r"Object contains unknown field `(.+)`", msg)
+    if unknown:
+        section = _struct_at(parts)
+        where = f"[{key}]" if key else "top level"
+        full = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+        allowed = ", ".join(section.__struct_fields__) if section else ""
+        return ConfigError(f"{source}: unknown key '{full}' in {where}; allowed: {allowed}")
+    t = _field_type(parts)
+    if t is not None:
+        base = typing.get_args(t)[0] if typing.get_origin(t) is Annotated else t
+        if typing.get_origin(base) is Literal:
+            allowed = " | ".join(str(a) for a in typing.get_args(base))
+            return ConfigError(f"{source}: {key}: {msg}; allowed: {allowed}")
+    return ConfigError(f"{source}: {key or 'config'}: {msg}")
+
+
+def _check(cfg: Config, source: str) -> None:
+    """Rules that span several keys (a Struct field cannot express them)."""
+    if cfg.restart.backoff_max_s < cfg.restart.backoff_initial_s:
+        raise ConfigError(
+            f"{source}: restart.backoff_max_s ({cfg.restart.backoff_max_s}) must be >= "
+            f"restart.backoff_initial_s ({cfg.restart.backoff_initial_s})"
+        )
+    if len(set(cfg.gpu.devices)) != len(cfg.gpu.devices):
+        raise ConfigError(f"{source}: gpu.devices lists an index twice: {cfg.gpu.devices}")
+    for k in cfg.gpu.reserve_overrides:
+        if not (k.isdigit() or k.startswith(("GPU-", "MIG-"))):
+            raise ConfigError(
+                f"{source}: gpu.reserve_overrides key {k!r}: expected a GPU UUID (GPU-...) "
+                "or an NVML index like \"0\""
+            )
+    if not cfg.server.host:
+        raise ConfigError(f"{source}: server.host must not be empty")
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``dotted == "a.b"``, creating sections."""
+    *sections, last = dotted.split(".")
+    node = data
+    for s in sections:
+        child = node.setdefault(s, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config: [{s}] must be a table, not a value")
+        node = child
+    node[last] = value
+
+
+def build_config(
+    data: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "config"
+) -> Config:
+    """Decode a config mapping (a parsed TOML file) with flag overrides on top."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    flagged: set[str] = set()
+    for dotted, value in (overrides or {}).items():
+        set_path(merged, dotted, value)
+        flagged.add(dotted)
+    try:
+        cfg = msgspec.convert(merged, Config, strict=True)
+    except msgspec.ValidationError as e:
+        key = _error_key(e)
+        # A bad value that came from a flag: say so, the file is not to blame.
+        raise _explain(e, "flag" if key in flagged else source) from None
+    _check(cfg, source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a TOML file (None: defaults only), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            with open(p, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return build_config(data, overrides, source)
+
+
+# --- resolved values (the few defaults that depend on the environment) -------------------
+
+
+def resolved_worker_command(cfg: Config) -> list[str]:
+    return list(cfg.worker.command) or [sys.executable, "-m", "worker"]
+
+
+def resolved_runtime_dir(cfg: Config, environ: typing.Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    for candidate in (cfg.server.runtime_dir, env.get("RUNTIME_DIRECTORY", ""), env.get("XDG_RUNTIME_DIR", "")):
+        if candidate:
+            # systemd may pass several directories separated by ':'; the first is ours.
+            return Path(candidate.split(":")[0])
+    return Path(tempfile.gettempdir())

@@ -1,0 +1,95 @@
+"""Render a Plan for people (a table) and for programs (JSON).
+
+Used by ``vram-llm plan``, by ``serve`` when it starts, and by ``vram-llm status``.
+Pure formatting: takes a Plan, returns a string.
+"""
+
+from __future__ import annotations
+
+import json
+
+from supervisor.planner import Plan
+
+_COLUMNS = (
+    ("idx", "index"),
+    ("cuda", "cuda"),
+    ("uuid", "uuid"),
+    ("name", "name"),
+    ("total", "total_mib"),
+    ("free", "free_mib"),
+    ("reserve", "reserve_mib"),
+    ("usable", "usable_mib"),
+    ("planned", "planned_mib"),
+    ("layers", "layers"),
+    ("share", "share"),
+)
+
+
+def plan_json(plan: Plan) -> str:
+    return json.dumps(plan.to_dict(), indent=2, sort_keys=False)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+    out += [fmt.format(*r).rstrip() for r in rows]
+    return out
+
+
+def render_plan(plan: Plan) -> str:
+    m = plan.model
+    lines = [
+        f"model: {m.name} ({m.architecture}, {m.n_layers} layers, {m.file_mib} MiB) {m.path}",
+        f"       context {plan.n_ctx} (trained {m.n_ctx_train}), KV cache {m.kv_mib_per_layer:g} MiB/layer, "
+        f"vocab {m.vocab_size}, heads {m.n_head}/{m.n_head_kv} kv"
+        + (", tied embeddings" if m.tied_embeddings else "")
+        + ("" if m.chat_template else ", no chat template"),
+        "",
+    ]
+    if plan.gpus:
+        rows: list[list[str]] = []
+        for g in plan.gpus:
+            layers = str(g.layers) + ("+out" if g.has_output else "")
+            rows.append(
+                [
+                    str(g.index),
+                    "-" if g.cuda_index is None else str(g.cuda_index),
+                    g.uuid,
+                    g.name,
+                    str(g.total_mib),
+                    str(g.free_mib),
+                    str(g.reserve_mib),
+                    str(g.usable_mib),
+                    str(g.planned_mib),
+                    layers,
+                    f"{g.share:.3f}",
+                ]
+            )
+        lines += _table([c for c, _ in _COLUMNS], rows)
+        lines.append("")
+        lines.append("estimate per GPU (MiB): weights + KV cache + compute buffer + CUDA context")
+        for g in plan.gpus:
+            e = g.estimate
+            if g.excluded_reason:
+                lines.append(f"  GPU {g.index}: not used: {g.excluded_reason}")
+            else:
+                lines.append(
+                    f"  GPU {g.index}: {e.weights_mib} + {e.kv_mib} + {e.compute_mib} + {e.fixed_mib}"
+                    f" = {e.total_mib} of {g.usable_mib} usable"
+                )
+        lines.append("")
+    mode = "CPU only" if plan.cpu_only else f"{plan.offloaded_layers} of {m.n_layers} layers on GPU" + (
+        " + output layer" if plan.output_on_gpu else ""
+    )
+    lines.append(f"plan ({plan.source}): {mode}; {plan.host_weights_mib} MiB of weights in host RAM")
+    lines.append(
+        "llama.cpp: "
+        f"n_gpu_layers={plan.n_gpu_layers} split_mode={plan.split_mode} main_gpu={plan.main_gpu} "
+        f"tensor_split={list(plan.tensor_split)} n_ctx={plan.n_ctx} n_batch={plan.n_batch}"
+        + (" flash_attn=on" if plan.flash_attn else "")
+    )
+    lines.append("worker env: " + " ".join(f"{k}={v!r}" if v == "" else f"{k}={v}" for k, v in plan.env.items()))
+    for n in plan.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,552 @@
+"""The VRAM planner: GPU inventory + model facts + settings -> Plan.
+
+Rules for this module:
+- PURE. No I/O, no environment reads, no clock, no logging. Everything it needs (the
+  inherited CUDA_VISIBLE_DEVICES, a parsed llama-fit-params answer) is an argument, so it
+  is tested as tables and property tests.
+- GPU identity is the NVML index / UUID. The worker's environment pins CUDA's order with
+  CUDA_DEVICE_ORDER=PCI_BUS_ID and lists the chosen GPUs by UUID in plan order, because
+  CUDA's default order (fastest first) differs from NVML's; every planner in this field has
+  shipped that bug at least once.
+- The estimate mirrors how llama.cpp places tensors (llama-model.cpp, load_tensors):
+  * the input layer (token_embd) always stays on the CPU;
+  * with n_gpu_layers = k the LAST k repeating layers go to GPUs; the output layer counts
+    as layer n_layer and is offloaded only when k > n_layer (we then send -1 = all);
+  * layer il of the offloaded range goes to the device whose cumulative, normalised
+    tensor_split first exceeds (il - i_gpu_start) / act_gpu_layers (std::upper_bound);
+  * split_mode none uses only main_gpu; row splits each matrix by rows across the GPUs
+    and keeps KV cache and scratch buffers on main_gpu.
+  All constants of the estimate live in the block below; a GPU check calibrates them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from supervisor.gpus import GpuInfo
+from supervisor.model import ModelFacts
+
+MIB = 1024 * 1024
+
+# --- the estimate's constants (calibrate here, nowhere else) ------------------------------
+# Per GPU in use: the CUDA context, cuBLAS workspace and ggml's CUDA memory pools. Measured
+# contexts are 250-450 MiB depending on driver and GPU; we take the high side.
+CUDA_CONTEXT_MIB = 400
+# llama-cpp-python leaves n_ubatch at 512 and llama.cpp clamps n_ubatch <= n_batch; the
+# compute graph is reserved for one micro-batch of this many tokens.
+DEFAULT_N_UBATCH = 512
+# f32 activations of width n_embd alive at once in a layer (residual, norm out, attn out,
+# ffn out); the graph allocator reuses everything else.
+COMPUTE_EMBD_TENSORS = 4
+# The compute buffer is the peak of the graph; the biggest single intermediate is one of:
+#   attention scores  n_ubatch * n_head * n_ctx * 4 bytes (f32 KQ; none with flash attention)
+#   feed-forward      n_ubatch * n_ff * 4 * 2 (gate and up alive together)
+#   logits            n_ubatch * n_vocab * 4 (only on the GPU holding the output layer)
+# compute = n_ubatch * n_embd * 4 * COMPUTE_EMBD_TENSORS + max(of those) , times a slack:
+COMPUTE_SLACK = 1.10
+# KV cache type: llama.cpp's default is f16 for K and V.
+KV_BYTES_PER_ELEMENT = 2
+
+NO_GPU_NOTE = "no GPU found; planning for CPU only"
+
+DeviceOrder = Literal["free_desc", "pci"]
+SplitMode = Literal["layer", "row", "none"]
+
+
+@dataclass(frozen=True)
+class FitParams:
+    """What llama-fit-params answered (parsed by supervisor/fit_params.py)."""
+
+    n_ctx: int
+    n_gpu_layers: int
+    tensor_split: tuple[float, ...]  # per device in plan order (layer counts; normalised here)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanSettings:
+    reserve_mib: int = 1024
+    reserve_overrides: Mapping[str, int] = field(default_factory=dict)  # UUID or "index" -> MiB
+    device_order: DeviceOrder = "free_desc"
+    split_mode: SplitMode = "layer"
+    devices: tuple[int, ...] | None = None  # NVML indices to keep; None: all
+    set_cuda_visible_devices: bool = True
+    # The CUDA_VISIBLE_DEVICES the worker inherits; used only when set_cuda_visible_devices
+    # is false (None: unset, every GPU visible).
+    inherited_cuda_visible_devices: str | None = None
+    n_ctx: int = 4096  # 0: the model's training context
+    n_batch: int = 512
+    flash_attn: bool = False
+    # OOM ladder knobs (supervisor/restart.py PlanAdjust)
+    extra_reserve_mib: int = 0
+    max_gpu_layers: int | None = None  # cap on repeating layers on GPUs
+    cpu_only: bool = False
+    # --use-fit-params: the parsed answer, or why there is none
+    fit_params: FitParams | None = None
+    fit_params_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights_mib: int
+    kv_mib: int
+    compute_mib: int
+    fixed_mib: int
+
+    @property
+    def total_mib(self) -> int:
+        return self.weights_mib + self.kv_mib + self.compute_mib + self.fixed_mib
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    index: int  # NVML index
+    uuid: str
+    name: str
+    pci_bus_id: str
+    total_mib: int
+    free_mib: int
+    reserve_mib: int
+    usable_mib: int
+    planned_mib: int
+    layers: int  # repeating layers on this GPU
+    has_output: bool  # the output layer lives here
+    share: float  # this GPU's entry in tensor_split (0 when unused)
+    cuda_index: int | None  # index the worker's CUDA sees; None: not visible to the worker
+    excluded_reason: str | None
+    estimate: Estimate
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    path: str
+    name: str
+    architecture: str
+    file_mib: int
+    n_layers: int
+    n_ctx_train: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    vocab_size: int
+    tied_embeddings: bool
+    chat_template: bool
+    kv_mib_per_layer: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    env: Mapping[str, str]  # variables to set in the worker's environment
+    tensor_split: tuple[float, ...]  # per CUDA device of the worker; () when CPU only
+    n_gpu_layers: int  # -1: every layer and the output layer
+    offloaded_layers: int  # repeating layers actually on GPUs
+    output_on_gpu: bool
+    split_mode: SplitMode
+    main_gpu: int  # CUDA index inside the worker
+    n_ctx: int
+    n_batch: int
+    flash_attn: bool
+    cpu_only: bool
+    source: Literal["vram-llm", "llama-fit-params"]
+    gpus: tuple[GpuPlan, ...]  # every inventory GPU, in plan order
+    model: ModelSummary
+    host_weights_mib: int  # weights left in host RAM
+    notes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["env"] = dict(self.env)
+        d["tensor_split"] = list(self.tensor_split)
+        d["notes"] = list(self.notes)
+        for g, gp in zip(d["gpus"], self.gpus):
+            g["estimate"]["total_mib"] = gp.estimate.total_mib
+        d["gpus"] = list(d["gpus"])
+        return d
+
+
+# --- the estimate --------------------------------------------------------------------------
+
+
+def _mib(n: float) -> int:
+    return int(math.ceil(n / MIB))
+
+
+def kv_bytes_per_layer(model: ModelFacts, n_ctx: int) -> int:
+    return n_ctx * model.n_head_kv * (model.key_length + model.value_length) * KV_BYTES_PER_ELEMENT
+
+
+def compute_bytes(model: ModelFacts, n_ctx: int, n_batch: int, flash_attn: bool, holds_output: bool) -> int:
+    """The compute-buffer allowance of one GPU (formula in the constants block above)."""
+    ub = min(n_batch, DEFAULT_N_UBATCH)
+    base = ub * model.n_embd * 4 * COMPUTE_EMBD_TENSORS
+    attn = 0 if flash_attn else ub * model.n_head * n_ctx * 4
+    ffn = ub * model.n_ff * 4 * 2
+    logits = ub * model.vocab_size * 4 if holds_output else 0
+    return int((base + max(attn, ffn, logits)) * COMPUTE_SLACK)
+
+
+def assign_layers(n_layer: int, n_gpu_layers: int, split: Sequence[float]) -> list[int | None]:
+    """llama.cpp's placement: device index (into split) per layer 0..n_layer, the last
+    entry being the output layer; None = CPU."""
+    n_dev = len(split)
+    total = sum(split)
+    out: list[int | None] = [None] * (n_layer + 1)
+    if n_dev == 0 or n_gpu_layers <= 0 or total <= 0:
+        return out
+    cum: list[float] = []
+    acc = 0.0
+    for s in split:
+        acc += s
+        cum.append(acc / total)
+    i_gpu_start = max(n_layer - n_gpu_layers, 0)
+    act = min(n_gpu_layers, n_layer + 1)
+    for il in range(n_layer + 1):
+        if il < i_gpu_start or il - i_gpu_start >= act:
+            continue
+        out[il] = min(bisect.bisect_right(cum, (il - i_gpu_start) / act), n_dev - 1)
+    return out
+
+
+@dataclass
+class _Cand:
+    gpu: GpuInfo
+    reserve: int
+    usable: int
+
+
+def _estimates(
+    model: ModelFacts,
+    cands: Sequence[_Cand],
+    split: Sequence[float],
+    ngl: int,
+    mode: SplitMode,
+    main: int,
+    n_ctx: int,
+    s: PlanSettings,
+) -> tuple[list[Estimate], list[int], list[bool]]:
+    """Per candidate: estimate, repeating layers placed, holds output."""
+    n = len(cands)
+    kv_layer = kv_bytes_per_layer(model, n_ctx)
+    if mode == "none":
+        placement = assign_layers(model.n_layers, ngl, [1.0 if i == main else 0.0 for i in range(n)])
+    else:
+        placement = assign_layers(model.n_layers, ngl, split)
+    layers = [0] * n
+    weights = [0.0] * n
+    kv = [0] * n
+    out_dev = placement[-1]
+    for il, dev in enumerate(placement[:-1]):
+        if dev is not None:
+            layers[dev] += 1
+            weights[dev] += model.layer_bytes[il]
+            kv[dev] += kv_layer
+    if out_dev is not None:
+        weights[out_dev] += model.output_bytes
+    holds_output = [i == out_dev for i in range(n)]
+    if mode == "row":
+        # Matrices are split by rows across all GPUs; KV cache and scratch stay on main_gpu.
+        total_w = sum(weights)
+        total_split = sum(split) or 1.0
+        weights = [total_w * sp / total_split for sp in split]
+        kv = [sum(kv) if i == main else 0 for i in range(n)]
+        holds_output = [out_dev is not None and i == main for i in range(n)]
+    ests: list[Estimate] = []
+    for i in range(n):
+        in_use = mode != "none" or i == main
+        comp = 0
+        if in_use and (mode != "row" or i == main):
+            comp = compute_bytes(model, n_ctx, s.n_batch, s.flash_attn, holds_output[i])
+        ests.append(
+            Estimate(
+                weights_mib=_mib(weights[i]),
+                kv_mib=_mib(kv[i]),
+                compute_mib=_mib(comp),
+                fixed_mib=CUDA_CONTEXT_MIB if in_use else 0,
+            )
+        )
+    return ests, layers, holds_output
+
+
+# --- CUDA_VISIBLE_DEVICES -------------------------------------------------------------------
+
+
+def parse_visible_devices(value: str | None, gpus: Sequence[GpuInfo]) -> tuple[list[GpuInfo], str | None]:
+    """The GPUs a CUDA process sees, in its order, given CUDA_VISIBLE_DEVICES and
+    CUDA_DEVICE_ORDER=PCI_BUS_ID (so integers are NVML indices). Like CUDA, an entry that
+    matches nothing hides itself and every entry after it."""
+    if value is None:
+        return sorted(gpus, key=lambda g: g.index), None
+    by_index = {g.index: g for g in gpus}
+    seen: list[GpuInfo] = []
+    for raw in value.split(","):
+        tok = raw.strip()
+        match: GpuInfo | None = None
+        if tok.isdigit():
+            match = by_index.get(int(tok))
+        elif tok:
+            hits = [g for g in gpus if g.uuid.startswith(tok) or g.uuid.startswith("GPU-" + tok)]
+            match = hits[0] if len(hits) == 1 else None
+        if match is None or match in seen:
+            note = None
+            if tok:
+                note = (
+                    f"CUDA_VISIBLE_DEVICES entry {tok!r} matches no GPU (or repeats one); "
+                    "CUDA hides it and every entry after it"
+                )
+            return seen, note
+        seen.append(match)
+    return seen, None
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+def _reserve_for(g: GpuInfo, s: PlanSettings) -> int:
+    r = s.reserve_overrides.get(g.uuid, s.reserve_overrides.get(str(g.index), s.reserve_mib))
+    return r + s.extra_reserve_mib
+
+
+def _summary(model: ModelFacts, n_ctx: int) -> ModelSummary:
+    return ModelSummary(
+        path=model.path,
+        name=model.name,
+        architecture=model.architecture,
+        file_mib=_mib(model.file_size),
+        n_layers=model.n_layers,
+        n_ctx_train=model.n_ctx_train,
+        n_embd=model.n_embd,
+        n_head=model.n_head,
+        n_head_kv=model.n_head_kv,
+        vocab_size=model.vocab_size,
+        tied_embeddings=model.tied_embeddings,
+        chat_template=model.chat_template,
+        kv_mib_per_layer=round(kv_bytes_per_layer(model, n_ctx) / MIB, 3),
+    )
+
+
+def _round_split(weights: Sequence[float]) -> tuple[float, ...]:
+    total = sum(weights)
+    if total <= 0:
+        return ()
+    shares = [round(w / total, 6) for w in weights]
+    # Put the rounding error on the largest share so the list sums to 1 (to 1e-6).
+    big = max(range(len(shares)), key=lambda i: shares[i])
+    shares[big] = round(shares[big] + 1.0 - sum(shares), 6)
+    return tuple(shares)
+
+
+def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> Plan:
+    s = settings
+    notes: list[str] = []
+    n_ctx = s.n_ctx or model.n_ctx_train or 4096
+    if s.fit_params is not None and s.fit_params.n_ctx > 0:
+        n_ctx = s.fit_params.n_ctx
+    if model.n_ctx_train and n_ctx > model.n_ctx_train:
+        notes.append(f"context {n_ctx} is larger than the model's training context {model.n_ctx_train}")
+
+    # 1. Which GPUs the worker's CUDA will see, in which order (the "logical" order).
+    reasons: dict[int, str] = {}
+    all_sorted = sorted(gpus, key=lambda g: g.index)
+    if s.set_cuda_visible_devices:
+        if s.device_order == "free_desc":
+            ordered = sorted(all_sorted, key=lambda g: -g.free_mib)  # stable: ties keep PCI order
+        else:
+            ordered = list(all_sorted)
+        visible = ordered
+    else:
+        visible, note = parse_visible_devices(s.inherited_cuda_visible_devices, all_sorted)
+        if note:
+            notes.append(note)
+        notes.append(
+            "keeping the inherited CUDA_VISIBLE_DEVICES="
+            + (repr(s.inherited_cuda_visible_devices) if s.inherited_cuda_visible_devices is not None else "(unset)")
+            + "; the split follows its order"
+        )
+        ordered = visible + [g for g in all_sorted if g not in visible]
+        for g in all_sorted:
+            if g not in visible:
+                reasons[g.index] = "not visible in the inherited CUDA_VISIBLE_DEVICES"
+
+    if s.devices is not None:
+        known = {g.index for g in gpus}
+        missing = [d for d in s.devices if d not in known]
+        if missing:
+            notes.append(f"--devices lists GPU indices that do not exist: {', '.join(map(str, missing))}")
+        for g in ordered:
+            if g.index not in s.devices and g.index not in reasons:
+                reasons[g.index] = "not in --devices"
+
+    # 2. Usable VRAM and the "cannot hold even one layer" rule.
+    kv_layer = kv_bytes_per_layer(model, n_ctx)
+    biggest_layer = max(model.layer_bytes, default=0)
+    one_layer_mib = (
+        CUDA_CONTEXT_MIB
+        + _mib(compute_bytes(model, n_ctx, s.n_batch, s.flash_attn, False))
+        + _mib(biggest_layer + kv_layer)
+    )
+    info: dict[int, tuple[int, int]] = {}
+    for g in ordered:
+        reserve = _reserve_for(g, s)
+        usable = max(g.free_mib - reserve, 0)
+        info[g.index] = (reserve, usable)
+        if g.index in reasons:
+            continue
+        if g.free_mib < reserve:
+            reasons[g.index] = f"free {g.free_mib} MiB is below the reserve {reserve} MiB"
+        elif usable < one_layer_mib:
+            reasons[g.index] = (
+                f"usable {usable} MiB cannot hold one layer plus fixed costs ({one_layer_mib} MiB)"
+            )
+    if s.cpu_only:
+        for g in ordered:
+            reasons.setdefault(g.index, "CPU-only plan (out-of-memory fallback)")
+
+    cands = [_Cand(g, *info[g.index]) for g in visible if g.index not in reasons]
+    if s.split_mode == "none" and len(cands) > 1:
+        best = max(cands, key=lambda c: c.usable)  # max() keeps the first on ties
+        for c in cands:
+            if c is not best:
+                reasons[c.gpu.index] = "split mode none uses only the GPU with the most usable VRAM"
+        cands = [best]
+
+    # 3. The split and the largest n_gpu_layers that fits.
+    source: Literal["vram-llm", "llama-fit-params"] = "vram-llm"
+    main = 0
+    split: tuple[float, ...] = ()
+    ngl = 0
+    ests: list[Estimate] = []
+    layers: list[int] = []
+    outs: list[bool] = []
+    if cands:
+        main = max(range(len(cands)), key=lambda i: cands[i].usable)
+        if s.split_mode == "none":
+            main = 0
+        fixed_room = [max(c.usable - CUDA_CONTEXT_MIB, 0) for c in cands]
+        split = _round_split([float(r) for r in fixed_room]) if s.split_mode != "none" else (1.0,)
+        top = model.n_layers + 1
+        if s.max_gpu_layers is not None and s.max_gpu_layers <= model.n_layers:
+            top = s.max_gpu_layers
+
+        fit = s.fit_params
+        if fit is not None:
+            # The tool saw the worker's devices: the plan's GPUs, or every inherited visible one.
+            seen_by_tool = cands if s.set_cuda_visible_devices else [_Cand(g, 0, 0) for g in visible]
+            pos = [[c.gpu for c in seen_by_tool].index(c.gpu) for c in cands]
+            ts = [fit.tensor_split[p] if p < len(fit.tensor_split) else 0.0 for p in pos]
+            if len(fit.tensor_split) > len(seen_by_tool) or (
+                len(cands) > 1 and sum(ts) <= 0 and s.split_mode != "none"
+            ):
+                notes.append(
+                    f"llama-fit-params answered for {len(fit.tensor_split)} devices, the plan has "
+                    f"{len(cands)}; using vram-llm's own plan"
+                )
+                fit = None
+            else:
+                source = "llama-fit-params"
+                if len(cands) > 1 and s.split_mode != "none":
+                    split = _round_split(ts)
+                ngl = min(max(fit.n_gpu_layers, 0), model.n_layers + 1, top)
+                ests, layers, outs = _estimates(model, cands, split, ngl, s.split_mode, main, n_ctx, s)
+                notes.append("layer split and context taken from llama-fit-params")
+        elif s.fit_params_error:
+            notes.append(f"llama-fit-params: {s.fit_params_error}; using vram-llm's own plan")
+
+        if fit is None:
+            ngl = 0
+            for k in range(top, 0, -1):
+                e, lay, o = _estimates(model, cands, split, k, s.split_mode, main, n_ctx, s)
+                if all(est.total_mib <= c.usable for est, c in zip(e, cands)):
+                    ngl, ests, layers, outs = k, e, lay, o
+                    break
+            if ngl == 0:
+                for c in cands:
+                    reasons[c.gpu.index] = "not even one layer fits with the estimated context and compute buffers"
+                cands = []
+            elif ngl < model.n_layers + 1:
+                if s.max_gpu_layers is not None and ngl == top:
+                    notes.append(f"GPU layers capped at {top} (out-of-memory fallback)")
+                else:
+                    notes.append(
+                        f"partial offload: {min(ngl, model.n_layers)} of {model.n_layers} layers fit on the GPUs"
+                        + ("; the output layer stays on the CPU" if ngl <= model.n_layers else "")
+                    )
+    elif gpus:
+        notes.append("no GPU can be used; planning for CPU only")
+
+    cpu_only = not cands
+    if cpu_only:
+        split, ngl, main, ests, layers, outs = (), 0, 0, [], [], []
+
+    # 4. The worker's environment and the per-GPU rows, in plan order.
+    env: dict[str, str] = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    cand_pos = {c.gpu.index: i for i, c in enumerate(cands)}
+    if s.set_cuda_visible_devices:
+        # UUIDs, not indices: unambiguous whatever CUDA_DEVICE_ORDER the worker ends up with.
+        # Empty when CPU only, so the worker creates no CUDA context on any GPU.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(c.gpu.uuid for c in cands)
+        cuda_index = dict(cand_pos)
+        tensor_split = split
+        main_gpu = main
+    else:
+        cuda_index = {g.index: i for i, g in enumerate(visible)}
+        full = [0.0] * len(visible)
+        for c, sp in zip(cands, split):
+            full[cuda_index[c.gpu.index]] = sp
+        tensor_split = tuple(full) if cands else ()
+        main_gpu = cuda_index[cands[main].gpu.index] if cands else 0
+
+    rows: list[GpuPlan] = []
+    zero = Estimate(0, 0, 0, 0)
+    for g in ordered:
+        reserve, usable = info[g.index]
+        pos = cand_pos.get(g.index)
+        est = ests[pos] if pos is not None else zero
+        rows.append(
+            GpuPlan(
+                index=g.index,
+                uuid=g.uuid,
+                name=g.name,
+                pci_bus_id=g.pci_bus_id,
+                total_mib=g.total_mib,
+                free_mib=g.free_mib,
+                reserve_mib=reserve,
+                usable_mib=usable,
+                planned_mib=est.total_mib,
+                layers=layers[pos] if pos is not None else 0,
+                has_output=outs[pos] if pos is not None else False,
+                share=split[pos] if pos is not None and split else 0.0,
+                cuda_index=cuda_index.get(g.index),
+                excluded_reason=reasons.get(g.index),
+                estimate=est,
+            )
+        )
+    offloaded = sum(layers)
+    output_on_gpu = any(outs)
+    # Offloaded layers are the last ones (see the module docstring).
+    gpu_weights = sum(model.layer_bytes[model.n_layers - offloaded :]) if offloaded else 0
+    host_bytes = model.weights_bytes - gpu_weights - (model.output_bytes - model.embd_bytes_of_output if output_on_gpu else 0)
+    if output_on_gpu and model.tied_embeddings:
+        notes.append("the model ties its output layer to token_embd; llama.cpp keeps a copy of it on the output GPU")
+    if not gpus:
+        notes.append(NO_GPU_NOTE)
+    return Plan(
+        env=env,
+        tensor_split=tensor_split,
+        n_gpu_layers=-1 if ngl > model.n_layers else ngl,
+        offloaded_layers=offloaded,
+        output_on_gpu=output_on_gpu,
+        split_mode=s.split_mode,
+        main_gpu=main_gpu,
+        n_ctx=n_ctx,
+        n_batch=s.n_batch,
+        flash_attn=s.flash_attn,
+        cpu_only=cpu_only,
+        source=source,
+        gpus=tuple(rows),
+        model=_summary(model, n_ctx),
+        host_weights_mib=_mib(max(host_bytes, 0)),
+        notes=tuple(notes),
+    )

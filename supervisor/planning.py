@@ -1,0 +1,110 @@
+"""Planning from a Config: the I/O around the pure planner, shared by `plan` and `serve`.
+
+Reads the GPU inventory (NVML or a simulated file) and the model's GGUF header, asks
+llama-fit-params when configured, and calls the pure ``planner.plan``. `vram-llm plan`
+and every worker start of `vram-llm serve` go through ``make_plan``, so what a person
+sees in `plan` is what `serve` does. Imports nothing of the serving stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from supervisor.config import Config, ConfigError
+from supervisor.gpus import GpuProbe, Inventory, make_probe
+from supervisor.model import ModelError, ModelFacts, read_model_facts
+from supervisor.planner import NO_GPU_NOTE, Plan, PlanSettings, plan
+
+
+
+def resolve_model_path(cfg: Config) -> str:
+    if cfg.model.path:
+        return cfg.model.path
+    from supervisor.default_model import DefaultModelMissing, default_model_path
+
+    try:
+        return str(default_model_path())
+    except DefaultModelMissing as e:
+        raise ModelError(str(e)) from None
+
+
+def plan_settings(cfg: Config, environ: Mapping[str, str] | None = None, **ladder: Any) -> PlanSettings:
+    """PlanSettings from the config; ``ladder`` takes the OOM-ladder knobs
+    (extra_reserve_mib, max_gpu_layers, cpu_only, n_ctx) and fit_params results."""
+    env = os.environ if environ is None else environ
+    g = cfg.gpu
+    kw: dict[str, Any] = dict(
+        reserve_mib=g.reserve_mib,
+        reserve_overrides=dict(g.reserve_overrides),
+        device_order=g.device_order,
+        split_mode=g.split_mode,
+        devices=tuple(g.devices) if g.devices else None,
+        set_cuda_visible_devices=g.set_cuda_visible_devices,
+        inherited_cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
+        n_ctx=cfg.model.ctx_size,
+        n_batch=cfg.model.n_batch,
+        flash_attn=cfg.model.flash_attn,
+    )
+    kw.update({k: v for k, v in ladder.items() if v is not None})
+    return PlanSettings(**kw)
+
+
+def check_devices(cfg: Config, inventory: Inventory) -> None:
+    """--devices naming a GPU that does not exist is a usage error (when GPUs are known)."""
+    if not cfg.gpu.devices or not inventory.gpus:
+        return
+    known = sorted(g.index for g in inventory.gpus)
+    missing = [d for d in cfg.gpu.devices if d not in known]
+    if missing:
+        raise ConfigError(
+            f"--devices/gpu.devices: no GPU with NVML index {', '.join(map(str, missing))} "
+            f"(present: {', '.join(map(str, known))})"
+        )
+
+
+def make_plan(
+    cfg: Config,
+    *,
+    probe: GpuProbe | None = None,
+    model: ModelFacts | None = None,
+    environ: Mapping[str, str] | None = None,
+    **ladder: Any,
+) -> tuple[Plan, Inventory, ModelFacts]:
+    """Probe the GPUs, read the model header, plan (and ask llama-fit-params if configured).
+
+    Raises ConfigError, ModelError or GpuProbeError with a one-line message.
+    """
+    inventory = (probe or make_probe(cfg)).read()
+    check_devices(cfg, inventory)
+    facts = model if model is not None else read_model_facts(resolve_model_path(cfg))
+    settings = plan_settings(cfg, environ, **ladder)
+    result = plan(inventory.gpus, facts, settings)
+    if cfg.gpu.use_fit_params and not settings.cpu_only:
+        from supervisor.fit_params import run_fit_params
+
+        if result.cpu_only:
+            answer: object = "no GPU to fit the model on"
+        else:
+            used = sorted((g for g in result.gpus if g.cuda_index is not None), key=lambda g: g.cuda_index or 0)
+            answer = run_fit_params(
+                cfg.gpu.fit_params_command,
+                facts.path,
+                [g.reserve_mib for g in used],
+                result.n_ctx,
+                cfg.model.n_batch,
+                cfg.model.flash_attn,
+                result.env,
+            )
+        if isinstance(answer, str):
+            settings = plan_settings(cfg, environ, fit_params_error=answer, **ladder)
+        else:
+            settings = plan_settings(cfg, environ, fit_params=answer, **ladder)
+        result = plan(inventory.gpus, facts, settings)
+    if inventory.note:
+        # The probe's reason (e.g. "NVML not available: ...") replaces the generic one.
+        rest = tuple(n for n in result.notes if n != NO_GPU_NOTE)
+        result = dataclasses.replace(result, notes=(inventory.note, *rest))
+    return result, inventory, facts

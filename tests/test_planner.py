@@ -1,0 +1,370 @@
+"""The planner as tables (simulated inventories x the real SmolLM2 header), as properties
+(hypothesis), and on GGUF files of other shapes written by tests/gguf_factory.py."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor.default_model import default_model_path
+from supervisor.gpus import GpuInfo, SimulatedProbe
+from supervisor.model import ModelFacts, read_model_facts
+from supervisor.planner import (
+    CUDA_CONTEXT_MIB,
+    FitParams,
+    Plan,
+    PlanSettings,
+    assign_layers,
+    kv_bytes_per_layer,
+    parse_visible_devices,
+    plan,
+)
+from tests.gguf_factory import GGMLQuantizationType, Shape, write_model
+
+SIM = Path(__file__).parent / "sim"
+
+
+@pytest.fixture(scope="module")
+def smol() -> ModelFacts:
+    return read_model_facts(default_model_path())
+
+
+def gpus(name: str) -> tuple[GpuInfo, ...]:
+    return SimulatedProbe(SIM / f"{name}.json").read().gpus
+
+
+def by_index(p: Plan) -> dict[int, object]:
+    return {g.index: g for g in p.gpus}
+
+
+def used(p: Plan) -> list[int]:
+    """NVML indices of the GPUs the worker uses, in CUDA order."""
+    return [g.index for g in sorted(p.gpus, key=lambda g: g.cuda_index or 0) if g.excluded_reason is None]
+
+
+def check_invariants(p: Plan) -> None:
+    for g in p.gpus:
+        if g.excluded_reason is None and p.source == "vram-llm":
+            assert g.planned_mib <= g.usable_mib, g
+        if g.excluded_reason is not None:
+            assert g.planned_mib == 0 and g.layers == 0 and g.share == 0.0
+    if p.cpu_only:
+        assert p.n_gpu_layers == 0 and p.tensor_split == () and p.offloaded_layers == 0
+    else:
+        assert math.isclose(sum(p.tensor_split), 1.0, abs_tol=1e-5)
+        assert p.offloaded_layers == sum(g.layers for g in p.gpus)
+    assert p.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+# --- the cases issue 2 lists ----------------------------------------------------------------
+
+
+def test_one_gpu(smol: ModelFacts) -> None:
+    p = plan(gpus("one_gpu"), smol, PlanSettings())
+    check_invariants(p)
+    assert p.n_gpu_layers == -1 and p.offloaded_layers == 30 and p.output_on_gpu
+    assert p.tensor_split == (1.0,) and p.main_gpu == 0
+    assert p.env["CUDA_VISIBLE_DEVICES"] == "GPU-11111111-0000-0000-0000-000000000000"
+    g = p.gpus[0]
+    assert (g.reserve_mib, g.usable_mib, g.layers, g.has_output) == (1024, 24000 - 1024, 30, True)
+    e = g.estimate
+    assert e.fixed_mib == CUDA_CONTEXT_MIB and e.kv_mib == math.ceil(30 * kv_bytes_per_layer(smol, 4096) / 2**20)
+    assert g.planned_mib == e.weights_mib + e.kv_mib + e.compute_mib + e.fixed_mib
+
+
+def test_two_equal_gpus(smol: ModelFacts) -> None:
+    p = plan(gpus("two_equal"), smol, PlanSettings())
+    check_invariants(p)
+    assert p.n_gpu_layers == -1 and p.tensor_split == (0.5, 0.5)
+    assert used(p) == [0, 1]  # equal free VRAM: PCI order breaks the tie
+    a, b = p.gpus
+    # llama.cpp splits 31 units (30 layers + output) at 0.5: layers 0-15 | 16-29 + output
+    assert (a.layers, b.layers) == (16, 14)
+    assert b.has_output and not a.has_output  # llama.cpp puts the output layer on the last GPU
+
+
+def test_mix_24_12_4_orders_by_free_and_pins_cuda_order(smol: ModelFacts) -> None:
+    p = plan(gpus("mix_24_12_4"), smol, PlanSettings())
+    check_invariants(p)
+    # NVML (PCI) order is 4 GB, 24 GB, 12 GB; the plan order is by free VRAM.
+    assert [g.index for g in p.gpus] == [1, 2, 0]
+    assert [g.cuda_index for g in p.gpus] == [0, 1, 2]
+    assert p.env["CUDA_VISIBLE_DEVICES"] == ",".join(
+        ["GPU-24242424-0000-0000-0000-000000000000", "GPU-12121212-0000-0000-0000-000000000000",
+         "GPU-d15p1a70-0000-0000-0000-000000000000"]
+    )
+    s24, s12, s4 = p.tensor_split
+    assert s24 > s12 > s4 > 0
+    # proportional to usable VRAM after the fixed per-GPU cost
+    usable = [g.usable_mib - CUDA_CONTEXT_MIB for g in p.gpus]
+    for share, u in zip(p.tensor_split, usable):
+        assert share == pytest.approx(u / sum(usable), abs=1e-5)
+
+
+def test_pci_order_keeps_bus_order(smol: ModelFacts) -> None:
+    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(device_order="pci"))
+    check_invariants(p)
+    assert used(p) == [0, 1, 2]
+    assert p.env["CUDA_VISIBLE_DEVICES"].split(",")[0] == "GPU-d15p1a70-0000-0000-0000-000000000000"
+    assert p.tensor_split[1] > p.tensor_split[2] > p.tensor_split[0]
+
+
+def test_free_below_reserve_is_left_out_with_reason(smol: ModelFacts) -> None:
+    p = plan(gpus("below_reserve"), smol, PlanSettings())
+    check_invariants(p)
+    g = by_index(p)
+    assert "below the reserve" in (g[0].excluded_reason or "")
+    assert g[0].usable_mib == 0 and g[0].cuda_index is None
+    assert used(p) == [1] and p.env["CUDA_VISIBLE_DEVICES"] == "GPU-e0e00000-0000-0000-0000-000000000000"
+    assert p.tensor_split == (1.0,) and p.n_gpu_layers == -1
+
+
+def test_devices_subset(smol: ModelFacts) -> None:
+    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(devices=(0, 2)))
+    check_invariants(p)
+    assert used(p) == [2, 0]
+    assert by_index(p)[1].excluded_reason == "not in --devices"
+    assert "GPU-24242424" not in p.env["CUDA_VISIBLE_DEVICES"]
+
+
+def test_split_mode_none_uses_the_gpu_with_most_usable(smol: ModelFacts) -> None:
+    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(split_mode="none", device_order="pci"))
+    check_invariants(p)
+    assert used(p) == [1] and p.main_gpu == 0 and p.n_gpu_layers == -1
+    assert p.env["CUDA_VISIBLE_DEVICES"] == "GPU-24242424-0000-0000-0000-000000000000"
+    for i in (0, 2):
+        assert "split mode none" in (by_index(p)[i].excluded_reason or "")
+
+
+def test_split_mode_row_main_gpu_is_the_biggest(smol: ModelFacts) -> None:
+    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(split_mode="row", device_order="pci"))
+    check_invariants(p)
+    assert used(p) == [0, 1, 2]
+    assert p.main_gpu == 1  # CUDA index of the 24 GB GPU in PCI order
+    g = by_index(p)
+    assert g[1].estimate.kv_mib > 0 and g[0].estimate.kv_mib == 0 and g[2].estimate.kv_mib == 0
+
+
+def test_partial_offload(smol: ModelFacts) -> None:
+    p = plan(gpus("tiny"), smol, PlanSettings())
+    check_invariants(p)
+    assert 0 < p.offloaded_layers < 30
+    assert p.n_gpu_layers == p.offloaded_layers and not p.output_on_gpu
+    assert any("partial offload" in n for n in p.notes)
+    # One more layer would not fit: the plan is the largest that does.
+    bigger = plan(gpus("tiny"), smol, PlanSettings(reserve_mib=1024 - 20))
+    assert bigger.offloaded_layers > p.offloaded_layers
+
+
+def test_nothing_fits_is_cpu_only(smol: ModelFacts) -> None:
+    p = plan(gpus("tiny"), smol, PlanSettings(reserve_mib=1400))
+    check_invariants(p)
+    assert p.cpu_only and p.env["CUDA_VISIBLE_DEVICES"] == ""
+    assert p.gpus[0].excluded_reason
+
+
+def test_no_gpu_at_all(smol: ModelFacts) -> None:
+    p = plan(gpus("no_gpu"), smol, PlanSettings())
+    check_invariants(p)
+    assert p.cpu_only and p.gpus == () and p.n_gpu_layers == 0 and p.tensor_split == ()
+    assert p.host_weights_mib > 0
+
+
+def test_reserve_overrides_by_uuid_and_index(smol: ModelFacts) -> None:
+    s = PlanSettings(reserve_overrides={"GPU-24242424-0000-0000-0000-000000000000": 4000, "2": 0})
+    g = by_index(plan(gpus("mix_24_12_4"), smol, s))
+    assert (g[0].reserve_mib, g[1].reserve_mib, g[2].reserve_mib) == (1024, 4000, 0)
+    assert g[1].usable_mib == 24200 - 4000
+
+
+# --- CUDA_VISIBLE_DEVICES kept (--no-set-cuda-visible-devices) ------------------------------
+
+
+def test_keep_env_split_follows_inherited_order(smol: ModelFacts) -> None:
+    s = PlanSettings(set_cuda_visible_devices=False, inherited_cuda_visible_devices="2,0")
+    p = plan(gpus("mix_24_12_4"), smol, s)
+    check_invariants(p)
+    assert "CUDA_VISIBLE_DEVICES" not in p.env  # the inherited value stays
+    g = by_index(p)
+    assert (g[2].cuda_index, g[0].cuda_index, g[1].cuda_index) == (0, 1, None)
+    assert "not visible" in (g[1].excluded_reason or "")
+    assert len(p.tensor_split) == 2 and p.tensor_split[0] > p.tensor_split[1]
+
+
+def test_keep_env_unset_means_all_in_pci_order(smol: ModelFacts) -> None:
+    s = PlanSettings(set_cuda_visible_devices=False, inherited_cuda_visible_devices=None, split_mode="row")
+    p = plan(gpus("mix_24_12_4"), smol, s)
+    assert [g.cuda_index for g in sorted(p.gpus, key=lambda g: g.index)] == [0, 1, 2]
+    assert p.main_gpu == 1  # the 24 GB GPU is CUDA device 1 in PCI order
+
+
+def test_keep_env_with_devices_subset_zeroes_the_others(smol: ModelFacts) -> None:
+    s = PlanSettings(set_cuda_visible_devices=False, inherited_cuda_visible_devices=None, devices=(2,))
+    p = plan(gpus("mix_24_12_4"), smol, s)
+    assert p.tensor_split == (0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, [0, 1, 2]),
+        ("", []),
+        ("1,0", [1, 0]),
+        ("GPU-12121212-0000-0000-0000-000000000000,0", [2, 0]),
+        ("GPU-1212", [2]),  # a unique UUID prefix, as CUDA accepts
+        ("d15p1a70", [0]),  # CUDA also accepts a UUID without its GPU- prefix
+        ("0,9,1", [0]),  # an invalid entry hides itself and all after it
+        ("1,1", [1]),
+    ],
+)
+def test_parse_visible_devices(value: str | None, expected: list[int]) -> None:
+    seen, _ = parse_visible_devices(value, gpus("mix_24_12_4"))
+    assert [g.index for g in seen] == expected
+
+
+# --- OOM ladder knobs and llama-fit-params input --------------------------------------------
+
+
+def test_ladder_knobs(smol: ModelFacts) -> None:
+    base = plan(gpus("one_gpu"), smol, PlanSettings())
+    capped = plan(gpus("one_gpu"), smol, PlanSettings(max_gpu_layers=10, extra_reserve_mib=512))
+    check_invariants(capped)
+    assert capped.n_gpu_layers == 10 and capped.offloaded_layers == 10 and not capped.output_on_gpu
+    assert capped.gpus[0].reserve_mib == base.gpus[0].reserve_mib + 512
+    cpu = plan(gpus("one_gpu"), smol, PlanSettings(cpu_only=True))
+    assert cpu.cpu_only and cpu.env["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_fit_params_answer_is_used(smol: ModelFacts) -> None:
+    fit = FitParams(n_ctx=2048, n_gpu_layers=31, tensor_split=(20.0, 11.0))
+    p = plan(gpus("two_equal"), smol, PlanSettings(fit_params=fit))
+    assert p.source == "llama-fit-params" and p.n_ctx == 2048 and p.n_gpu_layers == -1
+    assert p.tensor_split == pytest.approx((20 / 31, 11 / 31), abs=1e-5)
+
+
+def test_fit_params_error_falls_back(smol: ModelFacts) -> None:
+    p = plan(gpus("two_equal"), smol, PlanSettings(fit_params_error="'llama-fit-params' not found"))
+    assert p.source == "vram-llm" and any("not found" in n for n in p.notes)
+    too_many = FitParams(n_ctx=4096, n_gpu_layers=31, tensor_split=(1.0, 1.0, 1.0))
+    p = plan(gpus("two_equal"), smol, PlanSettings(fit_params=too_many))
+    assert p.source == "vram-llm"
+
+
+# --- llama.cpp's layer placement ------------------------------------------------------------
+
+
+def test_assign_layers_mirrors_llama_cpp() -> None:
+    # 4 layers + output, all offloaded, equal split: [0,0,0,1,1] by upper_bound on (il/5).
+    assert assign_layers(4, 5, [1, 1]) == [0, 0, 0, 1, 1]
+    # partial: the LAST 2 layers go to the GPU, the output layer stays on the CPU.
+    assert assign_layers(4, 2, [1]) == [None, None, 0, 0, None]
+    assert assign_layers(4, 0, [1]) == [None] * 5
+    assert assign_layers(4, 99, [0, 1]) == [1] * 5
+
+
+# --- properties -----------------------------------------------------------------------------
+
+
+def synthetic_model(n_layers: int, layer_mib: int, vocab: int) -> ModelFacts:
+    return ModelFacts(
+        path="synthetic.gguf", file_size=n_layers * layer_mib * 2**20, architecture="llama", name="synthetic",
+        n_layers=n_layers, n_ctx_train=8192, n_embd=4096, n_ff=11008, n_head=32, n_head_kv=8,
+        key_length=128, value_length=128, vocab_size=vocab, layer_bytes=(layer_mib * 2**20,) * n_layers,
+        embd_bytes=vocab * 4096 // 2, output_bytes=vocab * 4096 // 2, tied_embeddings=False, other_bytes=0,
+        chat_template=True, gguf_version=3,
+    )
+
+
+gpu_lists = st.lists(
+    st.tuples(st.integers(1024, 81920), st.floats(0.0, 1.0)), min_size=0, max_size=6
+).map(
+    lambda xs: tuple(
+        GpuInfo(i, f"GPU-{i:08d}", f"gpu{i}", f"00000000:{i + 1:02X}:00.0", t, int(t * f), t - int(t * f))
+        for i, (t, f) in enumerate(xs)
+    )
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    inv=gpu_lists,
+    n_layers=st.integers(1, 120),
+    layer_mib=st.integers(1, 1200),
+    vocab=st.sampled_from([32000, 151936]),
+    reserve=st.integers(0, 4096),
+    order=st.sampled_from(["free_desc", "pci"]),
+    mode=st.sampled_from(["layer", "row", "none"]),
+    ctx=st.sampled_from([512, 4096, 32768]),
+)
+def test_properties(
+    inv: tuple[GpuInfo, ...], n_layers: int, layer_mib: int, vocab: int, reserve: int, order: str, mode: str, ctx: int
+) -> None:
+    model = synthetic_model(n_layers, layer_mib, vocab)
+    p = plan(inv, model, PlanSettings(reserve_mib=reserve, device_order=order, split_mode=mode, n_ctx=ctx))  # type: ignore[arg-type]
+    check_invariants(p)  # no GPU past its usable VRAM; split sums to 1
+    chosen = sorted((g for g in p.gpus if g.excluded_reason is None), key=lambda g: g.cuda_index or 0)
+    assert p.env["CUDA_VISIBLE_DEVICES"] == ",".join(g.uuid for g in chosen)
+    if order == "free_desc":
+        frees = [g.free_mib for g in p.gpus]
+        assert frees == sorted(frees, reverse=True)
+    else:
+        assert [g.index for g in p.gpus] == sorted(g.index for g in p.gpus)
+    assert len(p.gpus) == len(inv)
+    assert 0 <= p.offloaded_layers <= n_layers
+    if p.n_gpu_layers == -1:
+        assert p.offloaded_layers == n_layers and p.output_on_gpu
+
+
+# --- GGUF files of other shapes -------------------------------------------------------------
+
+
+def test_many_layers(tmp_path: Path) -> None:
+    m = read_model_facts(write_model(tmp_path / "deep.gguf", Shape(n_layers=160, n_embd=1024, n_ff=2816,
+                                                                  n_head=16, n_head_kv=16, vocab=32000)))
+    assert m.n_layers == 160 and len(m.layer_bytes) == 160
+    p = plan(gpus("two_equal"), m, PlanSettings())
+    check_invariants(p)
+    assert p.n_gpu_layers == -1 and sum(g.layers for g in p.gpus) == 160
+
+
+def test_gqa_kv_cache_is_sized_by_kv_heads(tmp_path: Path) -> None:
+    shape = Shape(n_layers=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, vocab=32000,
+                  ttype=GGMLQuantizationType.Q4_K, write_tokens=False)
+    m = read_model_facts(write_model(tmp_path / "gqa.gguf", shape))
+    assert (m.n_head, m.n_head_kv, m.key_length, m.value_length) == (32, 8, 128, 128)
+    # 2 (K and V) * n_ctx * n_head_kv * head_dim * 2 bytes (f16)
+    assert kv_bytes_per_layer(m, 8192) == 2 * 8192 * 8 * 128 * 2
+    mha = read_model_facts(write_model(tmp_path / "mha.gguf", replace(shape, n_head_kv=32)))
+    p_gqa = plan(gpus("one_gpu"), m, PlanSettings(n_ctx=8192))
+    p_mha = plan(gpus("one_gpu"), mha, PlanSettings(n_ctx=8192))
+    assert p_mha.gpus[0].estimate.kv_mib == 4 * p_gqa.gpus[0].estimate.kv_mib == 4096
+
+
+def test_large_vocab_output_layer_on_last_gpu(tmp_path: Path) -> None:
+    shape = Shape(n_layers=28, n_embd=3584, n_ff=18944, n_head=28, n_head_kv=4, vocab=152064,
+                  ttype=GGMLQuantizationType.Q8_0, write_tokens=False)
+    m = read_model_facts(write_model(tmp_path / "bigvocab.gguf", shape))
+    assert m.vocab_size == 152064 and not m.tied_embeddings
+    assert m.output_bytes > max(m.layer_bytes)  # the output matrix dwarfs a layer
+    p = plan(gpus("two_equal"), m, PlanSettings())
+    check_invariants(p)
+    last = max((g for g in p.gpus if g.excluded_reason is None), key=lambda g: g.cuda_index or 0)
+    assert last.has_output
+    first = min(p.gpus, key=lambda g: g.cuda_index or 0)
+    # logits for 512 tokens x 152k vocab make the output GPU's compute buffer the bigger one
+    assert last.estimate.compute_mib > first.estimate.compute_mib
+
+
+def test_70b_class_model_partially_fits_two_24gb(tmp_path: Path) -> None:
+    shape = Shape(n_layers=80, n_embd=8192, n_ff=28672, n_head=64, n_head_kv=8, vocab=128256,
+                  ttype=GGMLQuantizationType.Q8_0, write_tokens=False)
+    m = read_model_facts(write_model(tmp_path / "70b.gguf", shape))  # sparse: no disk used
+    assert m.file_size > 65 * 2**30
+    p = plan(gpus("two_equal"), m, PlanSettings())
+    check_invariants(p)
+    assert 0 < p.offloaded_layers < 80 and p.host_weights_mib > 0

@@ -1,0 +1,248 @@
+"""Wiring: the HTTP app, the worker manager, signals, sd_notify, shutdown.
+
+Rules of this module:
+- ``serve(config)`` is a coroutine; cli.py chooses the event loop (uvloop) and
+  configures logging. This module installs the signal handlers.
+- Shutdown order matters: stop accepting, let in-flight requests finish (bounded by
+  shutdown.grace_s), stop the worker, close the HTTP runner, remove the runtime dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import msgspec
+import psutil
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from supervisor.config import Config, resolved_runtime_dir, resolved_worker_command
+from supervisor.launch import Preparer
+from supervisor.proxy import Proxy, openai_error
+from supervisor.restart import RestartPolicy
+from supervisor.sdnotify import SdNotify
+from supervisor.states import WorkerState
+from supervisor.worker_process import WorkerManager, WorkerTimeouts
+
+log = logging.getLogger("vram_llm")
+
+MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
+PREPARER: web.AppKey[Preparer] = web.AppKey("preparer", Preparer)
+REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
+
+
+def worker_pids_of(pid: int) -> list[int]:
+    """The worker and its descendants (NVML lists GPU memory per process)."""
+    try:
+        p = psutil.Process(pid)
+        return [pid, *(c.pid for c in p.children(recursive=True))]
+    except psutil.Error:
+        return [pid]
+
+
+class _ManagerCollector(Collector):
+    def __init__(self, mgr: WorkerManager) -> None:
+        self._mgr = mgr
+
+    def collect(self) -> Iterator[Any]:
+        mgr = self._mgr
+        g = GaugeMetricFamily("vram_llm_worker_state", "Worker state (1 for the current one)", labels=["state"])
+        for s in WorkerState:
+            g.add_metric([s.value], 1.0 if mgr.state is s else 0.0)
+        yield g
+        yield GaugeMetricFamily("vram_llm_requests_in_flight", "Requests being proxied", value=mgr.counters.in_flight)
+        yield GaugeMetricFamily(
+            "vram_llm_requests_waiting", "Requests waiting for a ready worker", value=mgr.counters.waiting
+        )
+        yield CounterMetricFamily("vram_llm_requests_served", "Requests answered by the worker", value=mgr.counters.served)
+        c = CounterMetricFamily("vram_llm_worker_restarts", "Worker failures that led to a restart", labels=["kind"])
+        for kind, n in sorted(mgr.counters.restarts_by_kind.items()):
+            c.add_metric([kind], n)
+        yield c
+
+
+async def _health(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER]
+    if mgr.state is WorkerState.READY:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": mgr.state.value, "reason": mgr.reason}, status=503)
+
+
+async def _status(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER]
+    prep = request.app[PREPARER]
+    snap = mgr.snapshot()
+    snap["supervisor"] = {
+        "pid": os.getpid(),
+        "uptime_s": round(time.time() - mgr.started_wall, 3),
+        "model": str(prep.model_path),
+    }
+    worker = snap.get("worker")
+    snap["gpus_now"] = await prep.gpus_now(worker_pids_of(worker["pid"]) if worker else ())
+    return web.Response(body=msgspec.json.encode(snap), content_type="application/json")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(request.app[REGISTRY]), content_type="text/plain")
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return openai_error(404, f"no route {request.method} {request.path}", type_="invalid_request_error", code="not_found")
+
+
+def build_app(mgr: WorkerManager, preparer: Preparer, wait_timeout_s: float) -> web.Application:
+    app = web.Application()
+    app[MANAGER] = mgr
+    app[PREPARER] = preparer
+    reg = CollectorRegistry()
+    reg.register(_ManagerCollector(mgr))
+    app[REGISTRY] = reg
+    proxy = Proxy(mgr, wait_timeout_s)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/status", _status)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    return app
+
+
+async def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code.
+
+    ``reload_config`` re-reads the configuration on SIGHUP (the same file and flags).
+    """
+    loop = asyncio.get_running_loop()
+    # The worker must not inherit NOTIFY_SOCKET and talk to systemd on our behalf.
+    notify = SdNotify.from_env(unset_environment=True)
+    preparer = Preparer(config, reload_config)  # raises ConfigError / ModelError: cli reports them
+    base = resolved_runtime_dir(config)
+    base.mkdir(parents=True, exist_ok=True)
+    runtime_dir = Path(tempfile.mkdtemp(prefix="vram-llm-", dir=base))  # mode 0700
+    log.info("vram-llm supervisor pid %d; worker sockets in %s", os.getpid(), runtime_dir)
+    sent_ready = False
+
+    def on_state(state: WorkerState, reason: str) -> None:
+        nonlocal sent_ready
+        notify.status(f"{state.value}: {reason}")
+        if state is WorkerState.READY and not sent_ready:
+            sent_ready = True
+            notify.ready()
+
+    def on_progress(progress: float) -> None:
+        # A long load that makes progress must not hit systemd's start timeout.
+        if not sent_ready:
+            notify.extend_timeout(int(config.worker.load_stall_timeout_s * 1_000_000))
+
+    w = config.worker
+    mgr = WorkerManager(
+        command=resolved_worker_command(config),
+        prepare=preparer,
+        runtime_dir=runtime_dir,
+        timeouts=WorkerTimeouts(
+            load_stall_timeout_s=w.load_stall_timeout_s,
+            health_interval_s=w.health_interval_s,
+            health_timeout_s=w.health_timeout_s,
+            health_failures=w.health_failures,
+            token_stall_timeout_s=w.token_stall_timeout_s,
+            stop_timeout_s=w.stop_timeout_s,
+            oom_settle_timeout_s=config.restart.oom_settle_timeout_s,
+        ),
+        policy=RestartPolicy(
+            backoff_initial_s=config.restart.backoff_initial_s,
+            backoff_max_s=config.restart.backoff_max_s,
+            stable_after_s=config.restart.stable_after_s,
+            max_failures=config.restart.max_failures,
+            failure_window_s=config.restart.failure_window_s,
+        ),
+        stderr_lines=w.stderr_lines,
+        queue_size=config.admission.queue_size,
+        on_state=on_state,
+        on_progress=on_progress,
+    )
+    app = build_app(mgr, preparer, config.admission.wait_timeout_s)
+    # handler_cancellation: a client that disconnects cancels its handler, which
+    # closes the upstream request, which stops the worker's generation.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=5)
+    await runner.setup()
+    stop = asyncio.Event()
+    mgr_task: asyncio.Task[None] | None = None
+    watchdog_task: asyncio.Task[None] | None = None
+    try:
+        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, e)
+            return 1
+        log.info("listening on http://%s:%d", config.server.host, config.server.port)
+
+        def on_reload() -> None:
+            log.warning("SIGHUP: re-reading the configuration and restarting the worker")
+            notify.reloading()
+            try:
+                preparer.reload()
+            except Exception as e:  # a bad new config keeps the old one
+                log.error("reload: keeping the previous configuration: %s", e)
+            mgr.request_reload()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
+
+        mgr_task = asyncio.create_task(mgr.run(), name="worker-manager")
+        interval = notify.watchdog_interval_s()
+        if interval is not None:
+            watchdog_task = asyncio.create_task(_watchdog(notify, interval / 2), name="watchdog")
+
+        stop_task = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({stop_task, mgr_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop_task.cancel()
+        if mgr_task in done:
+            # The manager only returns on shutdown; anything else is a bug: say so.
+            exc = mgr_task.exception()
+            log.critical("worker manager stopped unexpectedly: %r", exc)
+            return 1
+
+        log.info("shutting down: no new connections; waiting up to %.0fs for %d request(s) in flight",
+                 config.shutdown.grace_s, mgr.counters.in_flight)
+        notify.stopping()
+        await site.stop()
+        deadline = loop.time() + config.shutdown.grace_s
+        while mgr.counters.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if mgr.counters.in_flight:
+            log.warning("grace period over: %d request(s) still in flight will be cut", mgr.counters.in_flight)
+        mgr.request_shutdown()
+        await mgr_task
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if watchdog_task is not None:
+            watchdog_task.cancel()
+        if mgr_task is not None and not mgr_task.done():
+            mgr.request_shutdown()
+            with contextlib.suppress(BaseException):
+                await mgr_task
+        await runner.cleanup()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+        log.info("supervisor stopped")
+
+
+async def _watchdog(notify: SdNotify, interval_s: float) -> None:
+    # Pinged from the event loop itself: a blocked loop stops the pings and systemd
+    # restarts us, which is the point.
+    while True:
+        notify.watchdog()
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,145 @@
+"""From configuration to a worker start: inventory now -> plan -> LaunchSpec + env.
+
+This is the I/O shell around the pure planner: it reads the GPU inventory (NVML or a
+simulated file), the model header, runs llama-fit-params when asked, and turns the
+resulting Plan into what the worker is started with. `vram-llm plan` and `serve` both
+plan through ``plan_now`` so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from supervisor.config import Config, ConfigError
+from supervisor.gpus import GpuProbeError, Inventory, make_probe
+from supervisor.model import ModelError, read_model_facts
+from supervisor.nvml import process_gpu_memory
+from supervisor.planner import Plan
+from supervisor.plan_report import render_plan
+from supervisor.planning import make_plan, resolve_model_path
+from supervisor.restart import PlanAdjust
+from supervisor.worker_process import Launch, PlanFailed
+from worker.protocol import LaunchSpec
+
+log = logging.getLogger("vram_llm.plan")
+
+# Two inventory readings closer than this (per GPU) mean the memory stopped moving.
+SETTLE_TOLERANCE_MIB = 64
+SETTLE_POLL_S = 0.5
+
+
+def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str) -> LaunchSpec:
+    m = config.model
+    return LaunchSpec(
+        model_path=str(model_path),
+        socket_path=socket_path,
+        model_alias=m.alias or None,
+        n_gpu_layers=p.n_gpu_layers,
+        tensor_split=list(p.tensor_split) or None,
+        split_mode=p.split_mode,
+        main_gpu=p.main_gpu,
+        n_ctx=p.n_ctx,
+        n_batch=p.n_batch,
+        n_threads=m.threads or None,
+        chat_format=m.chat_format or None,
+        flash_attn=p.flash_attn,
+    )
+
+
+def env_of(p: Plan, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update(p.env)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def summary_of(p: Plan) -> str:
+    if p.cpu_only:
+        where = "CPU only"
+    else:
+        used = [g for g in p.gpus if g.cuda_index is not None and g.excluded_reason is None]
+        where = f"{p.offloaded_layers}/{p.model.n_layers} layers on GPU " + ",".join(str(g.index) for g in used)
+    return f"{where}, n_ctx {p.n_ctx}, split {p.split_mode}, plan by {p.source}"
+
+
+class Preparer:
+    """Plans each worker start from the inventory at that moment."""
+
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
+        self._reload_config = reload_config
+        self._set(config)
+
+    def _set(self, config: Config) -> None:
+        path = Path(resolve_model_path(config))
+        facts = read_model_facts(path)  # ModelError: the caller reports it
+        self.config = config
+        self.model_path = path
+        self.facts = facts
+        self.probe = make_probe(config)
+
+    def reload(self) -> None:
+        """Re-read the configuration (SIGHUP). Raises and keeps the old one on error."""
+        if self._reload_config is not None:
+            self._set(self._reload_config())
+
+    async def __call__(self, adjust: PlanAdjust | None, socket_path: str) -> Launch:
+        config = self.config
+        ladder: dict[str, Any] = {}
+        if adjust is not None:
+            ladder = {k: getattr(adjust, k) for k in ("extra_reserve_mib", "max_gpu_layers", "n_ctx", "cpu_only")}
+            # llama-fit-params' answer already ran out of memory once: climb our own ladder.
+            config = msgspec.structs.replace(config, gpu=msgspec.structs.replace(config.gpu, use_fit_params=False))
+        try:
+            p, inv, _ = await asyncio.to_thread(make_plan, config, probe=self.probe, model=self.facts, **ladder)
+        except (ConfigError, ModelError, GpuProbeError) as e:
+            raise PlanFailed(str(e)) from e
+        log.info("plan for this start:\n%s", render_plan(p))
+        return Launch(
+            spec=spec_of(self.config, p, self.model_path, socket_path),
+            env=env_of(p),
+            plan=p.to_dict(),
+            planned_layers=p.offloaded_layers,
+            reserve_mib=self.config.gpu.reserve_mib,
+            summary=summary_of(p),
+        )
+
+    async def wait_gpu_settled(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        prev = await asyncio.to_thread(self.probe.read)
+        while loop.time() < deadline:
+            await asyncio.sleep(SETTLE_POLL_S)
+            cur = await asyncio.to_thread(self.probe.read)
+            moved = {g.uuid: g.free_mib for g in cur.gpus}
+            if all(abs(moved.get(g.uuid, g.free_mib) - g.free_mib) <= SETTLE_TOLERANCE_MIB for g in prev.gpus):
+                return
+            prev = cur
+        log.warning("GPU memory still moving after %.0fs; planning with what is free now", timeout_s)
+
+    async def gpus_now(self, worker_pids: Iterable[int] = ()) -> list[dict[str, Any]]:
+        """The inventory now, with what the worker's processes use on each GPU (NVML)."""
+        pids = list(worker_pids)
+
+        def read() -> tuple[Inventory, dict[str, int]]:
+            return self.probe.read(), (process_gpu_memory(pids) if pids else {})
+
+        inv, used = await asyncio.to_thread(read)
+        return [
+            {
+                "index": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "total_mib": g.total_mib,
+                "free_mib": g.free_mib,
+                "used_mib": g.used_mib,
+                "worker_mib": used.get(g.uuid),
+            }
+            for g in inv.gpus
+        ]

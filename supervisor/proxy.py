@@ -1,0 +1,225 @@
+"""Forward /v1/* to the ready worker over its Unix socket.
+
+Rules of this module:
+- One long-lived aiohttp ClientSession per worker generation (owned by the
+  WorkerManager), never one per request.
+- Bodies stream in both directions. A request body is forwarded chunk by chunk while a
+  bounded copy is kept, so that a request whose worker died before answering can be
+  sent again to the next worker ("a crash between requests loses none of them").
+- A response, once started, is never retried: if the worker dies mid-stream an SSE
+  client gets one final error event and a clean end.
+- Requests wait for a ready worker (bounded by admission.wait_timeout_s and
+  admission.queue_size); the manager decides when one is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import AsyncIterator
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from supervisor.worker_process import NotReady, QueueFull, WorkerManager
+
+log = logging.getLogger("vram_llm.proxy")
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus those aiohttp sets itself for each leg.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+
+# A request body up to this size can be replayed to a new worker after a crash.
+REPLAY_LIMIT = 1 << 20
+
+_ids = itertools.count(1)
+
+
+def openai_error(status: int, message: str, *, type_: str, code: str | None, retry_after: int | None = None) -> web.Response:
+    body = msgspec.json.encode({"error": {"message": message, "type": type_, "param": None, "code": code}})
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+class _ReplayableBody:
+    """Streams the client's body once and remembers it (bounded) for a resend."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self._seen: list[bytes] = []
+        self._seen_bytes = 0
+        self.replayable = True
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        for chunk in self._seen:
+            yield chunk
+        while True:
+            chunk = await self._content.readany()
+            if not chunk:
+                return
+            if self.replayable:
+                self._seen_bytes += len(chunk)
+                if self._seen_bytes > self._limit:
+                    self.replayable = False
+                    self._seen.clear()
+                else:
+                    self._seen.append(chunk)
+            yield chunk
+
+
+def _forward_headers(headers: "aiohttp.typedefs.LooseHeaders") -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}  # type: ignore[union-attr]
+
+
+class Proxy:
+    def __init__(self, manager: WorkerManager, wait_timeout_s: float) -> None:
+        self._mgr = manager
+        self._wait_timeout_s = wait_timeout_s
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        mgr = self._mgr
+        rid = request.headers.get("X-Request-Id") or f"req-{next(_ids)}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_timeout_s
+        body = _ReplayableBody(request.content, REPLAY_LIMIT) if request.body_exists else None
+        headers = _forward_headers(request.headers)
+        headers["X-Request-Id"] = rid
+        not_gen: int | None = None
+        resent = False
+        mgr.counters.in_flight += 1
+        try:
+            while True:
+                try:
+                    handle = await mgr.acquire(max(0.0, deadline - loop.time()), not_gen)
+                except QueueFull:
+                    log.warning("%s %s %s: 429, too many requests waiting for the worker", rid, request.method, request.path)
+                    return openai_error(
+                        429,
+                        "too many requests are waiting for the worker to become ready; retry later",
+                        type_="rate_limit_error",
+                        code="queue_full",
+                        retry_after=1,
+                    )
+                except NotReady as e:
+                    log.warning("%s %s %s: 503, %s", rid, request.method, request.path, e.reason)
+                    return openai_error(
+                        503,
+                        f"the model worker is not available (state {e.state.value}): {e.reason}",
+                        type_="server_error",
+                        code="worker_unavailable",
+                        retry_after=e.retry_after_s,
+                    )
+                try:
+                    upstream = await handle.session.request(
+                        request.method,
+                        "http://worker" + request.path_qs,
+                        headers=headers,
+                        data=None if body is None else body.stream(),
+                        allow_redirects=False,
+                    )
+                except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                    # The worker died or is dying before it answered: nothing was
+                    # returned to the client yet, so send the request to the next worker.
+                    # A refused connection never reached the worker and is always resent;
+                    # a request that was sent and then lost its worker is resent once
+                    # only, so a request that kills workers cannot kill them all.
+                    refused = isinstance(e, aiohttp.ClientConnectorError)
+                    if (
+                        (refused or not resent)
+                        and (body is None or body.replayable)
+                        and loop.time() < deadline
+                    ):
+                        resent = resent or not refused
+                        log.warning(
+                            "%s: worker pid %d did not answer (%s); waiting for the next worker",
+                            rid,
+                            handle.pid,
+                            e.__class__.__name__,
+                        )
+                        not_gen = handle.gen
+                        continue
+                    return openai_error(
+                        502,
+                        f"the model worker failed before answering: {e.__class__.__name__}",
+                        type_="server_error",
+                        code="worker_failed",
+                    )
+                break
+            return await self._relay(request, upstream, rid, handle.pid)
+        finally:
+            mgr.counters.in_flight -= 1
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, rid: str, pid: int
+    ) -> web.StreamResponse:
+        completed = False
+        try:
+            if upstream.status >= 500 and upstream.content_type not in ("application/json", "text/event-stream"):
+                # Not an answer of the worker's API (e.g. aiohttp's plain-text 500 from a
+                # worker being stopped): give the client an OpenAI-shaped error instead.
+                text = (await upstream.content.read(200)).decode("utf-8", "replace").splitlines()
+                log.error("%s: worker pid %d answered %d: %s", rid, pid, upstream.status, text[:1])
+                return openai_error(
+                    502,
+                    f"the model worker failed (HTTP {upstream.status})",
+                    type_="server_error",
+                    code="worker_failed",
+                )
+            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            resp.headers.update(_forward_headers(upstream.headers))
+            is_sse = upstream.content_type == "text/event-stream"
+            if is_sse:
+                resp.headers["X-Accel-Buffering"] = "no"
+                resp.headers["Cache-Control"] = "no-cache"
+            elif upstream.content_length is not None:
+                resp.content_length = upstream.content_length
+            await resp.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                log.error("%s: worker pid %d failed mid-response (%s)", rid, pid, e.__class__.__name__)
+                if is_sse:
+                    err = msgspec.json.encode(
+                        {
+                            "error": {
+                                "message": "the model worker failed during generation; the request can be retried",
+                                "type": "server_error",
+                                "param": None,
+                                "code": "worker_failed",
+                            }
+                        }
+                    )
+                    await resp.write(b"data: " + err + b"\n\n")
+                    await resp.write_eof()
+                    completed = True
+                # A non-streamed body cannot be mended: the client sees it cut short.
+                return resp
+            await resp.write_eof()
+            completed = True
+            self._mgr.counters.served += 1
+            return resp
+        finally:
+            if completed:
+                upstream.release()
+            else:
+                # Client gone (handler cancelled) or error: closing the upstream
+                # connection is what tells the worker to stop generating.
+                upstream.close()

@@ -1,0 +1,716 @@
+"""One task owns one worker's whole lifecycle.
+
+Rules of this module (STYLE.md habits 2, 4, 6):
+- ``WorkerManager.run()`` is the only code that changes the worker's state, spawns or
+  kills the process, or touches the failure history. Everyone else (HTTP handlers,
+  signal handlers) sends it a command (``request_reload``/``request_shutdown``) or waits
+  for a state (``acquire``). No read of the state gates a mutation elsewhere.
+- Time is ``loop.time()`` (monotonic); every wait has a deadline.
+- The worker is a fresh interpreter in its own process group; it is stopped with
+  SIGTERM to the group, a deadline, then SIGKILL, and always reaped.
+- Decisions (restart or give up, the OOM ladder) are made by the pure functions in
+  ``restart.py``; legal state moves live in ``states.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import contextlib
+import enum
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import aiohttp
+import msgspec
+import psutil
+
+from supervisor.restart import (
+    Failure,
+    FailureKind,
+    PlanAdjust,
+    RestartPolicy,
+    classify_exit,
+    decide,
+    describe_exit,
+    oom_ladder,
+)
+from supervisor.states import StateMachine, WorkerState
+from worker.protocol import Health, LaunchSpec, health_decoder, is_oom_line
+
+log = logging.getLogger("vram_llm.worker")
+
+# How often the health endpoint is polled while a worker starts or loads.
+START_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class WorkerTimeouts:
+    load_stall_timeout_s: float = 120.0
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 5.0
+    health_failures: int = 3
+    token_stall_timeout_s: float = 120.0
+    stop_timeout_s: float = 10.0
+    oom_settle_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What one start of the worker uses: the plan in force and how to apply it."""
+
+    spec: LaunchSpec
+    env: dict[str, str]
+    plan: dict[str, Any]  # the Plan as JSON-able dict (for /status and logs)
+    planned_layers: int  # layers actually offloaded by the plan (for the OOM ladder)
+    reserve_mib: int
+    summary: str  # one line for logs and sd_notify STATUS=
+
+
+class LaunchPreparer(Protocol):
+    """Plans a start: reads the GPU inventory now, applies the OOM-ladder adjustment."""
+
+    async def __call__(self, adjust: PlanAdjust | None, socket_path: str) -> Launch: ...
+
+    async def wait_gpu_settled(self, timeout_s: float) -> None:
+        """Wait (bounded) until a dead worker's GPU memory has come back."""
+
+
+class PlanFailed(Exception):
+    """The plan itself cannot be made (e.g. the model file vanished): not retried."""
+
+
+class NotReady(Exception):
+    """No ready worker within the caller's deadline, or the manager gave up."""
+
+    def __init__(self, state: WorkerState, reason: str, retry_after_s: int) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class WorkerHandle:
+    """A ready worker: where to send requests. Valid until its generation changes."""
+
+    gen: int
+    pid: int
+    socket_path: str
+    session: aiohttp.ClientSession
+
+
+@dataclass
+class RestartRecord:
+    at: float  # wall-clock time, for people
+    kind: str
+    reason: str
+
+
+class _Command(enum.Enum):
+    RELOAD = "reload"
+    SHUTDOWN = "shutdown"
+
+
+class _Outcome(enum.Enum):
+    EXITED = "exited"
+    HANG = "hang"
+    LOAD_STALL = "load_stall"
+    RELOAD = "reload"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class _Run:
+    """One started worker process. Owned by the manager's task."""
+
+    gen: int
+    launch: Launch
+    proc: asyncio.subprocess.Process
+    started_mono: float
+    started_wall: float
+    session: aiohttp.ClientSession
+    exit_task: asyncio.Future[int]
+    stderr_task: asyncio.Task[None]
+    ready_mono: float | None = None
+    oom_seen: bool = False
+    oom_line: str | None = None
+    killed_by_us: bool = False
+    progress: float = 0.0
+    psproc: psutil.Process | None = None
+    last_health: Health | None = None
+
+
+@dataclass
+class Counters:
+    in_flight: int = 0
+    waiting: int = 0
+    served: int = 0
+    restarts_total: int = 0
+    restarts_by_kind: dict[str, int] = field(default_factory=dict)
+
+
+def host_oom_killed(pid: int) -> bool:
+    """True when the kernel log says the host OOM killer killed ``pid``.
+
+    Reading /dev/kmsg needs privileges that a sandboxed service may not have: then we
+    cannot tell, and say no (the death is treated as an ordinary crash).
+    """
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    needle = f"Killed process {pid} ".encode()
+    try:
+        while True:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                return False
+            except OSError:  # EPIPE when records were overwritten; keep reading
+                continue
+            if not rec:
+                return False
+            if needle in rec and b"ut of memory" in rec:
+                return True
+    finally:
+        os.close(fd)
+
+
+class WorkerManager:
+    def __init__(
+        self,
+        *,
+        command: list[str],
+        prepare: LaunchPreparer,
+        runtime_dir: Path,
+        timeouts: WorkerTimeouts,
+        policy: RestartPolicy,
+        stderr_lines: int = 200,
+        queue_size: int = 64,
+        on_state: Callable[[WorkerState, str], None] | None = None,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> None:
+        self._command = command
+        self._prepare = prepare
+        self._runtime_dir = runtime_dir
+        self._t = timeouts
+        self._policy = policy
+        self._queue_size = queue_size
+        self._on_state = on_state
+        self._on_progress = on_progress
+        self._sm = StateMachine()
+        self._reason = "not started"
+        self._commands: asyncio.Queue[_Command] = asyncio.Queue()
+        self._changed = asyncio.Event()
+        self._handle: WorkerHandle | None = None
+        self._run: _Run | None = None
+        self._gen = 0
+        self._failures: list[Failure] = []
+        self._restarts: collections.deque[RestartRecord] = collections.deque(maxlen=50)
+        self._stderr: collections.deque[str] = collections.deque(maxlen=stderr_lines)
+        self._last_exit: dict[str, Any] | None = None
+        self._adjust: PlanAdjust | None = None
+        self._oom_step = 0
+        self._oom_exhausted = False
+        self._ladder_base: Launch | None = None  # the plan the OOM ladder shrinks from
+        self._launch: Launch | None = None
+        self._stopping = False
+        self.counters = Counters()
+        self.started_wall = time.time()
+
+    # ---- read side (any task) -------------------------------------------------
+
+    @property
+    def state(self) -> WorkerState:
+        return self._sm.state
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @property
+    def launch(self) -> Launch | None:
+        return self._launch
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything /status shows about the worker (GPU readings are added by app)."""
+        run = self._run
+        now = asyncio.get_running_loop().time()
+        worker: dict[str, Any] | None = None
+        if run is not None:
+            worker = {
+                "pid": run.proc.pid,
+                "generation": run.gen,
+                "started_at": run.started_wall,
+                "uptime_s": round(now - run.started_mono, 3),
+                "ready_for_s": None if run.ready_mono is None else round(now - run.ready_mono, 3),
+                "load_progress": run.progress,
+            }
+            if run.last_health is not None:
+                worker["active"] = run.last_health.active
+                worker["queued"] = run.last_health.queued
+                worker["seconds_since_token"] = run.last_health.seconds_since_token
+                worker["requests_served"] = run.last_health.requests_served
+            if run.psproc is not None:
+                with contextlib.suppress(psutil.Error):
+                    with run.psproc.oneshot():
+                        worker["rss_mib"] = round(run.psproc.memory_info().rss / 2**20, 1)
+                        worker["cpu_percent"] = run.psproc.cpu_percent(interval=None)
+        return {
+            "state": self.state.value,
+            "reason": self._reason,
+            "worker": worker,
+            "restarts": len(self._restarts),
+            "restart_history": [dataclasses.asdict(r) for r in self._restarts],
+            "last_exit": self._last_exit,
+            "stderr_tail": list(self._stderr)[-40:],
+            "plan": None if self._launch is None else self._launch.plan,
+            "oom_adjustment": None if self._adjust is None else self._adjust.description,
+            "requests": {
+                "in_flight": self.counters.in_flight,
+                "waiting_for_worker": self.counters.waiting,
+                "served": self.counters.served,
+            },
+        }
+
+    async def acquire(self, timeout_s: float, not_gen: int | None = None) -> WorkerHandle:
+        """Wait (bounded) for a ready worker; ``not_gen`` skips a generation known dead."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        queued = False
+        try:
+            while True:
+                h = self._handle
+                if self.state is WorkerState.READY and h is not None and h.gen != not_gen:
+                    return h
+                if self.state is WorkerState.FAILED:
+                    raise NotReady(self.state, self._reason, 30)
+                if self._stopping:
+                    raise NotReady(self.state, "the server is shutting down", 5)
+                if not queued:
+                    if self.counters.waiting >= self._queue_size:
+                        raise QueueFull()
+                    queued = True
+                    self.counters.waiting += 1
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise NotReady(
+                        self.state,
+                        f"no worker became ready within {timeout_s:g}s (state {self.state.value}: {self._reason})",
+                        5,
+                    )
+                changed = self._changed
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), remaining)
+        finally:
+            if queued:
+                self.counters.waiting -= 1
+
+    # ---- commands (any task) --------------------------------------------------
+
+    def request_reload(self) -> None:
+        self._commands.put_nowait(_Command.RELOAD)
+
+    def request_shutdown(self) -> None:
+        self._stopping = True
+        self._signal_change()
+        self._commands.put_nowait(_Command.SHUTDOWN)
+
+    # ---- the owner task -------------------------------------------------------
+
+    def _signal_change(self) -> None:
+        old = self._changed
+        self._changed = asyncio.Event()
+        old.set()
+
+    def _move(self, new: WorkerState, reason: str) -> None:
+        old = self._sm.state
+        self._sm.transition(new, reason)
+        self._reason = reason
+        if new is not WorkerState.READY:
+            self._handle = None
+        log.log(
+            logging.ERROR if new is WorkerState.FAILED else logging.INFO,
+            "worker state %s -> %s: %s",
+            old.value,
+            new.value,
+            reason,
+        )
+        if self._on_state is not None:
+            self._on_state(new, reason)
+        self._signal_change()
+
+    async def run(self) -> None:
+        """The lifecycle loop. Returns after a shutdown command, with no worker left."""
+        cmd_task: asyncio.Task[_Command] = asyncio.ensure_future(self._commands.get())
+        try:
+            while True:
+                if self.state is WorkerState.FAILED:
+                    cmd = await cmd_task
+                    cmd_task = asyncio.ensure_future(self._commands.get())
+                    if cmd is _Command.SHUTDOWN:
+                        return
+                    self._reset_history()
+                    self._move(WorkerState.STOPPED, "reload requested: starting again")
+                    continue
+                outcome, cmd_task = await self._start_and_supervise(cmd_task)
+                if outcome is _Outcome.SHUTDOWN:
+                    return
+                if outcome is _Outcome.RELOAD:
+                    self._reset_history()
+                    continue
+                # A failure: decide what to do next.
+                decision = decide(
+                    self._policy,
+                    self._failures,
+                    asyncio.get_running_loop().time(),
+                    oom_ladder_exhausted=self._oom_exhausted,
+                )
+                if decision.action == "give_up":
+                    self._move(WorkerState.FAILED, decision.reason)
+                    continue
+                self._move(WorkerState.BACKOFF, decision.reason)
+                got = await self._wait_cmd(cmd_task, decision.delay_s)
+                if got is not None:
+                    cmd_task = asyncio.ensure_future(self._commands.get())
+                    if got is _Command.SHUTDOWN:
+                        return
+                    self._reset_history()
+        finally:
+            cmd_task.cancel()
+            with contextlib.suppress(BaseException):
+                await cmd_task
+            if self._run is not None:
+                await self._stop_run(self._run, "supervisor is shutting down")
+            if self.state is not WorkerState.STOPPED:
+                self._move(WorkerState.STOPPED, "supervisor stopped")
+
+    def _reset_history(self) -> None:
+        self._failures.clear()
+        self._adjust = None
+        self._oom_step = 0
+        self._oom_exhausted = False
+        self._ladder_base = None
+
+    async def _wait_cmd(self, cmd_task: asyncio.Task[_Command], timeout_s: float) -> _Command | None:
+        done, _ = await asyncio.wait({cmd_task}, timeout=max(0.0, timeout_s))
+        return cmd_task.result() if done else None
+
+    async def _start_and_supervise(
+        self, cmd_task: asyncio.Task[_Command]
+    ) -> tuple[_Outcome, asyncio.Task[_Command]]:
+        loop = asyncio.get_running_loop()
+        self._gen += 1
+        gen = self._gen
+        socket_path = str(self._runtime_dir / f"worker-{gen}.sock")
+        try:
+            launch = await self._prepare(self._adjust, socket_path)
+        except PlanFailed as e:
+            self._record_failure(Failure(at=loop.time(), kind=FailureKind.PERMANENT, detail=str(e), ran_for_s=0.0))
+            return _Outcome.EXITED, cmd_task
+        self._launch = launch
+        run = await self._spawn(gen, launch)
+        if run is None:
+            return _Outcome.EXITED, cmd_task
+        self._run = run
+        outcome, cmd_task = await self._supervise(run, cmd_task)
+        reason = {
+            _Outcome.SHUTDOWN: "supervisor is shutting down",
+            _Outcome.RELOAD: "reload requested",
+            _Outcome.HANG: "worker hung",
+            _Outcome.LOAD_STALL: "load made no progress",
+            _Outcome.EXITED: "worker exited",
+        }[outcome]
+        await self._stop_run(run, reason)
+        self._run = None
+        if outcome in (_Outcome.SHUTDOWN, _Outcome.RELOAD):
+            if outcome is _Outcome.RELOAD:
+                self._move(WorkerState.STOPPED, "reload requested: re-planning")
+            return outcome, cmd_task
+        failure = self._classify(run, outcome)
+        self._record_failure(failure)
+        if failure.kind is FailureKind.OOM:
+            await self._on_oom(run)
+        return _Outcome.EXITED, cmd_task
+
+    async def _spawn(self, gen: int, launch: Launch) -> _Run | None:
+        loop = asyncio.get_running_loop()
+        spec_path = self._runtime_dir / f"worker-{gen}.spec.json"
+        spec_path.write_bytes(msgspec.json.encode(launch.spec))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(launch.spec.socket_path)
+        cmd = [*self._command, "--spec", str(spec_path)]
+        self._move(WorkerState.STARTING, f"starting worker (generation {gen}): {launch.summary}")
+        log.info("worker command: %s", " ".join(cmd))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=launch.env,
+                start_new_session=True,  # own process group: we kill the whole group
+                limit=1 << 20,
+            )
+        except OSError as e:
+            self._record_failure(
+                Failure(at=loop.time(), kind=FailureKind.START_ERROR, detail=f"cannot start worker: {e}", ran_for_s=0.0)
+            )
+            log.error("cannot start worker %s: %s", cmd, e)
+            return None
+        self._stderr.clear()
+        session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=launch.spec.socket_path, limit=0),
+            # The proxy sets per-request timeouts; the session itself never times out a
+            # streamed generation.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            auto_decompress=False,
+        )
+        run = _Run(
+            gen=gen,
+            launch=launch,
+            proc=proc,
+            started_mono=loop.time(),
+            started_wall=time.time(),
+            session=session,
+            exit_task=asyncio.ensure_future(proc.wait()),
+            stderr_task=asyncio.create_task(self._read_stderr(proc)),
+        )
+        with contextlib.suppress(psutil.Error):
+            run.psproc = psutil.Process(proc.pid)
+            run.psproc.cpu_percent(interval=None)
+        self._run = run
+        log.info("worker pid %d started", proc.pid)
+        return run
+
+    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        run_pid = proc.pid
+        while True:
+            try:
+                raw = await proc.stdout.readline()
+            except ValueError:  # a line over the limit: take what is there
+                raw = await proc.stdout.read(1 << 16)
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self._stderr.append(line)
+            run = self._run
+            if run is not None and run.proc.pid == run_pid and is_oom_line(line):
+                run.oom_seen = True
+                run.oom_line = line
+                log.error("worker[%d]: %s", run_pid, line)
+            else:
+                log.info("worker[%d]: %s", run_pid, line)
+
+    async def _health(self, run: _Run, timeout_s: float) -> tuple[int, Health] | None:
+        try:
+            async with run.session.get(
+                "http://worker/health", timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                body = await resp.read()
+            h = health_decoder.decode(body)
+            run.last_health = h
+            return resp.status, h
+        except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError, OSError):
+            return None
+
+    async def _supervise(
+        self, run: _Run, cmd_task: asyncio.Task[_Command]
+    ) -> tuple[_Outcome, asyncio.Task[_Command]]:
+        loop = asyncio.get_running_loop()
+        last_progress_at = loop.time()
+        last_progress = -1.0
+        health_failures = 0
+        next_health = loop.time()
+        while True:
+            ready = self.state is WorkerState.READY
+            wait_s = max(0.0, next_health - loop.time())
+            done, _ = await asyncio.wait({run.exit_task, cmd_task}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            if cmd_task in done:
+                cmd = cmd_task.result()
+                cmd_task = asyncio.ensure_future(self._commands.get())
+                return (_Outcome.SHUTDOWN if cmd is _Command.SHUTDOWN else _Outcome.RELOAD), cmd_task
+            if run.exit_task in done:
+                return _Outcome.EXITED, cmd_task
+            now = loop.time()
+            if not ready:
+                next_health = now + START_POLL_S
+                res = await self._health(run, min(2.0, self._t.health_timeout_s))
+                if res is not None:
+                    status, h = res
+                    if status == 200 and h.status == "ok":
+                        run.ready_mono = loop.time()
+                        run.progress = 1.0
+                        self._handle = WorkerHandle(run.gen, run.proc.pid, run.launch.spec.socket_path, run.session)
+                        self._move(
+                            WorkerState.READY,
+                            f"worker pid {run.proc.pid} ready after {run.ready_mono - run.started_mono:.1f}s",
+                        )
+                        next_health = loop.time() + self._t.health_interval_s
+                        continue
+                    if self.state is WorkerState.STARTING:
+                        self._move(WorkerState.LOADING, f"worker pid {run.proc.pid} is loading the model")
+                    run.progress = h.progress
+                    if h.progress > last_progress:
+                        last_progress = h.progress
+                        last_progress_at = now
+                        if self._on_progress is not None:
+                            self._on_progress(h.progress)
+                if now - last_progress_at > self._t.load_stall_timeout_s:
+                    return _Outcome.LOAD_STALL, cmd_task
+                continue
+            # READY: liveness.
+            next_health = now + self._t.health_interval_s
+            res = await self._health(run, self._t.health_timeout_s)
+            if res is None or res[0] != 200:
+                health_failures += 1
+                log.warning(
+                    "worker pid %d: health check failed (%d of %d allowed)",
+                    run.proc.pid,
+                    health_failures,
+                    self._t.health_failures,
+                )
+                if health_failures >= self._t.health_failures:
+                    return _Outcome.HANG, cmd_task
+                continue
+            health_failures = 0
+            h = res[1]
+            if h.seconds_since_token is not None and h.seconds_since_token > self._t.token_stall_timeout_s:
+                log.error(
+                    "worker pid %d: generation produced no token for %.0fs (limit %.0fs)",
+                    run.proc.pid,
+                    h.seconds_since_token,
+                    self._t.token_stall_timeout_s,
+                )
+                return _Outcome.HANG, cmd_task
+
+    def _classify(self, run: _Run, outcome: _Outcome) -> Failure:
+        loop = asyncio.get_running_loop()
+        ran_for = 0.0 if run.ready_mono is None else loop.time() - run.ready_mono
+        code = run.proc.returncode
+        if outcome is _Outcome.HANG:
+            kind, detail = FailureKind.HANG, (
+                f"worker pid {run.proc.pid} hung (health checks failed or no token for "
+                f"{self._t.token_stall_timeout_s:g}s); killed"
+            )
+        elif outcome is _Outcome.LOAD_STALL:
+            kind, detail = FailureKind.LOAD_STALL, (
+                f"worker pid {run.proc.pid} made no load progress for {self._t.load_stall_timeout_s:g}s; killed"
+            )
+        else:
+            assert code is not None
+            what = describe_exit(code)
+            host_oom = code == -signal.SIGKILL and not run.killed_by_us and host_oom_killed(run.proc.pid)
+            kind = classify_exit(code, oom_evidence=run.oom_seen or host_oom)
+            if host_oom:
+                what += ", by the host OOM killer"
+            elif code == -signal.SIGKILL and not run.killed_by_us:
+                what += ", not by us (perhaps out of memory?)"
+            detail = f"worker pid {run.proc.pid} {what}"
+            if run.oom_line:
+                detail += f": {run.oom_line.strip()}"
+            elif kind is FailureKind.PERMANENT and self._stderr:
+                detail += f": {self._stderr[-1].strip()}"
+        self._last_exit = {
+            "pid": run.proc.pid,
+            "code": code,
+            "description": describe_exit(code) if code is not None else None,
+            "kind": kind.value,
+            "detail": detail,
+            "at": time.time(),
+            "ran_for_s": round(ran_for, 3),
+        }
+        return Failure(at=loop.time(), kind=kind, detail=detail, ran_for_s=ran_for)
+
+    def _record_failure(self, failure: Failure) -> None:
+        self._failures.append(failure)
+        self._restarts.append(RestartRecord(at=time.time(), kind=failure.kind.value, reason=failure.detail))
+        self.counters.restarts_total += 1
+        k = failure.kind.value
+        self.counters.restarts_by_kind[k] = self.counters.restarts_by_kind.get(k, 0) + 1
+        log.error("worker failure (%s): %s", k, failure.detail)
+
+    async def _on_oom(self, run: _Run) -> None:
+        """Climb one step of the OOM ladder, after the GPU memory has come back."""
+        self._oom_step += 1
+        if self._ladder_base is None:
+            self._ladder_base = run.launch
+        base = self._ladder_base
+        adjust = oom_ladder(
+            self._oom_step,
+            planned_layers=base.planned_layers,
+            n_ctx=base.spec.n_ctx,
+            reserve_mib=base.reserve_mib,
+        )
+        if adjust is None:
+            self._oom_exhausted = True
+            log.error("out of memory with the smallest plan (CPU only): no smaller plan to try")
+            return
+        self._adjust = adjust
+        log.warning("out of memory (step %d of the OOM ladder): %s", self._oom_step, adjust.description)
+        # The dead worker's GPU memory is released by the driver asynchronously. The
+        # preparer re-reads the inventory at the next start; here we only wait until
+        # two consecutive readings agree (memory stopped coming back), bounded.
+        await self._prepare.wait_gpu_settled(self._t.oom_settle_timeout_s)
+
+    async def _stop_run(self, run: _Run, reason: str) -> None:
+        """Stop the worker: TERM to the group, deadline, KILL; always reap and clean up."""
+        if run.proc.returncode is None:
+            self._move(WorkerState.STOPPING, f"stopping worker pid {run.proc.pid}: {reason}")
+            run.killed_by_us = True
+            _killpg(run.proc.pid, signal.SIGTERM)
+            done, _ = await asyncio.wait({run.exit_task}, timeout=self._t.stop_timeout_s)
+            if not done:
+                log.error(
+                    "worker pid %d did not stop within %.0fs of SIGTERM: sending SIGKILL",
+                    run.proc.pid,
+                    self._t.stop_timeout_s,
+                )
+                _killpg(run.proc.pid, signal.SIGKILL)
+                await run.exit_task
+        else:
+            await run.exit_task
+            self._move(
+                WorkerState.STOPPING,
+                f"worker pid {run.proc.pid} {describe_exit(run.proc.returncode)}: cleaning up",
+            )
+        # Anything the worker left in its group (helpers, grandchildren) goes too.
+        _killpg(run.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(run.stderr_task, 2.0)
+        run.stderr_task.cancel()
+        await run.session.close()
+        for p in (run.launch.spec.socket_path, str(self._runtime_dir / f"worker-{run.gen}.spec.json")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        log.info("worker pid %d is gone (%s)", run.proc.pid, describe_exit(run.proc.returncode or 0))
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+# Re-exported for app wiring and tests.
+__all__ = [
+    "Launch",
+    "LaunchPreparer",
+    "NotReady",
+    "PlanFailed",
+    "QueueFull",
+    "WorkerHandle",
+    "WorkerManager",
+    "WorkerTimeouts",
+]

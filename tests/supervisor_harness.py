@@ -1,0 +1,189 @@
+"""Start a real `vram-llm serve` subprocess for tests, and leave nothing behind.
+
+Every wait polls for a state until a deadline. ``stop()`` sends SIGTERM, checks the exit
+code, that no worker process survived (psutil) and that the runtime dir is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_WORKER = REPO / "tests" / "fake_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Call ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            v = predicate()
+            if v:
+                return v
+        except Exception as e:  # the thing polled may not exist yet
+            last_exc = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
+        time.sleep(interval)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines: list[str] = []
+    for sec, kv in sections.items():
+        lines.append(f"[{sec}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in kv.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Supervisor:
+    """One `vram-llm serve` process."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        sections: dict[str, dict[str, Any]] | None = None,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        fake_worker: bool = False,
+    ) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.runtime = tmp / "run"
+        self.runtime.mkdir(exist_ok=True)
+        secs: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (sections or {}).items()}
+        secs.setdefault("server", {}).update({"host": "127.0.0.1", "port": self.port, "runtime_dir": str(self.runtime)})
+        if fake_worker:
+            secs.setdefault("worker", {}).setdefault("command", [sys.executable, str(FAKE_WORKER)])
+        self.config_path = write_config(tmp / "config.toml", secs)
+        self.log_path = tmp / "supervisor.log"
+        self._log = open(self.log_path, "wb")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "serve", "--config", str(self.config_path), *(args or [])],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=str(REPO),
+        )
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.worker_pids: set[int] = set()
+
+    # ---- HTTP ----------------------------------------------------------------
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def post(self, path: str, body: dict[str, Any], timeout: float = 60.0) -> tuple[int, Any]:
+        req = urllib.request.Request(
+            self.base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def status(self) -> dict[str, Any]:
+        code, st = self.get("/status")
+        assert code == 200, st
+        w = st.get("worker")
+        if w:
+            self.worker_pids.add(int(w["pid"]))
+        return st  # type: ignore[no-any-return]
+
+    def wait_state(self, state: str, timeout: float = 60.0, pred: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"supervisor exited with {self.proc.returncode}:\n{self.log()}")
+            st = self.status()
+            if st["state"] == state and (pred is None or pred(st)):
+                return st
+            return None
+
+        try:
+            return poll(check, timeout, f"state {state}")  # type: ignore[no-any-return]
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- supervisor log ---\n{self.log()[-6000:]}") from None
+
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        return self.wait_state("ready", timeout)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    # ---- shutdown --------------------------------------------------------------
+    def stop(self, timeout: float = 30.0) -> int:
+        with_children = set(self.worker_pids)
+        try:
+            with_children.update(c.pid for c in psutil.Process(self.proc.pid).children(recursive=True))
+        except psutil.Error:
+            pass
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"supervisor did not exit within {timeout}s of SIGTERM:\n{self.log()[-4000:]}")
+        finally:
+            self._log.close()
+        # No worker may outlive the supervisor.
+        def all_gone() -> bool:
+            return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in with_children)
+
+        poll(all_gone, 10.0, f"worker processes {sorted(with_children)} to be gone")
+        leftovers = [p for p in self.runtime.iterdir()]
+        assert not leftovers, f"runtime dir not cleaned: {leftovers}"
+        return code
+
+    def kill_hard(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for p in self.worker_pids:
+            try:
+                os.killpg(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not self._log.closed:
+            self._log.close()

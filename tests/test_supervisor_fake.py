@@ -1,0 +1,315 @@
+"""Process tests: the real supervisor (`vram-llm serve`) with the misbehaving fake worker.
+
+The supervisor reads the real default model's header for planning; the fake worker never
+loads it. Every wait polls a state with a deadline; every test stops the supervisor with
+SIGTERM and checks that no worker and no socket is left (Supervisor.stop()).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.supervisor_harness import REPO, Supervisor, poll
+
+SIM_2GPU = [
+    {"index": 0, "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000000", "name": "Small", "total_mib": 12288, "free_mib": 11000},
+    {"index": 1, "uuid": "GPU-bbbbbbbb-0000-0000-0000-000000000000", "name": "Big", "total_mib": 24576, "free_mib": 23000},
+]
+
+FAST = {
+    "worker": {"health_interval_s": 0.2, "health_timeout_s": 1.0, "stop_timeout_s": 3.0},
+    "restart": {"backoff_initial_s": 0.05, "backoff_max_s": 0.4, "oom_settle_timeout_s": 1.0},
+    "admission": {"wait_timeout_s": 30.0},
+    "shutdown": {"grace_s": 3.0},
+}
+
+
+def merged(*dicts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out.setdefault(k, {}).update(v)
+    return out
+
+
+@pytest.fixture
+def sim_gpus(tmp_path: Path) -> Path:
+    p = tmp_path / "gpus.json"
+    p.write_text(json.dumps(SIM_2GPU))
+    return p
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "fake-state"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def start_supervisor(tmp_path: Path) -> Iterator[Any]:
+    started: list[Supervisor] = []
+
+    def start(sections: dict[str, dict[str, Any]] | None = None, env: dict[str, str] | None = None) -> Supervisor:
+        s = Supervisor(tmp_path, merged(FAST, sections or {}), env=env, fake_worker=True)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            try:
+                assert s.stop() == 0
+            finally:
+                s.kill_hard()
+
+
+def starts(state_dir: Path) -> list[dict[str, Any]]:
+    p = state_dir / "starts.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def chat(s: Supervisor, **extra: Any) -> tuple[int, Any]:
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **extra}
+    return s.post("/v1/chat/completions", body)
+
+
+def test_serve_applies_the_plan_to_the_worker(start_supervisor: Any, sim_gpus: Path, state_dir: Path) -> None:
+    s = start_supervisor({"gpu": {"simulate_gpus": str(sim_gpus)}}, {"FAKE_WORKER_STATE_DIR": str(state_dir)})
+    st = s.wait_ready(60)
+    plan = st["plan"]
+    start = starts(state_dir)[-1]
+    assert start["spec"]["n_gpu_layers"] == plan["n_gpu_layers"]
+    assert start["spec"]["tensor_split"] == pytest.approx(plan["tensor_split"])
+    assert start["spec"]["split_mode"] == plan["split_mode"]
+    assert start["spec"]["main_gpu"] == plan["main_gpu"]
+    assert start["env"]["CUDA_VISIBLE_DEVICES"] == plan["env"]["CUDA_VISIBLE_DEVICES"]
+    assert start["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    # The bigger free GPU (NVML index 1) is CUDA device 0 in the worker.
+    assert plan["env"]["CUDA_VISIBLE_DEVICES"].split(",")[0] == SIM_2GPU[1]["uuid"]
+    # What the worker reports about itself agrees too.
+    code, models = s.get("/v1/models")
+    assert code == 200 and models["data"]
+    code, body = chat(s)
+    assert code == 200 and body["choices"][0]["message"]["content"]
+    assert s.get("/health") == (200, {"status": "ok"})
+
+
+def test_kill9_while_idle_restarts_and_counts(start_supervisor: Any) -> None:
+    s = start_supervisor()
+    st = s.wait_ready(60)
+    pid = st["worker"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    st = s.wait_state("ready", 60, lambda st: st["worker"]["pid"] != pid)
+    assert st["restarts"] == 1
+    assert st["restart_history"][0]["kind"] == "crash"
+    assert "SIGKILL" in st["last_exit"]["description"]
+    code, _ = chat(s)
+    assert code == 200
+    # `vram-llm status` shows it, and exits 0 because the worker is ready.
+    out = subprocess.run(
+        [sys.executable, "-m", "supervisor", "status", "--config", str(s.config_path)],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "READY" in out.stdout and "restarts: 1" in out.stdout
+    js = subprocess.run(
+        [sys.executable, "-m", "supervisor", "status", "--json", "--config", str(s.config_path)],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )
+    assert js.returncode == 0 and json.loads(js.stdout)["restarts"] == 1
+
+
+def test_requests_sent_during_a_restart_all_succeed(start_supervisor: Any) -> None:
+    s = start_supervisor(env={"FAKE_WORKER_LOAD_S": "1.0"})
+    st = s.wait_ready(60)
+    os.kill(st["worker"]["pid"], signal.SIGKILL)
+    results: list[int] = []
+
+    def one() -> None:
+        results.append(chat(s)[0])
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [200] * 6
+
+
+def _stream_until_killed(s: Supervisor, pid: int) -> list[bytes]:
+    req = urllib.request.Request(
+        s.base + "/v1/chat/completions",
+        data=json.dumps(
+            {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500, "stream": True}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    events: list[bytes] = []
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["X-Accel-Buffering"] == "no"
+        for line in r:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip())
+                if len(events) == 3:
+                    os.kill(pid, signal.SIGKILL)
+    return events
+
+
+def test_kill_mid_stream_gives_an_error_event_not_a_hang(start_supervisor: Any) -> None:
+    s = start_supervisor(env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
+    st = s.wait_ready(60)
+    events = _stream_until_killed(s, st["worker"]["pid"])
+    assert len(events) >= 4
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "worker_failed"
+    s.wait_state("ready", 60, lambda st2: st2["worker"]["pid"] != st["worker"]["pid"])
+    assert chat(s)[0] == 200
+
+
+def test_oom_at_load_replans_smaller(start_supervisor: Any, sim_gpus: Path, state_dir: Path) -> None:
+    s = start_supervisor(
+        {"gpu": {"simulate_gpus": str(sim_gpus)}},
+        {"FAKE_WORKER_STATE_DIR": str(state_dir), "FAKE_WORKER_OOM_ABOVE_LAYERS": "10"},
+    )
+    st = s.wait_ready(90)
+    runs = starts(state_dir)
+    layers = [r["spec"]["n_gpu_layers"] for r in runs]
+    assert layers[0] == -1  # the first plan offloads everything
+    assert 0 <= layers[-1] <= 10  # the one that loaded fits under the fake card's limit
+    as_count = [30 if n == -1 else n for n in layers]
+    assert as_count == sorted(as_count, reverse=True)  # never bigger again
+    assert all(h["kind"] == "oom" for h in st["restart_history"])
+    assert st["oom_adjustment"]
+
+
+def test_crash_loop_ends_in_failed_with_backoff(start_supervisor: Any, state_dir: Path) -> None:
+    s = start_supervisor(
+        {"restart": {"max_failures": 3, "backoff_initial_s": 0.2, "backoff_max_s": 1.0}},
+        {"FAKE_WORKER_CRASH_AT_LOAD": "1", "FAKE_WORKER_STATE_DIR": str(state_dir)},
+    )
+    st = s.wait_state("failed", 60)
+    assert st["restarts"] == 4  # 3 allowed + the one that made it give up
+    assert "gave up" in st["reason"]
+    assert len(starts(state_dir)) == 4
+    gaps = [b["at"] - a["at"] for a, b in zip(st["restart_history"], st["restart_history"][1:])]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4 and gaps[2] >= 0.8  # exponential backoff
+    code, body = s.get("/health")
+    assert code == 503 and body["status"] == "failed" and "gave up" in body["reason"]
+    code, body = chat(s)
+    assert code == 503 and body["error"]["code"] == "worker_unavailable"
+    # `vram-llm status` exits non-zero when the worker is not ready.
+    out = subprocess.run(
+        [sys.executable, "-m", "supervisor", "status", "--config", str(s.config_path)],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )
+    assert out.returncode == 1 and "FAILED" in out.stdout
+
+
+def test_bad_model_exit_is_not_retried(start_supervisor: Any, state_dir: Path) -> None:
+    s = start_supervisor(env={"FAKE_WORKER_EXIT_CODE": "4", "FAKE_WORKER_STATE_DIR": str(state_dir)})
+    st = s.wait_state("failed", 60)
+    assert len(starts(state_dir)) == 1
+    assert st["restart_history"][0]["kind"] == "permanent"
+
+
+def test_worker_ignoring_sigterm_is_killed_after_the_deadline(start_supervisor: Any) -> None:
+    s = start_supervisor({"worker": {"stop_timeout_s": 1.0}}, {"FAKE_WORKER_IGNORE_SIGTERM": "1"})
+    st = s.wait_ready(60)
+    pid = st["worker"]["pid"]
+    assert s.stop() == 0  # stop() also checks that the worker is gone
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_hung_worker_is_detected_and_replaced(start_supervisor: Any) -> None:
+    s = start_supervisor(
+        {"worker": {"health_interval_s": 0.2, "health_timeout_s": 0.3, "health_failures": 2}},
+        {"FAKE_WORKER_HANG_AFTER_READY_S": "0.5", "FAKE_WORKER_IGNORE_SIGTERM": "1"},
+    )
+    st = s.wait_ready(60)
+    first = st["worker"]["pid"]
+    st = s.wait_state("ready", 60, lambda st: st["restarts"] >= 1 and st["worker"]["pid"] != first)
+    assert st["restart_history"][0]["kind"] == "hang"
+
+
+def test_generation_without_tokens_is_a_hang(start_supervisor: Any) -> None:
+    s = start_supervisor({"worker": {"token_stall_timeout_s": 0.5}}, {"FAKE_WORKER_STALL_GENERATION": "1"})
+    st = s.wait_ready(60)
+    first = st["worker"]["pid"]
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(chat(s)[0]))
+    t.start()
+    st = s.wait_state("ready", 60, lambda st: st["restarts"] >= 1 and st["worker"]["pid"] != first)
+    assert st["restart_history"][0]["kind"] == "hang"
+    t.join(60)
+    assert result and result[0] != 200  # the stalled request got an error, not a hang
+
+
+def test_queue_full_and_wait_timeout(start_supervisor: Any) -> None:
+    s = start_supervisor(
+        {"admission": {"queue_size": 1, "wait_timeout_s": 2.0}}, {"FAKE_WORKER_LOAD_S": "30"}
+    )
+    s.wait_state("loading", 30)
+    first: list[tuple[int, Any]] = []
+    t = threading.Thread(target=lambda: first.append(chat(s)))
+    t.start()
+    poll(lambda: s.status()["requests"]["waiting_for_worker"] == 1, 10, "one waiting request")
+    code, body = chat(s)
+    assert code == 429 and body["error"]["code"] == "queue_full"
+    t.join(30)
+    assert first[0][0] == 503 and first[0][1]["error"]["code"] == "worker_unavailable"
+
+
+def test_sighup_restarts_the_worker(start_supervisor: Any) -> None:
+    s = start_supervisor()
+    st = s.wait_ready(60)
+    s.proc.send_signal(signal.SIGHUP)
+    st = s.wait_state("ready", 60, lambda st2: st2["worker"]["generation"] > st["worker"]["generation"])
+    assert chat(s)[0] == 200
+
+
+def test_sd_notify_messages(start_supervisor: Any, tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    msgs: list[str] = []
+
+    def drain() -> list[str]:
+        while True:
+            try:
+                msgs.append(sock.recv(4096).decode())
+            except (socket.timeout, BlockingIOError):
+                return msgs
+
+    try:
+        s = start_supervisor(env={"NOTIFY_SOCKET": path})
+        s.wait_ready(60)
+        poll(lambda: any("READY=1" in m for m in drain()), 10, "READY=1")
+        assert any(m.startswith("STATUS=") for m in msgs)
+        assert s.stop() == 0
+        poll(lambda: any("STOPPING=1" in m for m in drain()), 10, "STOPPING=1")
+    finally:
+        sock.close()
+
+
+def test_sigterm_exits_zero_and_leaves_nothing(start_supervisor: Any) -> None:
+    s = start_supervisor()
+    s.wait_ready(60)
+    t0 = time.monotonic()
+    assert s.stop() == 0
+    assert time.monotonic() - t0 < 20

@@ -260,9 +260,9 @@ def _parse(buf: mmap.mmap, size: int, p: Path) -> ModelFacts:
         raise ModelError("the GGUF header is truncated or corrupt")
     meta: dict[str, object] = {}
     for _ in range(n_kv):
-        key = h.string()
+        name_ = h.string()
         vtype = h.u32()
-        meta[key] = h.value(vtype)
+        meta[name_] = h.value(vtype)
 
     layer_bytes: dict[int, int] = {}
     embd = out_w = out_norm = other = 0
@@ -331,12 +331,12 @@ def _parse(buf: mmap.mmap, size: int, p: Path) -> ModelFacts:
     per_layer = tuple(layer_bytes.get(i, 0) for i in range(n_layers))
     other += sum(b for i, b in layer_bytes.items() if i >= n_layers)
     output_bytes = out_norm + (out_w if has_output else embd)
-    name = meta.get("general.name")
+    gname = meta.get("general.name")
     return ModelFacts(
         path=str(p),
         file_size=size,
         architecture=arch,
-        name=name if isinstance(name, str) else p.stem,
+        name=gname if isinstance(gname, str) else p.stem,
         n_layers=n_layers,
         n_ctx_train=_as_int(key("context_length")),
         n_embd=n_embd,

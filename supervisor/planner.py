@@ -502,8 +502,8 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
     zero = Estimate(0, 0, 0, 0)
     for g in ordered:
         reserve, usable = info[g.index]
-        pos = cand_pos.get(g.index)
-        est = ests[pos] if pos is not None else zero
+        cp = cand_pos.get(g.index)
+        est = ests[cp] if cp is not None else zero
         rows.append(
             GpuPlan(
                 index=g.index,
@@ -515,9 +515,9 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
                 reserve_mib=reserve,
                 usable_mib=usable,
                 planned_mib=est.total_mib,
-                layers=layers[pos] if pos is not None else 0,
-                has_output=outs[pos] if pos is not None else False,
-                share=split[pos] if pos is not None and split else 0.0,
+                layers=layers[cp] if cp is not None else 0,
+                has_output=outs[cp] if cp is not None else False,
+                share=split[cp] if cp is not None and split else 0.0,
                 cuda_index=cuda_index.get(g.index),
                 excluded_reason=reasons.get(g.index),
                 estimate=est,

@@ -537,7 +537,8 @@ class WorkerManager:
         while True:
             ready = self.state is WorkerState.READY
             wait_s = max(0.0, next_health - loop.time())
-            done, _ = await asyncio.wait({run.exit_task, cmd_task}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {run.exit_task, cmd_task}
+            done, _ = await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
             if cmd_task in done:
                 cmd = cmd_task.result()
                 cmd_task = asyncio.ensure_future(self._commands.get())

@@ -1,0 +1,225 @@
+"""Shared test fixtures: real worker subprocesses, Unix-socket HTTP clients, bounded waits.
+
+Rules:
+- Every wait polls a state until a named deadline (``wait_until``); nothing sleeps and
+  then asserts.
+- Every process a fixture starts is stopped (SIGTERM to its group, deadline, SIGKILL)
+  and reaped; every temp dir and socket is removed.
+- The real model is loaded once per session (``worker``); tests that need a worker of
+  their own (bad model, exit codes) use ``WorkerProcess`` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T | None | bool], timeout: float, what: str, interval: float = 0.02
+) -> T:
+    """Poll predicate until it returns something truthy; return it. Fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result  # type: ignore[return-value]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def short_tmpdir(prefix: str = "vram-llm-test-") -> Path:
+    """A private temp dir under /tmp (Unix socket paths must stay under ~100 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def uds_client(socket_path: str | os.PathLike[str], timeout: float = 60.0) -> httpx.Client:
+    """An httpx client that speaks HTTP over the worker's Unix socket."""
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(socket_path)),
+        base_url="http://worker",
+        timeout=timeout,
+    )
+
+
+def default_model() -> Path:
+    from supervisor.default_model import default_model_path
+
+    return default_model_path()
+
+
+class WorkerProcess:
+    """A real ``python -m worker`` subprocess in its own process group.
+
+    Its stderr goes to a file in ``workdir`` (a pipe nobody reads could fill and block it).
+    """
+
+    def __init__(self, workdir: Path, spec: dict[str, Any] | str | bytes, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.spec_path = workdir / "spec.json"
+        if isinstance(spec, dict):
+            self.spec_path.write_text(json.dumps(spec))
+            self.socket_path: str | None = spec.get("socket_path")
+        else:
+            self.spec_path.write_bytes(spec.encode() if isinstance(spec, str) else spec)
+            self.socket_path = None
+        self.stderr_path = workdir / "worker.stderr"
+        self._stderr = open(self.stderr_path, "wb")
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--spec", str(self.spec_path)],
+            cwd=str(REPO),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            env=full_env,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        assert self.socket_path is not None
+        return uds_client(self.socket_path, timeout)
+
+    def health(self) -> httpx.Response | None:
+        """One /health probe, None while the socket is not answering yet."""
+        if self.socket_path is None or not os.path.exists(self.socket_path):
+            return None
+        try:
+            with self.client(timeout=5.0) as c:
+                return c.get("/health")
+        except httpx.TransportError:
+            return None
+
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"worker exited with {self.proc.returncode} before ready:\n{self.stderr()[-4000:]}"
+                )
+            r = self.health()
+            return r.json() if r is not None and r.status_code == 200 else None
+
+        return wait_until(ready, timeout, "the worker to report ready on /health")
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker still running after {timeout}s:\n{self.stderr()[-4000:]}"
+            ) from None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM the group, wait until the deadline, then SIGKILL; always reap."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        self._stderr.close()
+        return self.proc.returncode
+
+
+def worker_spec(workdir: Path, **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model_path": str(default_model()),
+        "socket_path": str(workdir / "worker.sock"),
+        "n_ctx": 1024,
+        "n_threads": 2,
+        "max_body_bytes": 1024 * 1024,
+    }
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture
+def tmpdir_short() -> Iterator[Path]:
+    d = short_tmpdir()
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def worker() -> Iterator[WorkerProcess]:
+    """The real worker on the real default model, loaded once for the whole session."""
+    workdir = short_tmpdir()
+    proc = WorkerProcess(workdir, worker_spec(workdir, model_alias="smollm2-test"))
+    try:
+        proc.wait_ready(timeout=180)
+        yield proc
+    finally:
+        proc.stop()
+        leftover = proc.socket_path is not None and os.path.exists(proc.socket_path)
+        shutil.rmtree(workdir, ignore_errors=True)
+        assert not leftover, "the worker left its socket file behind"
+
+
+@pytest.fixture
+def client(worker: WorkerProcess) -> Iterator[httpx.Client]:
+    with worker.client() as c:
+        yield c
+
+
+@pytest.fixture
+def ensure_idle(worker: WorkerProcess) -> Callable[[], None]:
+    """Wait until the shared worker runs no generation (a previous test may have left one)."""
+
+    def wait() -> None:
+        def idle() -> bool:
+            r = worker.health()
+            if r is None:
+                return False
+            body = r.json()
+            return body.get("active", 0) == 0 and body.get("queued", 0) == 0
+
+        wait_until(idle, 60, "the worker to become idle")
+
+    return wait
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[Any]:
+    """Decode an OpenAI SSE stream: yields each ``data:`` JSON object, then "[DONE]"."""
+    for line in lines:
+        if not line.startswith("data: "):
+            assert line == "", f"unexpected SSE line {line!r}"
+            continue
+        data = line[len("data: ") :]
+        if data == "[DONE]":
+            yield data
+            return
+        yield json.loads(data)

@@ -1,0 +1,209 @@
+"""Client tests: `vram-llm serve` on the real SmolLM2 model, with real clients.
+
+One supervisor for the module (the model loads once); tests that kill the worker run last
+and leave the supervisor serving again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import openai
+import psutil
+import pytest
+
+from tests.supervisor_harness import Supervisor, poll
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
+    tmp = tmp_path_factory.mktemp("real-supervisor")
+    sims = tmp / "gpus.json"
+    # A simulated GPU: the worker gets the plan's CUDA environment (and ignores it, as a
+    # CPU build of llama.cpp does), so the test can check what reaches the worker.
+    sims.write_text(
+        json.dumps([{"index": 0, "uuid": "GPU-12345678-aaaa-bbbb-cccc-000000000000", "name": "Sim", "total_mib": 8192, "free_mib": 8000}])
+    )
+    s = Supervisor(
+        tmp,
+        {
+            "model": {"ctx_size": 2048},
+            "gpu": {"simulate_gpus": str(sims)},
+            "worker": {"health_interval_s": 1.0},
+            "restart": {"backoff_initial_s": 0.1},
+        },
+    )
+    try:
+        s.wait_ready(180)
+        yield s
+        assert s.stop() == 0
+    finally:
+        s.kill_hard()
+
+
+@pytest.fixture(scope="module")
+def client(sup: Supervisor) -> Iterator[openai.OpenAI]:
+    c = openai.OpenAI(base_url=sup.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    yield c
+    c.close()
+
+
+def test_health_and_models(sup: Supervisor, client: openai.OpenAI) -> None:
+    assert sup.get("/health") == (200, {"status": "ok"})
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct.Q4_1"]
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="any",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
+        seed=1,
+    )
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage is not None and r.usage.completion_tokens <= 8
+
+
+def test_completion(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="any", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert r.choices[0].text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 5
+
+
+def test_streaming_chat(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="any",
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text = ""
+    usage = None
+    finish = None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert text and finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens <= 10
+
+
+def test_bad_request_is_a_4xx_through_the_proxy(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="any", messages=[], max_tokens=5)
+
+
+def test_worker_gets_the_plan(sup: Supervisor) -> None:
+    st = sup.status()
+    plan = st["plan"]
+    params = _worker_params(sup)
+    assert params["cuda_visible_devices"] == plan["env"]["CUDA_VISIBLE_DEVICES"]
+    assert params["cuda_device_order"] == "PCI_BUS_ID"
+    assert params["n_gpu_layers"] == plan["n_gpu_layers"]
+    assert params["tensor_split"] == pytest.approx(plan["tensor_split"]) or (
+        not params["tensor_split"] and not plan["tensor_split"]
+    )
+    assert params["n_ctx"] == plan["n_ctx"] == 2048
+
+
+def _worker_params(sup: Supervisor) -> dict[str, Any]:
+    """The parameters the worker reports it applied."""
+    return _worker_health(sup)["params"]  # type: ignore[no-any-return]
+
+
+def _worker_health(sup: Supervisor) -> dict[str, Any]:
+    """The worker's own /health, read over its Unix socket (not through the supervisor)."""
+    import http.client
+    import socket
+
+    sock_dir = next(sup.runtime.iterdir())
+    sock_path = next(p for p in sock_dir.iterdir() if p.suffix == ".sock")
+
+    class UnixConn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(10)
+            self.sock.connect(str(sock_path))
+
+    conn = UnixConn("worker")
+    try:
+        conn.request("GET", "/health")
+        body: dict[str, Any] = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    return body
+
+
+def test_client_disconnect_stops_the_generation(sup: Supervisor, client: openai.OpenAI) -> None:
+    stream = client.completions.create(
+        model="any", prompt="Once upon a time, in a land far away,", max_tokens=2000, stream=True
+    )
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()  # the client goes away mid-generation
+    # The worker stops within a token: it reports no active generation long before 2000
+    # tokens could have been produced, and the next request is served right away.
+    poll(lambda: not _worker_health(sup).get("active"), 30, "the worker to stop generating")
+    r = client.completions.create(model="any", prompt="Hello", max_tokens=3)
+    assert r.usage is not None and r.usage.completion_tokens == 3
+
+
+def test_kill9_idle_worker_is_restarted(sup: Supervisor, client: openai.OpenAI) -> None:
+    before = sup.status()
+    pid = before["worker"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    st = sup.wait_state("ready", 120, lambda st: st["worker"]["pid"] != pid)
+    assert st["restarts"] == before["restarts"] + 1
+    assert st["restart_history"][-1]["kind"] == "crash"
+    r = client.completions.create(model="any", prompt="Hello", max_tokens=3)
+    assert r.choices[0].text is not None
+
+
+def test_kill9_mid_stream_gives_error_event(sup: Supervisor, client: openai.OpenAI) -> None:
+    pid = sup.status()["worker"]["pid"]
+    stream = client.completions.create(
+        model="any", prompt="Once upon a time, in a land far away,", max_tokens=400, stream=True
+    )
+    got = 0
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            got += 1
+            if got == 3:
+                os.kill(pid, signal.SIGKILL)
+    assert got >= 3
+    sup.wait_state("ready", 120, lambda st: st["worker"]["pid"] != pid)
+    r = client.completions.create(model="any", prompt="Hello", max_tokens=3)
+    assert r.choices[0].text is not None
+
+
+def test_worker_dies_with_a_killed_supervisor(tmp_path: Path) -> None:
+    """kill -9 of the supervisor itself: the worker's parent-death signal takes it down."""
+    s = Supervisor(tmp_path, {"model": {"ctx_size": 512}})
+    try:
+        st = s.wait_ready(180)
+        pid = st["worker"]["pid"]
+        s.proc.kill()
+        s.proc.wait(10)
+        poll(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+             30, f"worker {pid} to exit after its supervisor was killed")
+    finally:
+        s.kill_hard()
+        for d in s.runtime.iterdir():  # a SIGKILLed supervisor cannot clean up; the test does
+            subprocess.run(["rm", "-rf", str(d)], check=False)

@@ -1,0 +1,142 @@
+"""A corpus of bad requests: each gets a 4xx in OpenAI's error shape, none kills the worker."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import WorkerProcess
+
+pytestmark = pytest.mark.model
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+USER = [{"role": "user", "content": "hi"}]
+HUGE_TEXT = "hello " * 3000  # ~3000 tokens, the test worker's context is 1024
+
+
+def chat(**fields: Any) -> bytes:
+    return json.dumps({"messages": USER, "max_tokens": 2, **fields}).encode()
+
+
+def comp(**fields: Any) -> bytes:
+    return json.dumps({"prompt": "hi", "max_tokens": 2, **fields}).encode()
+
+
+def raw(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+# (id, method, path, body, expected status, expected param or None, expected code or None)
+CASES: list[tuple[str, str, str, bytes | None, int, str | None, str | None]] = [
+    ("malformed-json", "POST", CHAT, b'{"messages": [', 400, None, "invalid_json"),
+    ("trailing-garbage", "POST", CHAT, chat() + b"}", 400, None, "invalid_json"),
+    ("empty-body", "POST", CHAT, b"", 400, None, "invalid_json"),
+    ("json-null", "POST", CHAT, b"null", 400, None, None),
+    ("json-array", "POST", CHAT, b"[]", 400, None, None),
+    ("json-string", "POST", CHAT, b'"hi"', 400, None, None),
+    ("invalid-utf8", "POST", CHAT, b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None, None),
+    ("missing-messages", "POST", CHAT, raw({"max_tokens": 2}), 400, "messages", None),
+    ("messages-not-list", "POST", CHAT, raw({"messages": "hi"}), 400, "messages", None),
+    ("messages-empty", "POST", CHAT, raw({"messages": []}), 400, "messages", None),
+    ("message-not-object", "POST", CHAT, raw({"messages": ["hi"]}), 400, "messages[0]", None),
+    ("message-missing-role", "POST", CHAT, raw({"messages": [{"content": "hi"}]}), 400, "messages[0].role", None),
+    ("unknown-role", "POST", CHAT, raw({"messages": [{"role": "wizard", "content": "hi"}]}), 400, "messages[0].role", None),
+    ("role-not-string", "POST", CHAT, raw({"messages": [{"role": 3, "content": "hi"}]}), 400, "messages[0].role", None),
+    ("content-int", "POST", CHAT, raw({"messages": [{"role": "user", "content": 5}]}), 400, "messages[0].content", None),
+    ("content-object", "POST", CHAT, raw({"messages": [{"role": "user", "content": {"x": 1}}]}), 400, "messages[0].content", None),
+    ("content-image", "POST", CHAT, raw({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}), 400, "messages[0].content[0].type", "unsupported"),
+    ("content-part-unknown-type", "POST", CHAT, raw({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}), 400, "messages[0].content[0].type", None),
+    ("content-part-no-text", "POST", CHAT, raw({"messages": [{"role": "user", "content": [{"type": "text"}]}]}), 400, "messages[0].content[0].text", None),
+    ("user-content-null", "POST", CHAT, raw({"messages": [{"role": "user", "content": None}]}), 400, "messages[0].content", None),
+    ("max-tokens-string", "POST", CHAT, chat(max_tokens="10"), 400, "max_tokens", None),
+    ("max-tokens-zero", "POST", CHAT, chat(max_tokens=0), 400, "max_tokens", None),
+    ("max-tokens-negative", "POST", CHAT, chat(max_tokens=-5), 400, "max_tokens", None),
+    ("max-tokens-huge", "POST", CHAT, chat(max_tokens=10**12), 400, "max_tokens", None),
+    ("max-tokens-float", "POST", CHAT, chat(max_tokens=1.5), 400, "max_tokens", None),
+    ("max-completion-tokens-negative", "POST", CHAT, chat(max_completion_tokens=-1), 400, "max_completion_tokens", None),
+    ("temperature-negative", "POST", CHAT, chat(temperature=-1), 400, "temperature", None),
+    ("temperature-huge", "POST", CHAT, chat(temperature=100), 400, "temperature", None),
+    ("temperature-string", "POST", CHAT, chat(temperature="hot"), 400, "temperature", None),
+    ("top-p-above-one", "POST", CHAT, chat(top_p=1.5), 400, "top_p", None),
+    ("top-p-negative", "POST", CHAT, chat(top_p=-0.1), 400, "top_p", None),
+    ("top-k-negative", "POST", CHAT, chat(top_k=-1), 400, "top_k", None),
+    ("min-p-above-one", "POST", CHAT, chat(min_p=2), 400, "min_p", None),
+    ("presence-penalty-huge", "POST", CHAT, chat(presence_penalty=5), 400, "presence_penalty", None),
+    ("frequency-penalty-low", "POST", CHAT, chat(frequency_penalty=-3), 400, "frequency_penalty", None),
+    ("repeat-penalty-zero", "POST", CHAT, chat(repeat_penalty=0), 400, "repeat_penalty", None),
+    ("n-two", "POST", CHAT, chat(n=2), 400, "n", None),
+    ("n-zero", "POST", CHAT, chat(n=0), 400, "n", None),
+    ("stream-not-bool", "POST", CHAT, chat(stream="yes"), 400, "stream", None),
+    ("stream-options-without-stream", "POST", CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options", None),
+    ("stream-options-unknown", "POST", CHAT, chat(stream=True, stream_options={"foo": 1}), 400, "stream_options.foo", None),
+    ("stop-int", "POST", CHAT, chat(stop=5), 400, "stop", None),
+    ("stop-too-many", "POST", CHAT, chat(stop=[f"s{i}" for i in range(20)]), 400, "stop", None),
+    ("stop-empty-string", "POST", CHAT, chat(stop=[""]), 400, "stop[0]", None),
+    ("logit-bias-list", "POST", CHAT, chat(logit_bias=[1, 2]), 400, "logit_bias", None),
+    ("logit-bias-bad-key", "POST", CHAT, chat(logit_bias={"cat": 1}), 400, "logit_bias", None),
+    ("logit-bias-huge-value", "POST", CHAT, chat(logit_bias={"5": 1000}), 400, "logit_bias", None),
+    ("logit-bias-unknown-token", "POST", CHAT, chat(logit_bias={"99999999": 1}), 400, "logit_bias", None),
+    ("response-format-unknown", "POST", CHAT, chat(response_format={"type": "xml"}), 400, "response_format.type", None),
+    ("response-format-schema-missing", "POST", CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format.json_schema", None),
+    ("response-format-not-object", "POST", CHAT, chat(response_format="json"), 400, "response_format", None),
+    ("unknown-field", "POST", CHAT, chat(foo=1), 400, "foo", None),
+    ("seed-string", "POST", CHAT, chat(seed="abc"), 400, "seed", None),
+    ("seed-huge", "POST", CHAT, chat(seed=2**70), 400, "seed", None),
+    ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "unsupported"),
+    ("logprobs", "POST", CHAT, chat(logprobs=True), 400, "logprobs", "unsupported"),
+    ("chat-context-exceeded", "POST", CHAT, raw({"messages": [{"role": "user", "content": HUGE_TEXT}]}), 400, "messages", "context_length_exceeded"),
+    ("oversized-body", "POST", CHAT, raw({"messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}]}), 413, None, "request_too_large"),
+    ("prompt-missing", "POST", COMPLETIONS, raw({"max_tokens": 2}), 400, "prompt", None),
+    ("prompt-int", "POST", COMPLETIONS, comp(prompt=5), 400, "prompt", None),
+    ("prompt-empty-list", "POST", COMPLETIONS, comp(prompt=[]), 400, "prompt", None),
+    ("prompt-two-strings", "POST", COMPLETIONS, comp(prompt=["a", "b"]), 400, "prompt", "unsupported"),
+    ("prompt-mixed-list", "POST", COMPLETIONS, comp(prompt=["a", 1]), 400, "prompt", None),
+    ("prompt-token-out-of-range", "POST", COMPLETIONS, comp(prompt=[1, 10**9]), 400, "prompt[1]", None),
+    ("prompt-token-negative", "POST", COMPLETIONS, comp(prompt=[-1]), 400, "prompt[0]", None),
+    ("echo", "POST", COMPLETIONS, comp(echo=True), 400, "echo", "unsupported"),
+    ("best-of", "POST", COMPLETIONS, comp(best_of=2), 400, "best_of", None),
+    ("completion-context-exceeded", "POST", COMPLETIONS, comp(prompt=HUGE_TEXT), 400, "prompt", "context_length_exceeded"),
+    ("completion-json-schema-bad", "POST", COMPLETIONS, comp(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}), 400, None, None),
+    ("get-on-post-route", "GET", CHAT, None, 405, None, "method_not_allowed"),
+    ("delete-models", "DELETE", "/v1/models", None, 405, None, "method_not_allowed"),
+    ("put-health", "PUT", "/health", None, 405, None, "method_not_allowed"),
+    ("unknown-v1-route", "POST", "/v1/nope", b"{}", 404, None, "not_found"),
+    ("unknown-route", "GET", "/nope", None, 404, None, "not_found"),
+]
+
+
+@pytest.mark.parametrize(
+    "method,path,body,status,param,code", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_request_gets_openai_error(
+    client: httpx.Client, method: str, path: str, body: bytes | None, status: int,
+    param: str | None, code: str | None,
+) -> None:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    r = client.request(method, path, content=body, headers=headers)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert "Traceback" not in err["message"]
+    assert err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(CASES) >= 40
+
+
+def test_worker_still_serves_after_the_corpus(worker: WorkerProcess, client: httpx.Client) -> None:
+    # Runs after the parametrized cases (file order): the same process is alive and answers.
+    assert worker.proc.poll() is None
+    r = client.post(CHAT, json={"messages": USER, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1

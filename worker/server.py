@@ -1,0 +1,622 @@
+"""The worker's HTTP server: an OpenAI-compatible API on a Unix socket.
+
+Rules for this module:
+- It never imports llama_cpp: it talks to the model through ``engine.Engine`` only.
+- The event loop never blocks on the model. Loading runs in a loader thread, request
+  preparation (template + tokenize) in a helper thread, and generation in ONE dedicated
+  thread (``GenerationLane``): never two generations at once, served in arrival order.
+- The lane's counters (``waiting``, ``current``, ``served``) are owned by the event loop;
+  the generation thread only writes ``Generation.last_token_at``.
+- Every client mistake is a 4xx in OpenAI's error shape; an engine failure is a 500 in the
+  same shape and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from worker import openai_schema as oai
+from worker.engine import (
+    ChatMessage,
+    Engine,
+    Generation,
+    InvalidInput,
+    LoadCancelled,
+    LoadError,
+    OutOfMemory,
+    Prepared,
+    PromptTooLong,
+    Sampling,
+)
+from worker.protocol import AppliedParams, ExitCode, Health, LaunchSpec, encoder
+
+log = logging.getLogger("worker")
+
+T = TypeVar("T")
+_END = object()  # end of a generation's piece stream
+_JSON = "application/json"
+_SHUTDOWN_TIMEOUT_S = 3.0
+_LOAD_ABORT_WAIT_S = 30.0
+
+
+# --- response bodies (msgspec: encoded once per chunk, no dict building) ----------------
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatMessageOut(msgspec.Struct):
+    role: str
+    content: str
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+    system_fingerprint: None = None
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(msgspec.Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatChunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    object: str = "chat.completion.chunk"
+    system_fingerprint: None = None
+
+
+class ChatChunkWithUsage(ChatChunk):
+    usage: Usage | None = None
+
+
+class TextChoice(msgspec.Struct):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class TextCompletion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    object: str = "text_completion"
+    system_fingerprint: None = None
+
+
+class TextChunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[TextChoice]
+    object: str = "text_completion"
+    system_fingerprint: None = None
+
+
+class TextChunkWithUsage(TextChunk):
+    usage: Usage | None = None
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    created: int
+    object: str = "model"
+    owned_by: str = "vram-llm"
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+_enc = msgspec.json.Encoder()
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + _enc.encode(obj) + b"\n\n"
+
+
+def _json_response(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type=_JSON)
+
+
+def _error_response(err: oai.RequestError) -> web.Response:
+    return _json_response(err.body(), err.status)
+
+
+def _usage(gen: Generation) -> Usage:
+    return Usage(gen.prompt_tokens, gen.completion_tokens, gen.prompt_tokens + gen.completion_tokens)
+
+
+def _finish(gen: Generation) -> str:
+    return gen.finish_reason if gen.finish_reason in ("stop", "length") else "stop"
+
+
+# --- the generation lane ------------------------------------------------------------------
+
+
+class GenerationLane:
+    """Runs generations one at a time, in arrival order, on one dedicated thread."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
+        self._turn = asyncio.Lock()  # asyncio.Lock wakes waiters in FIFO order
+        self.waiting = 0
+        self.current: Generation | None = None
+        self._current_cancel: threading.Event | None = None
+        self._current_since = 0.0
+        self.served = 0
+
+    async def run(
+        self,
+        gen: Generation,
+        cancel: threading.Event,
+        work: Callable[[], T],
+        follow: Callable[[], Awaitable[None]] | None = None,
+    ) -> T:
+        """Wait for our turn, run ``work`` on the generation thread, return its result.
+
+        ``follow`` (if given) runs on the event loop meanwhile, e.g. to write streamed
+        chunks. If this task is cancelled (client gone) or ``follow`` fails, the
+        generation is cancelled and the turn is kept until the thread has stopped
+        (within one token), so two generations never overlap.
+        """
+        self.waiting += 1
+        try:
+            await self._turn.acquire()
+        finally:
+            self.waiting -= 1
+        loop = asyncio.get_running_loop()
+        self.current, self._current_cancel = gen, cancel
+        self._current_since = time.monotonic()
+        fut = loop.run_in_executor(self._executor, work)
+        try:
+            if follow is not None:
+                await follow()
+            return await asyncio.shield(fut)
+        except BaseException:
+            cancel.set()
+            await _wait_done(fut)
+            raise
+        finally:
+            self.current = self._current_cancel = None
+            self.served += 1
+            self._turn.release()
+
+    def cancel_current(self) -> None:
+        if self._current_cancel is not None:
+            self._current_cancel.set()
+
+    def seconds_since_token(self) -> float | None:
+        gen = self.current
+        if gen is None:
+            return None
+        ref = gen.last_token_at or self._current_since
+        return max(0.0, time.monotonic() - ref)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _wait_done(fut: asyncio.Future[Any]) -> None:
+    """Wait for fut to finish, even if our task is cancelled again meanwhile."""
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])
+        except asyncio.CancelledError:
+            continue
+    if not fut.cancelled():
+        fut.exception()  # retrieved: the caller is already raising its own error
+
+
+# --- the application --------------------------------------------------------------------
+
+
+class WorkerServer:
+    def __init__(self, spec: LaunchSpec, engine: Engine) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.lane = GenerationLane()
+        self.progress = 0.0  # written by the loader thread (a float store is atomic)
+        self.ready = False
+        self.params: AppliedParams | None = None  # set once, when the model is ready
+        self.created = int(time.time())
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.spec.max_body_bytes, middlewares=[_openai_errors]
+        )
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model_id}", self.model)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        return app
+
+    # --- info endpoints ---
+
+    async def health(self, request: web.Request) -> web.Response:
+        lane = self.lane
+        common: dict[str, Any] = {
+            "pid": os.getpid(),
+            "active": 1 if lane.current is not None else 0,
+            "queued": lane.waiting,
+            "seconds_since_token": lane.seconds_since_token(),
+            "requests_served": lane.served,
+        }
+        if not self.ready:
+            body = Health(status="loading", progress=round(self.progress, 4), **common)
+            return _json_response(encoder.encode(body), 503)
+        body = Health(
+            status="ok",
+            progress=1.0,
+            model=self.engine.model_id,
+            params=self.params,
+            **common,
+        )
+        return _json_response(encoder.encode(body))
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.engine.model_id, created=self.created)
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        return _json_response(_enc.encode(ModelList(data=[self._card()])))
+
+    async def model(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        if request.match_info["model_id"] != self.engine.model_id:
+            raise oai.RequestError(
+                f"The model '{request.match_info['model_id']}' does not exist",
+                param="model", code="model_not_found", status=404,
+            )
+        return _json_response(_enc.encode(self._card()))
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise oai.RequestError(
+                "the model is still loading; retry shortly",
+                type="server_error", code="model_loading", status=503,
+            )
+
+    # --- generation endpoints ---
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self._require_ready()
+        req = oai.decode_chat(await request.read())
+        messages = [
+            ChatMessage(m.role, oai.message_text(m), m.name, m.tool_call_id) for m in req.messages
+        ]
+        sampling = _sampling(req, req.max_completion_tokens or req.max_tokens, req.response_format)
+        prepared = await self._prepare(
+            lambda: self.engine.prepare_chat(messages, sampling), "messages"
+        )
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self._stream_chat(request, prepared, cid, include_usage)
+        gen, cancel = self._generation(prepared)
+        text = await self.lane.run(gen, cancel, lambda: "".join(gen))
+        body = ChatCompletion(
+            id=cid,
+            created=int(time.time()),
+            model=self.engine.model_id,
+            choices=[ChatChoice(0, ChatMessageOut("assistant", text), _finish(gen))],
+            usage=_usage(gen),
+        )
+        return _json_response(_enc.encode(body))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        self._require_ready()
+        req = oai.decode_completion(await request.read())
+        prompt: str | list[int]
+        if isinstance(req.prompt, str):
+            prompt = req.prompt
+        elif isinstance(req.prompt[0], str):
+            prompt = req.prompt[0]  # type: ignore[assignment]
+        else:
+            prompt = req.prompt  # type: ignore[assignment]
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
+        sampling = _sampling(req, max_tokens, req.response_format)
+        prepared = await self._prepare(
+            lambda: self.engine.prepare_completion(prompt, sampling), "prompt"
+        )
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self._stream_text(request, prepared, cid, include_usage)
+        gen, cancel = self._generation(prepared)
+        text = await self.lane.run(gen, cancel, lambda: "".join(gen))
+        body = TextCompletion(
+            id=cid,
+            created=int(time.time()),
+            model=self.engine.model_id,
+            choices=[TextChoice(0, text, _finish(gen))],
+            usage=_usage(gen),
+        )
+        return _json_response(_enc.encode(body))
+
+    async def _prepare(self, fn: Callable[[], Prepared], what: str) -> Prepared:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
+        except InvalidInput as e:
+            raise oai.RequestError(e.message, param=e.param, code=e.code) from None
+        except PromptTooLong as e:
+            raise oai.RequestError(
+                f"This model's maximum context length is {e.n_ctx} tokens. However, your "
+                f"{what} resulted in {e.n_prompt} tokens. Please reduce the length of the {what}.",
+                param=what,
+                code="context_length_exceeded",
+            ) from None
+
+    def _generation(self, prepared: Prepared) -> tuple[Generation, threading.Event]:
+        cancel = threading.Event()
+        return self.engine.generation(prepared, cancel), cancel
+
+    async def _stream(
+        self,
+        request: web.Request,
+        prepared: Prepared,
+        first: bytes | None,
+        piece_chunk: Callable[[str], bytes],
+        final_chunks: Callable[[Generation], bytes],
+    ) -> web.StreamResponse:
+        gen, cancel = self._generation(prepared)
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        def work() -> None:
+            put = loop.call_soon_threadsafe
+            try:
+                for piece in gen:
+                    put(queue.put_nowait, piece)
+            finally:
+                put(queue.put_nowait, _END)
+
+        async def follow() -> None:
+            if first is not None:
+                await resp.write(first)
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                await resp.write(piece_chunk(item))  # type: ignore[arg-type]
+
+        try:
+            await self.lane.run(gen, cancel, work, follow)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            # Headers are gone already: report the failure in-stream, OpenAI style.
+            log.exception("generation failed")
+            err = oai.error_body(f"internal error: {e}", type="server_error")
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write(b"data: " + err + b"\n\n")
+            return resp
+        await resp.write(final_chunks(gen) + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _stream_chat(
+        self, request: web.Request, prepared: Prepared, cid: str, include_usage: bool
+    ) -> web.StreamResponse:
+        created = int(time.time())
+        model = self.engine.model_id
+        chunk_cls = ChatChunkWithUsage if include_usage else ChatChunk
+
+        def chunk(delta: Delta, finish: str | None = None) -> bytes:
+            return _sse(chunk_cls(cid, created, model, [ChatChunkChoice(0, delta, finish)]))
+
+        def final(gen: Generation) -> bytes:
+            out = chunk(Delta(), _finish(gen))
+            if include_usage:
+                out += _sse(ChatChunkWithUsage(cid, created, model, [], usage=_usage(gen)))
+            return out
+
+        first = chunk(Delta(role="assistant", content=""))
+        return await self._stream(
+            request, prepared, first, lambda text: chunk(Delta(content=text)), final
+        )
+
+    async def _stream_text(
+        self, request: web.Request, prepared: Prepared, cid: str, include_usage: bool
+    ) -> web.StreamResponse:
+        created = int(time.time())
+        model = self.engine.model_id
+        chunk_cls = TextChunkWithUsage if include_usage else TextChunk
+
+        def chunk(text: str, finish: str | None = None) -> bytes:
+            return _sse(chunk_cls(cid, created, model, [TextChoice(0, text, finish)]))
+
+        def final(gen: Generation) -> bytes:
+            out = chunk("", _finish(gen))
+            if include_usage:
+                out += _sse(TextChunkWithUsage(cid, created, model, [], usage=_usage(gen)))
+            return out
+
+        return await self._stream(request, prepared, None, chunk, final)
+
+
+def _sampling(req: Any, max_tokens: int | None, fmt: Any) -> Sampling:
+    stop: tuple[str, ...] = ()
+    if isinstance(req.stop, str):
+        stop = (req.stop,)
+    elif req.stop:
+        stop = tuple(req.stop)
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        seed=req.seed,
+        stop=stop,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repeat_penalty=req.repeat_penalty,
+        logit_bias=req.logit_bias,
+        json_mode=isinstance(fmt, (oai.ResponseFormatJsonObject, oai.ResponseFormatJsonSchema)),
+        json_schema=fmt.json_schema.schema if isinstance(fmt, oai.ResponseFormatJsonSchema) else None,
+    )
+
+
+@web.middleware
+async def _openai_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error leaves in OpenAI's shape; nothing a client sends becomes a 500."""
+    try:
+        return await handler(request)
+    except oai.RequestError as e:
+        return _error_response(e)
+    except web.HTTPRequestEntityTooLarge as e:
+        return _error_response(oai.RequestError(
+            f"the request body is too large: {e.text}", code="request_too_large", status=413,
+        ))
+    except web.HTTPMethodNotAllowed as e:
+        resp = _error_response(oai.RequestError(
+            f"method {request.method} is not allowed for {request.path}; use "
+            + ", ".join(sorted(e.allowed_methods)),
+            code="method_not_allowed", status=405,
+        ))
+        resp.headers["Allow"] = ",".join(sorted(e.allowed_methods))
+        return resp
+    except web.HTTPNotFound:
+        return _error_response(oai.RequestError(
+            f"no route {request.method} {request.path}", code="not_found", status=404,
+        ))
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _error_response(oai.RequestError(e.reason, code=None, status=e.status))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as e:
+        log.exception("request %s %s failed", request.method, request.path)
+        return _error_response(oai.RequestError(
+            f"internal error: {e}", type="server_error", code=None, status=500,
+        ))
+
+
+# --- running ------------------------------------------------------------------------------
+
+
+def _prepare_socket(path: str) -> None:
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        # The supervisor normally creates it (mode 0700); we create it just as private.
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # stale socket of a previous worker
+
+
+async def serve(spec: LaunchSpec, engine: Engine, stop: asyncio.Event) -> ExitCode:
+    """Listen, load the model, serve until ``stop`` is set; the exit code says why we ended.
+
+    The socket answers (health: 503 loading) before the load starts.
+    """
+    server = WorkerServer(spec, engine)
+    runner = web.AppRunner(
+        server.app(),
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,  # a client that disconnects cancels its handler
+        shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+    )
+    await runner.setup()
+    _prepare_socket(spec.socket_path)
+    site = web.UnixSite(runner, spec.socket_path)
+    code = ExitCode.OK
+    listening = False  # the socket file is ours to remove only once we have bound it
+    try:
+        await site.start()
+        listening = True
+        os.chmod(spec.socket_path, 0o600)
+        log.info("listening on %s, loading %s", spec.socket_path, spec.model_path)
+
+        def progress(value: float) -> None:
+            server.progress = value
+
+        loop = asyncio.get_running_loop()
+        loader = loop.run_in_executor(None, engine.load, progress)
+        stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([loader, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if not loader.done():
+            log.info("stop requested while loading: aborting the load")
+            engine.abort_load()
+            await asyncio.wait([loader], timeout=_LOAD_ABORT_WAIT_S)
+        if loader.done() and loader.exception() is not None:
+            exc = loader.exception()
+            if isinstance(exc, LoadCancelled) or stop.is_set():
+                code = ExitCode.OK
+            elif isinstance(exc, OutOfMemory):
+                log.error("%s", exc)
+                code = ExitCode.OOM
+            elif isinstance(exc, LoadError):
+                log.error("%s", exc)
+                code = ExitCode.FAILURE
+            else:
+                log.error("model load failed: %s", exc, exc_info=exc)
+                code = ExitCode.FAILURE
+        elif loader.done() and not stop.is_set():
+            server.params = engine.applied_params()
+            server.ready = True
+            log.info("ready: model %s", engine.model_id)
+            await stopper
+        stopper.cancel()
+    finally:
+        if stop.is_set():
+            log.info("stopping: cancelling the running generation and closing %s", spec.socket_path)
+        server.lane.cancel_current()
+        await runner.cleanup()
+        server.lane.shutdown()
+        if listening:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spec.socket_path)
+    return code

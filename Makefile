@@ -1,0 +1,18 @@
+# The two entry points a new machine needs. Both set up .venv first (idempotent).
+#   make serve            set up, then serve the default model on 127.0.0.1:8080
+#   make test             set up, then run the test suite
+# ARGS are passed to `vram-llm serve`, e.g. make serve ARGS="--host 0.0.0.0 --model /m.gguf"
+.PHONY: setup serve test bench
+ARGS ?=
+
+setup:
+	scripts/bootstrap.sh
+
+serve: setup
+	.venv/bin/vram-llm serve $(ARGS)
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+bench: setup
+	.venv/bin/python -m bench $(ARGS)

@@ -313,3 +313,23 @@ def test_sigterm_exits_zero_and_leaves_nothing(start_supervisor: Any) -> None:
     t0 = time.monotonic()
     assert s.stop() == 0
     assert time.monotonic() - t0 < 20
+
+
+def test_sigterm_lets_in_flight_streams_finish(start_supervisor: Any) -> None:
+    s = start_supervisor(env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
+    s.wait_ready(60)
+    req = urllib.request.Request(
+        s.base + "/v1/completions",
+        data=json.dumps({"model": "x", "prompt": "hi", "max_tokens": 30, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    events: list[bytes] = []
+    with urllib.request.urlopen(req, timeout=30) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip())
+                if len(events) == 2:
+                    s.proc.send_signal(signal.SIGTERM)  # mid-stream: the stream must still finish
+    assert events[-1] == b"[DONE]"
+    assert sum(1 for e in events if e != b"[DONE]" and json.loads(e)["choices"][0].get("text")) == 30
+    assert s.stop() == 0

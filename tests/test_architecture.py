@@ -1,0 +1,55 @@
+"""The dependency directions of STYLE.md, checked on the source itself."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+            if node.module == "worker":
+                out.update(f"worker.{a.name}" for a in node.names)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("worker."):
+            out.add(node.module)
+    return out
+
+
+def test_worker_never_imports_the_supervisor() -> None:
+    for f in (REPO / "worker").glob("*.py"):
+        assert "supervisor" not in imports_of(f), f
+
+
+def test_supervisor_uses_only_the_worker_protocol() -> None:
+    for f in (REPO / "supervisor").glob("*.py"):
+        worker_mods = {m for m in imports_of(f) if m.startswith("worker")}
+        assert worker_mods <= {"worker", "worker.protocol"}, (f, worker_mods)
+
+
+def test_one_module_each_imports_llama_cpp_and_pynvml() -> None:
+    llama = {f.relative_to(REPO).as_posix() for f in REPO.glob("*/*.py") if "llama_cpp" in imports_of(f)}
+    nvml = {f.relative_to(REPO).as_posix() for f in REPO.glob("*/*.py") if "pynvml" in imports_of(f)}
+    # bench/ measures llama_cpp in-process on purpose; the product has one importer.
+    assert {p for p in llama if not p.startswith("bench/")} == {"worker/engine.py"}
+    assert {p for p in nvml if p.startswith(("supervisor/", "worker/"))} == {"supervisor/nvml.py"}
+
+
+def test_supervisor_starts_without_llama_cpp() -> None:
+    # A None entry in sys.modules makes `import llama_cpp` fail, as if not installed.
+    code = (
+        "import sys; sys.modules['llama_cpp'] = None\n"
+        "import supervisor.cli, supervisor.app, supervisor.worker_process, supervisor.proxy\n"
+        "assert supervisor.cli.main(['plan', '--json']) == 0\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

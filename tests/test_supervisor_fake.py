@@ -120,6 +120,10 @@ def test_kill9_while_idle_restarts_and_counts(start_supervisor: Any) -> None:
     assert "SIGKILL" in st["last_exit"]["description"]
     code, _ = chat(s)
     assert code == 200
+    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert 'vram_llm_worker_restarts_total{kind="crash"} 1.0' in metrics
+    assert 'vram_llm_worker_state{state="ready"} 1.0' in metrics
     # `vram-llm status` shows it, and exits 0 because the worker is ready.
     out = subprocess.run(
         [sys.executable, "-m", "supervisor", "status", "--config", str(s.config_path)],

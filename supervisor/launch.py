@@ -97,7 +97,7 @@ class Preparer:
             # llama-fit-params' answer already ran out of memory once: climb our own ladder.
             config = msgspec.structs.replace(config, gpu=msgspec.structs.replace(config.gpu, use_fit_params=False))
         try:
-            p, inv, _ = await asyncio.to_thread(make_plan, config, probe=self.probe, model=self.facts, **ladder)
+            p, _inv, _ = await asyncio.to_thread(make_plan, config, probe=self.probe, model=self.facts, **ladder)
         except (ConfigError, ModelError, GpuProbeError) as e:
             raise PlanFailed(str(e)) from e
         log.info("plan for this start:\n%s", render_plan(p))

@@ -301,10 +301,11 @@ def test_sd_notify_messages(start_supervisor: Any, tmp_path: Path) -> None:
                 return msgs
 
     try:
-        s = start_supervisor(env={"NOTIFY_SOCKET": path})
+        s = start_supervisor(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
         s.wait_ready(60)
         poll(lambda: any("READY=1" in m for m in drain()), 10, "READY=1")
         assert any(m.startswith("STATUS=") for m in msgs)
+        poll(lambda: any("WATCHDOG=1" in m for m in drain()), 10, "watchdog pings")
         assert s.stop() == 0
         poll(lambda: any("STOPPING=1" in m for m in drain()), 10, "STOPPING=1")
     finally:

@@ -33,9 +33,12 @@ from supervisor.model import ModelFacts
 MIB = 1024 * 1024
 
 # --- the estimate's constants (calibrate here, nowhere else) ------------------------------
-# Per GPU in use: the CUDA context, cuBLAS workspace and ggml's CUDA memory pools. Measured
-# contexts are 250-450 MiB depending on driver and GPU; we take the high side.
-CUDA_CONTEXT_MIB = 400
+# Per GPU in use: the CUDA context, cuBLAS workspace and ggml's CUDA pools, i.e. what the
+# worker's process uses beyond llama.cpp's own model/KV/compute buffers. Measured by
+# bench/gpu_check.py on an H100 80GB (driver 580, CUDA 13, llama-cpp-python 0.3.36,
+# 2026-11-27): 688-690 MiB, the same for a 94 MiB and a 1.6 GiB model at 2k-32k context
+# (docs/gpu-check.md). The earlier guess of 400 MiB under-predicted by up to 30%.
+CUDA_CONTEXT_MIB = 700
 # llama-cpp-python leaves n_ubatch at 512 and llama.cpp clamps n_ubatch <= n_batch; the
 # compute graph is reserved for one micro-batch of this many tokens.
 DEFAULT_N_UBATCH = 512

@@ -27,13 +27,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from supervisor.config import Config, resolved_runtime_dir, resolved_worker_command
+from supervisor.config import Config, resolved_runtime_dir
 from supervisor.launch import Preparer
 from supervisor.proxy import Proxy, openai_error
-from supervisor.restart import RestartPolicy
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
-from supervisor.worker_process import WorkerManager, WorkerTimeouts
+from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm")
 
@@ -101,14 +100,14 @@ async def _not_found(request: web.Request) -> web.Response:
     return openai_error(404, f"no route {request.method} {request.path}", type_="invalid_request_error", code="not_found")
 
 
-def build_app(mgr: WorkerManager, preparer: Preparer, wait_timeout_s: float) -> web.Application:
+def build_app(mgr: WorkerManager, preparer: Preparer) -> web.Application:
     app = web.Application()
     app[MANAGER] = mgr
     app[PREPARER] = preparer
     reg = CollectorRegistry()
     reg.register(_ManagerCollector(mgr))
     app[REGISTRY] = reg
-    proxy = Proxy(mgr, wait_timeout_s)
+    proxy = Proxy(mgr, lambda: preparer.config.admission.wait_timeout_s)
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
@@ -144,33 +143,14 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         if not sent_ready:
             notify.extend_timeout(int(config.worker.load_stall_timeout_s * 1_000_000))
 
-    w = config.worker
     mgr = WorkerManager(
-        command=resolved_worker_command(config),
+        config=lambda: preparer.config,
         prepare=preparer,
         runtime_dir=runtime_dir,
-        timeouts=WorkerTimeouts(
-            load_stall_timeout_s=w.load_stall_timeout_s,
-            health_interval_s=w.health_interval_s,
-            health_timeout_s=w.health_timeout_s,
-            health_failures=w.health_failures,
-            token_stall_timeout_s=w.token_stall_timeout_s,
-            stop_timeout_s=w.stop_timeout_s,
-            oom_settle_timeout_s=config.restart.oom_settle_timeout_s,
-        ),
-        policy=RestartPolicy(
-            backoff_initial_s=config.restart.backoff_initial_s,
-            backoff_max_s=config.restart.backoff_max_s,
-            stable_after_s=config.restart.stable_after_s,
-            max_failures=config.restart.max_failures,
-            failure_window_s=config.restart.failure_window_s,
-        ),
-        stderr_lines=w.stderr_lines,
-        queue_size=config.admission.queue_size,
         on_state=on_state,
         on_progress=on_progress,
     )
-    app = build_app(mgr, preparer, config.admission.wait_timeout_s)
+    app = build_app(mgr, preparer)
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request, which stops the worker's generation.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=5)

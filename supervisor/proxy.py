@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import aiohttp
 import msgspec
@@ -89,15 +89,15 @@ def _forward_headers(headers: "aiohttp.typedefs.LooseHeaders") -> dict[str, str]
 
 
 class Proxy:
-    def __init__(self, manager: WorkerManager, wait_timeout_s: float) -> None:
+    def __init__(self, manager: WorkerManager, wait_timeout_s: Callable[[], float]) -> None:
         self._mgr = manager
-        self._wait_timeout_s = wait_timeout_s
+        self._wait_timeout_s = wait_timeout_s  # read per request: SIGHUP may change it
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mgr = self._mgr
         rid = request.headers.get("X-Request-Id") or f"req-{next(_ids)}"
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._wait_timeout_s
+        deadline = loop.time() + self._wait_timeout_s()
         body = _ReplayableBody(request.content, REPLAY_LIMIT) if request.body_exists else None
         headers = _forward_headers(request.headers)
         headers["X-Request-Id"] = rid

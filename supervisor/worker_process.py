@@ -31,6 +31,7 @@ import aiohttp
 import msgspec
 import psutil
 
+from supervisor.config import Config, WorkerSection, resolved_worker_command
 from supervisor.restart import (
     Failure,
     FailureKind,
@@ -48,17 +49,6 @@ log = logging.getLogger("vram_llm.worker")
 
 # How often the health endpoint is polled while a worker starts or loads.
 START_POLL_S = 0.2
-
-
-@dataclass(frozen=True)
-class WorkerTimeouts:
-    load_stall_timeout_s: float = 120.0
-    health_interval_s: float = 5.0
-    health_timeout_s: float = 5.0
-    health_failures: int = 3
-    token_stall_timeout_s: float = 120.0
-    stop_timeout_s: float = 10.0
-    oom_settle_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -191,22 +181,17 @@ class WorkerManager:
     def __init__(
         self,
         *,
-        command: list[str],
+        config: Callable[[], Config],
         prepare: LaunchPreparer,
         runtime_dir: Path,
-        timeouts: WorkerTimeouts,
-        policy: RestartPolicy,
-        stderr_lines: int = 200,
-        queue_size: int = 64,
         on_state: Callable[[WorkerState, str], None] | None = None,
         on_progress: Callable[[float], None] | None = None,
     ) -> None:
-        self._command = command
+        # The configuration is read where it is used, so a SIGHUP reload changes the
+        # timeouts and the restart policy too, not only the plan.
+        self._config = config
         self._prepare = prepare
         self._runtime_dir = runtime_dir
-        self._t = timeouts
-        self._policy = policy
-        self._queue_size = queue_size
         self._on_state = on_state
         self._on_progress = on_progress
         self._sm = StateMachine()
@@ -218,7 +203,7 @@ class WorkerManager:
         self._gen = 0
         self._failures: list[Failure] = []
         self._restarts: collections.deque[RestartRecord] = collections.deque(maxlen=50)
-        self._stderr: collections.deque[str] = collections.deque(maxlen=stderr_lines)
+        self._stderr: collections.deque[str] = collections.deque(maxlen=config().worker.stderr_lines)
         self._last_exit: dict[str, Any] | None = None
         self._adjust: PlanAdjust | None = None
         self._oom_step = 0
@@ -228,6 +213,20 @@ class WorkerManager:
         self._stopping = False
         self.counters = Counters()
         self.started_wall = time.time()
+
+    @property
+    def _w(self) -> WorkerSection:
+        return self._config().worker
+
+    def _policy(self) -> RestartPolicy:
+        r = self._config().restart
+        return RestartPolicy(
+            backoff_initial_s=r.backoff_initial_s,
+            backoff_max_s=r.backoff_max_s,
+            stable_after_s=r.stable_after_s,
+            max_failures=r.max_failures,
+            failure_window_s=r.failure_window_s,
+        )
 
     # ---- read side (any task) -------------------------------------------------
 
@@ -299,7 +298,7 @@ class WorkerManager:
                 if self._stopping:
                     raise NotReady(self.state, "the server is shutting down", 5)
                 if not queued:
-                    if self.counters.waiting >= self._queue_size:
+                    if self.counters.waiting >= self._config().admission.queue_size:
                         raise QueueFull()
                     queued = True
                     self.counters.waiting += 1
@@ -372,7 +371,7 @@ class WorkerManager:
                     continue
                 # A failure: decide what to do next.
                 decision = decide(
-                    self._policy,
+                    self._policy(),
                     self._failures,
                     asyncio.get_running_loop().time(),
                     oom_ladder_exhausted=self._oom_exhausted,
@@ -450,7 +449,7 @@ class WorkerManager:
         spec_path.write_bytes(msgspec.json.encode(launch.spec))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(launch.spec.socket_path)
-        cmd = [*self._command, "--spec", str(spec_path)]
+        cmd = [*resolved_worker_command(self._config()), "--spec", str(spec_path)]
         self._move(WorkerState.STARTING, f"starting worker (generation {gen}): {launch.summary}")
         log.info("worker command: %s", " ".join(cmd))
         try:
@@ -548,7 +547,7 @@ class WorkerManager:
             now = loop.time()
             if not ready:
                 next_health = now + START_POLL_S
-                res = await self._health(run, min(2.0, self._t.health_timeout_s))
+                res = await self._health(run, min(2.0, self._w.health_timeout_s))
                 if res is not None:
                     status, h = res
                     if status == 200 and h.status == "ok":
@@ -559,7 +558,7 @@ class WorkerManager:
                             WorkerState.READY,
                             f"worker pid {run.proc.pid} ready after {run.ready_mono - run.started_mono:.1f}s",
                         )
-                        next_health = loop.time() + self._t.health_interval_s
+                        next_health = loop.time() + self._w.health_interval_s
                         continue
                     if self.state is WorkerState.STARTING:
                         self._move(WorkerState.LOADING, f"worker pid {run.proc.pid} is loading the model")
@@ -569,31 +568,31 @@ class WorkerManager:
                         last_progress_at = now
                         if self._on_progress is not None:
                             self._on_progress(h.progress)
-                if now - last_progress_at > self._t.load_stall_timeout_s:
+                if now - last_progress_at > self._w.load_stall_timeout_s:
                     return _Outcome.LOAD_STALL, cmd_task
                 continue
             # READY: liveness.
-            next_health = now + self._t.health_interval_s
-            res = await self._health(run, self._t.health_timeout_s)
+            next_health = now + self._w.health_interval_s
+            res = await self._health(run, self._w.health_timeout_s)
             if res is None or res[0] != 200:
                 health_failures += 1
                 log.warning(
                     "worker pid %d: health check failed (%d of %d allowed)",
                     run.proc.pid,
                     health_failures,
-                    self._t.health_failures,
+                    self._w.health_failures,
                 )
-                if health_failures >= self._t.health_failures:
+                if health_failures >= self._w.health_failures:
                     return _Outcome.HANG, cmd_task
                 continue
             health_failures = 0
             h = res[1]
-            if h.seconds_since_token is not None and h.seconds_since_token > self._t.token_stall_timeout_s:
+            if h.seconds_since_token is not None and h.seconds_since_token > self._w.token_stall_timeout_s:
                 log.error(
                     "worker pid %d: generation produced no token for %.0fs (limit %.0fs)",
                     run.proc.pid,
                     h.seconds_since_token,
-                    self._t.token_stall_timeout_s,
+                    self._w.token_stall_timeout_s,
                 )
                 return _Outcome.HANG, cmd_task
 
@@ -604,11 +603,11 @@ class WorkerManager:
         if outcome is _Outcome.HANG:
             kind, detail = FailureKind.HANG, (
                 f"worker pid {run.proc.pid} hung (health checks failed or no token for "
-                f"{self._t.token_stall_timeout_s:g}s); killed"
+                f"{self._w.token_stall_timeout_s:g}s); killed"
             )
         elif outcome is _Outcome.LOAD_STALL:
             kind, detail = FailureKind.LOAD_STALL, (
-                f"worker pid {run.proc.pid} made no load progress for {self._t.load_stall_timeout_s:g}s; killed"
+                f"worker pid {run.proc.pid} made no load progress for {self._w.load_stall_timeout_s:g}s; killed"
             )
         else:
             assert code is not None
@@ -664,7 +663,7 @@ class WorkerManager:
         # The dead worker's GPU memory is released by the driver asynchronously. The
         # preparer re-reads the inventory at the next start; here we only wait until
         # two consecutive readings agree (memory stopped coming back), bounded.
-        await self._prepare.wait_gpu_settled(self._t.oom_settle_timeout_s)
+        await self._prepare.wait_gpu_settled(self._config().restart.oom_settle_timeout_s)
 
     async def _stop_run(self, run: _Run, reason: str) -> None:
         """Stop the worker: TERM to the group, deadline, KILL; always reap and clean up."""
@@ -672,12 +671,12 @@ class WorkerManager:
             self._move(WorkerState.STOPPING, f"stopping worker pid {run.proc.pid}: {reason}")
             run.killed_by_us = True
             _killpg(run.proc.pid, signal.SIGTERM)
-            done, _ = await asyncio.wait({run.exit_task}, timeout=self._t.stop_timeout_s)
+            done, _ = await asyncio.wait({run.exit_task}, timeout=self._w.stop_timeout_s)
             if not done:
                 log.error(
                     "worker pid %d did not stop within %.0fs of SIGTERM: sending SIGKILL",
                     run.proc.pid,
-                    self._t.stop_timeout_s,
+                    self._w.stop_timeout_s,
                 )
                 _killpg(run.proc.pid, signal.SIGKILL)
                 await run.exit_task
@@ -713,5 +712,4 @@ __all__ = [
     "QueueFull",
     "WorkerHandle",
     "WorkerManager",
-    "WorkerTimeouts",
 ]

@@ -1,0 +1,1 @@
+"""Benchmarks and chaos runs for vram-llm: `python -m bench` (see docs/benchmarks.md)."""

@@ -1,0 +1,50 @@
+"""A short smoke run of the benchmark harness: it runs, prints a complete table, and leaves
+nothing behind. The numbers are not checked (benchmarks are not pass/fail); only that every
+section is there and the hard checks (no lost request, hang or orphan) hold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.model
+
+
+def test_bench_smoke_prints_a_complete_table(tmp_path: Path) -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--no-nginx", "--json-out", str(out_json)],
+        check=False,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for section in (
+        "1. Streaming generation",
+        "2. Time to first token",
+        "3. Small requests",
+        "4. Concurrency",
+        "5. Restart cost",
+        "6. Planning time",
+        "7. Supervisor memory",
+        "8. Chaos",
+        "hard checks: PASS",
+    ):
+        assert section in proc.stdout, proc.stdout
+    res = json.loads(out_json.read_text())
+    assert res["chaos"]["between_kills_failed"] == 0
+    assert res["chaos"]["hangs"] == 0
+    assert res["shutdown"]["orphans"] == 0
+    assert {row["target"] for row in res["small_requests"]} == {"supervisor", "direct"}
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before

@@ -47,6 +47,8 @@ HOP_BY_HOP = frozenset(
 
 # A request body up to this size can be replayed to a new worker after a crash.
 REPLAY_LIMIT = 1 << 20
+# A non-streamed answer up to this size is relayed in one piece.
+SMALL_BODY = 256 * 1024
 
 _ids = itertools.count(1)
 
@@ -182,9 +184,24 @@ class Proxy:
                     type_="server_error",
                     code="worker_failed",
                 )
-            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            resp.headers.update(_forward_headers(upstream.headers))
+            headers = _forward_headers(upstream.headers)
             is_sse = upstream.content_type == "text/event-stream"
+            length = upstream.content_length
+            if not is_sse and length is not None and length <= SMALL_BODY:
+                # A small answer of known size (the model list, a non-streamed completion):
+                # read it whole and answer in one write, the fewest awaits on the hot path.
+                try:
+                    body = await upstream.read()
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                    log.error("%s: worker pid %d failed mid-response (%s)", rid, pid, e.__class__.__name__)
+                    return openai_error(
+                        502, "the model worker failed while answering", type_="server_error", code="worker_failed"
+                    )
+                completed = True
+                self._mgr.counters.served += 1
+                return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            resp.headers.update(headers)
             if is_sse:
                 resp.headers["X-Accel-Buffering"] = "no"
                 resp.headers["Cache-Control"] = "no-cache"

@@ -406,7 +406,6 @@ class WorkerServer:
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        await resp.prepare(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
 
@@ -419,6 +418,10 @@ class WorkerServer:
                 put(queue.put_nowait, _END)
 
         async def follow() -> None:
+            # Headers go out when this request's turn starts, not while it waits in the
+            # queue: a stream that has not started can still be resent elsewhere by the
+            # supervisor if this worker dies before its turn.
+            await resp.prepare(request)
             if first is not None:
                 await resp.write(first)
             while True:
@@ -435,6 +438,8 @@ class WorkerServer:
             # Headers are gone already: report the failure in-stream, OpenAI style.
             log.exception("generation failed")
             err = oai.error_body(f"internal error: {e}", type="server_error")
+            if not resp.prepared:
+                return web.Response(status=500, body=err, content_type="application/json")
             with contextlib.suppress(ConnectionResetError):
                 await resp.write(b"data: " + err + b"\n\n")
             return resp

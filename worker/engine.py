@@ -2,8 +2,12 @@
 
 Rules for this module:
 - server.py reaches the model only through ``Engine``: ``load()``, ``prepare_chat()``,
-  ``prepare_completion()`` and ``Generation`` (iterate it for text). The generation loop
-  will be rewritten on llama.cpp's low-level API (issue 6) behind this same interface.
+  ``prepare_completion()`` and ``Generation`` (iterate it for text).
+- ``Llama`` is used to load the model, render chat templates and tokenize. Generation
+  does not go through its Python loop: it calls llama.cpp's C API directly
+  (``llama_decode`` on a reused ``llama_batch``, a ``llama_sampler`` chain per request,
+  ``llama_token_to_piece`` once per vocabulary entry) so the per-token Python work is a
+  few calls and no copy of the logits.
 - Every method blocks. The server calls ``load()`` in a loader thread, iterates a
   ``Generation`` in its one generation thread, and calls ``prepare_*()`` in a helper
   thread (preparing only renders the template and tokenizes: it reads the vocabulary,
@@ -30,7 +34,6 @@ import llama_cpp
 import llama_cpp._internals
 import llama_cpp.llama
 import llama_cpp.llama_cpp as llama_lib
-import numpy as np
 from llama_cpp import llama_chat_format
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
@@ -233,8 +236,15 @@ def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
     return best
 
 
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of text that could still become a stop string."""
+def _held_back(text: str, stops: tuple[str, ...], prefix_chars: frozenset[str]) -> int:
+    """Length of the longest tail of text that could still become a stop string.
+
+    ``prefix_chars`` holds every character of every stop string but its last: a tail that
+    is a proper prefix of a stop string ends in one of them, so most pieces are passed
+    with one set lookup.
+    """
+    if not text or text[-1] not in prefix_chars:
+        return 0
     hold = 0
     for s in stops:
         for n in range(min(len(s) - 1, len(text)), hold, -1):
@@ -244,56 +254,130 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return hold
 
 
-def _sampler_chain(llama: llama_cpp.Llama, prep: Prepared) -> Any:
-    """The sampler chain Llama._init_sampler would build, plus logit bias, minus mirostat."""
+class _Cache:
+    """The context's KV cache, used as one sequence (seq 0), and the tokens it holds.
+
+    Only the generation thread uses it (one generation at a time). ``tokens`` always
+    mirrors the KV cache: every decode appends what it stored, and any failure clears
+    both, so the next request's prefix match can trust it.
+    """
+
+    def __init__(self, llama: llama_cpp.Llama) -> None:
+        self.ctx = llama._ctx.ctx
+        self.vocab = llama._model.vocab
+        self.n_vocab = int(llama_lib.llama_vocab_n_tokens(self.vocab))
+        self.mem = llama_lib.llama_get_memory(self.ctx)
+        self.n_batch = int(llama_lib.llama_n_batch(self.ctx))
+        self.tokens: list[int] = []
+        self.batch = llama_lib.llama_batch_init(self.n_batch, 0, 1)
+        # Every slot belongs to sequence 0 and only that: set once, never rewritten.
+        for i in range(self.n_batch):
+            self.batch.n_seq_id[i] = 1
+            self.batch.seq_id[i][0] = 0
+        # token id -> its UTF-8 bytes; the vocabulary is fixed, so each piece is asked
+        # of llama.cpp once per worker, not once per generated token.
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def close(self) -> None:
+        llama_lib.llama_batch_free(self.batch)
+
+    def clear(self) -> None:
+        llama_lib.llama_memory_clear(self.mem, True)
+        self.tokens.clear()
+
+    def keep_prefix(self, prompt: list[int]) -> int:
+        """Drop what the cache holds after its common prefix with prompt; return its length."""
+        cached = self.tokens
+        n = 0
+        m = min(len(cached), len(prompt))
+        while n < m and cached[n] == prompt[n]:
+            n += 1
+        if n < len(cached):
+            if not llama_lib.llama_memory_seq_rm(self.mem, 0, n, -1):
+                self.clear()  # partial removal unsupported (recurrent models): start over
+                return 0
+            del cached[n:]
+        return n
+
+    def decode(self, tokens: list[int], logits: bool) -> None:
+        """Append tokens (at most n_batch) to the sequence; logits for the last if asked."""
+        batch = self.batch
+        n = len(tokens)
+        pos0 = len(self.tokens)
+        if n == 1:
+            batch.token[0] = tokens[0]
+            batch.pos[0] = pos0
+        else:
+            ctypes.memmove(batch.token, (llama_lib.llama_token * n)(*tokens), 4 * n)
+            ctypes.memmove(batch.pos, (llama_lib.llama_pos * n)(*range(pos0, pos0 + n)), 4 * n)
+            ctypes.memset(batch.logits, 0, n)
+        batch.logits[n - 1] = logits
+        batch.n_tokens = n
+        rc = llama_lib.llama_decode(self.ctx, batch)
+        if rc != 0:
+            # Some ubatches may have landed in the KV cache: forget all of it.
+            self.clear()
+            raise RuntimeError(f"llama_decode failed (code {rc}) at position {pos0}")
+        self.tokens.extend(tokens)
+
+    def piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = self._piece_buf
+            n = llama_lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:  # longer than the buffer: -n is the size it needs
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
+
+
+def _sampler_chain(cache: _Cache, prep: Prepared, seed: int) -> Any:
+    """A llama.cpp sampler chain for one request (the caller frees it).
+
+    The order is the one llama-cpp-python's Llama.generate used (logit bias, penalties,
+    grammar, then greedy or top-k/top-p/min-p/temperature/seeded draw), so outputs match
+    the worker's earlier ones. Every step runs in C over the logits llama.cpp holds: no
+    per-token copy of the vocabulary's logits into Python.
+    """
     s = prep.sampling
-    chain = llama_cpp._internals.LlamaSampler()
+    params = llama_lib.llama_sampler_chain_default_params()
+    params.no_perf = True
+    chain = llama_lib.llama_sampler_chain_init(params)
+    add = llama_lib.llama_sampler_chain_add
     if prep.logit_bias:
-        chain.add_logit_bias(llama.n_vocab(), prep.logit_bias)
-    chain.add_penalties(
-        n_vocab=llama.n_vocab(),
-        penalty_last_n=llama.last_n_tokens_size,
-        penalty_repeat=s.repeat_penalty,
-        penalty_freq=s.frequency_penalty,
-        penalty_present=s.presence_penalty,
-    )
+        bias = (llama_lib.llama_logit_bias * len(prep.logit_bias))()
+        for i, (token, value) in enumerate(prep.logit_bias.items()):
+            bias[i].token = token  # type: ignore[assignment]  # ctypes converts the int
+            bias[i].bias = value
+        add(chain, llama_lib.llama_sampler_init_logit_bias(cache.n_vocab, len(bias), bias))
+    if (s.repeat_penalty, s.frequency_penalty, s.presence_penalty) != (1.0, 0.0, 0.0):
+        # Neutral penalties change nothing; the sampler would still scan every candidate.
+        add(chain, llama_lib.llama_sampler_init_penalties(
+            cache.n_vocab, _PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+        ))
     if prep.grammar is not None:
-        chain.add_grammar(llama._model, prep.grammar)
+        grammar = llama_lib.llama_sampler_init_grammar(
+            cache.vocab, prep.grammar._grammar.encode("utf-8"), prep.grammar._root.encode("utf-8")
+        )
+        if not grammar:  # prepare() compiled it once already; this would be a llama.cpp bug
+            llama_lib.llama_sampler_free(chain)
+            raise RuntimeError("llama.cpp could not compile the request's grammar")
+        add(chain, grammar)
     if s.temperature == 0.0:
-        chain.add_greedy()
+        add(chain, llama_lib.llama_sampler_init_greedy())
     else:
-        chain.add_top_k(s.top_k)
-        chain.add_top_p(s.top_p, 1)
-        chain.add_min_p(s.min_p, 1)
-        chain.add_temp(s.temperature)
-        chain.add_dist(llama._seed)
+        add(chain, llama_lib.llama_sampler_init_top_k(s.top_k))
+        add(chain, llama_lib.llama_sampler_init_top_p(s.top_p, 1))
+        add(chain, llama_lib.llama_sampler_init_min_p(s.min_p, 1))
+        add(chain, llama_lib.llama_sampler_init_temp(s.temperature))
+        add(chain, llama_lib.llama_sampler_init_dist(seed))
     return chain
 
 
-def _prime(llama: llama_cpp.Llama, prompt: list[int]) -> list[int]:
-    """Evaluate all prompt tokens but the last, reusing the cached prefix; return the last.
-
-    The last prompt token is always evaluated alone, as its own batch. llama.cpp's CPU
-    kernels for a one-token batch and for a larger batch round differently, so letting
-    llama-cpp-python's generate() decide (a full batch on a cache miss, one token on a
-    full-prefix hit) made the same greedy request give different text depending on the
-    previous request.
-    """
-    head = prompt[:-1]
-    cached = llama.input_ids[: llama.n_tokens]
-    m = min(len(cached), len(head))
-    n = m
-    if m:
-        diff = np.flatnonzero(cached[:m] != np.asarray(head[:m], dtype=np.intc))
-        if len(diff):
-            n = int(diff[0])
-    if not llama._ctx.kv_cache_seq_rm(-1, n, -1):
-        n = 0  # partial removal unsupported (recurrent models): start over
-        llama.reset()
-    llama.n_tokens = n
-    if n < len(head):
-        llama.eval(head[n:])
-    return prompt[-1:]
+# Llama.last_n_tokens_size: how many recent tokens the repetition penalties look at.
+_PENALTY_LAST_N = 64
 
 
 class Generation:
@@ -301,79 +385,127 @@ class Generation:
 
     After iteration: ``finish_reason`` is "stop", "length" or "cancelled";
     ``completion_tokens`` counts sampled tokens (end-of-generation tokens excluded).
-    ``last_token_at`` (monotonic) is written per token by the generating thread and read
-    by the server's health endpoint; a float store is atomic under the GIL.
+    ``prompt_cached`` counts prompt tokens reused from the previous requests' KV cache;
+    ``prompt_evaluated`` counts prompt tokens in the KV cache so far (cached ones
+    included). ``last_token_at`` (monotonic) is written per token and per prompt chunk by
+    the generating thread and read by the server's health endpoint; a float store is
+    atomic under the GIL.
     """
 
-    def __init__(self, llama: llama_cpp.Llama, prepared: Prepared, cancel: threading.Event) -> None:
-        self._llama = llama
+    def __init__(self, cache: _Cache, prepared: Prepared, cancel: threading.Event) -> None:
+        self._cache = cache
         self._prep = prepared
         self._cancel = cancel
         self.prompt_tokens = len(prepared.tokens)
+        self.prompt_cached = 0
+        self.prompt_evaluated = 0
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.started_at: float | None = None
         self.last_token_at: float | None = None
 
-    def __iter__(self) -> Iterator[str]:
-        llama = self._llama
-        prep = self._prep
-        s = prep.sampling
-        vocab = llama._model.vocab
-        self.started_at = self.last_token_at = time.monotonic()
+    def _prefill(self) -> bool:
+        """Put the prompt in the KV cache, reusing the cached prefix; False if cancelled.
+
+        The head (all but the last prompt token) goes in chunks of at most n_batch, with a
+        cancel check between chunks. The last prompt token is always decoded alone, as its
+        own batch, whatever was cached: llama.cpp's CPU kernels round a one-token batch and
+        a larger batch differently, so producing the first logits from a batch whose size
+        depends on the cache made the same greedy request give different text depending on
+        the previous request.
+        """
+        cache = self._cache
+        prompt = self._prep.tokens
+        head = prompt[:-1]
+        n = cache.keep_prefix(head)
+        self.prompt_cached = self.prompt_evaluated = n
+        step = cache.n_batch
+        while n < len(head):
+            if self._cancel.is_set():
+                return False
+            chunk = head[n : n + step]
+            cache.decode(chunk, logits=False)
+            n += len(chunk)
+            self.prompt_evaluated = n
+            self.last_token_at = time.monotonic()
         if self._cancel.is_set():
+            return False
+        cache.decode(prompt[-1:], logits=True)
+        self.prompt_evaluated = len(prompt)
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        cache = self._cache
+        prep = self._prep
+        cancel = self._cancel
+        self.started_at = self.last_token_at = time.monotonic()
+        if cancel.is_set():
             self.finish_reason = "cancelled"
             return
+        s = prep.sampling
         # 0xFFFFFFFF is LLAMA_DEFAULT_SEED: llama.cpp picks a random seed.
-        llama.set_seed(s.seed & 0xFFFFFFFF if s.seed is not None else llama_lib.LLAMA_DEFAULT_SEED)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = prep.stop
-        pending = ""
-        cut_at_stop = False
-        finish = "stop"  # the token stream ended on its own
-        # generate() builds its sampler chain through llama._init_sampler, which can only
-        # bias logits through a Python callback over the whole vocabulary (4x slower per
-        # token here). We hand it our own chain instead, with llama.cpp's logit-bias sampler.
-        sampler = _sampler_chain(llama, prep)
-        llama._init_sampler = lambda **_kwargs: sampler  # type: ignore[method-assign]
-        tokens: Iterator[int] | None = None
+        seed = s.seed & 0xFFFFFFFF if s.seed is not None else llama_lib.LLAMA_DEFAULT_SEED
+        chain = _sampler_chain(cache, prep, seed)
         try:
-            tokens = llama.generate(_prime(llama, prep.tokens), reset=False)
-            for token in tokens:
-                self.last_token_at = time.monotonic()
-                if self._cancel.is_set():
-                    self.finish_reason = "cancelled"
-                    return
-                if llama_lib.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                self.completion_tokens += 1
-                pending += decoder.decode(llama.detokenize([token]))
-                if stops:
-                    cut = _stop_at(pending, stops)
-                    if cut is not None:
-                        pending = pending[:cut]
-                        finish = "stop"
-                        cut_at_stop = True
-                        break
-                    hold = _held_back(pending, stops)
-                    if len(pending) > hold:
-                        out = pending[: len(pending) - hold]
-                        pending = pending[len(out) :]
-                        yield out
-                elif pending:
-                    yield pending
-                    pending = ""
-                if self.completion_tokens >= prep.max_tokens:
-                    finish = "length"
-                    break
+            if not self._prefill():
+                self.finish_reason = "cancelled"
+                return
+            yield from self._tokens(chain)
         finally:
-            if tokens is not None:
-                tokens.close()  # type: ignore[attr-defined]
-            del llama._init_sampler  # back to the class's method
-        if not cut_at_stop:
-            # Bytes of an unfinished UTF-8 character at the very end become U+FFFD.
-            pending += decoder.decode(b"", final=True)
+            llama_lib.llama_sampler_free(chain)
+
+    def _tokens(self, chain: Any) -> Iterator[str]:
+        cache = self._cache
+        prep = self._prep
+        cancel = self._cancel
+        # Hot loop: one sample, one piece lookup, one incremental UTF-8 decode and one
+        # one-token decode per token; everything else is skipped when not needed.
+        sample = llama_lib.llama_sampler_sample
+        is_eog = llama_lib.llama_vocab_is_eog
+        monotonic = time.monotonic
+        ctx = cache.ctx
+        vocab = cache.vocab
+        piece = cache.piece
+        decode = cache.decode
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        utf8 = decoder.decode
+        stops = prep.stop
+        prefix_chars = frozenset(c for s in stops for c in s[:-1])
+        max_tokens = prep.max_tokens
+        pending = ""  # text held back: it may be the start of a stop string
+        finish = "stop"  # the token stream ended on its own
+        n = 0
+        while True:
+            token = sample(chain, ctx, -1)
+            self.last_token_at = monotonic()
+            if cancel.is_set():
+                self.finish_reason = "cancelled"
+                return
+            if is_eog(vocab, token):
+                break
+            n += 1
+            self.completion_tokens = n
+            text = utf8(piece(token))
+            if stops:
+                pending += text
+                cut = _stop_at(pending, stops)
+                if cut is not None:
+                    if cut:
+                        yield pending[:cut]
+                    self.finish_reason = "stop"
+                    return
+                hold = _held_back(pending, stops, prefix_chars)
+                if len(pending) > hold:
+                    yield pending[: len(pending) - hold]
+                    pending = pending[len(pending) - hold :]
+            elif text:
+                yield text
+            if n >= max_tokens:
+                finish = "length"
+                break
+            decode([token], True)
+        # Bytes of an unfinished UTF-8 character at the very end become U+FFFD.
+        pending += utf8(b"", True)
         if pending:
             yield pending
         self.finish_reason = finish
@@ -387,6 +519,7 @@ class Engine:
         self.log = log
         self.model_id = spec.model_alias or os.path.splitext(os.path.basename(spec.model_path))[0]
         self._llama: llama_cpp.Llama | None = None
+        self._cache: _Cache | None = None
         self._abort_load = threading.Event()
 
     # --- loading -------------------------------------------------------------------
@@ -445,6 +578,9 @@ class Engine:
             llama_lib.llama_model_default_params = original
         self.log.flush()
         self._llama = llama
+        # Generation drives the context itself (llama_decode + a sampler chain); the
+        # Llama object's own token bookkeeping (n_tokens, input_ids) is never used.
+        self._cache = _Cache(llama)
         progress(1.0)
 
     def applied_params(self) -> AppliedParams:
@@ -466,6 +602,9 @@ class Engine:
         )
 
     def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
         if self._llama is not None:
             self._llama.close()
             self._llama = None
@@ -580,4 +719,6 @@ class Engine:
 
     def generation(self, prepared: Prepared, cancel: threading.Event) -> Generation:
         """A generation to iterate in the generation thread (never two at once)."""
-        return Generation(self._require(), prepared, cancel)
+        self._require()
+        assert self._cache is not None  # set together with _llama
+        return Generation(self._cache, prepared, cancel)

@@ -62,6 +62,15 @@ PROMPTS = [
 ]
 
 
+
+def rotated(columns: dict[str, Any], k: int) -> list[tuple[str, Any]]:
+    """The columns in an order that rotates with k: no column always runs right after the
+    same other one (llama.cpp's threads keep spinning for a moment after a generation, which
+    would slow whichever column always came next)."""
+    items = list(columns.items())
+    k %= len(items)
+    return items[k:] + items[:k]
+
 def default_threads() -> int:
     # Leave one core to the bench client, the supervisor and the worker's event loop:
     # on a 2-core machine two llama.cpp threads would be preempted by them on every token.
@@ -224,10 +233,10 @@ async def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
                 runs: dict[str, list[dict[str, Any]]] = {c: [] for c in columns}
                 for c, fn in columns.items():  # warm-up (page cache, first-call allocations)
                     await fn(completion_body(args.prompts[0], 4, eog_bias, True))
-                for _ in range(args.repeats):
-                    for prompt in args.prompts:
+                for rnd in range(args.repeats):
+                    for i, prompt in enumerate(args.prompts):
                         body = completion_body(prompt, n, eog_bias, True)
-                        for c, fn in columns.items():
+                        for c, fn in rotated(columns, rnd * len(args.prompts) + i):
                             r = await fn(body)
                             runs[c].append(r)
                 gen[str(n)] = {c: summarize_gen(rs) for c, rs in runs.items()}
@@ -240,10 +249,10 @@ async def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
             rounds = 1 if args.smoke else 5
             log(f"time to first token: {len(args.prompts)} prompts x {rounds} rounds x {len(columns)} columns")
             ttft: dict[str, list[float]] = {c: [] for c in columns}
-            for _ in range(rounds):
-                for prompt in args.prompts:
+            for rnd in range(rounds):
+                for i, prompt in enumerate(args.prompts):
                     body = completion_body(prompt, 2, eog_bias, True)
-                    for c, fn in columns.items():
+                    for c, fn in rotated(columns, rnd * len(args.prompts) + i):
                         r = await fn(body)
                         ttft[c].append(r["ttft_s"] * 1000 if r.get("ok") else float("nan"))
             paired = sorted(p - d for p, d in zip(ttft["proxied"], ttft["direct"]))

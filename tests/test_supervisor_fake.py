@@ -357,3 +357,19 @@ def test_sigterm_lets_in_flight_streams_finish(start_supervisor: Any) -> None:
     assert events[-1] == b"[DONE]"
     assert sum(1 for e in events if e != b"[DONE]" and json.loads(e)["choices"][0].get("text")) == 30
     assert s.stop() == 0
+
+
+def test_a_load_that_stops_progressing_is_a_failed_start(start_supervisor: Any) -> None:
+    s = start_supervisor(
+        {"worker": {"load_stall_timeout_s": 1.0}, "restart": {"max_failures": 1}},
+        {"FAKE_WORKER_STALL_LOAD_AT": "0.5", "FAKE_WORKER_LOAD_S": "2"},
+    )
+    st = s.wait_state("failed", 60)
+    assert [h["kind"] for h in st["restart_history"]] == ["load_stall", "load_stall"]
+
+
+def test_a_slow_load_that_progresses_is_not_killed(start_supervisor: Any) -> None:
+    # Progress resets the stall timer: a 3 s load under a 1 s stall limit still succeeds.
+    s = start_supervisor({"worker": {"load_stall_timeout_s": 1.0}}, {"FAKE_WORKER_LOAD_S": "3"})
+    st = s.wait_ready(60)
+    assert st["restarts"] == 0

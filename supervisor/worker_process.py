@@ -270,7 +270,7 @@ class WorkerManager:
             "state": self.state.value,
             "reason": self._reason,
             "worker": worker,
-            "restarts": len(self._restarts),
+            "restarts": self.counters.restarts_total,  # the history below keeps the last 50
             "restart_history": [dataclasses.asdict(r) for r in self._restarts],
             "last_exit": self._last_exit,
             "stderr_tail": list(self._stderr)[-40:],

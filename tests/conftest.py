@@ -18,30 +18,21 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
+from tests.supervisor_harness import poll
+
 REPO = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
 
 
-def wait_until(
-    predicate: Callable[[], T | None | bool], timeout: float, what: str, interval: float = 0.02
-) -> T:
-    """Poll predicate until it returns something truthy; return it. Fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result  # type: ignore[return-value]
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
+# One polling helper for every test: the supervisor tests' ``poll`` (it also tolerates a
+# predicate that raises while the thing polled does not exist yet).
+wait_until = poll
 
 
 def short_tmpdir(prefix: str = "vram-llm-test-") -> Path:

@@ -38,6 +38,7 @@ from bench.client import (
     chat_concurrency,
     completion_body,
     median,
+    paired_ratios,
     pct,
     small_requests,
     stream_completion,
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="GPU host: offload all layers in the direct, in-process and llama-server columns (the supervisor plans its own split)")
     p.add_argument("--n-gpu-layers", type=int, help="layers offloaded by the direct columns (default 0; --gpu: -1 = all)")
     p.add_argument("--json-out", metavar="PATH", help="write all numbers as JSON here")
+    p.add_argument("--only", choices=["generation"],
+                   help="run one part only: 'generation' = streaming throughput and time to first token")
     a = p.parse_args(argv)
     if a.gen_tokens:
         a.lengths = [int(x) for x in a.gen_tokens.split(",") if x.strip()]
@@ -228,6 +231,7 @@ async def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
                     sessions["llama-server"], ls.base, {**b, "ignore_eos": True}
                 )
             gen: dict[str, Any] = {}
+            gen_paired: dict[str, Any] = {}
             for n in args.lengths:
                 log(f"generation: {n} tokens x {len(args.prompts)} prompts x {args.repeats} rounds x {len(columns)} columns")
                 runs: dict[str, list[dict[str, Any]]] = {c: [] for c in columns}
@@ -240,10 +244,12 @@ async def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
                             r = await fn(body)
                             runs[c].append(r)
                 gen[str(n)] = {c: summarize_gen(rs) for c, rs in runs.items()}
+                gen_paired[str(n)] = paired_ratios(runs, "proxied")
                 for c, rs in runs.items():
                     bad = [r for r in rs if r.get("ok") and r["tokens"] != n]
                     gen[str(n)][c]["wrong_length"] = len(bad)
             res["generation"] = gen
+            res["generation_paired"] = gen_paired
 
             # 2. Time to first token: short requests, interleaved, paired by prompt.
             rounds = 1 if args.smoke else 5
@@ -267,74 +273,75 @@ async def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
             for s in sessions.values():
                 await s.close()
 
-        # 3. Small requests through the supervisor vs direct (vs nginx).
-        sampler = RssSampler(procs, sup.pid)
-        with sampler:
-            small: list[dict[str, Any]] = []
-            for conc in (1, 8, 64):
-                log(f"small requests: GET /v1/models x {args.small_n}, concurrency {conc}")
-                for t in (t_sup, t_direct, nginx):
-                    if t is not None:
-                        small.append({"target": t.name, **await small_requests(t, conc, args.small_n)})
-            res["small_requests"] = small
-            # 4. Concurrency: 8 clients at once vs one client.
-            log("concurrency: 1 client vs 8 clients")
-            per_client = 1 if args.smoke else 3
-            max_tokens = 8 if args.smoke else 32
-            one = await chat_concurrency(t_sup, 1, per_client, max_tokens, eog_bias)
-            eight = await chat_concurrency(t_sup, 4 if args.smoke else 8, per_client, max_tokens, eog_bias)
-            res["concurrency"] = {"one": one, "many": eight}
-        res["supervisor_rss_mib_peak"] = round(sampler.peak / 2**20, 1)
+        if args.only is None:
+            # 3. Small requests through the supervisor vs direct (vs nginx).
+            sampler = RssSampler(procs, sup.pid)
+            with sampler:
+                small: list[dict[str, Any]] = []
+                for conc in (1, 8, 64):
+                    log(f"small requests: GET /v1/models x {args.small_n}, concurrency {conc}")
+                    for t in (t_sup, t_direct, nginx):
+                        if t is not None:
+                            small.append({"target": t.name, **await small_requests(t, conc, args.small_n)})
+                res["small_requests"] = small
+                # 4. Concurrency: 8 clients at once vs one client.
+                log("concurrency: 1 client vs 8 clients")
+                per_client = 1 if args.smoke else 3
+                max_tokens = 8 if args.smoke else 32
+                one = await chat_concurrency(t_sup, 1, per_client, max_tokens, eog_bias)
+                eight = await chat_concurrency(t_sup, 4 if args.smoke else 8, per_client, max_tokens, eog_bias)
+                res["concurrency"] = {"one": one, "many": eight}
+            res["supervisor_rss_mib_peak"] = round(sampler.peak / 2**20, 1)
 
-        # 5. Restart cost.
-        log(f"restart cost: {args.restarts} kill -9 of the worker")
-        restart_s: list[float] = []
-        for _ in range(args.restarts):
-            restart_s.append(await loop.run_in_executor(None, _kill_and_time, procs, sup))
-        load = await loop.run_in_executor(None, inproc.call, {"op": "load", "repeat": args.restarts})
-        res["restart"] = {
-            "restart_s": restart_s,
-            "median_s": median(restart_s),
-            "max_s": max(restart_s),
-            "inproc_load_s": load["load_s"],
-            "inproc_load_median_s": median(load["load_s"]),
-            "inproc_load_max_s": max(load["load_s"]),
-            "backoff_s": 0.01,
-        }
-        procs.stop(inproc.s)  # frees its memory and CPU for the rest
+            # 5. Restart cost.
+            log(f"restart cost: {args.restarts} kill -9 of the worker")
+            restart_s: list[float] = []
+            for _ in range(args.restarts):
+                restart_s.append(await loop.run_in_executor(None, _kill_and_time, procs, sup))
+            load = await loop.run_in_executor(None, inproc.call, {"op": "load", "repeat": args.restarts})
+            res["restart"] = {
+                "restart_s": restart_s,
+                "median_s": median(restart_s),
+                "max_s": max(restart_s),
+                "inproc_load_s": load["load_s"],
+                "inproc_load_median_s": median(load["load_s"]),
+                "inproc_load_max_s": max(load["load_s"]),
+                "backoff_s": 0.01,
+            }
+            procs.stop(inproc.s)  # frees its memory and CPU for the rest
 
-        # 6. Planning time.
-        log("planning time")
-        from bench import plan_time
+            # 6. Planning time.
+            log("planning time")
+            from bench import plan_time
 
-        plan_rows = [("this model", *plan_time.time_plan(Path(model)))]
-        if not args.smoke:
-            from tests.gguf_factory import write_model
+            plan_rows = [("this model", *plan_time.time_plan(Path(model)))]
+            if not args.smoke:
+                from tests.gguf_factory import write_model
 
-            for name, shape in plan_time.SHAPES.items():
-                p = write_model(tmp / f"{name.replace(' ', '_')}.gguf", shape)
-                plan_rows.append((name, *plan_time.time_plan(p)))
-                p.unlink()
-        res["planning"] = [
-            {"model": n, "file_gib": size / 2**30, "header_ms": r, "plan_ms": pl} for n, r, pl, size in plan_rows
-        ]
+                for name, shape in plan_time.SHAPES.items():
+                    p = write_model(tmp / f"{name.replace(' ', '_')}.gguf", shape)
+                    plan_rows.append((name, *plan_time.time_plan(p)))
+                    p.unlink()
+            res["planning"] = [
+                {"model": n, "file_gib": size / 2**30, "header_ms": r, "plan_ms": pl} for n, r, pl, size in plan_rows
+            ]
 
-        # 7. Chaos.
-        if args.chaos_kills > 0:
-            log(f"chaos: {args.chaos_kills} kill -9 under mixed load")
+            # 7. Chaos.
+            if args.chaos_kills > 0:
+                log(f"chaos: {args.chaos_kills} kill -9 under mixed load")
 
-            def healthy(old: int) -> bool:
-                st = sup.status()
-                w = st.get("worker")
-                if st["state"] == "ready" and w and int(w["pid"]) != old:
-                    procs.seen_children.add(int(w["pid"]))
-                    procs.children_of.setdefault("supervisor", set()).add(int(w["pid"]))
-                    return http_get_json(sup.base + "/health", 2.0)[0] == 200
-                return False
+                def healthy(old: int) -> bool:
+                    st = sup.status()
+                    w = st.get("worker")
+                    if st["state"] == "ready" and w and int(w["pid"]) != old:
+                        procs.seen_children.add(int(w["pid"]))
+                        procs.children_of.setdefault("supervisor", set()).add(int(w["pid"]))
+                        return http_get_json(sup.base + "/health", 2.0)[0] == 200
+                    return False
 
-            res["chaos"] = await run_chaos(t_sup, sup.worker_pid, healthy, args.chaos_kills, 2 if args.smoke else 4, eog_bias)
-        else:
-            res["chaos"] = None
+                res["chaos"] = await run_chaos(t_sup, sup.worker_pid, healthy, args.chaos_kills, 2 if args.smoke else 4, eog_bias)
+            else:
+                res["chaos"] = None
 
         # Shutdown: the supervisor must stop its worker; nothing may outlive it.
         alive = sup.started.proc.poll() is None and http_get_json(sup.base + "/health", 2.0)[0] == 200

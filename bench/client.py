@@ -122,6 +122,38 @@ def summarize_gen(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def paired_ratios(runs: dict[str, list[dict[str, Any]]], subject: str) -> dict[str, Any]:
+    """subject's streaming rate over every other column's, request by request.
+
+    runs[c][i] is the same prompt in the same round for every column, run one right after
+    the other, so each ratio compares two requests a few seconds apart: the machine's own
+    drift (other load, thermal or host throttling) cancels out of it, which it does not
+    from the ratio of whole-column rates. The median of these ratios is the number to read.
+    """
+    def rate(r: dict[str, Any]) -> float | None:
+        if not r.get("ok") or r["decode_s"] <= 0 or r["tokens"] < 2:
+            return None
+        return (r["tokens"] - 1) / r["decode_s"]
+
+    out: dict[str, Any] = {}
+    for c, rs in runs.items():
+        if c == subject:
+            continue
+        ratios = []
+        for a, b in zip(runs[subject], rs):
+            ra, rb = rate(a), rate(b)
+            if ra is not None and rb is not None:
+                ratios.append(ra / rb)
+        out[c] = {
+            "median": median(ratios),
+            "p25": pct(ratios, 25),
+            "p75": pct(ratios, 75),
+            "pairs": len(ratios),
+            "ratios": ratios,
+        }
+    return out
+
+
 async def small_requests(target: Target, concurrency: int, n: int, path: str = "/v1/models") -> dict[str, Any]:
     """n GETs of path with `concurrency` connections kept alive; latency p50/p99 and req/s."""
     lat: list[float] = []

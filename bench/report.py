@@ -10,6 +10,9 @@ TARGET_VS_DIRECT = 0.97
 TARGET_VS_INPROC = 0.95
 TARGET_TTFT_OVERHEAD_MS = 5.0
 TARGET_SMALL_OVERHEAD_MS = 1.0
+# Targets from issue 6 (the generation loop): proxied against the bare library and llama-server.
+TARGET_LOOP_VS_INPROC = 1.0
+TARGET_LOOP_VS_LLAMA_SERVER = 0.95
 
 
 def _f(v: float | None, fmt: str = ".1f") -> str:
@@ -53,6 +56,32 @@ def render(r: dict[str, Any]) -> str:
             f"        proxied/direct {_mark(rd >= TARGET_VS_DIRECT)} (>= {TARGET_VS_DIRECT}), "
             f"proxied/in-process {_mark(ri >= TARGET_VS_INPROC)} (>= {TARGET_VS_INPROC})"
         )
+    paired = r.get("generation_paired")
+    if paired:
+        out.append(
+            "\n   Paired ratios: proxied over each column, request by request (same prompt, same round,"
+            " run back to back); median [p25 - p75] of the pairs"
+        )
+        others = [c for c in cols if c != "proxied"]
+        out.append(f"{'tokens':>7} " + " ".join(f"{'prox/' + c:>26}" for c in others))
+        for n, pr in paired.items():
+            out.append(
+                f"{n:>7} "
+                + " ".join(
+                    f"{_f(pr[c]['median'], '.3f'):>9} [{_f(pr[c]['p25'], '.3f')} - {_f(pr[c]['p75'], '.3f')}] n={pr[c]['pairs']:<3}"
+                    for c in others
+                )
+            )
+        marks = []
+        for n, pr in paired.items():
+            m = f"{n}: in-process {_mark(pr['in-process']['median'] >= TARGET_LOOP_VS_INPROC)}"
+            if "llama-server" in pr:
+                m += f", llama-server {_mark(pr['llama-server']['median'] >= TARGET_LOOP_VS_LLAMA_SERVER)}"
+            marks.append(m)
+        out.append(
+            f"        generation loop (paired medians; >= {TARGET_LOOP_VS_INPROC} x in-process,"
+            f" >= {TARGET_LOOP_VS_LLAMA_SERVER} x llama-server): " + "; ".join(marks)
+        )
 
     t = r["ttft"]
     tcols = list(t["columns"])
@@ -66,6 +95,11 @@ def render(r: dict[str, Any]) -> str:
         + f" {ov:>30.2f} / {t['overhead_ms_p95']:.2f} ms  {_mark(ov < TARGET_TTFT_OVERHEAD_MS)} (< {TARGET_TTFT_OVERHEAD_MS} ms)"
     )
 
+    if "small_requests" not in r:
+        out.append("\n(--only generation: sections 3 to 8 not run)")
+        _shutdown(r, out)
+        out.append(f"\nhard checks: {'PASS' if passed_hard_checks(r) else 'FAIL'} (no failed or wrong-length generation, no orphans)")
+        return "\n".join(out)
     out.append("\n3. Small requests: GET /v1/models, latency ms p50 / p99, requests/s")
     by_c: dict[int, dict[str, dict[str, Any]]] = {}
     for row in r["small_requests"]:
@@ -131,6 +165,12 @@ def render(r: dict[str, Any]) -> str:
             f"of which streamed {ch.get('in_flight_error_streamed', '?')})"
         )
         out.append(f"  hangs: {ch['hangs']}  (must be 0)")
+    _shutdown(r, out)
+    out.append(f"\nhard checks: {'PASS' if passed_hard_checks(r) else 'FAIL'} (no lost requests, hangs, orphans or failed requests)")
+    return "\n".join(out)
+
+
+def _shutdown(r: dict[str, Any], out: list[str]) -> None:
     sd = r["shutdown"]
     out.append(
         f"  supervisor alive at the end: {'yes' if sd['supervisor_alive_before_stop'] else 'NO'}; "
@@ -139,8 +179,6 @@ def render(r: dict[str, Any]) -> str:
     )
     if sd["runtime_dir_leftovers"] or sd["bench_orphans"]:
         out.append(f"  LEFT BEHIND: {sd['runtime_dir_leftovers']} {sd['bench_orphans']}")
-    out.append(f"\nhard checks: {'PASS' if passed_hard_checks(r) else 'FAIL'} (no lost requests, hangs, orphans or failed requests)")
-    return "\n".join(out)
 
 
 def passed_hard_checks(r: dict[str, Any]) -> bool:
@@ -148,8 +186,8 @@ def passed_hard_checks(r: dict[str, Any]) -> bool:
     ch = r.get("chaos") or {"between_kills_failed": 0, "hangs": 0}
     sd = r["shutdown"]
     gen_ok = all(not x["failed"] and not x["wrong_length"] for g in r["generation"].values() for x in g.values())
-    small_ok = all(row["errors"] == 0 for row in r["small_requests"])
-    conc_ok = all(r["concurrency"][k]["failed"] == 0 for k in ("one", "many"))
+    small_ok = all(row["errors"] == 0 for row in r.get("small_requests", []))
+    conc_ok = "concurrency" not in r or all(r["concurrency"][k]["failed"] == 0 for k in ("one", "many"))
     return (
         gen_ok and small_ok and conc_ok
         and ch["between_kills_failed"] == 0 and ch["hangs"] == 0

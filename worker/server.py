@@ -426,9 +426,18 @@ class WorkerServer:
                 await resp.write(first)
             while True:
                 item = await queue.get()
+                # Pieces that arrived while the last write was in progress (a slow client
+                # or a busy loop) go out in one write: one syscall, not one per token.
+                out: list[bytes] = []
+                while item is not _END:
+                    out.append(piece_chunk(item))  # type: ignore[arg-type]
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if out:
+                    await resp.write(b"".join(out) if len(out) > 1 else out[0])
                 if item is _END:
                     return
-                await resp.write(piece_chunk(item))  # type: ignore[arg-type]
 
         try:
             await self.lane.run(gen, cancel, work, follow)

@@ -47,6 +47,10 @@ from worker.protocol import Health, LaunchSpec, health_decoder, is_oom_line
 
 log = logging.getLogger("vram_llm.worker")
 
+# Level names the worker's log lines start with (worker/__main__.py's format); anything
+# else it prints (llama.cpp's lines, a traceback) is logged at INFO.
+_WORKER_LEVELS = {"WARNING": logging.WARNING, "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+
 # How often the health endpoint is polled while a worker starts or loads.
 START_POLL_S = 0.2
 
@@ -496,6 +500,7 @@ class WorkerManager:
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         run_pid = proc.pid
+        own = f"worker[{run_pid}] "
         while True:
             try:
                 raw = await proc.stdout.readline()
@@ -504,14 +509,18 @@ class WorkerManager:
             if not raw:
                 return
             line = raw.decode("utf-8", "replace").rstrip("\n")
+            # The worker's own lines start "worker[PID] LEVEL ": keep its level, drop the
+            # prefix we are about to add again.
+            if line.startswith(own):
+                line = line[len(own):]
+            level = _WORKER_LEVELS.get(line.split(" ", 1)[0], logging.INFO)
             self._stderr.append(line)
             run = self._run
             if run is not None and run.proc.pid == run_pid and is_oom_line(line):
                 run.oom_seen = True
                 run.oom_line = line
-                log.error("worker[%d]: %s", run_pid, line)
-            else:
-                log.info("worker[%d]: %s", run_pid, line)
+                level = logging.ERROR
+            log.log(level, "worker[%d]: %s", run_pid, line)
 
     async def _health(self, run: _Run, timeout_s: float) -> tuple[int, Health] | None:
         try:

@@ -61,6 +61,18 @@ def test_health_and_models(sup: Supervisor, client: openai.OpenAI) -> None:
     assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct.Q4_1"]
 
 
+def test_worker_log_lines_carry_one_prefix(sup: Supervisor) -> None:
+    pid = sup.status()["worker"]["pid"]
+    lines = [ln for ln in sup.log().splitlines() if f"worker[{pid}]" in ln]
+    ready = [ln for ln in lines if ln.endswith("ready: model SmolLM2-135M-Instruct.Q4_1")]
+    # The supervisor's prefix, then the worker's level and message: not the worker's own
+    # "worker[PID] INFO" a second time.
+    assert ready and ready[0].split(" INFO ", 1)[1] == (
+        f"vram_llm.worker: worker[{pid}]: INFO ready: model SmolLM2-135M-Instruct.Q4_1"
+    )
+    assert not [ln for ln in lines if ln.count(f"worker[{pid}]") > 1]
+
+
 def test_chat_completion(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model="any",

@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=default_threads(), help="llama.cpp threads for every column (default: cores - 1)")
     p.add_argument("--ctx-size", type=int, default=4096, help="n_ctx for every column (default 4096)")
     p.add_argument("--gen-tokens", help="comma-separated generation lengths (default 128; --longer: 64,256,1024)")
-    p.add_argument("--repeats", type=int, help="rounds over the prompt set per length (default 2)")
+    p.add_argument("--repeats", help="rounds over the prompt set per length (default 2); a list gives one per "
+                   "--gen-tokens length, e.g. 8,4,2: short generations are cheap and noisier")
     p.add_argument("--longer", action="store_true", help="more lengths, rounds, requests, restarts")
     p.add_argument("--smoke", action="store_true", help="a tiny run that only proves the harness works (< 1 min)")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), metavar="PATH",
@@ -104,7 +105,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.lengths = [int(x) for x in a.gen_tokens.split(",") if x.strip()]
     else:
         a.lengths = [8] if a.smoke else [64, 256, 1024] if a.longer else [128]
-    a.repeats = a.repeats or (1 if a.smoke else 3 if a.longer else 2)
+    default_repeats = 1 if a.smoke else 3 if a.longer else 2
+    try:
+        per_length = [int(x) for x in a.repeats.split(",") if x.strip()] if a.repeats else [default_repeats]
+    except ValueError:
+        p.error(f"--repeats: not a count or a comma-separated list of counts: {a.repeats!r}")
+    if len(per_length) == 1:
+        per_length *= len(a.lengths)
+    if len(per_length) != len(a.lengths) or min(per_length) < 1:
+        p.error(f"--repeats: one count >= 1, or one per length ({len(a.lengths)})")
+    a.repeats = dict(zip(a.lengths, per_length))
     a.prompts = PROMPTS[:2] if a.smoke else PROMPTS
     a.chaos_kills = a.chaos_kills if a.chaos_kills is not None else (2 if a.smoke else 20)
     a.restarts = a.restarts or (2 if a.smoke else 10 if a.longer else 5)
@@ -183,7 +193,7 @@ async def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
             "threads": args.threads,
             "ctx_size": args.ctx_size,
             "lengths": args.lengths,
-            "repeats": args.repeats,
+            "repeats": {str(n): k for n, k in args.repeats.items()},
             "prompts": len(args.prompts),
             "n_gpu_layers_direct": args.n_gpu_layers,
             "smoke": args.smoke,
@@ -233,11 +243,11 @@ async def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
             gen: dict[str, Any] = {}
             gen_paired: dict[str, Any] = {}
             for n in args.lengths:
-                log(f"generation: {n} tokens x {len(args.prompts)} prompts x {args.repeats} rounds x {len(columns)} columns")
+                log(f"generation: {n} tokens x {len(args.prompts)} prompts x {args.repeats[n]} rounds x {len(columns)} columns")
                 runs: dict[str, list[dict[str, Any]]] = {c: [] for c in columns}
                 for c, fn in columns.items():  # warm-up (page cache, first-call allocations)
                     await fn(completion_body(args.prompts[0], 4, eog_bias, True))
-                for rnd in range(args.repeats):
+                for rnd in range(args.repeats[n]):
                     for i, prompt in enumerate(args.prompts):
                         body = completion_body(prompt, n, eog_bias, True)
                         for c, fn in rotated(columns, rnd * len(args.prompts) + i):

@@ -23,6 +23,14 @@ def _mark(ok: bool) -> str:
     return "ok" if ok else "BELOW TARGET"
 
 
+def _rounds(repeats: Any) -> str:
+    """'2', or '8 / 4 / 2' when the lengths had different counts (older JSON: an int)."""
+    if isinstance(repeats, dict):
+        counts = list(repeats.values())
+        return str(counts[0]) if len(set(counts)) == 1 else " / ".join(map(str, counts))
+    return str(repeats)
+
+
 def render(r: dict[str, Any]) -> str:
     out: list[str] = []
     m, s = r["machine"], r["settings"]
@@ -32,7 +40,7 @@ def render(r: dict[str, Any]) -> str:
     )
     out.append(
         f"model {s['model'].rsplit('/', 1)[-1]} ({s['model_mib']} MiB), threads {s['threads']}, n_ctx {s['ctx_size']}, "
-        f"temperature 0, EOS suppressed, {s['prompts']} prompts x {s['repeats']} rounds per length"
+        f"temperature 0, EOS suppressed, {s['prompts']} prompts x {_rounds(s['repeats'])} rounds per length"
     )
 
     out.append("\n1. Streaming generation (tokens/s from first to last token; in brackets: whole request)")

@@ -1,8 +1,8 @@
 """The in-process column: llama_cpp.Llama driven directly, in a child process of the bench.
 
-This is the floor of what any server built on llama-cpp-python can do, so it is the one
-place outside worker/engine.py that imports llama_cpp (the benchmark needs the bare
-library, not our engine). It runs as its own process (``python -m bench.inproc``) so the
+This is the floor of what any server built on llama-cpp-python can do, so it imports
+llama_cpp itself (the benchmark needs the bare library, not our engine; bench/loop_cost.py
+is the other bench module that does). It runs as its own process (``python -m bench.inproc``) so the
 bench process stays free of llama.cpp threads and can kill it as a process group.
 
 Protocol: one JSON object per line on stdin, one JSON answer per line on stdout.

@@ -48,3 +48,36 @@ def test_bench_smoke_prints_a_complete_table(tmp_path: Path) -> None:
     assert {row["target"] for row in res["small_requests"]} == {"supervisor", "direct"}
     after = {p.pid for p in psutil.Process().children(recursive=True)}
     assert after <= before
+
+
+def test_bench_only_generation_prints_paired_ratios(tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--no-nginx", "--only", "generation",
+         "--gen-tokens", "4,8", "--repeats", "2,1", "--json-out", str(out_json)],
+        check=False,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Paired ratios" in proc.stdout and "3. Small requests" not in proc.stdout, proc.stdout
+    res = json.loads(out_json.read_text())
+    # 2 prompts x 2 rounds at 4 tokens, 2 x 1 at 8: one pair per request of each column.
+    assert res["generation_paired"]["4"]["in-process"]["pairs"] == 4
+    assert res["generation_paired"]["8"]["direct"]["pairs"] == 2
+    assert res["shutdown"]["orphans"] == 0
+
+
+def test_loop_cost_runs() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.loop_cost", "--gen-tokens", "8", "--rounds", "1"],
+        check=False,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ours/theirs" in proc.stdout and "create_completion" in proc.stdout, proc.stdout

@@ -17,18 +17,19 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.model
 
 
+def run_module(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """python -m ARGS from the repository root; fails the test unless it exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], check=False, cwd=str(REPO), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_bench_smoke_prints_a_complete_table(tmp_path: Path) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     out_json = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--no-nginx", "--json-out", str(out_json)],
-        check=False,
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_module("bench", "--smoke", "--no-nginx", "--json-out", str(out_json))
     for section in (
         "1. Streaming generation",
         "2. Time to first token",
@@ -52,16 +53,10 @@ def test_bench_smoke_prints_a_complete_table(tmp_path: Path) -> None:
 
 def test_bench_only_generation_prints_paired_ratios(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--no-nginx", "--only", "generation",
-         "--gen-tokens", "4,8", "--repeats", "2,1", "--json-out", str(out_json)],
-        check=False,
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    proc = run_module(
+        "bench", "--smoke", "--no-nginx", "--only", "generation",
+        "--gen-tokens", "4,8", "--repeats", "2,1", "--json-out", str(out_json),
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Paired ratios" in proc.stdout and "3. Small requests" not in proc.stdout, proc.stdout
     res = json.loads(out_json.read_text())
     # 2 prompts x 2 rounds at 4 tokens, 2 x 1 at 8: one pair per request of each column.
@@ -71,13 +66,5 @@ def test_bench_only_generation_prints_paired_ratios(tmp_path: Path) -> None:
 
 
 def test_loop_cost_runs() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.loop_cost", "--gen-tokens", "8", "--rounds", "1"],
-        check=False,
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_module("bench.loop_cost", "--gen-tokens", "8", "--rounds", "1", timeout=120)
     assert "ours/theirs" in proc.stdout and "create_completion" in proc.stdout, proc.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,10 @@ class Preparer:
         self._reload_config = reload_config
         self._set(config)
 
+    # /status answers from one inventory read per this many seconds, however often it is
+    # polled: every read is NVML calls on a worker thread.
+    gpus_now_ttl_s = 1.0
+
     def _set(self, config: Config) -> None:
         path = Path(resolve_model_path(config))
         facts = read_model_facts(path)  # ModelError: the caller reports it
@@ -83,6 +88,8 @@ class Preparer:
         self.model_path = path
         self.facts = facts
         self.probe = make_probe(config)
+        # (monotonic time of the read, the worker pids asked about, the answer)
+        self._gpus_now: tuple[float, tuple[int, ...], list[dict[str, Any]]] | None = None
 
     def reload(self) -> None:
         """Re-read the configuration (SIGHUP). Raises and keeps the old one on error."""
@@ -124,14 +131,21 @@ class Preparer:
         log.warning("GPU memory still moving after %.0fs; planning with what is free now", timeout_s)
 
     async def gpus_now(self, worker_pids: Iterable[int] = ()) -> list[dict[str, Any]]:
-        """The inventory now, with what the worker's processes use on each GPU (NVML)."""
-        pids = list(worker_pids)
+        """The inventory now, with what the worker's processes use on each GPU (NVML).
+
+        "Now" is at most ``gpus_now_ttl_s`` old: a recent answer for the same worker
+        processes is reused.
+        """
+        pids = tuple(worker_pids)
+        cached = self._gpus_now
+        if cached is not None and cached[1] == pids and time.monotonic() - cached[0] < self.gpus_now_ttl_s:
+            return cached[2]
 
         def read() -> tuple[Inventory, dict[str, int]]:
-            return self.probe.read(), (process_gpu_memory(pids) if pids else {})
+            return self.probe.read(), (process_gpu_memory(list(pids)) if pids else {})
 
         inv, used = await asyncio.to_thread(read)
-        return [
+        rows = [
             {
                 "index": g.index,
                 "uuid": g.uuid,
@@ -143,3 +157,5 @@ class Preparer:
             }
             for g in inv.gpus
         ]
+        self._gpus_now = (time.monotonic(), pids, rows)
+        return rows

@@ -39,7 +39,11 @@ def free_port() -> int:
 
 
 def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Call predicate until it returns something truthy; raise after timeout seconds."""
+    """Call predicate until it returns something truthy; raise after timeout seconds.
+
+    An OSError from the predicate means "not yet" (nothing listening yet); any other
+    exception (the process being waited for has exited) ends the wait at once.
+    """
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while True:
@@ -47,7 +51,7 @@ def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: floa
             v = predicate()
             if v:
                 return v
-        except Exception as e:  # noqa: BLE001 (the thing polled may not exist yet)
+        except OSError as e:  # the thing polled may not exist yet
             last = e
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last!r})")

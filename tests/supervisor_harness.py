@@ -31,7 +31,12 @@ def free_port() -> int:
 
 
 def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Call ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    """Call ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds.
+
+    Other exceptions from the predicate mean "not yet" (the thing polled may not exist
+    yet), except AssertionError: that is a verdict (e.g. the process being waited for has
+    exited) and ends the wait at once instead of after the whole timeout.
+    """
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while True:
@@ -39,6 +44,8 @@ def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: floa
             v = predicate()
             if v:
                 return v
+        except AssertionError:
+            raise
         except Exception as e:  # the thing polled may not exist yet
             last_exc = e
         if time.monotonic() > deadline:

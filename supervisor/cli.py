@@ -76,6 +76,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--use-fit-params", "gpu.use_fit_params", "take the layer split from llama.cpp's llama-fit-params",
          const=True),
     Flag("--ctx-size", "model.ctx_size", "context size in tokens (default 4096)", "N", int),
+    Flag("--parallel", "model.parallel", "requests generated at once, sharing the context (default 4)",
+         "N", int),
     Flag("--simulate-gpus", "gpu.simulate_gpus", "plan for the GPUs listed in this JSON file", "FILE"),
     Flag("--worker-command", "worker.command", "worker command line, shell-quoted (tests)", "CMD", _command),
 )

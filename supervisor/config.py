@@ -47,6 +47,8 @@ class ModelSection(_Section):
     threads: NonNegInt = 0  # 0: llama.cpp's default
     chat_format: str = ""  # empty: the chat template in the GGUF metadata
     flash_attn: bool = False
+    parallel: PositiveInt = 4  # requests generated at once (slots sharing one KV cache)
+    prefill_chunk: PositiveInt = 128  # prompt tokens per step while others generate
 
 
 class ServerSection(_Section):
@@ -182,6 +184,11 @@ def _check(cfg: Config, source: str) -> None:
             )
     if not cfg.server.host:
         raise ConfigError(f"{source}: server.host must not be empty")
+    if cfg.model.parallel > cfg.model.n_batch:
+        raise ConfigError(
+            f"{source}: model.parallel ({cfg.model.parallel}) must be <= model.n_batch "
+            f"({cfg.model.n_batch}): every slot decodes one token per batch"
+        )
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

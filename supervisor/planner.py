@@ -83,6 +83,9 @@ class PlanSettings:
     n_ctx: int = 4096  # 0: the model's training context
     n_batch: int = 512
     flash_attn: bool = False
+    # The worker's slots: each has a KV cache of n_ctx cells of its own (llama.cpp's
+    # non-unified KV, see worker/engine/load.py), so the KV cache is n_ctx * parallel.
+    parallel: int = 1
     # OOM ladder knobs (supervisor/restart.py PlanAdjust)
     extra_reserve_mib: int = 0
     max_gpu_layers: int | None = None  # cap on repeating layers on GPUs
@@ -177,8 +180,9 @@ def _mib(n: float) -> int:
     return int(math.ceil(n / MIB))
 
 
-def kv_bytes_per_layer(model: ModelFacts, n_ctx: int) -> int:
-    return n_ctx * model.n_head_kv * (model.key_length + model.value_length) * KV_BYTES_PER_ELEMENT
+def kv_bytes_per_layer(model: ModelFacts, n_ctx: int, parallel: int = 1) -> int:
+    """KV bytes of one layer: n_ctx cells for each of the worker's ``parallel`` slots."""
+    return n_ctx * parallel * model.n_head_kv * (model.key_length + model.value_length) * KV_BYTES_PER_ELEMENT
 
 
 def compute_bytes(model: ModelFacts, n_ctx: int, n_batch: int, flash_attn: bool, holds_output: bool) -> int:
@@ -232,7 +236,7 @@ def _estimates(
 ) -> tuple[list[Estimate], list[int], list[bool]]:
     """Per candidate: estimate, repeating layers placed, holds output."""
     n = len(cands)
-    kv_layer = kv_bytes_per_layer(model, n_ctx)
+    kv_layer = kv_bytes_per_layer(model, n_ctx, s.parallel)
     if mode == "none":
         placement = assign_layers(model.n_layers, ngl, [1.0 if i == main else 0.0 for i in range(n)])
     else:
@@ -383,7 +387,7 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
                 reasons[g.index] = "not in --devices"
 
     # 2. Usable VRAM and the "cannot hold even one layer" rule.
-    kv_layer = kv_bytes_per_layer(model, n_ctx)
+    kv_layer = kv_bytes_per_layer(model, n_ctx, s.parallel)
     biggest_layer = max(model.layer_bytes, default=0)
     one_layer_mib = (
         CUDA_CONTEXT_MIB

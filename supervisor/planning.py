@@ -47,6 +47,7 @@ def plan_settings(cfg: Config, environ: Mapping[str, str] | None = None, **ladde
         n_ctx=cfg.model.ctx_size,
         n_batch=cfg.model.n_batch,
         flash_attn=cfg.model.flash_attn,
+        parallel=cfg.model.parallel,
     )
     kw.update({k: v for k, v in ladder.items() if v is not None})
     return PlanSettings(**kw)

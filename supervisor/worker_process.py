@@ -265,6 +265,8 @@ class WorkerManager:
                 worker["queued"] = run.last_health.queued
                 worker["seconds_since_token"] = run.last_health.seconds_since_token
                 worker["requests_served"] = run.last_health.requests_served
+                worker["cache_hits"] = run.last_health.cache_hits
+                worker["cache_tokens_reused"] = run.last_health.cache_tokens_reused
             if run.psproc is not None:
                 with contextlib.suppress(psutil.Error):
                     with run.psproc.oneshot():

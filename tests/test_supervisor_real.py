@@ -205,6 +205,44 @@ def test_kill9_mid_stream_gives_error_event(sup: Supervisor, client: openai.Open
     assert r.choices[0].text is not None
 
 
+def test_kill9_with_four_streams_in_flight_gives_each_one_error_event(sup: Supervisor) -> None:
+    import threading
+
+    import httpx
+
+    pid = sup.status()["worker"]["pid"]
+    n = 4
+    events: list[list[Any]] = [[] for _ in range(n)]
+    flowing = [threading.Event() for _ in range(n)]
+    body = {"model": "any", "max_tokens": 1500, "stream": True, "temperature": 0,
+            "logit_bias": {"0": -100, "2": -100}}
+
+    def read(i: int) -> None:
+        with httpx.Client(base_url=sup.base, timeout=120) as c, c.stream(
+            "POST", "/v1/completions", json={**body, "prompt": f"Story number {i}:"}
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data = line[len("data: "):]
+                    events[i].append(data if data == "[DONE]" else json.loads(data))
+                    if len(events[i]) >= 3:
+                        flowing[i].set()
+
+    threads = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    # All four stream at once (the worker's 4 slots), then the worker dies.
+    poll(lambda: all(f.is_set() for f in flowing), 120, "four streams to flow")
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=60)
+    for i in range(n):
+        errors = [e for e in events[i] if isinstance(e, dict) and "error" in e]
+        assert len(errors) == 1 and errors[0]["error"]["code"] == "worker_failed", events[i][-3:]
+        assert events[i][-1] is errors[0]  # the error event ends the stream, no [DONE]
+    sup.wait_state("ready", 120, lambda st: st["worker"]["pid"] != pid)
+
+
 def test_worker_dies_with_a_killed_supervisor(tmp_path: Path) -> None:
     """kill -9 of the supervisor itself: the worker's parent-death signal takes it down."""
     s = Supervisor(tmp_path, {"model": {"ctx_size": 512}})

@@ -229,3 +229,16 @@ def test_content_parts_and_developer_role(client: httpx.Client) -> None:
         {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]},
     ])
     assert body["choices"][0]["message"]["content"]
+
+
+def test_second_turn_is_served_from_the_slot_cache(client: httpx.Client) -> None:
+    turn1 = "A talk about rivers. User: where do rivers begin? Assistant:"
+    first = complete(client, prompt=turn1, max_tokens=6, temperature=0)
+    before = client.get("/health").json()
+    turn2 = turn1 + first["choices"][0]["text"] + " User: and where do they end? Assistant:"
+    complete(client, prompt=turn2, max_tokens=2, temperature=0)
+    after = client.get("/health").json()
+    # Read from the counters, not the clock: one hit that skipped at least the first turn.
+    assert after["cache_hits"] == before.get("cache_hits", 0) + 1
+    reused = after["cache_tokens_reused"] - before.get("cache_tokens_reused", 0)
+    assert reused >= first["usage"]["prompt_tokens"] - 1

@@ -241,12 +241,18 @@ def test_cancel_between_tokens(engine: Engine) -> None:
     cancel = threading.Event()
     gen = engine.generation(engine.prepare_completion(PROMPT, with_sampling(GREEDY, max_tokens=200)), cancel)
     pieces = []
+    at_cancel = 0
     for piece in gen:
         pieces.append(piece)
         if len(pieces) == 3:
             cancel.set()
+            at_cancel = gen.completion_tokens
     assert gen.finish_reason == "cancelled"
-    assert len(pieces) == 3 and gen.completion_tokens == 3
+    # The batch loop runs ahead of this reader (it no longer waits for each piece to be
+    # taken): it stops at its next step, so at most the token of the step in flight
+    # follows the cancel.
+    assert 3 <= at_cancel <= gen.completion_tokens <= at_cancel + 1
+    assert len(pieces) == gen.completion_tokens  # one piece per token for this prompt
 
 
 def test_usage_counts_are_exact(engine: Engine) -> None:

@@ -285,8 +285,21 @@ def test_dropped_non_streaming_request_stops_generation(worker: WorkerProcess, e
 
 
 @pytest.mark.model
-def test_requests_run_one_at_a_time_in_order_and_health_answers(worker: WorkerProcess, ensure_idle: Any) -> None:
-    ensure_idle()
+def test_parallel_1_runs_requests_one_at_a_time_in_order_and_health_answers(tmpdir_short: Path) -> None:
+    # parallel 1 keeps the one-request-at-a-time behaviour (the default, 4, runs both
+    # at once: see test_requests_run_concurrently_and_health_answers).
+    worker = WorkerProcess(tmpdir_short, worker_spec(tmpdir_short, parallel=1))
+    try:
+        worker.wait_ready(timeout=120)
+        _one_at_a_time_in_order(worker)
+    finally:
+        worker.stop()
+
+
+def _long_then_short(
+    worker: WorkerProcess,
+) -> tuple[list[str], dict[str, httpx.Response], threading.Thread, threading.Thread]:
+    """A 120-token request, and once it runs a 4-token one; returns finish order, answers, threads."""
     finished: list[str] = []
     results: dict[str, httpx.Response] = {}
 
@@ -304,15 +317,36 @@ def test_requests_run_one_at_a_time_in_order_and_health_answers(worker: WorkerPr
         target=post, args=("second", {"prompt": "1, 2,", "max_tokens": 4, "temperature": 0}), daemon=True
     )
     second.start()
-    wait_until(lambda: _health(worker).get("queued") == 1, 30, "the second request to queue")
-    first.join(timeout=120)
-    second.join(timeout=60)
-    assert finished == ["first", "second"]
+    return finished, results, first, second
+
+
+def _check_answers_and_idle(worker: WorkerProcess, results: dict[str, httpx.Response]) -> None:
     assert results["first"].status_code == 200 and results["second"].status_code == 200
     assert results["first"].json()["usage"]["completion_tokens"] == 120
     assert results["second"].json()["usage"]["completion_tokens"] == 4
     idle = _health(worker)
     assert idle.get("active", 0) == 0 and idle.get("seconds_since_token") is None
+
+
+def _one_at_a_time_in_order(worker: WorkerProcess) -> None:
+    finished, results, first, second = _long_then_short(worker)
+    wait_until(lambda: _health(worker).get("queued") == 1, 30, "the second request to queue")
+    first.join(timeout=120)
+    second.join(timeout=60)
+    assert finished == ["first", "second"]
+    _check_answers_and_idle(worker, results)
+
+
+@pytest.mark.model
+def test_requests_run_concurrently_and_health_answers(worker: WorkerProcess, ensure_idle: Any) -> None:
+    ensure_idle()
+    finished, results, first, second = _long_then_short(worker)
+    second.join(timeout=60)
+    # The short request got a slot of its own and finished while the long one still ran.
+    assert finished == ["second"]
+    first.join(timeout=120)
+    assert finished == ["second", "first"]
+    _check_answers_and_idle(worker, results)
 
 
 @pytest.mark.model

@@ -72,6 +72,10 @@ def load_spec(path: str) -> LaunchSpec:
         problems.append("n_batch must be >= 1")
     if spec.n_threads is not None and spec.n_threads < 1:
         problems.append("n_threads must be >= 1")
+    if not 1 <= spec.parallel <= max(spec.n_batch, 1):
+        problems.append("parallel must be between 1 and n_batch (one token per slot per step)")
+    if spec.prefill_chunk < 1:
+        problems.append("prefill_chunk must be >= 1")
     if spec.n_gpu_layers < -1:
         problems.append("n_gpu_layers must be >= -1")
     if spec.tensor_split is not None and any(x < 0 for x in spec.tensor_split):

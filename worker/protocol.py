@@ -81,6 +81,12 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     chat_format: str | None = None  # None: the template in the GGUF metadata
     flash_attn: bool = False
     max_body_bytes: int = 8 * 1024 * 1024
+    # Requests generated at once (llama.cpp sequences sharing one unified KV cache of
+    # n_ctx cells); 1 serves one request at a time. At most n_batch.
+    parallel: int = 4
+    # Prompt tokens one decode step takes while other requests are generating: bounds
+    # the pause a newcomer's prompt causes in running streams.
+    prefill_chunk: int = 128
 
 
 class AppliedParams(msgspec.Struct, kw_only=True):
@@ -99,6 +105,8 @@ class AppliedParams(msgspec.Struct, kw_only=True):
     cuda_device_order: str | None
     llama_cpp_version: str
     gpu_offload_supported: bool
+    parallel: int = 1
+    prefill_chunk: int = 0
 
 
 class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -109,13 +117,17 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     progress: float = 0.0  # model load progress, 0..1
     model: str | None = None
     params: AppliedParams | None = None
-    # Generation liveness: how many requests are running or waiting, and seconds since
-    # the running generation last produced a token (None when idle). The supervisor
-    # uses this to detect a hung generation.
+    # Generation liveness: how many requests are running (in a slot) or waiting, and
+    # seconds since ANY running request last made progress (a token or a prompt chunk;
+    # None when idle). The supervisor uses this to detect a hung generation.
     active: int = 0
     queued: int = 0
     seconds_since_token: float | None = None
     requests_served: int = 0
+    # Prompt reuse from the slots' KV caches: requests that reused a cached prefix and
+    # the prompt tokens they did not evaluate again.
+    cache_hits: int = 0
+    cache_tokens_reused: int = 0
 
 
 health_decoder = msgspec.json.Decoder(Health)

@@ -3,10 +3,11 @@
 Rules for this module:
 - It never imports llama_cpp: it talks to the model through ``engine.Engine`` only.
 - The event loop never blocks on the model. Loading runs in a loader thread, request
-  preparation (template + tokenize) in a helper thread, and generation in ONE dedicated
-  thread (``GenerationLane``): never two generations at once, served in arrival order.
-- The lane's counters (``waiting``, ``current``, ``served``) are owned by the event loop;
-  the generation thread only writes ``Generation.last_token_at``.
+  preparation (template + tokenize) in a helper thread, and generation in the engine's
+  batch loop thread, which admits requests in arrival order into ``parallel`` slots and
+  hands each request's pieces back through an ``_AsyncSink``.
+- A request whose handler is cancelled (client gone) sets its generation's cancel flag;
+  the batch loop frees its slot at its next step.
 - Every client mistake is a 4xx in OpenAI's error shape; an engine failure is a 500 in the
   same shape and the worker keeps serving.
 """
@@ -22,8 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -45,7 +45,7 @@ from worker.protocol import AppliedParams, ExitCode, Health, LaunchSpec, encoder
 
 log = logging.getLogger("worker")
 
-T = TypeVar("T")
+_STARTED = object()  # the generation got a slot
 _END = object()  # end of a generation's piece stream
 _JSON = "application/json"
 _SHUTDOWN_TIMEOUT_S = 3.0
@@ -173,81 +173,36 @@ def _finish(gen: Generation) -> str:
     return gen.finish_reason if gen.finish_reason in ("stop", "length") else "stop"
 
 
-# --- the generation lane ------------------------------------------------------------------
+# --- the bridge from the batch loop -------------------------------------------------------
 
 
-class GenerationLane:
-    """Runs generations one at a time, in arrival order, on one dedicated thread."""
+class _AsyncSink:
+    """Receives a generation's events on the batch loop thread, queues them on the event loop."""
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
-        self._turn = asyncio.Lock()  # asyncio.Lock wakes waiters in FIFO order
-        self.waiting = 0
-        self.current: Generation | None = None
-        self._current_cancel: threading.Event | None = None
-        self._current_since = 0.0
-        self.served = 0
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self._call = loop.call_soon_threadsafe
+        self._put = self.queue.put_nowait
 
-    async def run(
-        self,
-        gen: Generation,
-        cancel: threading.Event,
-        work: Callable[[], T],
-        follow: Callable[[], Awaitable[None]] | None = None,
-    ) -> T:
-        """Wait for our turn, run ``work`` on the generation thread, return its result.
+    def _send(self, item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens
+            self._call(self._put, item)
 
-        ``follow`` (if given) runs on the event loop meanwhile, e.g. to write streamed
-        chunks. If this task is cancelled (client gone) or ``follow`` fails, the
-        generation is cancelled and the turn is kept until the thread has stopped
-        (within one token), so two generations never overlap.
-        """
-        self.waiting += 1
-        try:
-            await self._turn.acquire()
-        finally:
-            self.waiting -= 1
-        loop = asyncio.get_running_loop()
-        self.current, self._current_cancel = gen, cancel
-        self._current_since = time.monotonic()
-        fut = loop.run_in_executor(self._executor, work)
-        try:
-            if follow is not None:
-                await follow()
-            return await asyncio.shield(fut)
-        except BaseException:
-            cancel.set()
-            await _wait_done(fut)
-            raise
-        finally:
-            self.current = self._current_cancel = None
-            self.served += 1
-            self._turn.release()
+    def started(self) -> None:
+        self._send(_STARTED)
 
-    def cancel_current(self) -> None:
-        if self._current_cancel is not None:
-            self._current_cancel.set()
+    def piece(self, text: str) -> None:
+        self._send(text)
 
-    def seconds_since_token(self) -> float | None:
-        gen = self.current
-        if gen is None:
-            return None
-        ref = gen.last_token_at or self._current_since
-        return max(0.0, time.monotonic() - ref)
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def ended(self) -> None:
+        self._send(_END)
 
 
-async def _wait_done(fut: asyncio.Future[Any]) -> None:
-    """Wait for fut to finish, even if our task is cancelled again meanwhile."""
-    while not fut.done():
-        try:
-            await asyncio.wait([fut])
-        except asyncio.CancelledError:
-            continue
-    if not fut.cancelled():
-        fut.exception()  # retrieved: the caller is already raising its own error
+class _GenerationFailed(Exception):
+    def __init__(self, gen: Generation) -> None:
+        super().__init__(gen.error)
+        self.message = gen.error or "generation failed"
+        self.status = gen.error_status
 
 
 # --- the application --------------------------------------------------------------------
@@ -257,7 +212,6 @@ class WorkerServer:
     def __init__(self, spec: LaunchSpec, engine: Engine) -> None:
         self.spec = spec
         self.engine = engine
-        self.lane = GenerationLane()
         self.progress = 0.0  # written by the loader thread (a float store is atomic)
         self.ready = False
         self.params: AppliedParams | None = None  # set once, when the model is ready
@@ -277,14 +231,17 @@ class WorkerServer:
     # --- info endpoints ---
 
     async def health(self, request: web.Request) -> web.Response:
-        lane = self.lane
-        common: dict[str, Any] = {
-            "pid": os.getpid(),
-            "active": 1 if lane.current is not None else 0,
-            "queued": lane.waiting,
-            "seconds_since_token": lane.seconds_since_token(),
-            "requests_served": lane.served,
-        }
+        common: dict[str, Any] = {"pid": os.getpid()}
+        loop = self.engine.loop
+        if loop is not None:
+            common.update(
+                active=loop.active,
+                queued=loop.queued,
+                seconds_since_token=loop.seconds_since_token(),
+                requests_served=loop.served,
+                cache_hits=loop.stats.hits,
+                cache_tokens_reused=loop.stats.tokens_reused,
+            )
         if not self.ready:
             body = Health(status="loading", progress=round(self.progress, 4), **common)
             return _json_response(encoder.encode(body), 503)
@@ -336,8 +293,7 @@ class WorkerServer:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream_chat(request, prepared, cid, include_usage)
-        gen, cancel = self._generation(prepared)
-        text = await self.lane.run(gen, cancel, lambda: "".join(gen))
+        gen, text = await self._complete(prepared)
         body = ChatCompletion(
             id=cid,
             created=int(time.time()),
@@ -366,8 +322,7 @@ class WorkerServer:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream_text(request, prepared, cid, include_usage)
-        gen, cancel = self._generation(prepared)
-        text = await self.lane.run(gen, cancel, lambda: "".join(gen))
+        gen, text = await self._complete(prepared)
         body = TextCompletion(
             id=cid,
             created=int(time.time()),
@@ -390,9 +345,60 @@ class WorkerServer:
                 code="context_length_exceeded",
             ) from None
 
-    def _generation(self, prepared: Prepared) -> tuple[Generation, threading.Event]:
-        cancel = threading.Event()
-        return self.engine.generation(prepared, cancel), cancel
+    async def _run(
+        self,
+        prepared: Prepared,
+        on_start: Callable[[], Awaitable[None]] | None,
+        on_pieces: Callable[[list[str]], Awaitable[None]],
+    ) -> Generation:
+        """Queue a generation and follow it to its end; raises _GenerationFailed.
+
+        ``on_start`` runs when the request gets a slot, ``on_pieces`` with the pieces
+        that arrived meanwhile (a slow client or a busy loop gets them in one write). If
+        this task is cancelled (client gone) or a callback fails, the generation is
+        cancelled: the batch loop frees its slot at its next step, other slots go on.
+        """
+        gen = self.engine.generation(prepared, threading.Event())
+        sink = _AsyncSink(asyncio.get_running_loop())
+        self.engine.start(gen, sink)
+        queue = sink.queue
+        try:
+            while True:
+                item = await queue.get()
+                if item is _STARTED:
+                    if on_start is not None:
+                        await on_start()
+                    continue
+                out: list[str] = []
+                while item is not _END:
+                    out.append(item)  # type: ignore[arg-type]
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if out:
+                    await on_pieces(out)
+                if item is _END:
+                    break
+        except BaseException:
+            gen.cancel.set()
+            raise
+        if gen.error is not None:
+            raise _GenerationFailed(gen)
+        return gen
+
+    async def _complete(self, prepared: Prepared) -> tuple[Generation, str]:
+        parts: list[str] = []
+
+        async def collect(pieces: list[str]) -> None:
+            parts.extend(pieces)
+
+        try:
+            gen = await self._run(prepared, None, collect)
+        except _GenerationFailed as e:
+            raise oai.RequestError(
+                e.message, type="server_error", code=None, status=e.status
+            ) from None
+        return gen, "".join(parts)
 
     async def _stream(
         self,
@@ -402,53 +408,34 @@ class WorkerServer:
         piece_chunk: Callable[[str], bytes],
         final_chunks: Callable[[Generation], bytes],
     ) -> web.StreamResponse:
-        gen, cancel = self._generation(prepared)
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
 
-        def work() -> None:
-            put = loop.call_soon_threadsafe
-            try:
-                for piece in gen:
-                    put(queue.put_nowait, piece)
-            finally:
-                put(queue.put_nowait, _END)
-
-        async def follow() -> None:
-            # Headers go out when this request's turn starts, not while it waits in the
+        async def start() -> None:
+            # Headers go out when this request gets a slot, not while it waits in the
             # queue: a stream that has not started can still be resent elsewhere by the
             # supervisor if this worker dies before its turn.
             await resp.prepare(request)
             if first is not None:
                 await resp.write(first)
-            while True:
-                item = await queue.get()
-                # Pieces that arrived while the last write was in progress (a slow client
-                # or a busy loop) go out in one write: one syscall, not one per token.
-                out: list[bytes] = []
-                while item is not _END:
-                    out.append(piece_chunk(item))  # type: ignore[arg-type]
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
-                if out:
-                    await resp.write(b"".join(out) if len(out) > 1 else out[0])
-                if item is _END:
-                    return
+
+        async def write(pieces: list[str]) -> None:
+            await resp.write(b"".join(piece_chunk(p) for p in pieces))
 
         try:
-            await self.lane.run(gen, cancel, work, follow)
+            gen = await self._run(prepared, start, write)
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as e:
             # Headers are gone already: report the failure in-stream, OpenAI style.
-            log.exception("generation failed")
-            err = oai.error_body(f"internal error: {e}", type="server_error")
+            if not isinstance(e, _GenerationFailed):
+                log.exception("generation failed")
+            status = e.status if isinstance(e, _GenerationFailed) else 500
+            message = e.message if isinstance(e, _GenerationFailed) else f"internal error: {e}"
+            err = oai.error_body(message, type="server_error")
             if not resp.prepared:
-                return web.Response(status=500, body=err, content_type="application/json")
+                return web.Response(status=status, body=err, content_type="application/json")
             with contextlib.suppress(ConnectionResetError):
                 await resp.write(b"data: " + err + b"\n\n")
             return resp
@@ -626,10 +613,10 @@ async def serve(spec: LaunchSpec, engine: Engine, stop: asyncio.Event) -> ExitCo
         stopper.cancel()
     finally:
         if stop.is_set():
-            log.info("stopping: cancelling the running generation and closing %s", spec.socket_path)
-        server.lane.cancel_current()
+            log.info("stopping: cancelling the running generations and closing %s", spec.socket_path)
+        if engine.loop is not None:
+            engine.loop.cancel_all()
         await runner.cleanup()
-        server.lane.shutdown()
         if listening:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(spec.socket_path)

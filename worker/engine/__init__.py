@@ -1,0 +1,42 @@
+"""The inference engine: the only package in vram-llm that imports llama_cpp.
+
+Rules for this package:
+- server.py reaches the model only through ``Engine``: ``load()``, ``prepare_chat()``,
+  ``prepare_completion()``, ``generation()`` and ``start()``.
+- ``Llama`` is used to load the model, render chat templates and tokenize. Generation
+  does not go through its Python loop: the batch loop calls llama.cpp's C API directly
+  (``llama_decode`` on one reused ``llama_batch``, a ``llama_sampler`` chain per request,
+  ``llama_token_to_piece`` once per vocabulary entry) so the per-token Python work is a
+  few calls and no copy of the logits.
+- Threads: ``load()`` runs in a loader thread; ``prepare_*()`` in helper threads (they
+  read the vocabulary, never the context); ONE batch-loop thread owns the context and
+  runs every generation (``batch.py``).
+
+The seams, one module each: ``load`` (llama.cpp log, model and context), ``prompt``
+(template, tokens, request validation), ``chains`` (sampler chains), ``stops`` (stop
+strings), ``generation`` (one request's per-token processing), ``slots`` (sequences and
+their cached prompts), ``batch`` (the decode loop and admission), ``core`` (``Engine``).
+"""
+
+from worker.engine.core import Engine
+from worker.engine.generation import Generation, Sink
+from worker.engine.load import LlamaLog, LoadCancelled, LoadError, OutOfMemory
+from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, PromptTooLong, Sampling
+from worker.engine.stops import _held_back, _stop_at
+
+__all__ = [
+    "ChatMessage",
+    "Engine",
+    "Generation",
+    "InvalidInput",
+    "LlamaLog",
+    "LoadCancelled",
+    "LoadError",
+    "OutOfMemory",
+    "Prepared",
+    "PromptTooLong",
+    "Sampling",
+    "Sink",
+    "_held_back",
+    "_stop_at",
+]

@@ -1,0 +1,311 @@
+"""The batch loop: ONE thread owns the llama.cpp context and serves every slot.
+
+Rules for this module (llama-server's ``update_slots`` is the model):
+- Each step builds ONE ``llama_batch``: first one token of every slot that is decoding
+  (logits on), then prompt chunks of slots still reading their prompt (logits off), and
+  calls ``llama_decode`` once. Each decoding slot then samples from its own row: row i
+  is the i-th decoding slot, and exactly those rows have logits, so "sampling a row
+  without logits" (a llama.cpp abort) cannot happen.
+- A step never holds more than ``n_batch`` tokens (the other llama.cpp abort): at most
+  ``parallel`` decoding tokens (``parallel <= n_batch`` is checked at launch) plus prompt
+  tokens up to the rest. While any slot is decoding, a step takes at most
+  ``prefill_chunk`` prompt tokens, so a long newcomer delays running streams by at most
+  one chunk per token.
+- Requests are admitted in arrival order when a slot is free. Each slot is a llama.cpp
+  sequence with n_ctx KV cells of its own (load.py says why not one shared cache), and
+  the prompt check plus the ``max_tokens`` clamp (prompt.py) keep every request inside
+  its slot, so the cells cannot run out because of other requests. Should llama.cpp
+  still find no room, the newest request ends (finish_reason "length", or an error if
+  it produced nothing yet): never an abort.
+- The last prompt token is decoded as a slot's first "decoding" token, in the step after
+  its prompt head is in the cache: a request served alone gets its first logits from a
+  one-token batch whatever was cached (see ``Slot.prefilled``), which keeps greedy
+  output independent of the cache (a past bug: the first logits came from a batch whose
+  size depended on the cached prefix, and the same request gave different text).
+- Other threads only call ``submit`` and ``close`` and read the counters.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import llama_cpp.llama_cpp as llama_lib
+
+from worker.engine.generation import Generation, Sink
+from worker.engine.slots import CacheStats, Slot, pick_slot
+
+log = logging.getLogger("worker")
+
+_CLOSE_WAIT_S = 30.0
+
+
+class BatchLoop:
+    def __init__(self, ctx: Any, n_ctx: int, n_batch: int, parallel: int, prefill_chunk: int) -> None:
+        if not 1 <= parallel <= n_batch:
+            raise ValueError(f"parallel ({parallel}) must be between 1 and n_batch ({n_batch})")
+        self._ctx = ctx
+        self._mem = llama_lib.llama_get_memory(ctx)
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.slots = [Slot(seq) for seq in range(parallel)]
+        batch = self._batch = llama_lib.llama_batch_init(n_batch, 0, 1)
+        for i in range(n_batch):
+            batch.n_seq_id[i] = 1
+        self._token_addr = ctypes.addressof(batch.token.contents)
+        self._pos_addr = ctypes.addressof(batch.pos.contents)
+        self._logits_addr = ctypes.addressof(batch.logits.contents)
+        self._waiting: deque[Generation] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._clock = 0  # recency of slot caches
+        self._admissions = 0
+        # Counters: written by the loop thread only, read by /health.
+        self.stats = CacheStats()
+        self.served = 0
+        self.active = 0
+        self._busy_since = 0.0
+        self._progress_at = 0.0
+        self._thread = threading.Thread(target=self._run, name="batch-loop", daemon=True)
+        self._thread.start()
+
+    # --- any thread ---------------------------------------------------------------------
+
+    def submit(self, gen: Generation, sink: Sink) -> None:
+        gen.sink = sink
+        with self._cond:
+            if not self._stopping:
+                self._waiting.append(gen)
+                self._cond.notify()
+                return
+        gen.end("cancelled")
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def seconds_since_token(self) -> float | None:
+        """Seconds since ANY active slot made progress (a token or a prompt chunk)."""
+        if self.active == 0:
+            return None
+        return max(0.0, time.monotonic() - max(self._progress_at, self._busy_since))
+
+    def cancel_all(self) -> None:
+        """Cancel every running and waiting request (they end "cancelled" within a step)."""
+        with self._cond:
+            gens = [*self._waiting, *(s.gen for s in self.slots if s.gen is not None)]
+            self._cond.notify()
+        for gen in gens:
+            gen.cancel.set()
+
+    def close(self) -> None:
+        """Stop the loop (running and waiting requests end "cancelled") and free the batch."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=_CLOSE_WAIT_S)
+        if not self._thread.is_alive():
+            llama_lib.llama_batch_free(self._batch)
+
+    # --- the loop thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and self.active == 0:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                gone = [g for g in self._waiting if g.cancel.is_set()]
+                for g in gone:
+                    self._waiting.remove(g)
+                admitted = self._admit()
+            try:
+                for g in gone:
+                    self.served += 1
+                    g.end("cancelled")
+                for slot in admitted:
+                    assert slot.gen is not None
+                    slot.gen.begin()
+                self._step()
+            except Exception as e:
+                # A bug here must not leave clients waiting forever: fail what runs, forget
+                # the KV of those slots (it may not match their token lists), keep serving.
+                log.exception("batch loop step failed")
+                for slot in self.slots:
+                    if slot.gen is not None:
+                        self._forget(slot)
+                        self._finish(slot, error=f"internal error: {e}")
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for slot in self.slots:
+            if slot.gen is not None:
+                self._finish(slot, "cancelled")
+        for g in waiting:
+            g.end("cancelled")
+
+    def _admit(self) -> list[Slot]:
+        """Move waiting requests into idle slots, in arrival order (called under the lock)."""
+        admitted: list[Slot] = []
+        while self._waiting:
+            idle = [s for s in self.slots if s.gen is None]
+            if not idle:
+                break
+            gen = self._waiting[0]
+            prompt = gen.prepared.tokens
+            picked = pick_slot(idle, prompt[:-1])
+            assert picked is not None
+            slot, reuse = picked
+            self._waiting.popleft()
+            self._assign(slot, gen, reuse)
+            admitted.append(slot)
+        return admitted
+
+    def _assign(self, slot: Slot, gen: Generation, reuse: int) -> None:
+        if reuse < len(slot.tokens):
+            if llama_lib.llama_memory_seq_rm(self._mem, slot.seq, reuse, -1):
+                del slot.tokens[reuse:]
+            else:  # partial removal unsupported (recurrent models): start over
+                self._forget(slot)
+                reuse = 0
+        if reuse:
+            self.stats.hits += 1
+            self.stats.tokens_reused += reuse
+        slot.gen = gen
+        slot.prefilled = reuse
+        prompt = gen.prepared.tokens
+        slot.next_token = prompt[-1] if reuse == len(prompt) - 1 else None
+        gen.prompt_cached = gen.prompt_evaluated = reuse
+        self._admissions += 1
+        slot.admitted = self._admissions
+        if self.active == 0:
+            self._busy_since = time.monotonic()
+        self.active += 1
+
+    def _forget(self, slot: Slot) -> None:
+        """Drop the slot's whole sequence from the KV cache."""
+        llama_lib.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+        slot.tokens.clear()
+
+    def _finish(
+        self, slot: Slot, reason: str | None = None, error: str | None = None, status: int = 500
+    ) -> None:
+        gen = slot.gen
+        assert gen is not None
+        slot.gen = None
+        slot.next_token = None
+        self._clock += 1
+        slot.last_used = self._clock
+        self.active -= 1
+        self.served += 1
+        gen.end(reason, error, status)
+
+    def _step(self) -> None:
+        for slot in self.slots:
+            if slot.gen is not None and slot.gen.cancel.is_set():
+                self._finish(slot, "cancelled")  # the client is gone: free the slot now
+        for slot in self.slots:
+            if slot.next_token is not None and len(slot.tokens) >= self.n_ctx:
+                self._finish(slot, "length")  # the slot is full (the max_tokens clamp prevents it)
+        decoding = [s for s in self.slots if s.gen is not None and s.next_token is not None]
+        filling = sorted(
+            (s for s in self.slots if s.gen is not None and s.next_token is None),
+            key=lambda s: s.admitted,
+        )
+        budget = self.n_batch - len(decoding)
+        if decoding:
+            budget = min(budget, self.prefill_chunk)
+        chunks: list[tuple[Slot, int]] = []
+        for s in filling:
+            if budget <= 0:
+                break
+            assert s.gen is not None
+            take = min(budget, len(s.gen.prepared.tokens) - 1 - s.prefilled)
+            chunks.append((s, take))
+            budget -= take
+        total = len(decoding) + sum(take for _, take in chunks)
+        if total == 0:
+            return
+        self._decode(decoding, chunks, total)
+
+    def _end_newest(self, why: str) -> None:
+        slot = max((s for s in self.slots if s.gen is not None), key=lambda s: s.admitted)
+        gen = slot.gen
+        assert gen is not None
+        log.warning(
+            "%s (%d requests running): ending the newest request after %d tokens",
+            why, self.active, gen.completion_tokens,
+        )
+        if gen.completion_tokens:
+            self._finish(slot, "length")
+        else:
+            self._finish(slot, error=f"{why}; retry the request", status=503)
+
+    def _decode(self, decoding: list[Slot], chunks: list[tuple[Slot, int]], total: int) -> None:
+        batch = self._batch
+        seq_id = batch.seq_id
+        i = 0
+        for s in decoding:
+            batch.token[i] = s.next_token  # type: ignore[assignment]
+            batch.pos[i] = len(s.tokens)
+            seq_id[i][0] = s.seq
+            batch.logits[i] = 1
+            i += 1
+        for s, take in chunks:
+            assert s.gen is not None
+            tokens = s.gen.prepared.tokens[s.prefilled : s.prefilled + take]
+            pos0 = len(s.tokens)
+            ctypes.memmove(self._token_addr + 4 * i, (ctypes.c_int32 * take)(*tokens), 4 * take)
+            ctypes.memmove(self._pos_addr + 4 * i, (ctypes.c_int32 * take)(*range(pos0, pos0 + take)), 4 * take)
+            ctypes.memset(self._logits_addr + i, 0, take)
+            seq = s.seq
+            for j in range(i, i + take):
+                seq_id[j][0] = seq
+            i += take
+        assert i == total <= self.n_batch
+        batch.n_tokens = total
+        rc = llama_lib.llama_decode(self._ctx, batch)
+        if rc == 1:
+            # No free cells although every slot stays within its own: nothing was stored.
+            # End the newest request and plan again rather than retry forever.
+            self._end_newest("llama.cpp found no room in the KV cache")
+            return
+        if rc != 0:
+            # Some ubatches may have landed in the KV cache: trim every slot involved back
+            # to what its token list says, and fail their requests.
+            for s in [*decoding, *(s for s, _ in chunks)]:
+                llama_lib.llama_memory_seq_rm(self._mem, s.seq, len(s.tokens), -1)
+                self._finish(s, error=f"llama_decode failed (code {rc})")
+            return
+        now = self._progress_at = time.monotonic()
+        for s, take in chunks:
+            gen = s.gen
+            assert gen is not None
+            prompt = gen.prepared.tokens
+            s.tokens.extend(prompt[s.prefilled : s.prefilled + take])
+            s.prefilled += take
+            gen.prompt_evaluated = s.prefilled
+            gen.last_token_at = now
+            if s.prefilled == len(prompt) - 1:
+                s.next_token = prompt[-1]  # decoded alone next step when nobody else runs
+        ctx = self._ctx
+        for row, s in enumerate(decoding):
+            gen = s.gen
+            assert gen is not None and s.next_token is not None
+            s.tokens.append(s.next_token)
+            gen.prompt_evaluated = gen.prompt_tokens
+            try:
+                token = gen.next_token(ctx, row)
+            except Exception as e:
+                log.exception("generation failed")
+                self._finish(s, error=f"internal error: {e}")
+                continue
+            if token is None:
+                self._finish(s)
+            else:
+                s.next_token = token

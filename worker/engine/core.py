@@ -1,0 +1,115 @@
+"""``Engine``: one loaded model, the face the server talks to."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import llama_cpp
+import llama_cpp.llama_cpp as llama_lib
+
+from worker.engine.batch import BatchLoop
+from worker.engine.generation import Generation, Pieces, Sink
+from worker.engine.load import LlamaLog, load_llama
+from worker.engine.prompt import ChatMessage, Prepared, Preparer, Sampling
+from worker.protocol import AppliedParams, LaunchSpec
+
+
+class Engine:
+    """One loaded llama.cpp model. See the package rules for threading."""
+
+    def __init__(self, spec: LaunchSpec, log: LlamaLog) -> None:
+        self.spec = spec
+        self.log = log
+        self.model_id = spec.model_alias or os.path.splitext(os.path.basename(spec.model_path))[0]
+        self._llama: llama_cpp.Llama | None = None
+        self._preparer: Preparer | None = None
+        self._pieces: Pieces | None = None
+        self.loop: BatchLoop | None = None  # the scheduler; None until loaded
+        self._abort_load = threading.Event()
+        self.n_ctx = 0  # one slot's context once loaded
+
+    # --- loading -------------------------------------------------------------------
+
+    def abort_load(self) -> None:
+        """Ask a running load() to stop at its next progress report."""
+        self._abort_load.set()
+
+    def load(self, progress: Callable[[float], None]) -> None:
+        """Load the model and start the batch loop; raises OutOfMemory, LoadCancelled or LoadError."""
+        llama = load_llama(self.spec, self.log, self._abort_load, progress)
+        self._llama = llama
+        # The batch loop drives the context itself (llama_decode + sampler chains); the
+        # Llama object's own token bookkeeping (n_tokens, input_ids) is never used.
+        ctx = llama._ctx.ctx
+        self.n_ctx = int(llama_lib.llama_n_ctx_seq(ctx))  # one slot's context
+        self._preparer = Preparer(llama, self.n_ctx)
+        self._pieces = Pieces(llama._model.vocab)
+        self.loop = BatchLoop(
+            ctx,
+            n_ctx=self.n_ctx,
+            n_batch=int(llama_lib.llama_n_batch(ctx)),
+            parallel=self.spec.parallel,
+            prefill_chunk=self.spec.prefill_chunk,
+        )
+        progress(1.0)
+
+    def applied_params(self) -> AppliedParams:
+        llama = self._require()
+        return AppliedParams(
+            model_path=self.spec.model_path,
+            n_gpu_layers=self.spec.n_gpu_layers,
+            tensor_split=self.spec.tensor_split,
+            split_mode=self.spec.split_mode,
+            main_gpu=self.spec.main_gpu,
+            n_ctx=self.n_ctx,
+            n_batch=llama.n_batch,
+            n_threads=llama.n_threads,
+            chat_format=llama.chat_format,
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            cuda_device_order=os.environ.get("CUDA_DEVICE_ORDER"),
+            llama_cpp_version=llama_cpp.__version__,
+            gpu_offload_supported=bool(llama_lib.llama_supports_gpu_offload()),
+            parallel=self.spec.parallel,
+            prefill_chunk=self.spec.prefill_chunk,
+        )
+
+    def close(self) -> None:
+        """Stop the batch loop (running generations end "cancelled"), then free the model."""
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None
+
+    def _require(self) -> llama_cpp.Llama:
+        if self._llama is None:
+            raise RuntimeError("the model is not loaded")
+        return self._llama
+
+    # --- preparing requests (any thread) ----------------------------------------------
+
+    def prepare_chat(self, messages: list[ChatMessage], sampling: Sampling) -> Prepared:
+        self._require()
+        assert self._preparer is not None
+        return self._preparer.prepare_chat(messages, sampling)
+
+    def prepare_completion(self, prompt: str | list[int], sampling: Sampling) -> Prepared:
+        self._require()
+        assert self._preparer is not None
+        return self._preparer.prepare_completion(prompt, sampling)
+
+    # --- generating --------------------------------------------------------------------
+
+    def generation(self, prepared: Prepared, cancel: threading.Event) -> Generation:
+        """A generation: iterate it for text, or hand it to ``start`` with a sink."""
+        self._require()
+        assert self.loop is not None and self._pieces is not None
+        return Generation(prepared, cancel, self._pieces, self.loop.submit)
+
+    def start(self, gen: Generation, sink: Sink) -> None:
+        """Queue ``gen``; the batch loop calls ``sink`` from its thread as it runs."""
+        assert self.loop is not None
+        self.loop.submit(gen, sink)

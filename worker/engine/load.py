@@ -1,0 +1,201 @@
+"""Loading: llama.cpp's log, the model and its context.
+
+``load_llama`` builds the ``Llama`` object (used afterwards only for chat templates and
+tokenizing) with a context of ``spec.parallel`` sequences, each with a KV cache of its
+own of ``spec.n_ctx`` cells (llama.cpp's non-unified KV: ``n_ctx * parallel`` cells in
+all, one stream per sequence).
+
+Why not one unified cache shared by all slots (llama-server's default, less memory)?
+There a sequence's cells land wherever cells are free, next to other slots' cached
+prompts, and the CPU kernels sum attention terms in SIMD lanes by cell index: the same
+greedy request served alone then gave different text depending on what the other slots
+had cached (measured here: JSON-mode output ran to max_tokens instead of closing). With
+a stream per sequence a slot's cells always start at cell 0, as with ``parallel`` 1, so
+a request served alone decodes exactly as it would on a one-slot worker; and a slot can
+never run out of cells because of the others. The price is KV memory growing with
+``parallel``, which the planner counts (supervisor/planner.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import llama_cpp
+import llama_cpp._internals
+import llama_cpp.llama
+import llama_cpp.llama_cpp as llama_lib
+from llama_cpp import llama_chat_format
+
+from worker.protocol import LLAMA_LOG_PREFIX, LaunchSpec, is_oom_line
+
+_SPLIT_MODES = {
+    "none": llama_lib.LLAMA_SPLIT_MODE_NONE,
+    "layer": llama_lib.LLAMA_SPLIT_MODE_LAYER,
+    "row": llama_lib.LLAMA_SPLIT_MODE_ROW,
+}
+
+
+class LoadError(Exception):
+    """The model could not be loaded (reason in the message)."""
+
+
+class OutOfMemory(LoadError):
+    """Loading failed and llama.cpp logged out-of-memory lines."""
+
+
+class LoadCancelled(LoadError):
+    """Loading was aborted on purpose (the worker is stopping)."""
+
+
+# ggml_log_level in the llama.cpp that llama-cpp-python 0.3.36 vendors.
+_LOG_DEBUG = 1
+_LOG_CONT = 5  # continues the previous message
+
+
+class LlamaLog:
+    """Receives llama.cpp / ggml log text from any thread.
+
+    Text arrives in fragments (and as CONT continuations), so it is buffered until a
+    newline; each whole line goes to ``stream`` with LLAMA_LOG_PREFIX, except DEBUG lines
+    (thousands per load: one per tensor). Every line, DEBUG included, is checked for
+    out-of-memory messages: the worker's exit code depends on them.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._buf = ""
+        self._buf_level = 0
+        self._lock = threading.Lock()
+        self.oom_lines: list[str] = []
+        # Keep a reference: llama.cpp holds only the raw function pointer.
+        self._callback = llama_lib.llama_log_callback(self._on_log)
+
+    def install(self) -> None:
+        llama_lib.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
+        # An exception escaping a ctypes callback is printed and swallowed; never raise.
+        try:
+            if not text:
+                return
+            chunk = text.decode("utf-8", errors="replace")
+            with self._lock:
+                if not self._buf and level != _LOG_CONT:
+                    self._buf_level = level
+                self._buf += chunk
+                if "\n" not in self._buf:
+                    return
+                *lines, self._buf = self._buf.split("\n")
+                for line in lines:
+                    self._line(line, self._buf_level)
+                if level != _LOG_CONT:
+                    self._buf_level = level
+        except Exception:
+            pass
+
+    def _line(self, line: str, level: int) -> None:
+        if is_oom_line(line):
+            self.oom_lines.append(line)
+        elif level == _LOG_DEBUG:
+            return
+        stream = self._stream if self._stream is not None else sys.stderr
+        stream.write(f"{LLAMA_LOG_PREFIX}{line}\n")
+        stream.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._buf:
+                line, self._buf = self._buf, ""
+                self._line(line, self._buf_level)
+
+
+class _NoRedirect:
+    """Replacement for llama_cpp's suppress_stdout_stderr.
+
+    With verbose=False llama-cpp-python dup2()s /dev/null over fds 1 and 2 for the whole
+    process while it loads; that would swallow our own log lines (and the HTTP server's)
+    from other threads. Our log callback already decides what reaches stderr.
+    """
+
+    def __init__(self, disable: bool = True) -> None:
+        pass
+
+    def __enter__(self) -> _NoRedirect:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+for _mod in (llama_cpp.llama, llama_cpp._internals, llama_chat_format):
+    if hasattr(_mod, "suppress_stdout_stderr"):
+        setattr(_mod, "suppress_stdout_stderr", _NoRedirect)
+
+
+def load_llama(
+    spec: LaunchSpec, log: LlamaLog, abort: threading.Event, progress: Callable[[float], None]
+) -> llama_cpp.Llama:
+    """Load the model; raises OutOfMemory, LoadCancelled or LoadError."""
+
+    def on_progress(value: float, _user_data: ctypes.c_void_p) -> bool:
+        try:
+            progress(float(value))
+        except Exception:
+            pass
+        return not abort.is_set()  # False aborts the load
+
+    progress_cb = llama_lib.llama_progress_callback(on_progress)
+    # Llama() builds its llama_model_params and llama_context_params itself and offers
+    # neither a progress hook nor n_seq_max / kv_unified, so we wrap the default-params
+    # factories it calls for the duration of the constructor. Nothing else calls them
+    # meanwhile: the load is the only llama.cpp work running.
+    model_defaults = llama_lib.llama_model_default_params
+    context_defaults = llama_lib.llama_context_default_params
+
+    def model_params() -> Any:
+        params = model_defaults()
+        params.progress_callback = progress_cb
+        return params
+
+    def context_params() -> Any:
+        params = context_defaults()
+        params.n_seq_max = spec.parallel
+        params.kv_unified = False  # one stream of n_ctx cells per sequence (see above)
+        return params
+
+    kwargs: dict[str, Any] = {
+        "n_gpu_layers": spec.n_gpu_layers,
+        "split_mode": _SPLIT_MODES[spec.split_mode],
+        "main_gpu": spec.main_gpu,
+        "tensor_split": spec.tensor_split,
+        # llama.cpp divides n_ctx among the sequences.
+        "n_ctx": spec.n_ctx * spec.parallel,
+        "n_batch": spec.n_batch,
+        "flash_attn": spec.flash_attn,
+        "chat_format": spec.chat_format,
+        "verbose": False,
+    }
+    if spec.n_threads is not None:
+        kwargs["n_threads"] = spec.n_threads
+        kwargs["n_threads_batch"] = spec.n_threads
+    llama_lib.llama_model_default_params = model_params
+    llama_lib.llama_context_default_params = context_params
+    try:
+        llama = llama_cpp.Llama(spec.model_path, **kwargs)
+    except Exception as e:
+        log.flush()
+        if abort.is_set():
+            raise LoadCancelled("model load aborted: the worker is stopping") from None
+        if log.oom_lines:
+            raise OutOfMemory(f"out of memory while loading: {log.oom_lines[-1]}") from None
+        raise LoadError(f"llama.cpp could not load {spec.model_path}: {e}") from None
+    finally:
+        llama_lib.llama_model_default_params = model_defaults
+        llama_lib.llama_context_default_params = context_defaults
+    log.flush()
+    return llama

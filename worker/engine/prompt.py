@@ -1,0 +1,209 @@
+"""Prompt preparation: chat template, tokenizing and validating a request's settings.
+
+Preparing reads only the vocabulary and the chat template, never the context, so it runs
+in a helper thread while the batch loop decodes. A client mistake that needs the model to
+detect (a token id out of range, a prompt longer than the context, a JSON schema llama.cpp
+cannot turn into a grammar) raises ``InvalidInput`` or ``PromptTooLong``; nothing here
+knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, cast
+
+import llama_cpp
+import llama_cpp.llama_cpp as llama_lib
+from llama_cpp import llama_chat_format
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+
+class InvalidInput(Exception):
+    """A request the model cannot serve as asked; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class PromptTooLong(Exception):
+    def __init__(self, n_prompt: int, n_ctx: int) -> None:
+        super().__init__(f"prompt of {n_prompt} tokens does not fit a context of {n_ctx}")
+        self.n_prompt = n_prompt
+        self.n_ctx = n_ctx
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a request asks of one generation (already shape-validated by the server)."""
+
+    max_tokens: int | None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    json_mode: bool = False  # constrain the output to JSON
+    json_schema: dict[str, Any] | None = None  # ... matching this schema
+
+
+@dataclass
+class Prepared:
+    """A request turned into tokens and sampler settings, ready to generate."""
+
+    tokens: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stop: tuple[str, ...]
+    grammar: LlamaGrammar | None
+    logit_bias: dict[int, float] | None
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class _Captured(Exception):
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        super().__init__("captured")
+        self.kwargs = kwargs
+
+
+class _CaptureLlama:
+    """Stands in for Llama when calling llama-cpp-python's chat handler.
+
+    The handler renders the chat template, tokenizes and then calls create_completion;
+    we capture that call's arguments (prompt tokens and the format's stop strings)
+    instead of generating, so every chat format the library knows works unchanged and
+    generation stays in our own loop (cancellable per token).
+    """
+
+    def __init__(self, llama: llama_cpp.Llama) -> None:
+        self._llama = llama
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llama, name)
+
+    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            kwargs["prompt"] = args[0]
+        raise _Captured(kwargs)
+
+
+class Preparer:
+    """Turns requests into ``Prepared`` for one loaded model (thread-safe: reads only)."""
+
+    def __init__(self, llama: llama_cpp.Llama, n_ctx: int) -> None:
+        self._llama = llama
+        self._n_ctx = n_ctx  # one slot's context (each sequence has its own cells)
+
+    def prepare_chat(self, messages: list[ChatMessage], sampling: Sampling) -> Prepared:
+        llama = self._llama
+        handler = (
+            llama.chat_handler
+            or llama._chat_handlers.get(llama.chat_format or "")
+            or llama_chat_format.get_chat_completion_handler(llama.chat_format or "")
+        )
+        dicts: list[dict[str, Any]] = []
+        for m in messages:
+            # Chat templates know system/user/assistant/tool; "developer" is OpenAI's new
+            # name for system.
+            d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                                 "content": m.content}
+            if m.name is not None:
+                d["name"] = m.name
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            dicts.append(d)
+        try:
+            handler(llama=cast(Any, _CaptureLlama(llama)), messages=cast(Any, dicts), stream=False)
+        except _Captured as c:
+            captured = c.kwargs
+        except Exception as e:  # the template rejected the conversation (jinja raise_exception)
+            raise InvalidInput(f"the chat template rejected the messages: {e}", "messages") from None
+        else:
+            raise RuntimeError("the chat handler returned without calling create_completion")
+        prompt: Any = captured.get("prompt")
+        if isinstance(prompt, str):
+            prompt = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        fmt_stop = captured.get("stop") or []
+        if isinstance(fmt_stop, str):
+            fmt_stop = [fmt_stop]
+        stop = tuple(dict.fromkeys([*sampling.stop, *fmt_stop]))
+        return self._prepare(list(prompt), sampling, stop, "messages")
+
+    def prepare_completion(self, prompt: str | list[int], sampling: Sampling) -> Prepared:
+        llama = self._llama
+        if isinstance(prompt, str):
+            tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        else:
+            n_vocab = llama.n_vocab()
+            for i, t in enumerate(prompt):
+                if not 0 <= t < n_vocab:
+                    raise InvalidInput(
+                        f"token id {t} is outside the vocabulary (0..{n_vocab - 1})", f"prompt[{i}]"
+                    )
+            tokens = list(prompt)
+        return self._prepare(tokens, sampling, sampling.stop, "prompt")
+
+    def _prepare(
+        self, tokens: list[int], sampling: Sampling, stop: tuple[str, ...], what: str
+    ) -> Prepared:
+        llama = self._llama
+        n_ctx = self._n_ctx
+        if not tokens:
+            raise InvalidInput(f"{what} must not be empty", what)
+        # Need at least one free slot to generate into.
+        if len(tokens) >= n_ctx:
+            raise PromptTooLong(len(tokens), n_ctx)
+        room = n_ctx - len(tokens)
+        max_tokens = min(sampling.max_tokens, room) if sampling.max_tokens else room
+        bias: dict[int, float] | None = None
+        if sampling.logit_bias:
+            n_vocab = llama.n_vocab()
+            bias = {}
+            for key, value in sampling.logit_bias.items():
+                tid = int(key)
+                if not 0 <= tid < n_vocab:
+                    raise InvalidInput(
+                        f"logit_bias token id {tid} is outside the vocabulary (0..{n_vocab - 1})",
+                        "logit_bias",
+                    )
+                bias[tid] = value
+        grammar = self._grammar(sampling)
+        return Prepared(tokens, sampling, max_tokens, stop, grammar, bias)
+
+    def _grammar(self, sampling: Sampling) -> LlamaGrammar | None:
+        if sampling.json_schema is not None:
+            param = "response_format.json_schema.schema"
+            try:
+                grammar = LlamaGrammar.from_json_schema(json.dumps(sampling.json_schema), verbose=False)
+            except Exception as e:
+                raise InvalidInput(f"unsupported JSON schema: {e}", param) from None
+        elif sampling.json_mode:
+            param = "response_format"
+            grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        else:
+            return None
+        # A grammar llama.cpp cannot parse gives a NULL sampler, which would crash the
+        # generation later; try it here, where it is still a client error.
+        vocab = self._llama._model.vocab
+        sampler = llama_lib.llama_sampler_init_grammar(
+            vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+        )
+        if not sampler:
+            raise InvalidInput("llama.cpp could not compile a grammar for this schema", param)
+        llama_lib.llama_sampler_free(sampler)
+        return grammar

@@ -69,6 +69,18 @@ class _ManagerCollector(Collector):
         for kind, n in sorted(mgr.counters.restarts_by_kind.items()):
             c.add_metric([kind], n)
         yield c
+        h = mgr.worker_health
+        if h is not None:  # the worker's prompt caches (counters restart with the worker)
+            for name, doc, value, kind in (
+                ("prompt_cache_hits", "Requests that reused a slot's cached prompt", h.cache_hits, "c"),
+                ("prompt_cache_tokens_reused", "Prompt tokens reused from slots", h.cache_tokens_reused, "c"),
+                ("ram_cache_entries", "KV snapshots in the host-RAM cache", h.ram_cache_entries, "g"),
+                ("ram_cache_bytes", "Bytes of KV snapshots in the host-RAM cache", h.ram_cache_bytes, "g"),
+                ("ram_cache_hits", "Requests restored from the host-RAM cache", h.ram_cache_hits, "c"),
+                ("ram_cache_tokens_saved", "Prompt tokens restored from RAM", h.ram_cache_tokens_saved, "c"),
+            ):
+                family = CounterMetricFamily if kind == "c" else GaugeMetricFamily
+                yield family(f"vram_llm_{name}", doc, value=value)
 
 
 async def _health(request: web.Request) -> web.Response:

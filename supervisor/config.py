@@ -48,7 +48,8 @@ class ModelSection(_Section):
     chat_format: str = ""  # empty: the chat template in the GGUF metadata
     flash_attn: bool = False
     parallel: PositiveInt = 4  # requests generated at once (slots sharing one KV cache)
-    prefill_chunk: PositiveInt = 128  # prompt tokens per step while others generate
+    prefill_chunk: PositiveInt = 64  # prompt tokens per step while others generate (docs/benchmarks.md)
+    cache_ram_mib: NonNegInt = 1024  # host RAM for earlier prompts' KV snapshots; 0: none
 
 
 class ServerSection(_Section):

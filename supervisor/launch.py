@@ -53,6 +53,7 @@ def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str) -> Laun
         flash_attn=p.flash_attn,
         parallel=m.parallel,
         prefill_chunk=m.prefill_chunk,
+        cache_ram_mib=m.cache_ram_mib,
     )
 
 

@@ -246,6 +246,11 @@ class WorkerManager:
     def launch(self) -> Launch | None:
         return self._launch
 
+    @property
+    def worker_health(self) -> Health | None:
+        """The running worker's last /health answer (None before its first)."""
+        return self._run.last_health if self._run is not None else None
+
     def snapshot(self) -> dict[str, Any]:
         """Everything /status shows about the worker (GPU readings are added by app)."""
         run = self._run
@@ -267,6 +272,12 @@ class WorkerManager:
                 worker["requests_served"] = run.last_health.requests_served
                 worker["cache_hits"] = run.last_health.cache_hits
                 worker["cache_tokens_reused"] = run.last_health.cache_tokens_reused
+                worker["ram_cache"] = {
+                    "entries": run.last_health.ram_cache_entries,
+                    "bytes": run.last_health.ram_cache_bytes,
+                    "hits": run.last_health.ram_cache_hits,
+                    "tokens_saved": run.last_health.ram_cache_tokens_saved,
+                }
             if run.psproc is not None:
                 with contextlib.suppress(psutil.Error):
                     with run.psproc.oneshot():

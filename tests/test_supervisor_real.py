@@ -162,6 +162,21 @@ def _worker_health(sup: Supervisor) -> dict[str, Any]:
     return body
 
 
+def test_prompt_cache_counters_in_status_and_metrics(sup: Supervisor, client: openai.OpenAI) -> None:
+    import httpx
+
+    prompt = "A question about the moon, asked twice by the same user: how far is it?"
+    client.completions.create(model="any", prompt=prompt, max_tokens=2)
+    client.completions.create(model="any", prompt=prompt, max_tokens=2)
+    worker = poll(lambda: (w := sup.status()["worker"]).get("cache_hits") and w, 30,
+                  "the worker's cache counters in /status")
+    assert worker["cache_tokens_reused"] > 0
+    assert set(worker["ram_cache"]) == {"entries", "bytes", "hits", "tokens_saved"}
+    metrics = httpx.get(sup.base + "/metrics", timeout=10).text
+    for name in ("vram_llm_prompt_cache_hits_total", "vram_llm_ram_cache_bytes"):
+        assert any(line.startswith(name + " ") for line in metrics.splitlines()), name
+
+
 def test_client_disconnect_stops_the_generation(sup: Supervisor, client: openai.OpenAI) -> None:
     stream = client.completions.create(
         model="any", prompt="Once upon a time, in a land far away,", max_tokens=2000, stream=True

@@ -246,3 +246,42 @@ def test_full_slots_end_with_length_and_do_not_disturb_each_other(small: Engine)
     again = small.generation(small.prepare_completion("Still alive?", Sampling(max_tokens=2)), threading.Event())
     list(again)
     assert again.completion_tokens == 2
+
+
+# --- the host-RAM cache -----------------------------------------------------------------------
+
+
+def test_ram_cache_bookkeeping_budget_recency_and_prefixes() -> None:
+    from worker.engine.ramcache import RamCache
+
+    cache = RamCache(budget_bytes=100)
+    assert cache.put([1, 2, 3], b"x" * 40)
+    assert cache.put([1, 2, 3, 4, 5], b"y" * 40)  # holds all of [1, 2, 3]: replaces it
+    assert (cache.stats.entries, cache.stats.bytes) == (1, 40)
+    assert cache.put([9, 8], b"z" * 40)
+    found = cache.best([1, 2, 3, 4, 7])
+    assert found is not None and found[0] == 4 and found[1].tokens == [1, 2, 3, 4, 5]
+    cache.used(found[1], 4)  # now [9, 8] is the least recently used
+    assert cache.put([5, 5, 5], b"w" * 40)  # 120 > 100 bytes: the LRU entry goes
+    assert cache.best([9, 8]) is None
+    assert (cache.stats.entries, cache.stats.bytes, cache.stats.hits, cache.stats.tokens_saved) == (2, 80, 1, 4)
+    assert not cache.put([7], b"v" * 101)  # bigger than the whole budget
+
+
+def test_a_conversation_evicted_from_its_slot_is_restored_from_ram() -> None:
+    eng = load(parallel=1, cache_ram_mib=64)
+    try:
+        assert eng.loop is not None and eng.loop.ram is not None
+        ram = eng.loop.ram.stats
+        conversation = "A long talk about lighthouses, their keepers and the sea. " * 4 + "Tell me more:"
+        cold = greedy(eng, conversation, 12)
+        greedy(eng, "Another user asks about baking bread at home.", 4)  # takes the only slot
+        assert ram.entries == 1
+        gen = eng.generation(eng.prepare_completion(conversation, Sampling(max_tokens=12, temperature=0.0)),
+                             threading.Event())
+        warm = "".join(gen)
+        assert (ram.hits, ram.tokens_saved) == (1, gen.prompt_cached)
+        assert gen.prompt_cached == gen.prompt_tokens - 1
+        assert warm == cold  # a restored KV decodes exactly like a computed one
+    finally:
+        eng.close()

@@ -1,4 +1,4 @@
-"""The generation loop (worker/engine.py) on the real SmolLM2 model, in-process.
+"""The generation loop (worker/engine/) on the real SmolLM2 model, in-process.
 
 The engine is driven directly (no HTTP): each test checks one property of the loop on
 llama.cpp's C API (stop strings, UTF-8 across tokens, sampler chain, prefix cache,

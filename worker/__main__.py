@@ -76,6 +76,8 @@ def load_spec(path: str) -> LaunchSpec:
         problems.append("parallel must be between 1 and n_batch (one token per slot per step)")
     if spec.prefill_chunk < 1:
         problems.append("prefill_chunk must be >= 1")
+    if spec.cache_ram_mib < 0:
+        problems.append("cache_ram_mib must be >= 0")
     if spec.n_gpu_layers < -1:
         problems.append("n_gpu_layers must be >= -1")
     if spec.tensor_split is not None and any(x < 0 for x in spec.tensor_split):

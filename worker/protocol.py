@@ -86,7 +86,9 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     parallel: int = 4
     # Prompt tokens one decode step takes while other requests are generating: bounds
     # the pause a newcomer's prompt causes in running streams.
-    prefill_chunk: int = 128
+    prefill_chunk: int = 64
+    # Host RAM (MiB) for snapshots of earlier prompts' KV (0: none).
+    cache_ram_mib: int = 1024
 
 
 class AppliedParams(msgspec.Struct, kw_only=True):
@@ -128,6 +130,12 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     # the prompt tokens they did not evaluate again.
     cache_hits: int = 0
     cache_tokens_reused: int = 0
+    # The host-RAM cache of KV snapshots: entries, their bytes, requests restored from
+    # it and the prompt tokens they did not evaluate again.
+    ram_cache_entries: int = 0
+    ram_cache_bytes: int = 0
+    ram_cache_hits: int = 0
+    ram_cache_tokens_saved: int = 0
 
 
 health_decoder = msgspec.json.Decoder(Health)

@@ -242,6 +242,14 @@ class WorkerServer:
                 cache_hits=loop.stats.hits,
                 cache_tokens_reused=loop.stats.tokens_reused,
             )
+            if loop.ram is not None:
+                ram = loop.ram.stats
+                common.update(
+                    ram_cache_entries=ram.entries,
+                    ram_cache_bytes=ram.bytes,
+                    ram_cache_hits=ram.hits,
+                    ram_cache_tokens_saved=ram.tokens_saved,
+                )
         if not self.ready:
             body = Health(status="loading", progress=round(self.progress, 4), **common)
             return _json_response(encoder.encode(body), 503)

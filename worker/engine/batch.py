@@ -37,15 +37,20 @@ from typing import Any
 import llama_cpp.llama_cpp as llama_lib
 
 from worker.engine.generation import Generation, Sink
-from worker.engine.slots import CacheStats, Slot, pick_slot
+from worker.engine.ramcache import RamCache, restore, snapshot
+from worker.engine.slots import _MIN_REUSE, CacheStats, Slot, pick_slot
 
 log = logging.getLogger("worker")
 
 _CLOSE_WAIT_S = 30.0
+# A slot's cache shorter than this is not worth a snapshot in the RAM cache.
+_MIN_SNAPSHOT_TOKENS = 16
 
 
 class BatchLoop:
-    def __init__(self, ctx: Any, n_ctx: int, n_batch: int, parallel: int, prefill_chunk: int) -> None:
+    def __init__(
+        self, ctx: Any, n_ctx: int, n_batch: int, parallel: int, prefill_chunk: int, cache_ram_bytes: int = 0
+    ) -> None:
         if not 1 <= parallel <= n_batch:
             raise ValueError(f"parallel ({parallel}) must be between 1 and n_batch ({n_batch})")
         self._ctx = ctx
@@ -67,6 +72,7 @@ class BatchLoop:
         self._admissions = 0
         # Counters: written by the loop thread only, read by /health.
         self.stats = CacheStats()
+        self.ram = RamCache(cache_ram_bytes) if cache_ram_bytes > 0 else None
         self.served = 0
         self.active = 0
         self._busy_since = 0.0
@@ -167,18 +173,39 @@ class BatchLoop:
         return admitted
 
     def _assign(self, slot: Slot, gen: Generation, reuse: int) -> None:
+        prompt = gen.prepared.tokens
+        restored = False
+        found = self.ram.best(prompt[:-1]) if self.ram is not None else None
+        if found is not None and found[0] > max(reuse, _MIN_REUSE - 1):
+            # An earlier conversation in RAM shares more than any slot: load it instead
+            # of recomputing, after saving what this slot held.
+            n, entry = found
+            self._save(slot)
+            if restore(self._ctx, slot.seq, entry.data) and (
+                llama_lib.llama_memory_seq_pos_max(self._mem, slot.seq) == len(entry.tokens) - 1
+            ):
+                slot.tokens = list(entry.tokens)
+                reuse = n
+                restored = True
+                assert self.ram is not None
+                self.ram.used(entry, n)
+            else:
+                log.warning("restoring a %d-token snapshot failed: evaluating the prompt", len(entry.tokens))
+                self._forget(slot)
+                reuse = 0
+        elif reuse < len(slot.tokens):
+            self._save(slot)  # its cached prompt is about to be overwritten
         if reuse < len(slot.tokens):
             if llama_lib.llama_memory_seq_rm(self._mem, slot.seq, reuse, -1):
                 del slot.tokens[reuse:]
             else:  # partial removal unsupported (recurrent models): start over
                 self._forget(slot)
                 reuse = 0
-        if reuse:
+        if reuse and not restored:
             self.stats.hits += 1
             self.stats.tokens_reused += reuse
         slot.gen = gen
         slot.prefilled = reuse
-        prompt = gen.prepared.tokens
         slot.next_token = prompt[-1] if reuse == len(prompt) - 1 else None
         gen.prompt_cached = gen.prompt_evaluated = reuse
         self._admissions += 1
@@ -186,6 +213,14 @@ class BatchLoop:
         if self.active == 0:
             self._busy_since = time.monotonic()
         self.active += 1
+
+    def _save(self, slot: Slot) -> None:
+        """Keep the slot's cached prompt in the RAM cache before it is overwritten."""
+        if self.ram is None or len(slot.tokens) < _MIN_SNAPSHOT_TOKENS:
+            return
+        data = snapshot(self._ctx, slot.seq)
+        if data is not None:
+            self.ram.put(slot.tokens, data)
 
     def _forget(self, slot: Slot) -> None:
         """Drop the slot's whole sequence from the KV cache."""

@@ -52,6 +52,7 @@ class Engine:
             n_batch=int(llama_lib.llama_n_batch(ctx)),
             parallel=self.spec.parallel,
             prefill_chunk=self.spec.prefill_chunk,
+            cache_ram_bytes=self.spec.cache_ram_mib * 2**20,
         )
         progress(1.0)
 

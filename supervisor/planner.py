@@ -10,12 +10,14 @@ Rules for this module:
   shipped that bug at least once.
 - The estimate mirrors how llama.cpp places tensors (llama-model.cpp, load_tensors):
   * the input layer (token_embd) always stays on the CPU;
-  * with n_gpu_layers = k the LAST k repeating layers go to GPUs; the output layer counts
-    as layer n_layer and is offloaded only when k > n_layer (we then send -1 = all);
+  * the output layer counts as layer n_layer, and n_gpu_layers = k puts the LAST k of the
+    n_layer + 1 layers on GPUs (i_gpu_start = n_layer + 1 - k): the output layer goes first,
+    k = 1 offloads only it, and k = n_layer + 1 is everything (we then send -1 = all);
   * layer il of the offloaded range goes to the device whose cumulative, normalised
     tensor_split first exceeds (il - i_gpu_start) / act_gpu_layers (std::upper_bound);
   * split_mode none uses only main_gpu; row splits each matrix by rows across the GPUs
     and keeps KV cache and scratch buffers on main_gpu.
+  (llama.cpp as llama-cpp-python 0.3.36 vendors it.)
   All constants of the estimate live in the block below; a GPU check calibrates them.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -191,25 +194,31 @@ def compute_bytes(model: ModelFacts, n_ctx: int, n_batch: int, flash_attn: bool,
     return int((base + max(attn, ffn, logits)) * COMPUTE_SLACK)
 
 
+def _f32(x: float) -> float:
+    """x rounded to a C float: llama.cpp does the split arithmetic in float."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
 def assign_layers(n_layer: int, n_gpu_layers: int, split: Sequence[float]) -> list[int | None]:
     """llama.cpp's placement: device index (into split) per layer 0..n_layer, the last
-    entry being the output layer; None = CPU."""
+    entry being the output layer; None = CPU. The arithmetic is float32 as in llama.cpp
+    (the shares reach it as C floats), so a layer on a split boundary lands where it will."""
     n_dev = len(split)
-    total = sum(split)
     out: list[int | None] = [None] * (n_layer + 1)
-    if n_dev == 0 or n_gpu_layers <= 0 or total <= 0:
+    if n_dev == 0 or n_gpu_layers <= 0 or sum(split) <= 0:
         return out
     cum: list[float] = []
     acc = 0.0
-    for s in split:
-        acc += s
-        cum.append(acc / total)
-    i_gpu_start = max(n_layer - n_gpu_layers, 0)
+    for sp in split:
+        acc = _f32(acc + _f32(sp))
+        cum.append(acc)
+    cum = [_f32(c / acc) for c in cum]
+    i_gpu_start = max(n_layer + 1 - n_gpu_layers, 0)
     act = min(n_gpu_layers, n_layer + 1)
     for il in range(n_layer + 1):
         if il < i_gpu_start or il - i_gpu_start >= act:
             continue
-        out[il] = min(bisect.bisect_right(cum, (il - i_gpu_start) / act), n_dev - 1)
+        out[il] = min(bisect.bisect_right(cum, _f32((il - i_gpu_start) / act)), n_dev - 1)
     return out
 
 
@@ -430,8 +439,9 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
         fixed_room = [max(c.usable - CUDA_CONTEXT_MIB, 0) for c in cands]
         split = _round_split([float(r) for r in fixed_room]) if s.split_mode != "none" else (1.0,)
         top = model.n_layers + 1
-        if s.max_gpu_layers is not None and s.max_gpu_layers <= model.n_layers:
-            top = s.max_gpu_layers
+        if s.max_gpu_layers is not None and s.max_gpu_layers < model.n_layers:
+            # The cap counts repeating layers; n_gpu_layers also counts the output layer.
+            top = s.max_gpu_layers + 1 if s.max_gpu_layers > 0 else 0
 
         fit = s.fit_params
         if fit is not None:
@@ -470,11 +480,11 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
                 cands = []
             elif ngl < model.n_layers + 1:
                 if s.max_gpu_layers is not None and ngl == top:
-                    notes.append(f"GPU layers capped at {top} (out-of-memory fallback)")
+                    notes.append(f"GPU layers capped at {s.max_gpu_layers} (out-of-memory fallback)")
                 else:
                     notes.append(
-                        f"partial offload: {min(ngl, model.n_layers)} of {model.n_layers} layers fit on the GPUs"
-                        + ("; the output layer stays on the CPU" if ngl <= model.n_layers else "")
+                        f"partial offload: {ngl - 1} of {model.n_layers} layers fit on the GPUs, "
+                        "with the output layer (llama.cpp offloads it first)"
                     )
     elif gpus:
         notes.append("no GPU can be used; planning for CPU only")

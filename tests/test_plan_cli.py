@@ -25,10 +25,16 @@ _SCRIPT = Path(sys.executable).parent / "vram-llm"
 VRAM_LLM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "supervisor.cli"]
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # The console script's own sys.path would find the editable install's checkout (which may
+    # be another worktree): put this checkout first.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.run(
         [*VRAM_LLM, *args], capture_output=True, text=True, timeout=120,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": path, **(env or {})},
     )
 
 
@@ -91,7 +97,7 @@ def test_devices_subset_and_split_none() -> None:
 
 def test_partial_offload() -> None:
     out = plan_json("--simulate-gpus", sim("tiny"))
-    assert 0 < out["n_gpu_layers"] < 30 and out["offloaded_layers"] == out["n_gpu_layers"]
+    assert 0 < out["n_gpu_layers"] < 30 and out["offloaded_layers"] == out["n_gpu_layers"] - 1 and out["output_on_gpu"]
 
 
 def test_no_gpu_in_inventory() -> None:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -47,7 +49,59 @@ def used(p: Plan) -> list[int]:
     return [g.index for g in sorted(p.gpus, key=lambda g: g.cuda_index or 0) if g.excluded_reason is None]
 
 
+def llama_cpp_placement(n_layer: int, n_gpu_layers: int, tensor_split: Sequence[float]) -> list[int | None]:
+    """llama.cpp's own layer placement, written from its source independently of the planner:
+    src/llama-model.cpp, llama_model_base::load_tensors, as llama-cpp-python 0.3.36 vendors it.
+    Per layer 0..n_layer (n_layer = the output layer) the CUDA device it lands on; None: CPU.
+
+        n_gpu_layers = params.n_gpu_layers >= 0 ? params.n_gpu_layers : n_layer_all + 1
+        splits[i] = cumulative sum of tensor_split (float), then divided by the total
+        i_gpu_start = max(n_layer_all + 1 - n_gpu_layers, 0)
+        act_gpu_layers = min(n_gpu_layers, n_layer_all + 1)
+        layer il: CPU if il < i_gpu_start or il - i_gpu_start >= act_gpu_layers, else device
+                  upper_bound(splits, float(il - i_gpu_start) / act_gpu_layers)
+    """
+    ngl = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
+    if ngl == 0 or not tensor_split:
+        return [None] * (n_layer + 1)
+    assert any(x != 0 for x in tensor_split)  # all zero would split by free memory
+    splits = np.zeros(len(tensor_split), dtype=np.float32)
+    split_sum = np.float32(0)
+    for i, x in enumerate(tensor_split):
+        split_sum = np.float32(split_sum + np.float32(x))
+        splits[i] = split_sum
+    splits = (splits / split_sum).astype(np.float32)
+    i_gpu_start = max(n_layer + 1 - ngl, 0)
+    act = min(ngl, n_layer + 1)
+    out: list[int | None] = []
+    for il in range(n_layer + 1):
+        if il < i_gpu_start or il - i_gpu_start >= act:
+            out.append(None)
+        else:
+            out.append(int(np.searchsorted(splits, np.float32(il - i_gpu_start) / np.float32(act), side="right")))
+    return out
+
+
+def check_llama_cpp_agrees(p: Plan) -> None:
+    """The plan's per-GPU layers are what llama.cpp does with the plan's tensor_split."""
+    # split mode none: llama.cpp keeps only main_gpu, which is then its device 0
+    split = [1.0] if p.split_mode == "none" and not p.cpu_only else p.tensor_split
+    placement = llama_cpp_placement(p.model.n_layers, p.n_gpu_layers, split)
+    visible = {g.cuda_index: g for g in p.gpus if g.cuda_index is not None}
+    if not p.cpu_only and p.split_mode != "none":
+        assert sorted(visible) == list(range(len(p.tensor_split)))
+    for cuda, g in visible.items():
+        if p.split_mode == "none":  # llama.cpp keeps main_gpu only: device 0 of the placement
+            dev = 0 if cuda == p.main_gpu else -1
+        else:
+            dev = cuda
+        assert g.layers == sum(1 for d in placement[:-1] if d == dev), (g, placement)
+        if p.split_mode == "layer":  # row: the estimate keeps the logits on main_gpu
+            assert g.has_output == (placement[-1] == dev), (g, placement)
+
+
 def check_invariants(p: Plan) -> None:
+    check_llama_cpp_agrees(p)
     for g in p.gpus:
         if g.excluded_reason is None and p.source == "vram-llm":
             assert g.planned_mib <= g.usable_mib, g
@@ -154,7 +208,8 @@ def test_partial_offload(smol: ModelFacts) -> None:
     p = plan(gpus("tiny"), smol, PlanSettings())
     check_invariants(p)
     assert 0 < p.offloaded_layers < 30
-    assert p.n_gpu_layers == p.offloaded_layers and not p.output_on_gpu
+    # llama.cpp offloads the output layer first: n_gpu_layers counts it
+    assert p.n_gpu_layers == p.offloaded_layers + 1 and p.output_on_gpu
     assert any("partial offload" in n for n in p.notes)
     # One more layer would not fit: the plan is the largest that does.
     bigger = plan(gpus("tiny"), smol, PlanSettings(reserve_mib=1024 - 20))
@@ -234,7 +289,8 @@ def test_ladder_knobs(smol: ModelFacts) -> None:
     base = plan(gpus("one_gpu"), smol, PlanSettings())
     capped = plan(gpus("one_gpu"), smol, PlanSettings(max_gpu_layers=10, extra_reserve_mib=512))
     check_invariants(capped)
-    assert capped.n_gpu_layers == 10 and capped.offloaded_layers == 10 and not capped.output_on_gpu
+    # the cap counts repeating layers; the output layer comes with them (llama.cpp offloads it first)
+    assert capped.n_gpu_layers == 11 and capped.offloaded_layers == 10 and capped.output_on_gpu
     assert capped.gpus[0].reserve_mib == base.gpus[0].reserve_mib + 512
     cpu = plan(gpus("one_gpu"), smol, PlanSettings(cpu_only=True))
     assert cpu.cpu_only and cpu.env["CUDA_VISIBLE_DEVICES"] == ""
@@ -261,8 +317,9 @@ def test_fit_params_error_falls_back(smol: ModelFacts) -> None:
 def test_assign_layers_mirrors_llama_cpp() -> None:
     # 4 layers + output, all offloaded, equal split: [0,0,0,1,1] by upper_bound on (il/5).
     assert assign_layers(4, 5, [1, 1]) == [0, 0, 0, 1, 1]
-    # partial: the LAST 2 layers go to the GPU, the output layer stays on the CPU.
-    assert assign_layers(4, 2, [1]) == [None, None, 0, 0, None]
+    # partial: the LAST 2 of the 5 (the output layer counts as layer 4) go to the GPU.
+    assert assign_layers(4, 2, [1]) == [None, None, None, 0, 0]
+    assert assign_layers(4, 1, [1]) == [None, None, None, None, 0]
     assert assign_layers(4, 0, [1]) == [None] * 5
     assert assign_layers(4, 99, [0, 1]) == [1] * 5
 

@@ -19,6 +19,8 @@ Rules for this module:
     and keeps KV cache and scratch buffers on main_gpu.
   (llama.cpp as llama-cpp-python 0.3.36 vendors it.)
   All constants of the estimate live in the block below; a GPU check calibrates them.
+- A GPU the placement does not need is not made visible to the worker at all
+  (_leave_out_unneeded): its CUDA context and compute buffer would cost ~0.9 GiB for nothing.
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ COMPUTE_SLACK = 1.10
 KV_BYTES_PER_ELEMENT = 2
 
 NO_GPU_NOTE = "no GPU found; planning for CPU only"
+# Why a GPU that could take part is left out: it would cost a CUDA context (and in layer
+# mode a compute buffer) for nothing, which on a small display GPU is most of what is free.
+NOT_NEEDED = "not needed: the model fits on the others"
+# Row split: every visible GPU holds rows of every matrix and every matrix product waits for
+# all of them, so a GPU whose share is under one layer's worth adds a context and a sync
+# point for less than one layer of VRAM.
+NOT_NEEDED_ROW = NOT_NEEDED + " (its row share would be under one layer's worth)"
+# --no-set-cuda-visible-devices: the worker still sees a GPU we leave out.
+STILL_VISIBLE = (
+    "; still visible to the worker (inherited CUDA_VISIBLE_DEVICES), so it holds a CUDA context"
+    f" (~{CUDA_CONTEXT_MIB} MiB)"
+)
 
 DeviceOrder = Literal["free_desc", "pci"]
 SplitMode = Literal["layer", "row", "none"]
@@ -282,6 +296,100 @@ def _estimates(
     return ests, layers, holds_output
 
 
+def _search(
+    model: ModelFacts, cands: Sequence[_Cand], split: Sequence[float], top: int, mode: SplitMode, main: int,
+    n_ctx: int, s: PlanSettings,
+) -> tuple[int, list[Estimate], list[int], list[bool]]:
+    """The largest n_gpu_layers <= top whose estimate fits every candidate (0: none)."""
+    for k in range(top, 0, -1):
+        e, lay, o = _estimates(model, cands, split, k, mode, main, n_ctx, s)
+        if all(est.total_mib <= c.usable for est, c in zip(e, cands)):
+            return k, e, lay, o
+    return 0, [], [], []
+
+
+def _main_of(cands: Sequence[_Cand]) -> int:
+    return max(range(len(cands)), key=lambda i: cands[i].usable)  # max() keeps the first on ties
+
+
+def _merge_into_neighbours(split: Sequence[float], idle: Sequence[int]) -> list[float]:
+    """The split without the idle GPUs, each idle share added to the kept GPU before it (or
+    after it when it is first). An idle GPU's interval of the cumulative split holds no layer,
+    so joining it to a neighbour's moves no layer: llama.cpp places every layer as before."""
+    merged = list(split)
+    for i in idle:
+        keep_before = [j for j in range(i) if j not in idle]
+        keep_after = [j for j in range(i + 1, len(split)) if j not in idle]
+        to = keep_before[-1] if keep_before else keep_after[0]
+        merged[to] += merged[i]
+    return [merged[j] for j in range(len(split)) if j not in idle]
+
+
+@dataclass
+class _Placed:
+    cands: list[_Cand]
+    weights: list[float]  # what split is rounded from (renormalising these rounds only once)
+    split: tuple[float, ...]
+    main: int
+    ngl: int
+    ests: list[Estimate]
+    layers: list[int]
+    outs: list[bool]
+
+
+def _leave_out_unneeded(
+    model: ModelFacts, p: _Placed, top: int | None, n_ctx: int, s: PlanSettings
+) -> tuple[_Placed, list[tuple[_Cand, str]]]:
+    """Drop the GPUs the placement does not need, so the worker opens no CUDA context on them.
+
+    The rule, the same for layer and row split: a GPU whose share of the split is worth less
+    than one of the offloaded layers (share * act_gpu_layers < 1) is left out (in row mode
+    never main_gpu, which holds the KV cache). Such a GPU gets at most one layer, or only
+    rows of every matrix adding up to less than one layer, for a CUDA context and a compute
+    buffer. The shares of the others are renormalised and the placement redone (``top``:
+    search the largest n_gpu_layers again; None: keep n_gpu_layers, as llama-fit-params
+    chose it). Leaving GPUs out must not offload fewer layers; when it would, layer mode
+    still drops the GPUs llama.cpp gives no layer at all, first with the renormalised split,
+    else with each one's share handed to a neighbour (its interval holds no layer, so that
+    moves none). A GPU left out for good never comes back in a later round."""
+    dropped: list[tuple[_Cand, str]] = []
+    mode = s.split_mode
+    why = NOT_NEEDED_ROW if mode == "row" else NOT_NEEDED
+    while len(p.cands) > 1:
+        n = len(p.cands)
+        act = min(p.ngl, model.n_layers + 1)
+        total = sum(p.split) or 1.0
+        small = [i for i in range(n) if p.split[i] / total * act < 1 and not (mode == "row" and i == p.main)]
+        trials: list[tuple[list[int], bool]] = [(small, False)]  # (GPUs to drop, merge their shares)
+        if mode == "layer":
+            empty = [i for i in range(n) if p.layers[i] == 0 and not p.outs[i]]
+            trials += [(empty, False), (empty, True)]
+        found: tuple[list[int], _Placed] | None = None
+        for drop, merge in trials:
+            if not drop or len(drop) == n:
+                continue
+            kept = [c for i, c in enumerate(p.cands) if i not in drop]
+            main = _main_of(kept)
+            if merge:
+                weights = _merge_into_neighbours(p.weights, drop)
+            else:
+                weights = [w for i, w in enumerate(p.weights) if i not in drop]
+            split = _round_split(weights)
+            if top is None:
+                k = p.ngl
+                e, lay, o = _estimates(model, kept, split, k, mode, main, n_ctx, s)
+            else:
+                k, e, lay, o = _search(model, kept, split, top, mode, main, n_ctx, s)
+            if k >= p.ngl:
+                found = (drop, _Placed(kept, weights, split, main, k, e, lay, o))
+                break
+        if found is None:
+            break
+        dropped += [(p.cands[i], why) for i in found[0]]
+        p = found[1]
+    return p, dropped
+
+
 # --- CUDA_VISIBLE_DEVICES -------------------------------------------------------------------
 
 
@@ -348,6 +456,12 @@ def _round_split(weights: Sequence[float]) -> tuple[float, ...]:
     big = max(range(len(shares)), key=lambda i: shares[i])
     shares[big] = round(shares[big] + 1.0 - sum(shares), 6)
     return tuple(shares)
+
+
+def _with_visibility(reason: str | None, visible: bool) -> str | None:
+    """A GPU left out but still visible to the worker (only with the inherited
+    CUDA_VISIBLE_DEVICES) gets a zero share, yet CUDA still opens a context on it: say so."""
+    return reason + STILL_VISIBLE if reason is not None and visible else reason
 
 
 def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> Plan:
@@ -433,11 +547,11 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
     layers: list[int] = []
     outs: list[bool] = []
     if cands:
-        main = max(range(len(cands)), key=lambda i: cands[i].usable)
+        main = _main_of(cands)
         if s.split_mode == "none":
             main = 0
-        fixed_room = [max(c.usable - CUDA_CONTEXT_MIB, 0) for c in cands]
-        split = _round_split([float(r) for r in fixed_room]) if s.split_mode != "none" else (1.0,)
+        weights = [float(max(c.usable - CUDA_CONTEXT_MIB, 0)) for c in cands]
+        split = _round_split(weights) if s.split_mode != "none" else (1.0,)
         top = model.n_layers + 1
         if s.max_gpu_layers is not None and s.max_gpu_layers < model.n_layers:
             # The cap counts repeating layers; n_gpu_layers also counts the output layer.
@@ -460,7 +574,7 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
             else:
                 source = "llama-fit-params"
                 if len(cands) > 1 and s.split_mode != "none":
-                    split = _round_split(ts)
+                    weights, split = ts, _round_split(ts)
                 ngl = min(max(fit.n_gpu_layers, 0), model.n_layers + 1, top)
                 ests, layers, outs = _estimates(model, cands, split, ngl, s.split_mode, main, n_ctx, s)
                 notes.append("layer split and context taken from llama-fit-params")
@@ -468,12 +582,16 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
             notes.append(f"llama-fit-params: {s.fit_params_error}; using vram-llm's own plan")
 
         if fit is None:
-            ngl = 0
-            for k in range(top, 0, -1):
-                e, lay, o = _estimates(model, cands, split, k, s.split_mode, main, n_ctx, s)
-                if all(est.total_mib <= c.usable for est, c in zip(e, cands)):
-                    ngl, ests, layers, outs = k, e, lay, o
-                    break
+            ngl, ests, layers, outs = _search(model, cands, split, top, s.split_mode, main, n_ctx, s)
+        if ngl > 0 and s.split_mode != "none":
+            placed, dropped = _leave_out_unneeded(
+                model, _Placed(cands, weights, split, main, ngl, ests, layers, outs), top if fit is None else None, n_ctx, s
+            )
+            cands, split, main = placed.cands, placed.split, placed.main
+            ngl, ests, layers, outs = placed.ngl, placed.ests, placed.layers, placed.outs
+            for c, why in dropped:
+                reasons[c.gpu.index] = why
+        if fit is None:
             if ngl == 0:
                 for c in cands:
                     reasons[c.gpu.index] = "not even one layer fits with the estimated context and compute buffers"
@@ -532,7 +650,7 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
                 has_output=outs[cp] if cp is not None else False,
                 share=split[cp] if cp is not None and split else 0.0,
                 cuda_index=cuda_index.get(g.index),
-                excluded_reason=reasons.get(g.index),
+                excluded_reason=_with_visibility(reasons.get(g.index), g.index in cuda_index),
                 estimate=est,
             )
         )

@@ -230,6 +230,7 @@ class WorkerManager:
             stable_after_s=r.stable_after_s,
             max_failures=r.max_failures,
             failure_window_s=r.failure_window_s,
+            give_up=r.give_up,
         )
 
     # ---- read side (any task) -------------------------------------------------

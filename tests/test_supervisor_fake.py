@@ -201,9 +201,10 @@ def test_oom_at_load_replans_smaller(start_supervisor: Any, sim_gpus: Path, stat
     assert st["oom_adjustment"]
 
 
-def test_crash_loop_ends_in_failed_with_backoff(start_supervisor: Any, state_dir: Path) -> None:
+def test_crash_loop_ends_in_failed_with_backoff_when_told_to_give_up(start_supervisor: Any, state_dir: Path) -> None:
+    # restart.give_up = true keeps the old behaviour: `failed` until SIGHUP.
     s = start_supervisor(
-        {"restart": {"max_failures": 3, "backoff_initial_s": 0.2, "backoff_max_s": 1.0}},
+        {"restart": {"max_failures": 3, "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "give_up": True}},
         {"FAKE_WORKER_CRASH_AT_LOAD": "1", "FAKE_WORKER_STATE_DIR": str(state_dir)},
     )
     st = s.wait_state("failed", 60)
@@ -361,7 +362,7 @@ def test_sigterm_lets_in_flight_streams_finish(start_supervisor: Any) -> None:
 
 def test_a_load_that_stops_progressing_is_a_failed_start(start_supervisor: Any) -> None:
     s = start_supervisor(
-        {"worker": {"load_stall_timeout_s": 1.0}, "restart": {"max_failures": 1}},
+        {"worker": {"load_stall_timeout_s": 1.0}, "restart": {"max_failures": 1, "give_up": True}},
         {"FAKE_WORKER_STALL_LOAD_AT": "0.5", "FAKE_WORKER_LOAD_S": "2"},
     )
     st = s.wait_state("failed", 60)

@@ -69,13 +69,30 @@ class _ManagerCollector(Collector):
         for kind, n in sorted(mgr.counters.restarts_by_kind.items()):
             c.add_metric([kind], n)
         yield c
+        yield GaugeMetricFamily(
+            "vram_llm_worker_failure_streak",
+            "Worker failures in the current streak (within restart.failure_window_s, since a stable run)",
+            value=mgr.failure_streak(),
+        )
+        yield GaugeMetricFamily(
+            "vram_llm_worker_crash_loop",
+            "1 while waiting out restart.backoff_max_s because more than restart.max_failures failed",
+            value=1.0 if mgr.crash_loop else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "vram_llm_worker_next_attempt_seconds",
+            "Seconds until the next worker start attempt (0 when none is scheduled)",
+            value=mgr.next_attempt_in_s() or 0.0,
+        )
 
 
 async def _health(request: web.Request) -> web.Response:
     mgr = request.app[MANAGER]
     if mgr.state is WorkerState.READY:
         return web.json_response({"status": "ok"})
-    return web.json_response({"status": mgr.state.value, "reason": mgr.reason}, status=503)
+    # While a restart is scheduled, tell load balancers when it comes.
+    headers = None if mgr.next_attempt_in_s() is None else {"Retry-After": str(mgr.retry_after_s())}
+    return web.json_response({"status": mgr.state.value, "reason": mgr.reason}, status=503, headers=headers)
 
 
 async def _status(request: web.Request) -> web.Response:

@@ -84,6 +84,9 @@ class RestartSection(_Section):
     stable_after_s: Seconds = 300.0
     max_failures: PositiveInt = 5
     failure_window_s: Seconds = 600.0
+    # False: more than max_failures in the window is a crash loop, retried every backoff_max_s
+    # for ever; True: it is FAILED until SIGHUP (for boxes where a person or an outer manager acts).
+    give_up: bool = False
     oom_settle_timeout_s: Seconds = 30.0
 
 

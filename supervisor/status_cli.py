@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import urllib.error
@@ -47,6 +48,25 @@ def _dur(s: float | None) -> str:
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _same_failure(reason: str) -> str:
+    # Each attempt of a crash loop has a new worker pid; the failure is the same one.
+    return re.sub(r"\bpid \d+", "pid", reason)
+
+
+def collapse_history(hist: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
+    """Runs of consecutive identical failures as (first, last, count), oldest first, so a
+    crash loop reads as one line with a count instead of one line per attempt."""
+    runs: list[tuple[dict[str, Any], dict[str, Any], int]] = []
+    for r in hist:
+        if runs:
+            first, last, n = runs[-1]
+            if (last["kind"], _same_failure(last["reason"])) == (r["kind"], _same_failure(r["reason"])):
+                runs[-1] = (first, r, n + 1)
+                continue
+        runs.append((r, r, 1))
+    return runs
 
 
 def render(st: dict[str, Any], url: str) -> str:
@@ -104,10 +124,19 @@ def render(st: dict[str, Any], url: str) -> str:
     else:
         out.append("gpus:    none visible (CPU only)")
     hist = st.get("restart_history") or []
-    out.append(f"restarts: {st.get('restarts', 0)}")
-    for r in hist[-10:]:
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
-        out.append(f"  {at}  {r['kind']:<10} {r['reason']}")
+    line = f"restarts: {st.get('restarts', 0)}"
+    if st.get("failure_streak"):
+        line += f", {st['failure_streak']} in the current streak"
+    if st.get("crash_loop"):
+        line += " (crash loop: retrying at the capped interval)"
+    out.append(line)
+    for first, last, n in collapse_history(hist)[-10:]:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first["at"]))
+        if n == 1:
+            out.append(f"  {at}  {first['kind']:<10} {first['reason']}")
+        else:
+            until = time.strftime("%H:%M:%S", time.localtime(last["at"]))
+            out.append(f"  {at}  {first['kind']:<10} {n} times until {until}, last: {last['reason']}")
     le = st.get("last_exit")
     if le:
         out.append(f"last exit: {le.get('detail')}")

@@ -20,6 +20,7 @@ import dataclasses
 import contextlib
 import enum
 import logging
+import math
 import os
 import signal
 import time
@@ -33,6 +34,7 @@ import psutil
 
 from supervisor.config import Config, WorkerSection, resolved_worker_command
 from supervisor.restart import (
+    Decision,
     Failure,
     FailureKind,
     PlanAdjust,
@@ -40,7 +42,9 @@ from supervisor.restart import (
     classify_exit,
     decide,
     describe_exit,
+    failure_streak,
     oom_ladder,
+    prune_failures,
 )
 from supervisor.states import StateMachine, WorkerState
 from worker.protocol import Health, LaunchSpec, health_decoder, is_oom_line
@@ -206,6 +210,10 @@ class WorkerManager:
         self._run: _Run | None = None
         self._gen = 0
         self._failures: list[Failure] = []
+        # The decision being waited out while in BACKOFF, and when its delay ends (loop time);
+        # both None in every other state.
+        self._backoff: Decision | None = None
+        self._next_attempt_at: float | None = None
         self._restarts: collections.deque[RestartRecord] = collections.deque(maxlen=50)
         self._stderr: collections.deque[str] = collections.deque(maxlen=config().worker.stderr_lines)
         self._last_exit: dict[str, Any] | None = None
@@ -230,6 +238,7 @@ class WorkerManager:
             stable_after_s=r.stable_after_s,
             max_failures=r.max_failures,
             failure_window_s=r.failure_window_s,
+            give_up=r.give_up,
         )
 
     # ---- read side (any task) -------------------------------------------------
@@ -240,7 +249,36 @@ class WorkerManager:
 
     @property
     def reason(self) -> str:
+        if self.crash_loop:
+            # Said when read, so /status, /health and 503 bodies count down to the next try.
+            return f"{self._reason}; next attempt in {self.retry_after_s()}s"
         return self._reason
+
+    @property
+    def crash_loop(self) -> bool:
+        """Waiting out the capped delay after the failure budget was spent."""
+        return self.state is WorkerState.BACKOFF and self._backoff is not None and self._backoff.crash_loop
+
+    def next_attempt_in_s(self) -> float | None:
+        """Seconds until the next start attempt while in BACKOFF; None in other states."""
+        if self.state is not WorkerState.BACKOFF or self._next_attempt_at is None:
+            return None
+        return max(0.0, self._next_attempt_at - asyncio.get_running_loop().time())
+
+    def retry_after_s(self, default: int = 5) -> int:
+        """A Retry-After value (whole seconds, at least 1): until the next start attempt when
+        one is scheduled, else ``default``."""
+        left = self.next_attempt_in_s()
+        return default if left is None else max(1, math.ceil(left))
+
+    def failure_streak(self) -> int:
+        """Failures in the current streak, as the restart policy counts them now."""
+        return failure_streak(
+            self._policy(),
+            self._failures,
+            asyncio.get_running_loop().time(),
+            oom_ladder_exhausted=self._oom_exhausted,
+        )
 
     @property
     def launch(self) -> Launch | None:
@@ -270,12 +308,17 @@ class WorkerManager:
                     with run.psproc.oneshot():
                         worker["rss_mib"] = round(run.psproc.memory_info().rss / 2**20, 1)
                         worker["cpu_percent"] = run.psproc.cpu_percent(interval=None)
+        next_in = self.next_attempt_in_s()
         return {
             "state": self.state.value,
-            "reason": self._reason,
+            "reason": self.reason,
             "worker": worker,
             "restarts": self.counters.restarts_total,  # the history below keeps the last 50
             "restart_history": [dataclasses.asdict(r) for r in self._restarts],
+            "failure_streak": self.failure_streak(),
+            "crash_loop": self.crash_loop,
+            "backoff_delay_s": None if self._backoff is None else self._backoff.delay_s,
+            "next_attempt_in_s": None if next_in is None else round(next_in, 3),
             "last_exit": self._last_exit,
             "stderr_tail": list(self._stderr)[-40:],
             "plan": None if self._launch is None else self._launch.plan,
@@ -301,6 +344,10 @@ class WorkerManager:
                     raise NotReady(self.state, self._reason, 30)
                 if self._stopping:
                     raise NotReady(self.state, "the server is shutting down", 5)
+                if self.crash_loop:
+                    # The next attempt will likely fail like the last ones: answer at once and
+                    # say when it comes, rather than hold the request and a queue slot for it.
+                    raise NotReady(self.state, self.reason, self.retry_after_s())
                 if not queued:
                     if self.counters.waiting >= self._config().admission.queue_size:
                         raise QueueFull()
@@ -310,8 +357,8 @@ class WorkerManager:
                 if remaining <= 0:
                     raise NotReady(
                         self.state,
-                        f"no worker became ready within {timeout_s:g}s (state {self.state.value}: {self._reason})",
-                        5,
+                        f"no worker became ready within {timeout_s:g}s (state {self.state.value}: {self.reason})",
+                        self.retry_after_s(),
                     )
                 changed = self._changed
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -343,15 +390,18 @@ class WorkerManager:
         self._reason = reason
         if new is not WorkerState.READY:
             self._handle = None
+        if new is not WorkerState.BACKOFF:
+            self._backoff = None
+            self._next_attempt_at = None
         log.log(
-            logging.ERROR if new is WorkerState.FAILED else logging.INFO,
+            logging.ERROR if new is WorkerState.FAILED or self.crash_loop else logging.INFO,
             "worker state %s -> %s: %s",
             old.value,
             new.value,
-            reason,
+            self.reason,
         )
         if self._on_state is not None:
-            self._on_state(new, reason)
+            self._on_state(new, self.reason)
         self._signal_change()
 
     async def run(self) -> None:
@@ -383,6 +433,9 @@ class WorkerManager:
                 if decision.action == "give_up":
                     self._move(WorkerState.FAILED, decision.reason)
                     continue
+                # Set before the move, so the waiters it wakes see when the next attempt comes.
+                self._backoff = decision
+                self._next_attempt_at = asyncio.get_running_loop().time() + decision.delay_s
                 self._move(WorkerState.BACKOFF, decision.reason)
                 got = await self._wait_cmd(cmd_task, decision.delay_s)
                 if got is not None:
@@ -595,6 +648,16 @@ class WorkerManager:
                     return _Outcome.HANG, cmd_task
                 continue
             health_failures = 0
+            if self._failures and run.ready_mono is not None and now - run.ready_mono >= self._policy().stable_after_s:
+                # Up long enough to call the failures before it over (the policy would say the
+                # same at the next failure): /status and /metrics stop showing a streak now.
+                log.info(
+                    "worker pid %d has been up %.0fs: the %d failure(s) before it no longer count",
+                    run.proc.pid,
+                    now - run.ready_mono,
+                    len(self._failures),
+                )
+                self._failures.clear()
             h = res[1]
             if h.seconds_since_token is not None and h.seconds_since_token > self._w.token_stall_timeout_s:
                 log.error(
@@ -644,7 +707,8 @@ class WorkerManager:
         return Failure(at=loop.time(), kind=kind, detail=detail, ran_for_s=ran_for)
 
     def _record_failure(self, failure: Failure) -> None:
-        self._failures.append(failure)
+        # Pruned as it grows: a crash loop retries for ever, its history must not grow with it.
+        self._failures = prune_failures(self._policy(), [*self._failures, failure], failure.at)
         self._restarts.append(RestartRecord(at=time.time(), kind=failure.kind.value, reason=failure.detail))
         self.counters.restarts_total += 1
         k = failure.kind.value

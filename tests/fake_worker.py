@@ -19,6 +19,9 @@ the worker, so a test sets them on the supervisor process):
   FAKE_WORKER_CRASH_TIMES=k         with FAKE_WORKER_STATE_DIR: fail at load (exit code
                                     FAKE_WORKER_EXIT_CODE, default 1) only on the first k
                                     starts, then behave
+  FAKE_WORKER_HEALTHY_FILE=path     fail at load (exit code FAKE_WORKER_EXIT_CODE, default 1)
+                                    on every start while path does not exist; once a test
+                                    creates it, the next start behaves (a crash loop that ends)
   FAKE_WORKER_OOM_ABOVE_LAYERS=n    if spec.n_gpu_layers is -1 or > n: print llama.cpp's CUDA
                                     out-of-memory lines to stderr halfway through the load and
                                     exit 5 (ExitCode.OOM)
@@ -141,6 +144,9 @@ class FakeWorker:
         crash_times = _env_int("FAKE_WORKER_CRASH_TIMES", None)
         if crash_times is not None:
             crash = self.start_index < crash_times
+        healthy_file = os.environ.get("FAKE_WORKER_HEALTHY_FILE")
+        if healthy_file:
+            crash = not os.path.exists(healthy_file)
         if not crash:
             return None
         code = 1 if code is None else code

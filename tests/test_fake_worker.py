@@ -202,6 +202,15 @@ def test_crash_times_then_behaves(start: Callable[..., Fake], tmp_path: Path) ->
     assert [json.loads(s)["start"] for s in starts] == [0, 1, 2]
 
 
+def test_healthy_file_ends_the_crashes(start: Callable[..., Fake], tmp_path: Path) -> None:
+    flag = tmp_path / "healthy"
+    env = {"FAKE_WORKER_HEALTHY_FILE": str(flag)}
+    assert start(env).wait_exit() == 1
+    assert start(env).wait_exit() == 1
+    flag.touch()
+    start(env).wait_ready()
+
+
 def test_bad_spec_exits_3(tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text('{"model_path": "/m.gguf", "socket_path": "/tmp/x.sock", "surprise": 1}')

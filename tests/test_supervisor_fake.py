@@ -7,7 +7,9 @@ SIGTERM and checks that no worker and no socket is left (Supervisor.stop()).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import signal
 import socket
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -86,6 +89,17 @@ def starts(state_dir: Path) -> list[dict[str, Any]]:
 def chat(s: Supervisor, **extra: Any) -> tuple[int, Any]:
     body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **extra}
     return s.post("/v1/chat/completions", body)
+
+
+def http(s: Supervisor, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any, Any]:
+    """(status, headers, JSON body) of a GET, or a POST when there is a body."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(s.base + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read() or b"null")
 
 
 def test_serve_applies_the_plan_to_the_worker(start_supervisor: Any, sim_gpus: Path, state_dir: Path) -> None:
@@ -201,9 +215,10 @@ def test_oom_at_load_replans_smaller(start_supervisor: Any, sim_gpus: Path, stat
     assert st["oom_adjustment"]
 
 
-def test_crash_loop_ends_in_failed_with_backoff(start_supervisor: Any, state_dir: Path) -> None:
+def test_crash_loop_ends_in_failed_with_backoff_when_told_to_give_up(start_supervisor: Any, state_dir: Path) -> None:
+    # restart.give_up = true keeps the old behaviour: `failed` until SIGHUP.
     s = start_supervisor(
-        {"restart": {"max_failures": 3, "backoff_initial_s": 0.2, "backoff_max_s": 1.0}},
+        {"restart": {"max_failures": 3, "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "give_up": True}},
         {"FAKE_WORKER_CRASH_AT_LOAD": "1", "FAKE_WORKER_STATE_DIR": str(state_dir)},
     )
     st = s.wait_state("failed", 60)
@@ -222,6 +237,60 @@ def test_crash_loop_ends_in_failed_with_backoff(start_supervisor: Any, state_dir
         capture_output=True, text=True, timeout=30, cwd=REPO,
     )
     assert out.returncode == 1 and "FAILED" in out.stdout
+    # It stays failed (no further start) until a SIGHUP, which starts it again.
+    assert s.status()["state"] == "failed" and len(starts(state_dir)) == 4
+    s.proc.send_signal(signal.SIGHUP)
+    poll(lambda: len(starts(state_dir)) > 4, 30, "a start after SIGHUP")
+
+
+def test_crash_loop_keeps_retrying_at_the_cap_and_recovers_without_sighup(
+    start_supervisor: Any, state_dir: Path, tmp_path: Path
+) -> None:
+    healthy = tmp_path / "healthy"
+    cap = 1.5
+    s = start_supervisor(
+        {"restart": {"max_failures": 2, "backoff_initial_s": 0.1, "backoff_max_s": cap, "stable_after_s": 2.0}},
+        {"FAKE_WORKER_HEALTHY_FILE": str(healthy), "FAKE_WORKER_STATE_DIR": str(state_dir), "FAKE_WORKER_LOAD_S": "0.2"},
+    )
+
+    def looping() -> dict[str, Any] | None:
+        st = s.status()
+        assert st["state"] != "failed", st["reason"]  # a verdict: ends the wait at once
+        return st if st["crash_loop"] and st["restarts"] >= 5 else None
+
+    # Well past the budget of 2 failures, and still trying, at the configured cap.
+    st = poll(looping, 60, "a crash loop past restart.max_failures")
+    assert st["state"] == "backoff"
+    assert st["reason"].startswith("crash loop: ")
+    assert st["backoff_delay_s"] == cap
+    assert 0 <= st["next_attempt_in_s"] <= cap
+    assert st["failure_streak"] == st["restarts"]  # all inside the 10-minute window
+    at = [h["at"] for h in st["restart_history"]]
+    gaps = [b - a for a, b in itertools.pairwise(at)]
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2  # backoff below the budget, as before
+    assert all(g >= cap for g in gaps[2:])  # the capped interval once the budget is spent
+    # Every request gets 503 with Retry-After: the seconds until the next attempt.
+    code, headers, body = http(s, "/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+    assert code == 503 and body["error"]["code"] == "worker_unavailable"
+    assert 1 <= int(headers["Retry-After"]) <= math.ceil(cap)
+    code, headers, body = poll(lambda: (r := http(s, "/health"))[2]["status"] == "backoff" and r, 30, "/health in backoff")
+    assert code == 503 and body["reason"].startswith("crash loop: ")
+    assert 1 <= int(headers["Retry-After"]) <= math.ceil(cap)
+    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert "vram_llm_worker_failure_streak " in metrics and "vram_llm_worker_crash_loop " in metrics
+    # The cause goes away: the next attempt serves, no SIGHUP needed.
+    healthy.touch()
+    n = len(starts(state_dir))
+    st = s.wait_state("ready", 60)
+    assert len(starts(state_dir)) <= n + 1  # the first attempt after the fix
+    assert chat(s)[0] == 200
+    # Up for stable_after_s: the streak is over.
+    st = poll(lambda: (st := s.status())["failure_streak"] == 0 and st, 30, "the streak to reset")
+    assert st["crash_loop"] is False and st["restarts"] >= 5
+    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert "vram_llm_worker_failure_streak 0.0" in metrics and "vram_llm_worker_crash_loop 0.0" in metrics
 
 
 def test_bad_model_exit_is_not_retried(start_supervisor: Any, state_dir: Path) -> None:
@@ -361,7 +430,7 @@ def test_sigterm_lets_in_flight_streams_finish(start_supervisor: Any) -> None:
 
 def test_a_load_that_stops_progressing_is_a_failed_start(start_supervisor: Any) -> None:
     s = start_supervisor(
-        {"worker": {"load_stall_timeout_s": 1.0}, "restart": {"max_failures": 1}},
+        {"worker": {"load_stall_timeout_s": 1.0}, "restart": {"max_failures": 1, "give_up": True}},
         {"FAKE_WORKER_STALL_LOAD_AT": "0.5", "FAKE_WORKER_LOAD_S": "2"},
     )
     st = s.wait_state("failed", 60)

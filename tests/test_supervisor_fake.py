@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -396,10 +397,11 @@ def _sse_events(raw: bytes) -> list[bytes]:
 
 
 def test_sighup_lets_generations_in_progress_finish(start_supervisor: Any) -> None:
-    s = start_supervisor(env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
+    # 100 tokens take 5 s: longer than the fake worker takes to stop on SIGTERM.
+    s = start_supervisor({"shutdown": {"grace_s": 30.0}}, {"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
     st = s.wait_ready(60)
     results: dict[str, tuple[int, dict[str, str], bytes]] = {}
-    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
     plain = threading.Thread(target=lambda: results.__setitem__("plain", _post_raw(s, "/v1/chat/completions", body)))
     plain.start()
     poll(lambda: s.status()["worker"].get("active") == 1, 10, "the generation to start")
@@ -413,7 +415,9 @@ def test_sighup_lets_generations_in_progress_finish(start_supervisor: Any) -> No
     assert code == 200, raw
     answer = json.loads(raw)
     assert answer["choices"][0]["finish_reason"] == "length"
-    assert answer["usage"]["completion_tokens"] == 40 and answer["choices"][0]["message"]["content"].count("tok") == 40
+    assert answer["usage"]["completion_tokens"] == 100 and answer["choices"][0]["message"]["content"].count("tok") == 100
+    # Finished by the old worker, not cut there and sent again to the new one.
+    assert answer["id"].startswith(f"chatcmpl-fake-{st['worker']['pid']}-")
     assert results["after"][0] == 200
     st2 = s.wait_state("ready", 60, lambda st2: st2["worker"]["generation"] > st["worker"]["generation"])
     assert st2["restarts"] == 0  # a reload, not a failure
@@ -556,6 +560,29 @@ def test_connection_cap_keeps_health_answering(start_supervisor: Any) -> None:
         poll(lambda: "connection limit reached" in s.log(), 10, "the connection limit log line")
     finally:
         for c in idle:
+            c.close()
+
+
+def test_idle_flood_under_a_low_descriptor_limit_keeps_health_answering(start_supervisor: Any) -> None:
+    # The supervisor inherits a soft limit of 128 descriptors: its connection cap drops to
+    # fit, so a flood of idle connections cannot exhaust them and take /health down.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+    try:
+        s = start_supervisor()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    s.wait_ready(60)
+    flood = []
+    try:
+        for _ in range(150):
+            flood.append(socket.create_connection(("127.0.0.1", s.port), timeout=10))
+        assert s.get("/health") == (200, {"status": "ok"})
+        assert chat(s)[0] == 200
+        poll(lambda: "connection limit reached" in s.log(), 10, "the connection limit log line")
+        assert s.log().count("connection limit reached") <= 20  # rate-limited, not one per connection
+    finally:
+        for c in flood:
             c.close()
 
 

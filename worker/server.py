@@ -48,7 +48,11 @@ log = logging.getLogger("worker")
 T = TypeVar("T")
 _END = object()  # end of a generation's piece stream
 _JSON = "application/json"
-_SHUTDOWN_TIMEOUT_S = 3.0
+# How long a stopping worker waits for its handlers: a cut generation must still get its
+# error answer out, and the generation thread notices the cut only at its next token,
+# which on an overloaded CPU can take seconds (3 s was seen to be too short). Stays under
+# the supervisor's default worker.stop_timeout_s (10 s), after which it sends SIGKILL.
+_SHUTDOWN_TIMEOUT_S = 8.0
 _LOAD_ABORT_WAIT_S = 30.0
 _BACKLOG = 1024
 

@@ -153,11 +153,9 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         on_state=on_state,
         on_progress=on_progress,
     )
-    limited = RateLimitedLog(logging.getLogger("vram_llm.http"))
     guard = ConnectionGuard(
         header_timeout_s=config.server.header_timeout_s,
         max_connections=effective_cap(config.server.max_connections),
-        limited=limited,
     )
     app = build_app(mgr, preparer, guard)
     # handler_cancellation: a client that disconnects cancels its handler, which
@@ -169,7 +167,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         handler_cancellation=True,
         shutdown_timeout=5,
         keepalive_timeout=config.server.keepalive_timeout_s,
-        logger=server_logger(limited),
+        logger=server_logger(RateLimitedLog(logging.getLogger("vram_llm.http"))),
     )
     await runner.setup()
     stop = asyncio.Event()

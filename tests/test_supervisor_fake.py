@@ -442,6 +442,22 @@ def test_sighup_drain_is_bounded_by_the_grace_period(start_supervisor: Any) -> N
     s.wait_state("ready", 60, lambda st2: st2["worker"]["generation"] > st["worker"]["generation"])
 
 
+def test_sigterm_past_the_grace_period_ends_streams_with_an_error(start_supervisor: Any) -> None:
+    s = start_supervisor({"shutdown": {"grace_s": 0.5}}, {"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
+    s.wait_ready(60)
+    out: list[tuple[int, dict[str, str], bytes]] = []
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
+    t = threading.Thread(target=lambda: out.append(_post_raw(s, "/v1/chat/completions", body)))
+    t.start()
+    poll(lambda: s.status()["worker"].get("active") == 1, 10, "the generation to start")
+    s.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    events = _sse_events(out[0][2])
+    assert events[-1] != b"[DONE]" and "error" in json.loads(events[-1])
+    assert not any(json.loads(e)["choices"][0].get("finish_reason") for e in events if b'"choices"' in e)
+    assert s.stop() == 0
+
+
 def test_paused_worker_with_a_full_backlog_is_retried_not_abandoned(start_supervisor: Any) -> None:
     s = start_supervisor(
         {"worker": {"health_interval_s": 1.0, "health_timeout_s": 3.0}, "admission": {"wait_timeout_s": 60.0}},
@@ -603,6 +619,11 @@ def test_malformed_requests_are_one_warning_line_each(start_supervisor: Any) -> 
     for data in bad:
         assert _raw_exchange(s, data).split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
     poll(lambda: s.log().count("malformed HTTP request") == len(bad), 10, "one line per malformed request")
+    lines = s.log().splitlines()
+    for i, line in enumerate(lines):
+        if "malformed HTTP request" in line:
+            assert " WARNING " in line
+            assert i + 1 == len(lines) or lines[i + 1].startswith("20"), lines[i : i + 3]  # a single line
     assert "Traceback" not in s.log()
     assert "ERROR vram_llm.http" not in s.log()
     assert s.get("/health")[0] == 200

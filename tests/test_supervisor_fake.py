@@ -423,38 +423,32 @@ def test_sighup_lets_generations_in_progress_finish(start_supervisor: Any) -> No
     assert st2["restarts"] == 0  # a reload, not a failure
 
 
-def test_sighup_drain_is_bounded_by_the_grace_period(start_supervisor: Any) -> None:
-    # A generation longer than shutdown.grace_s is cut at the end of the grace: the client
-    # gets an error (here the worker is gone mid-stream), never a short "stop".
-    s = start_supervisor({"shutdown": {"grace_s": 0.5}}, {"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
-    st = s.wait_ready(60)
+def _long_stream_cut_by(s: Supervisor, sig: int) -> None:
+    """A stream longer than shutdown.grace_s (0.5 s here), then ``sig``: when the grace is
+    over the client gets an error event (the worker is gone mid-stream), never a finish."""
     out: list[tuple[int, dict[str, str], bytes]] = []
     body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
     t = threading.Thread(target=lambda: out.append(_post_raw(s, "/v1/chat/completions", body)))
     t.start()
     poll(lambda: s.status()["worker"].get("active") == 1, 10, "the generation to start")
-    s.proc.send_signal(signal.SIGHUP)
+    s.proc.send_signal(sig)
     t.join(60)
     events = _sse_events(out[0][2])
-    assert events[-1] != b"[DONE]"
-    assert "error" in json.loads(events[-1])
+    assert events[-1] != b"[DONE]" and "error" in json.loads(events[-1])
     assert not any(json.loads(e)["choices"][0].get("finish_reason") for e in events if b'"choices"' in e)
+
+
+def test_sighup_drain_is_bounded_by_the_grace_period(start_supervisor: Any) -> None:
+    s = start_supervisor({"shutdown": {"grace_s": 0.5}}, {"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
+    st = s.wait_ready(60)
+    _long_stream_cut_by(s, signal.SIGHUP)
     s.wait_state("ready", 60, lambda st2: st2["worker"]["generation"] > st["worker"]["generation"])
 
 
 def test_sigterm_past_the_grace_period_ends_streams_with_an_error(start_supervisor: Any) -> None:
     s = start_supervisor({"shutdown": {"grace_s": 0.5}}, {"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
     s.wait_ready(60)
-    out: list[tuple[int, dict[str, str], bytes]] = []
-    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
-    t = threading.Thread(target=lambda: out.append(_post_raw(s, "/v1/chat/completions", body)))
-    t.start()
-    poll(lambda: s.status()["worker"].get("active") == 1, 10, "the generation to start")
-    s.proc.send_signal(signal.SIGTERM)
-    t.join(60)
-    events = _sse_events(out[0][2])
-    assert events[-1] != b"[DONE]" and "error" in json.loads(events[-1])
-    assert not any(json.loads(e)["choices"][0].get("finish_reason") for e in events if b'"choices"' in e)
+    _long_stream_cut_by(s, signal.SIGTERM)
     assert s.stop() == 0
 
 

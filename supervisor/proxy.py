@@ -141,27 +141,27 @@ class Proxy:
                     not_gen = handle.gen
                     mgr.release(handle, slot=slot)
                     handle = None
-                if handle is None:
-                    try:
+                try:
+                    if handle is None:
                         handle = await mgr.acquire(max(0.0, deadline - loop.time()), not_gen, slot=slot)
-                    except QueueFull:
-                        log.warning("%s %s %s: 429, too many requests waiting for the worker", rid, request.method, request.path)
-                        return openai_error(
-                            429,
-                            "too many requests are waiting for the worker; retry later",
-                            type_="rate_limit_error",
-                            code="queue_full",
-                            retry_after=1,
-                        )
-                    except NotReady as e:
-                        log.warning("%s %s %s: 503, %s", rid, request.method, request.path, e.reason)
-                        return openai_error(
-                            503,
-                            f"the model worker is not available (state {e.state.value}): {e.reason}",
-                            type_="server_error",
-                            code="worker_unavailable",
-                            retry_after=e.retry_after_s,
-                        )
+                except QueueFull:
+                    log.warning("%s %s %s: 429, too many requests waiting for the worker", rid, request.method, request.path)
+                    return openai_error(
+                        429,
+                        "too many requests are waiting for the worker; retry later",
+                        type_="rate_limit_error",
+                        code="queue_full",
+                        retry_after=1,
+                    )
+                except NotReady as e:
+                    log.warning("%s %s %s: 503, %s", rid, request.method, request.path, e.reason)
+                    return openai_error(
+                        503,
+                        f"the model worker is not available (state {e.state.value}): {e.reason}",
+                        type_="server_error",
+                        code="worker_unavailable",
+                        retry_after=e.retry_after_s,
+                    )
                 try:
                     upstream = await handle.session.request(
                         request.method,
@@ -184,49 +184,50 @@ class Proxy:
                         )
                         resp.force_close()
                         return resp
-                    # Nothing was returned to the client yet, so the request can be sent
-                    # again. A refused connection never reached the worker and is always
-                    # resent; a request that was sent and then lost its worker is resent
-                    # once only, so a request that kills workers cannot kill them all.
+                    # The worker died or is dying before it answered: nothing was
+                    # returned to the client yet, so send the request to the next worker.
+                    # A refused connection never reached the worker and is always resent;
+                    # a request that was sent and then lost its worker is resent once
+                    # only, so a request that kills workers cannot kill them all.
                     refused = isinstance(e, aiohttp.ClientConnectorError)
-                    if not (
+                    if (
                         (refused or not resent)
                         and (body is None or body.replayable)
                         and loop.time() < deadline
                     ):
-                        return openai_error(
-                            502,
-                            f"the model worker failed before answering: {e.__class__.__name__}",
-                            type_="server_error",
-                            code="worker_failed",
+                        resent = resent or not refused
+                        if mgr.is_current(handle):
+                            # The owner has not seen this worker die: a full listen backlog
+                            # (a paused or busy worker) or a reset. Try the same worker again
+                            # shortly; waiting for a next worker that never comes would park
+                            # the request until wait_timeout_s (issue 13).
+                            retries += 1
+                            delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (retries - 1), max(0.0, deadline - loop.time()))
+                            if retries == 1:
+                                log.warning(
+                                    "%s: worker pid %d did not take the request (%s); trying it again",
+                                    rid,
+                                    handle.pid,
+                                    e.__class__.__name__,
+                                )
+                            await asyncio.sleep(delay)
+                            continue
+                        log.warning(
+                            "%s: worker pid %d did not answer (%s); waiting for the next worker",
+                            rid,
+                            handle.pid,
+                            e.__class__.__name__,
                         )
-                    resent = resent or not refused
-                    if mgr.is_current(handle):
-                        # The owner has not seen this worker die: a full listen backlog
-                        # (a paused or busy worker) or a reset. Try the same worker again
-                        # shortly; waiting for a next worker that never comes would park
-                        # the request until wait_timeout_s (issue 13).
-                        retries += 1
-                        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (retries - 1), max(0.0, deadline - loop.time()))
-                        if retries == 1:
-                            log.warning(
-                                "%s: worker pid %d did not take the request (%s); trying it again",
-                                rid,
-                                handle.pid,
-                                e.__class__.__name__,
-                            )
-                        await asyncio.sleep(delay)
+                        not_gen = handle.gen
+                        mgr.release(handle, slot=slot)
+                        handle = None
                         continue
-                    log.warning(
-                        "%s: worker pid %d did not answer (%s); waiting for the next worker",
-                        rid,
-                        handle.pid,
-                        e.__class__.__name__,
+                    return openai_error(
+                        502,
+                        f"the model worker failed before answering: {e.__class__.__name__}",
+                        type_="server_error",
+                        code="worker_failed",
                     )
-                    not_gen = handle.gen
-                    mgr.release(handle, slot=slot)
-                    handle = None
-                    continue
                 break
             return await self._relay(request, upstream, rid, handle.pid)
         finally:

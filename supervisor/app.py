@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor.config import Config, resolved_runtime_dir
+from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
 from supervisor.launch import Preparer
 from supervisor.proxy import Proxy, openai_error
 from supervisor.sdnotify import SdNotify
@@ -117,18 +118,20 @@ async def _not_found(request: web.Request) -> web.Response:
     return openai_error(404, f"no route {request.method} {request.path}", type_="invalid_request_error", code="not_found")
 
 
-def build_app(mgr: WorkerManager, preparer: Preparer) -> web.Application:
-    app = web.Application()
+def build_app(mgr: WorkerManager, preparer: Preparer, guard: ConnectionGuard | None = None) -> web.Application:
+    app = web.Application(middlewares=[] if guard is None else [guard.middleware])
     app[MANAGER] = mgr
     app[PREPARER] = preparer
     reg = CollectorRegistry()
     reg.register(_ManagerCollector(mgr))
     app[REGISTRY] = reg
-    proxy = Proxy(mgr, lambda: preparer.config.admission.wait_timeout_s)
+    proxy = Proxy(
+        mgr, lambda: preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s
+    )
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
-    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle, expect_handler=proxy.expect_handler)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
@@ -167,22 +170,42 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         on_state=on_state,
         on_progress=on_progress,
     )
-    app = build_app(mgr, preparer)
+    guard = ConnectionGuard(
+        header_timeout_s=config.server.header_timeout_s,
+        max_connections=effective_cap(config.server.max_connections),
+    )
+    app = build_app(mgr, preparer, guard)
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request, which stops the worker's generation.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=5)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=5,
+        keepalive_timeout=config.server.keepalive_timeout_s,
+        logger=server_logger(RateLimitedLog(logging.getLogger("vram_llm.http"))),
+    )
     await runner.setup()
     stop = asyncio.Event()
     mgr_task: asyncio.Task[None] | None = None
     watchdog_task: asyncio.Task[None] | None = None
+    old_exception_handler = loop.get_exception_handler()
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+        site = GuardedTCPSite(runner, config.server.host, config.server.port, guard)
         try:
             await site.start()
         except OSError as e:
             log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, e)
             return 1
-        log.info("listening on http://%s:%d", config.server.host, config.server.port)
+        guard.start()
+        loop.set_exception_handler(guard.exception_handler)
+        log.info(
+            "listening on http://%s:%d (at most %d connections)",
+            config.server.host,
+            config.server.port,
+            guard.max_connections,
+        )
 
         def on_reload() -> None:
             log.warning("SIGHUP: re-reading the configuration and restarting the worker")
@@ -232,7 +255,9 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
             mgr.request_shutdown()
             with contextlib.suppress(BaseException):
                 await mgr_task
+        await guard.stop()
         await runner.cleanup()
+        loop.set_exception_handler(old_exception_handler)
         shutil.rmtree(runtime_dir, ignore_errors=True)
         log.info("supervisor stopped")
 

@@ -53,6 +53,16 @@ class ServerSection(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     runtime_dir: str = ""  # empty: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir
+    # Slow and idle clients (nginx's defaults): a connection that has not sent a complete
+    # first request within header_timeout_s is closed; a request body with no data for
+    # body_timeout_s gets 408; an idle keep-alive connection is closed after
+    # keepalive_timeout_s.
+    header_timeout_s: Seconds = 60.0
+    body_timeout_s: Seconds = 60.0
+    keepalive_timeout_s: Seconds = 75.0
+    # Open client connections at most (lowered to fit the descriptor limit); at the cap
+    # the longest idle one is closed to make room.
+    max_connections: PositiveInt = 1024
 
 
 class GpuSection(_Section):

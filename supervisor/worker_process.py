@@ -100,12 +100,19 @@ class QueueFull(Exception):
 
 @dataclass
 class WorkerHandle:
-    """A ready worker: where to send requests. Valid until its generation changes."""
+    """A ready worker: where to send requests. Valid until its generation changes.
+
+    ``generating`` and ``in_flight`` change only in ``acquire``/``release`` (on the event
+    loop); the owner task reads ``in_flight`` to drain the worker before a reload.
+    """
 
     gen: int
     pid: int
     socket_path: str
     session: aiohttp.ClientSession
+    slots: int = 1  # generations the worker runs at once (its `parallel`; 1 without one)
+    generating: int = 0  # requests holding one of those slots
+    in_flight: int = 0  # requests sent to this worker and not finished yet
 
 
 @dataclass
@@ -330,8 +337,14 @@ class WorkerManager:
             },
         }
 
-    async def acquire(self, timeout_s: float, not_gen: int | None = None) -> WorkerHandle:
-        """Wait (bounded) for a ready worker; ``not_gen`` skips a generation known dead."""
+    async def acquire(self, timeout_s: float, not_gen: int | None = None, *, slot: bool = True) -> WorkerHandle:
+        """Wait (bounded) for a ready worker; ``not_gen`` skips a generation known dead.
+
+        One admission limit for everything waiting: a request that needs a generation
+        ``slot`` waits here (not inside the worker) until the worker has a free one, and
+        at most ``admission.queue_size`` requests wait, whatever they wait for. Requests
+        being generated are not counted. The caller must ``release`` the handle.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         queued = False
@@ -339,7 +352,14 @@ class WorkerManager:
             while True:
                 h = self._handle
                 if self.state is WorkerState.READY and h is not None and h.gen != not_gen:
-                    return h
+                    # A newcomer does not overtake requests already waiting for a slot.
+                    if not slot or (h.generating < h.slots and (queued or self.counters.waiting == 0)):
+                        h.in_flight += 1
+                        if slot:
+                            h.generating += 1
+                            if queued and h.generating < h.slots:
+                                self._signal_change()  # more free slots: the next in line re-checks
+                        return h
                 if self.state is WorkerState.FAILED:
                     raise NotReady(self.state, self._reason, 30)
                 if self._stopping:
@@ -355,6 +375,13 @@ class WorkerManager:
                     self.counters.waiting += 1
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    if self.state is WorkerState.READY and h is not None and h.gen != not_gen:
+                        raise NotReady(
+                            self.state,
+                            f"worker pid {h.pid} stayed busy ({h.generating} of {h.slots} generation slot(s)) "
+                            f"for {timeout_s:g}s",
+                            5,
+                        )
                     raise NotReady(
                         self.state,
                         f"no worker became ready within {timeout_s:g}s (state {self.state.value}: {self.reason})",
@@ -366,6 +393,19 @@ class WorkerManager:
         finally:
             if queued:
                 self.counters.waiting -= 1
+
+    def release(self, handle: WorkerHandle, *, slot: bool = True) -> None:
+        """The request that ``acquire`` returned ``handle`` to is done with it."""
+        handle.in_flight -= 1
+        if slot:
+            handle.generating -= 1
+        # Wakes a request waiting for the slot, and a reload draining this worker.
+        self._signal_change()
+
+    def is_current(self, handle: WorkerHandle) -> bool:
+        """True while ``handle`` is the ready worker: the owner has not seen it die or
+        replaced it, so a refused connection to it is worth trying again."""
+        return self._handle is handle and self.state is WorkerState.READY
 
     # ---- commands (any task) --------------------------------------------------
 
@@ -481,6 +521,8 @@ class WorkerManager:
             return _Outcome.EXITED, cmd_task
         self._run = run
         outcome, cmd_task = await self._supervise(run, cmd_task)
+        if outcome is _Outcome.RELOAD:
+            outcome, cmd_task = await self._drain(run, cmd_task)
         reason = {
             _Outcome.SHUTDOWN: "supervisor is shutting down",
             _Outcome.RELOAD: "reload requested",
@@ -499,6 +541,50 @@ class WorkerManager:
         if failure.kind is FailureKind.OOM:
             await self._on_oom(run)
         return _Outcome.EXITED, cmd_task
+
+    async def _drain(
+        self, run: _Run, cmd_task: asyncio.Task[_Command]
+    ) -> tuple[_Outcome, asyncio.Task[_Command]]:
+        """Before a reload stops the worker: new requests wait for the next worker while
+        the ones it is answering finish (bounded by shutdown.grace_s). Stopping it at once
+        would cut their answers short (issue 13)."""
+        h = self._handle
+        if h is None or h.gen != run.gen or h.in_flight == 0 or run.proc.returncode is not None:
+            return _Outcome.RELOAD, cmd_task
+        loop = asyncio.get_running_loop()
+        grace = self._config().shutdown.grace_s
+        deadline = loop.time() + grace
+        self._move(
+            WorkerState.STOPPING,
+            f"reload requested: worker pid {run.proc.pid} finishes {h.in_flight} request(s) first "
+            f"(up to {grace:g}s); new requests wait for the next worker",
+        )
+        while h.in_flight > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning(
+                    "reload: worker pid %d still has %d request(s) after %.0fs; they will end with an error",
+                    run.proc.pid,
+                    h.in_flight,
+                    grace,
+                )
+                break
+            changed = asyncio.ensure_future(self._changed.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {run.exit_task, cmd_task, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                changed.cancel()
+            if cmd_task in done:
+                cmd = cmd_task.result()
+                cmd_task = asyncio.ensure_future(self._commands.get())
+                if cmd is _Command.SHUTDOWN:
+                    return _Outcome.SHUTDOWN, cmd_task
+                # Another reload while draining: the next start reads the newest config anyway.
+            if run.exit_task in done:
+                break
+        return _Outcome.RELOAD, cmd_task
 
     async def _spawn(self, gen: int, launch: Launch) -> _Run | None:
         loop = asyncio.get_running_loop()
@@ -615,7 +701,9 @@ class WorkerManager:
                     if status == 200 and h.status == "ok":
                         run.ready_mono = loop.time()
                         run.progress = 1.0
-                        self._handle = WorkerHandle(run.gen, run.proc.pid, run.launch.spec.socket_path, run.session)
+                        self._handle = WorkerHandle(
+                            run.gen, run.proc.pid, run.launch.spec.socket_path, run.session, _slots(h, run.launch.spec)
+                        )
                         self._move(
                             WorkerState.READY,
                             f"worker pid {run.proc.pid} ready after {run.ready_mono - run.started_mono:.1f}s",
@@ -741,7 +829,10 @@ class WorkerManager:
     async def _stop_run(self, run: _Run, reason: str) -> None:
         """Stop the worker: TERM to the group, deadline, KILL; always reap and clean up."""
         if run.proc.returncode is None:
-            self._move(WorkerState.STOPPING, f"stopping worker pid {run.proc.pid}: {reason}")
+            if self.state is WorkerState.STOPPING:  # already draining (reload)
+                log.info("stopping worker pid %d: %s", run.proc.pid, reason)
+            else:
+                self._move(WorkerState.STOPPING, f"stopping worker pid {run.proc.pid}: {reason}")
             run.killed_by_us = True
             _killpg(run.proc.pid, signal.SIGTERM)
             done, _ = await asyncio.wait({run.exit_task}, timeout=self._w.stop_timeout_s)
@@ -755,10 +846,11 @@ class WorkerManager:
                 await run.exit_task
         else:
             await run.exit_task
-            self._move(
-                WorkerState.STOPPING,
-                f"worker pid {run.proc.pid} {describe_exit(run.proc.returncode)}: cleaning up",
-            )
+            if self.state is not WorkerState.STOPPING:
+                self._move(
+                    WorkerState.STOPPING,
+                    f"worker pid {run.proc.pid} {describe_exit(run.proc.returncode)}: cleaning up",
+                )
         # Anything the worker left in its group (helpers, grandchildren) goes too.
         _killpg(run.proc.pid, signal.SIGKILL)
         with contextlib.suppress(asyncio.TimeoutError, Exception):
@@ -769,6 +861,16 @@ class WorkerManager:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         log.info("worker pid %d is gone (%s)", run.proc.pid, describe_exit(run.proc.returncode or 0))
+
+
+def _slots(health: Health, spec: LaunchSpec) -> int:
+    """How many generations the worker runs at once: its `parallel` setting where the
+    worker reports one (health params, else the launch spec), else one."""
+    for source in (health.params, spec):
+        n = getattr(source, "parallel", None)
+        if isinstance(n, int) and n >= 1:
+            return n
+    return 1
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -32,6 +32,7 @@ the worker, so a test sets them on the supervisor process):
                                     with active=1 and seconds_since_token growing
   FAKE_WORKER_TOKEN_INTERVAL_S=0.01 seconds between tokens
   FAKE_WORKER_TOKENS=5              tokens per completion when the request has no max_tokens
+  FAKE_WORKER_BACKLOG=n             listen backlog of the socket (aiohttp's default: 128)
   FAKE_WORKER_STATE_DIR=dir         append one JSON line per start to dir/starts.jsonl:
                                     {"start": i, "pid", "spec": {...}, "env": {CUDA_* vars}}
   FAKE_WORKER_MAX_LIFETIME_S=300    safety net: exit 1 after this long whatever happens, so a
@@ -359,7 +360,7 @@ async def serve(spec: LaunchSpec, start_index: int) -> int:
         sock.unlink()  # a stale socket from a crashed predecessor
     runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
     await runner.setup()
-    await web.UnixSite(runner, str(sock)).start()
+    await web.UnixSite(runner, str(sock), backlog=_env_int("FAKE_WORKER_BACKLOG", 128) or 128).start()
     _say(f"listening on {sock}, loading for {fake.load_s}s")
     fake.load_task = asyncio.create_task(fake.load())
     try:

@@ -48,8 +48,13 @@ log = logging.getLogger("worker")
 T = TypeVar("T")
 _END = object()  # end of a generation's piece stream
 _JSON = "application/json"
-_SHUTDOWN_TIMEOUT_S = 3.0
+# How long a stopping worker waits for its handlers: a cut generation must still get its
+# error answer out, and the generation thread notices the cut only at its next token,
+# which on an overloaded CPU can take seconds (3 s was seen to be too short). Stays under
+# the supervisor's default worker.stop_timeout_s (10 s), after which it sends SIGKILL.
+_SHUTDOWN_TIMEOUT_S = 8.0
 _LOAD_ABORT_WAIT_S = 30.0
+_BACKLOG = 1024
 
 
 # --- response bodies (msgspec: encoded once per chunk, no dict building) ----------------
@@ -171,6 +176,20 @@ def _usage(gen: Generation) -> Usage:
 
 def _finish(gen: Generation) -> str:
     return gen.finish_reason if gen.finish_reason in ("stop", "length") else "stop"
+
+
+def _cut(gen: Generation) -> bool:
+    """True when the generation was cut (the worker is stopping), not finished: the
+    client must get an error then, never a short answer called "stop" (issue 13)."""
+    return gen.finish_reason not in ("stop", "length")
+
+
+def _cut_error() -> bytes:
+    return oai.error_body(
+        "the model worker stopped before this generation finished; the request can be retried",
+        type="server_error",
+        code="generation_cut",
+    )
 
 
 # --- the generation lane ------------------------------------------------------------------
@@ -338,6 +357,8 @@ class WorkerServer:
             return await self._stream_chat(request, prepared, cid, include_usage)
         gen, cancel = self._generation(prepared)
         text = await self.lane.run(gen, cancel, lambda: "".join(gen))
+        if _cut(gen):
+            return _json_response(_cut_error(), 503)
         body = ChatCompletion(
             id=cid,
             created=int(time.time()),
@@ -368,6 +389,8 @@ class WorkerServer:
             return await self._stream_text(request, prepared, cid, include_usage)
         gen, cancel = self._generation(prepared)
         text = await self.lane.run(gen, cancel, lambda: "".join(gen))
+        if _cut(gen):
+            return _json_response(_cut_error(), 503)
         body = TextCompletion(
             id=cid,
             created=int(time.time()),
@@ -452,7 +475,11 @@ class WorkerServer:
             with contextlib.suppress(ConnectionResetError):
                 await resp.write(b"data: " + err + b"\n\n")
             return resp
-        await resp.write(final_chunks(gen) + b"data: [DONE]\n\n")
+        if _cut(gen):
+            # No finish chunk and no [DONE]: an error event says the answer is incomplete.
+            await resp.write(b"data: " + _cut_error() + b"\n\n")
+        else:
+            await resp.write(final_chunks(gen) + b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 
@@ -585,7 +612,10 @@ async def serve(spec: LaunchSpec, engine: Engine, stop: asyncio.Event) -> ExitCo
     )
     await runner.setup()
     _prepare_socket(spec.socket_path)
-    site = web.UnixSite(runner, spec.socket_path)
+    # The supervisor admits at most the worker's generation slots at once plus a few
+    # reads (health, model list); a refused connect is retried there. The backlog only
+    # has to hold a burst of those: 1024 is far above any admission limit in use.
+    site = web.UnixSite(runner, spec.socket_path, backlog=_BACKLOG)
     code = ExitCode.OK
     listening = False  # the socket file is ours to remove only once we have bound it
     try:
@@ -627,6 +657,10 @@ async def serve(spec: LaunchSpec, engine: Engine, stop: asyncio.Event) -> ExitCo
     finally:
         if stop.is_set():
             log.info("stopping: cancelling the running generation and closing %s", spec.socket_path)
+        if listening:
+            # No new request from here on; the one being generated is cut and answered
+            # with an error (the supervisor lets it finish before it sends SIGTERM).
+            await site.stop()
         server.lane.cancel_current()
         await runner.cleanup()
         server.lane.shutdown()

@@ -27,8 +27,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from supervisor.access_log import RequestLog
+from supervisor.auth import KeyStore
 from supervisor.config import Config, resolved_runtime_dir
 from supervisor.launch import Preparer
+from supervisor.metrics import ServingMetrics
 from supervisor.proxy import Proxy, openai_error
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
@@ -39,6 +42,7 @@ log = logging.getLogger("vram_llm")
 MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
 PREPARER: web.AppKey[Preparer] = web.AppKey("preparer", Preparer)
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
+SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
 
 
 def worker_pids_of(pid: int) -> list[int]:
@@ -93,6 +97,8 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    h = request.app[MANAGER].last_health()
+    await request.app[SERVING].refresh(worker_pids_of(h[0]) if h else [])
     return web.Response(body=generate_latest(request.app[REGISTRY]), content_type="text/plain")
 
 
@@ -100,13 +106,15 @@ async def _not_found(request: web.Request) -> web.Response:
     return openai_error(404, f"no route {request.method} {request.path}", type_="invalid_request_error", code="not_found")
 
 
-def build_app(mgr: WorkerManager, preparer: Preparer) -> web.Application:
-    app = web.Application()
+def build_app(mgr: WorkerManager, preparer: Preparer, keys: KeyStore | None = None) -> web.Application:
+    app = web.Application(middlewares=[(keys or KeyStore()).middleware])
     app[MANAGER] = mgr
     app[PREPARER] = preparer
     reg = CollectorRegistry()
     reg.register(_ManagerCollector(mgr))
     app[REGISTRY] = reg
+    app[SERVING] = ServingMetrics(reg, mgr, preparer)
+    RequestLog(app[SERVING].observe).install(app)  # outermost: ids and log lines for refusals too
     proxy = Proxy(mgr, lambda: preparer.config.admission.wait_timeout_s)
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)
@@ -125,6 +133,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     # The worker must not inherit NOTIFY_SOCKET and talk to systemd on our behalf.
     notify = SdNotify.from_env(unset_environment=True)
     preparer = Preparer(config, reload_config)  # raises ConfigError / ModelError: cli reports them
+    keys = KeyStore.from_config(config)  # raises ConfigError too
     base = resolved_runtime_dir(config)
     base.mkdir(parents=True, exist_ok=True)
     runtime_dir = Path(tempfile.mkdtemp(prefix="vram-llm-", dir=base))  # mode 0700
@@ -150,7 +159,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         on_state=on_state,
         on_progress=on_progress,
     )
-    app = build_app(mgr, preparer)
+    app = build_app(mgr, preparer, keys)
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request, which stops the worker's generation.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=5)
@@ -165,7 +174,8 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         except OSError as e:
             log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, e)
             return 1
-        log.info("listening on http://%s:%d", config.server.host, config.server.port)
+        log.info("listening on http://%s:%d; API keys: %s", config.server.host, config.server.port, keys.describe())
+        keys.warn_if_exposed(config.server.host)
 
         def on_reload() -> None:
             log.warning("SIGHUP: re-reading the configuration and restarting the worker")
@@ -174,6 +184,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
                 preparer.reload()
             except Exception as e:  # a bad new config keeps the old one
                 log.error("reload: keeping the previous configuration: %s", e)
+            keys.reload(preparer.config)  # a revoked key stops working now, whatever else failed
             mgr.request_reload()
 
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -34,6 +34,11 @@ the worker, so a test sets them on the supervisor process):
   FAKE_WORKER_MAX_LIFETIME_S=300    safety net: exit 1 after this long whatever happens, so a
                                     broken test cannot leave it running for ever
 
+A completion request that carries an Authorization or X-Api-Key header is refused with 400:
+the supervisor must not forward client credentials. Each completion request logs its
+X-Request-Id on stderr ("request ID: METHOD PATH"); a streamed answer ends with the usage
+trailer of worker.protocol, as the real worker's does.
+
 On SIGTERM/SIGINT (unless ignored or hung) it stops serving, removes its socket and exits 0.
 A failure at load exits at once and leaves the socket file behind, as a real crash would.
 """
@@ -61,12 +66,15 @@ from aiohttp import web  # noqa: E402
 
 from worker.protocol import (  # noqa: E402
     LLAMA_LOG_PREFIX,
+    STREAM_DONE,
     AppliedParams,
     ExitCode,
     Health,
     LaunchSpec,
+    StreamUsage,
     encoder,
     spec_decoder,
+    usage_trailer,
 )
 
 
@@ -235,12 +243,16 @@ class FakeWorker:
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         if not self.ready:
             return _error(503, "model is loading", "unavailable_error")
+        if "Authorization" in request.headers or "X-Api-Key" in request.headers:
+            # The supervisor keeps API keys to itself: a test sees this 400 if one leaks.
+            return _error(400, "fake worker: a client credential reached the worker", "invalid_request_error")
         try:
             body = await request.json()
         except ValueError:
             return _error(400, "request body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object", "invalid_request_error")
+        _say(f"request {request.headers.get('X-Request-Id', '-')}: {request.method} {request.path}")
         max_tokens = body.get("max_tokens")
         n = self.default_tokens if max_tokens is None else int(max_tokens)
         finish = "stop" if max_tokens is None else "length"
@@ -319,8 +331,8 @@ class FakeWorker:
                 await resp.write(chunk(None, role=True))
             async for tok in self._tokens(n):
                 await resp.write(chunk(tok))
-            await resp.write(chunk(None, done=True))
-            await resp.write(b"data: [DONE]\n\n")
+            usage = StreamUsage(prompt_tokens=1, completion_tokens=n, ttft_s=self.token_interval_s, gen_s=0.0)
+            await resp.write(chunk(None, done=True) + usage_trailer(usage) + STREAM_DONE)
             await resp.write_eof()
         except ConnectionResetError:
             # Client went away (or we are stopping): stop generating, like the real worker.

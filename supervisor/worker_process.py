@@ -31,6 +31,7 @@ import aiohttp
 import msgspec
 import psutil
 
+from supervisor.cgroup import OomWatch
 from supervisor.config import Config, WorkerSection, resolved_worker_command
 from supervisor.restart import (
     Failure,
@@ -143,6 +144,7 @@ class _Run:
     progress: float = 0.0
     psproc: psutil.Process | None = None
     last_health: Health | None = None
+    oom_watch: OomWatch = field(default_factory=lambda: OomWatch(()))
 
 
 @dataclass
@@ -500,6 +502,7 @@ class WorkerManager:
         with contextlib.suppress(psutil.Error):
             run.psproc = psutil.Process(proc.pid)
             run.psproc.cpu_percent(interval=None)
+        run.oom_watch = OomWatch.of(proc.pid)  # the cgroup's OOM-kill count before it can run out
         self._run = run
         log.info("worker pid %d started", proc.pid)
         return run
@@ -628,7 +631,11 @@ class WorkerManager:
         else:
             assert code is not None
             what = describe_exit(code)
-            host_oom = code == -signal.SIGKILL and not run.killed_by_us and host_oom_killed(run.proc.pid)
+            host_oom = False
+            if code == -signal.SIGKILL and not run.killed_by_us:
+                # The cgroup's OOM-kill counter (readable under systemd); the kernel log where there is none.
+                counted = run.oom_watch.killed()
+                host_oom = counted if counted is not None else host_oom_killed(run.proc.pid)
             kind = classify_exit(code, oom_evidence=run.oom_seen or host_oom)
             if host_oom:
                 what += ", by the host OOM killer"

@@ -25,6 +25,9 @@ the worker, so a test sets them on the supervisor process):
   FAKE_WORKER_IGNORE_SIGTERM=1      ignore SIGTERM (only SIGKILL stops it)
   FAKE_WORKER_HANG_AFTER_READY_S=x  x seconds after becoming ready, block the event loop for
                                     good: nothing answers any more (SIGTERM included)
+  FAKE_WORKER_ALLOCATE_MIB=n        once ready, allocate and touch n MiB (only on the first start
+                                    when FAKE_WORKER_STATE_DIR is set): under a small cgroup memory
+                                    limit the kernel's OOM killer ends it with SIGKILL
   FAKE_WORKER_STALL_GENERATION=1    generations never produce a token; health keeps answering
                                     with active=1 and seconds_since_token growing
   FAKE_WORKER_TOKEN_INTERVAL_S=0.01 seconds between tokens
@@ -126,6 +129,7 @@ class FakeWorker:
         self.queued = 0
         self.requests_served = 0
         self.last_token_at: float | None = None  # monotonic; None when idle
+        self.hog: list[bytes] = []  # FAKE_WORKER_ALLOCATE_MIB
         self.gen_lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.load_task: asyncio.Task[None] | None = None
@@ -174,6 +178,12 @@ class FakeWorker:
         self.progress = 1.0
         self.ready = True
         _say(f"ready: {self.alias}")
+        allocate = _env_int("FAKE_WORKER_ALLOCATE_MIB", None)
+        if allocate and self.start_index == 0:
+            _say(f"allocating {allocate} MiB")
+            # b"x" * n writes every page (a zeroed bytearray would stay virtual).
+            self.hog = [b"x" * (1 << 20) for _ in range(allocate)]
+            _say(f"allocated {allocate} MiB and was not killed")
         hang_after = _env_float("FAKE_WORKER_HANG_AFTER_READY_S", None)
         if hang_after is not None:
             asyncio.get_running_loop().call_later(hang_after, self._hang)

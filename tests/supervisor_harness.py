@@ -85,6 +85,7 @@ class Supervisor:
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
         fake_worker: bool = False,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.tmp = tmp
         self.port = free_port()
@@ -106,6 +107,7 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             env=full_env,
             cwd=str(REPO),
+            preexec_fn=preexec,  # e.g. join a cgroup before the supervisor starts its worker
         )
         self.base = f"http://127.0.0.1:{self.port}"
         self.worker_pids: set[int] = set()

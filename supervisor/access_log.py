@@ -25,8 +25,9 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -83,6 +84,7 @@ class RequestRecord:
         """Token counts and timing from a stream's usage trailer."""
         if usage is None:
             return
+        self.model = usage.model or self.model
         self.prompt_tokens = usage.prompt_tokens
         self.completion_tokens = usage.completion_tokens
         if usage.ttft_s is not None:

@@ -27,9 +27,10 @@ import hmac
 import ipaddress
 import logging
 import re
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Literal, Mapping
+from typing import Literal
 
 from aiohttp import web
 
@@ -156,8 +157,8 @@ def presented_key(request: web.Request) -> str | None:
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         return None
-    value = request.headers.get("X-Api-Key")
-    return value.strip() if value and value.strip() else None
+    header = request.headers.get("X-Api-Key", "").strip()
+    return header or None
 
 
 def required_scope(path: str) -> Scope | None:

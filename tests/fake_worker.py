@@ -341,7 +341,7 @@ class FakeWorker:
                 await resp.write(chunk(None, role=True))
             async for tok in self._tokens(n):
                 await resp.write(chunk(tok))
-            usage = StreamUsage(prompt_tokens=1, completion_tokens=n, ttft_s=self.token_interval_s, gen_s=0.0)
+            usage = StreamUsage(model=self.alias, prompt_tokens=1, completion_tokens=n, ttft_s=self.token_interval_s, gen_s=0.0)
             await resp.write(chunk(None, done=True) + usage_trailer(usage) + STREAM_DONE)
             await resp.write_eof()
         except ConnectionResetError:

@@ -67,7 +67,7 @@ def test_no_timestamp_of_ours_under_systemd(journal: bool, stamped: bool) -> Non
         f"configure_logging('INFO', 'text', {{'JOURNAL_STREAM': '8:1'}} if {journal} else {{}})\n"
         "logging.getLogger('vram_llm').info('hello')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     line = r.stderr.strip()
     assert line.endswith("vram_llm: hello")
     assert line.startswith("INFO ") is not stamped
@@ -109,7 +109,7 @@ def test_ids_access_lines_and_json_logs(tmp_path: Path) -> None:
         assert plain["client"] == "127.0.0.1" and plain["key"] is None and plain["duration_ms"] > 0
         assert plain["model"]
         streamed = _access(out, stream_id)
-        assert (streamed["completion_tokens"], streamed["status"]) == (3, 200)
+        assert (streamed["completion_tokens"], streamed["status"], streamed["model"]) == (3, 200, plain["model"])
         assert streamed["ttft_ms"] is not None and streamed["ttft_ms"] <= streamed["duration_ms"]
         assert _access(out, r404.headers["X-Request-Id"])["status"] == 404
         # The worker's own line for each request names the same id.

@@ -10,13 +10,20 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import openai
 import pytest
 
-from supervisor.auth import KeyStore, client_key, load_keys, parse_key_line, required_scope
+from supervisor.auth import (
+    KeyStore,
+    client_key,
+    load_keys,
+    parse_key_line,
+    required_scope,
+)
 from supervisor.config import ConfigError, build_config
 from tests.supervisor_harness import REPO, Supervisor, poll
 
@@ -214,11 +221,11 @@ def test_status_command_uses_the_admin_key_of_its_config(keyed: tuple[Supervisor
     s, _ = keyed
     cmd = [sys.executable, "-m", "supervisor", "status", "--config", str(s.config_path)]
     env = {k: v for k, v in os.environ.items() if k != "VRAM_LLM_API_KEY"}
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, env=env, check=False)
     assert r.returncode == 0, r.stderr  # the flag keys of serve are not in the file: the file's admin key
-    r = subprocess.run([*cmd, "--api-key", INF], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    r = subprocess.run([*cmd, "--api-key", INF], cwd=REPO, capture_output=True, text=True, timeout=60, env=env, check=False)
     assert r.returncode == 2 and "HTTP 403" in r.stderr
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60,
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
                        env={**env, "VRAM_LLM_API_KEY": FLAG})
     assert r.returncode == 0, r.stderr
 

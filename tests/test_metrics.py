@@ -8,8 +8,9 @@ import shutil
 import subprocess
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -78,6 +79,8 @@ def test_token_counters_equal_the_sum_of_usage(tmp_path: Path) -> None:
         m = poll(counted, 10, f"{n} requests in the duration histogram")
         assert total(m, "vram_llm_prompt_tokens_total") == prompt
         assert total(m, "vram_llm_completion_tokens_total") == completion
+        # Plain and streamed answers count under the same model label.
+        assert len({dict(lbl)["model"] for (name, lbl) in m if name == "vram_llm_completion_tokens_total"}) == 1
         assert total(m, "vram_llm_time_to_first_token_seconds_count") == 1  # the streamed one
         assert total(m, "vram_llm_inter_token_latency_seconds_count") == 1
         assert total(m, "vram_llm_queue_wait_seconds_count") == n

@@ -134,6 +134,7 @@ STREAM_DONE = b"data: [DONE]\n\n"
 
 
 class StreamUsage(msgspec.Struct, kw_only=True):
+    model: str | None = None
     prompt_tokens: int
     completion_tokens: int
     ttft_s: float | None = None  # worker's request arrival -> first generated piece

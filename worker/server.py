@@ -42,7 +42,14 @@ from worker.engine import (
     Sampling,
 )
 from worker.protocol import (
-    STREAM_DONE, AppliedParams, ExitCode, Health, LaunchSpec, StreamUsage, encoder, usage_trailer,
+    STREAM_DONE,
+    AppliedParams,
+    ExitCode,
+    Health,
+    LaunchSpec,
+    StreamUsage,
+    encoder,
+    usage_trailer,
 )
 
 log = logging.getLogger("worker")
@@ -458,7 +465,7 @@ class WorkerServer:
                 await resp.write(b"data: " + err + b"\n\n")
             return resp
         trailer = usage_trailer(StreamUsage(
-            prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+            model=self.engine.model_id, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
             ttft_s=times[1] - times[0] if len(times) > 1 else None,
             gen_s=(gen.last_token_at or times[-1]) - times[1] if len(times) > 1 else None,
         ))

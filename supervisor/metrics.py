@@ -15,6 +15,7 @@ Rules of this module:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor.access_log import Finished
+from supervisor.gpus import GpuProbeError
 from supervisor.launch import Preparer
 from supervisor.worker_process import WorkerManager
 
@@ -32,6 +34,8 @@ _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 
 # Inter-token gaps: 1 ms (a small model on a GPU) to 1 s (a large one on CPUs).
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
 _MIB = 2**20
+
+log = logging.getLogger("vram_llm.metrics")
 
 
 class ServingMetrics(Collector):
@@ -87,7 +91,13 @@ class ServingMetrics(Collector):
 
     async def refresh(self, worker_pids: list[int]) -> None:
         """Before a scrape: the GPU rows (the cached read /status uses)."""
-        self._gpus = await self._prep.gpus_now(worker_pids)
+        try:
+            self._gpus = await self._prep.gpus_now(worker_pids)
+        except GpuProbeError as e:
+            # The rest of the scrape is still worth having; the GPU series go missing,
+            # which an alert on absent() sees.
+            log.warning("metrics: cannot read the GPU inventory: %s", e)
+            self._gpus = []
 
     def collect(self) -> Iterator[Any]:
         model = self._model()

@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import logging
 import re
+import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,11 @@ def load_keys(config: Config) -> tuple[ApiKey, ...]:
     if path:
         try:
             text = Path(path).read_text(encoding="utf-8")
+            world_readable = bool(Path(path).stat().st_mode & stat.S_IROTH)
         except OSError as e:
             raise ConfigError(f"server.api_keys_file: cannot read {path}: {e.strerror}") from None
+        if world_readable:
+            log.warning("%s is readable by every user of this machine: chmod o-r it", path)
         for n, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):

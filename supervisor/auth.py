@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import re
 import stat
 from collections.abc import Awaitable, Callable, Mapping
@@ -121,10 +122,11 @@ def _secret_of(line: str) -> str:
     return secret if sep else name
 
 
-def client_key(config: Config, flag_keys: list[str] | None, environ: Mapping[str, str]) -> str | None:
+def client_key(config: Config, flag_keys: list[str] | None, environ: Mapping[str, str] | None = None) -> str | None:
     """The key `vram-llm status` sends: --api-key, else $VRAM_LLM_API_KEY, else the first
     admin key of the config it read (server.api_keys, then the key file if readable)."""
-    for given in (flag_keys or [])[:1] + [environ.get("VRAM_LLM_API_KEY", "")]:
+    env = os.environ if environ is None else environ
+    for given in (flag_keys or [])[:1] + [env.get("VRAM_LLM_API_KEY", "")]:
         if given.strip():
             return given.strip()
     for line in config.server.api_keys[:1]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import urllib.error
@@ -125,7 +124,7 @@ def render(st: dict[str, Any], url: str) -> str:
 def run(config: Config, args: argparse.Namespace) -> int:
     url = status_url(config)
     try:
-        st = fetch_status(url, api_key=client_key(config, getattr(args, "server__api_keys", None), os.environ))
+        st = fetch_status(url, api_key=client_key(config, getattr(args, "server__api_keys", None)))
     except urllib.error.HTTPError as e:
         if e.code not in (401, 403):
             raise

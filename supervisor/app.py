@@ -106,15 +106,15 @@ async def _not_found(request: web.Request) -> web.Response:
     return openai_error(404, f"no route {request.method} {request.path}", type_="invalid_request_error", code="not_found")
 
 
-def build_app(mgr: WorkerManager, preparer: Preparer, keys: KeyStore | None = None) -> web.Application:
-    app = web.Application(middlewares=[(keys or KeyStore()).middleware])
+def build_app(mgr: WorkerManager, preparer: Preparer) -> web.Application:
+    app = web.Application()
     app[MANAGER] = mgr
     app[PREPARER] = preparer
     reg = CollectorRegistry()
     reg.register(_ManagerCollector(mgr))
-    app[REGISTRY] = reg
     app[SERVING] = ServingMetrics(reg, mgr, preparer)
     RequestLog(app[SERVING].observe).install(app)  # outermost: ids and log lines for refusals too
+    app[REGISTRY] = reg
     proxy = Proxy(mgr, lambda: preparer.config.admission.wait_timeout_s)
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)
@@ -134,6 +134,8 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     notify = SdNotify.from_env(unset_environment=True)
     preparer = Preparer(config, reload_config)  # raises ConfigError / ModelError: cli reports them
     keys = KeyStore.from_config(config)  # raises ConfigError too
+    log.info("API keys: %s", keys.describe())
+    keys.warn_if_exposed(config.server.host)
     base = resolved_runtime_dir(config)
     base.mkdir(parents=True, exist_ok=True)
     runtime_dir = Path(tempfile.mkdtemp(prefix="vram-llm-", dir=base))  # mode 0700
@@ -159,7 +161,8 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         on_state=on_state,
         on_progress=on_progress,
     )
-    app = build_app(mgr, preparer, keys)
+    app = build_app(mgr, preparer)
+    keys.install(app)  # inside the request log: refusals get an id and a log line too
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request, which stops the worker's generation.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=5)
@@ -174,8 +177,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         except OSError as e:
             log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, e)
             return 1
-        log.info("listening on http://%s:%d; API keys: %s", config.server.host, config.server.port, keys.describe())
-        keys.warn_if_exposed(config.server.host)
+        log.info("listening on http://%s:%d", config.server.host, config.server.port)
 
         def on_reload() -> None:
             log.warning("SIGHUP: re-reading the configuration and restarting the worker")

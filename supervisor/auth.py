@@ -193,6 +193,9 @@ class KeyStore:
     def from_config(cls, config: Config) -> KeyStore:
         return cls(load_keys(config))
 
+    def install(self, app: web.Application) -> None:
+        app.middlewares.append(self.middleware)
+
     @property
     def enabled(self) -> bool:
         return bool(self._keys)

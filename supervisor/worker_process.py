@@ -248,6 +248,13 @@ class WorkerManager:
     def launch(self) -> Launch | None:
         return self._launch
 
+    def last_health(self) -> tuple[int, Health] | None:
+        """The current worker's pid and its last /health answer (read by the metrics)."""
+        run = self._run
+        if run is None or run.last_health is None:
+            return None
+        return run.proc.pid, run.last_health
+
     def snapshot(self) -> dict[str, Any]:
         """Everything /status shows about the worker (GPU readings are added by app)."""
         run = self._run
@@ -288,13 +295,6 @@ class WorkerManager:
                 "served": self.counters.served,
             },
         }
-
-    def last_health(self) -> tuple[int, Health] | None:
-        """The current worker's pid and its last /health answer (read by the metrics)."""
-        run = self._run
-        if run is None or run.last_health is None:
-            return None
-        return run.proc.pid, run.last_health
 
     async def acquire(self, timeout_s: float, not_gen: int | None = None) -> WorkerHandle:
         """Wait (bounded) for a ready worker; ``not_gen`` skips a generation known dead."""

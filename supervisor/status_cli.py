@@ -126,10 +126,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
     try:
         st = fetch_status(url, api_key=client_key(config, getattr(args, "server__api_keys", None)))
     except urllib.error.HTTPError as e:
-        if e.code not in (401, 403):
-            raise
-        print(f"vram-llm: the supervisor at {url} refused the request (HTTP {e.code}): give an admin key "
-              "with --api-key or VRAM_LLM_API_KEY", file=sys.stderr)
+        hint = ": give an admin key with --api-key or VRAM_LLM_API_KEY" if e.code in (401, 403) else ""
+        print(f"vram-llm: the supervisor at {url} answered HTTP {e.code}{hint}", file=sys.stderr)
         return 2
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)

@@ -27,9 +27,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from supervisor.access_log import RequestLog
+from supervisor.auth import KeyStore
 from supervisor.config import Config, resolved_runtime_dir
 from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
 from supervisor.launch import Preparer
+from supervisor.metrics import ServingMetrics
 from supervisor.proxy import Proxy, openai_error
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
@@ -40,6 +43,7 @@ log = logging.getLogger("vram_llm")
 MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
 PREPARER: web.AppKey[Preparer] = web.AppKey("preparer", Preparer)
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
+SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
 
 
 def worker_pids_of(pid: int) -> list[int]:
@@ -111,6 +115,8 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    h = request.app[MANAGER].last_health()
+    await request.app[SERVING].refresh(worker_pids_of(h[0]) if h else [])
     return web.Response(body=generate_latest(request.app[REGISTRY]), content_type="text/plain")
 
 
@@ -124,6 +130,8 @@ def build_app(mgr: WorkerManager, preparer: Preparer, guard: ConnectionGuard | N
     app[PREPARER] = preparer
     reg = CollectorRegistry()
     reg.register(_ManagerCollector(mgr))
+    app[SERVING] = ServingMetrics(reg, mgr, preparer)
+    RequestLog(app[SERVING].observe).install(app)  # outermost: ids and log lines for refusals too
     app[REGISTRY] = reg
     proxy = Proxy(
         mgr, lambda: preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s
@@ -145,6 +153,9 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     # The worker must not inherit NOTIFY_SOCKET and talk to systemd on our behalf.
     notify = SdNotify.from_env(unset_environment=True)
     preparer = Preparer(config, reload_config)  # raises ConfigError / ModelError: cli reports them
+    keys = KeyStore.from_config(config)  # raises ConfigError too
+    log.info("API keys: %s", keys.describe())
+    keys.warn_if_exposed(config.server.host)
     base = resolved_runtime_dir(config)
     base.mkdir(parents=True, exist_ok=True)
     runtime_dir = Path(tempfile.mkdtemp(prefix="vram-llm-", dir=base))  # mode 0700
@@ -175,6 +186,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         max_connections=effective_cap(config.server.max_connections),
     )
     app = build_app(mgr, preparer, guard)
+    keys.install(app)  # inside the request log: refusals get an id and a log line too
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request, which stops the worker's generation.
     runner = web.AppRunner(
@@ -214,6 +226,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
                 preparer.reload()
             except Exception as e:  # a bad new config keeps the old one
                 log.error("reload: keeping the previous configuration: %s", e)
+            keys.reload(preparer.config)  # a revoked key stops working now, whatever else failed
             mgr.request_reload()
 
         for sig in (signal.SIGTERM, signal.SIGINT):

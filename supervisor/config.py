@@ -52,6 +52,8 @@ class ModelSection(_Section):
 class ServerSection(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
+    api_keys: list[str] = msgspec.field(default_factory=list)  # admin keys (--api-key); see supervisor/auth.py
+    api_keys_file: str = ""  # one "[NAME:]KEY [inference|admin]" per line; re-read on SIGHUP
     runtime_dir: str = ""  # empty: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir
     # Slow and idle clients (nginx's defaults): a connection that has not sent a complete
     # first request within header_timeout_s is closed; a request body with no data for

@@ -17,15 +17,17 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import time
 from typing import AsyncIterator, Callable
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
+from supervisor.access_log import record
 from supervisor.worker_process import NotReady, QueueFull, WorkerHandle, WorkerManager
+from worker.protocol import STREAM_DONE, split_usage_trailer
 
 log = logging.getLogger("vram_llm.proxy")
 
@@ -44,6 +46,9 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
         "Host",
         "Content-Length",
+        # Credentials for the supervisor (supervisor/auth.py): the worker never sees them.
+        "Authorization",
+        "X-Api-Key",
     )
 )
 
@@ -55,8 +60,6 @@ RETRY_FIRST_S = 0.02
 RETRY_MAX_S = 0.5
 # A non-streamed answer up to this size is relayed in one piece.
 SMALL_BODY = 256 * 1024
-
-_ids = itertools.count(1)
 
 
 def openai_error(status: int, message: str, *, type_: str, code: str | None, retry_after: int | None = None) -> web.Response:
@@ -113,7 +116,8 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mgr = self._mgr
-        rid = request.headers.get("X-Request-Id") or f"req-{next(_ids)}"
+        rec = record(request)
+        rid = rec.request_id
         too_big = self._too_big(request)
         if too_big is not None:
             log.warning("%s %s %s: 413, %s", rid, request.method, request.path, too_big.text)
@@ -162,6 +166,7 @@ class Proxy:
                         code="worker_unavailable",
                         retry_after=e.retry_after_s,
                     )
+                rec.worker_taken(time.monotonic())
                 try:
                     upstream = await handle.session.request(
                         request.method,
@@ -293,6 +298,7 @@ class Proxy:
                     )
                 completed = True
                 self._mgr.counters.served += 1
+                record(request).body_usage(body)
                 return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             resp.headers.update(headers)
@@ -304,6 +310,9 @@ class Proxy:
             await resp.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():
+                    if chunk.endswith(STREAM_DONE):  # the last one: cut the worker's usage trailer out
+                        chunk, usage = split_usage_trailer(chunk)
+                        record(request).stream_usage(usage)
                     await resp.write(chunk)
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
                 log.error("%s: worker pid %d failed mid-response (%s)", rid, pid, e.__class__.__name__)

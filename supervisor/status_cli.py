@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from supervisor.auth import client_key
 from supervisor.config import Config
 
 
@@ -28,8 +29,10 @@ def status_url(config: Config) -> str:
     return f"http://{host}:{config.server.port}/status"
 
 
-def fetch_status(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (our own URL)
+def fetch_status(url: str, timeout_s: float = 5.0, api_key: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    req = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (our own URL)
         data: dict[str, Any] = json.loads(resp.read())
         return data
 
@@ -150,7 +153,11 @@ def render(st: dict[str, Any], url: str) -> str:
 def run(config: Config, args: argparse.Namespace) -> int:
     url = status_url(config)
     try:
-        st = fetch_status(url)
+        st = fetch_status(url, api_key=client_key(config, getattr(args, "server__api_keys", None)))
+    except urllib.error.HTTPError as e:
+        hint = ": give an admin key with --api-key or VRAM_LLM_API_KEY" if e.code in (401, 403) else ""
+        print(f"vram-llm: the supervisor at {url} answered HTTP {e.code}{hint}", file=sys.stderr)
+        return 2
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         print(f"vram-llm: cannot reach the supervisor at {url}: {reason}", file=sys.stderr)

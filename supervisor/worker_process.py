@@ -32,6 +32,7 @@ import aiohttp
 import msgspec
 import psutil
 
+from supervisor.cgroup import OomWatch
 from supervisor.config import Config, WorkerSection, resolved_worker_command
 from supervisor.restart import (
     Decision,
@@ -154,6 +155,7 @@ class _Run:
     progress: float = 0.0
     psproc: psutil.Process | None = None
     last_health: Health | None = None
+    oom_watch: OomWatch = field(default_factory=lambda: OomWatch(()))
 
 
 @dataclass
@@ -290,6 +292,13 @@ class WorkerManager:
     @property
     def launch(self) -> Launch | None:
         return self._launch
+
+    def last_health(self) -> tuple[int, Health] | None:
+        """The current worker's pid and its last /health answer (read by the metrics)."""
+        run = self._run
+        if run is None or run.last_health is None:
+            return None
+        return run.proc.pid, run.last_health
 
     def snapshot(self) -> dict[str, Any]:
         """Everything /status shows about the worker (GPU readings are added by app)."""
@@ -569,11 +578,10 @@ class WorkerManager:
                     grace,
                 )
                 break
-            changed = asyncio.ensure_future(self._changed.wait())
+            changed: asyncio.Future[Any] = asyncio.ensure_future(self._changed.wait())
+            waiters: set[asyncio.Future[Any]] = {run.exit_task, cmd_task, changed}
             try:
-                done, _ = await asyncio.wait(
-                    {run.exit_task, cmd_task, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
+                done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 changed.cancel()
             if cmd_task in done:
@@ -632,6 +640,7 @@ class WorkerManager:
         with contextlib.suppress(psutil.Error):
             run.psproc = psutil.Process(proc.pid)
             run.psproc.cpu_percent(interval=None)
+        run.oom_watch = OomWatch.of(proc.pid)  # the cgroup's OOM-kill count before it can run out
         self._run = run
         log.info("worker pid %d started", proc.pid)
         return run
@@ -772,7 +781,11 @@ class WorkerManager:
         else:
             assert code is not None
             what = describe_exit(code)
-            host_oom = code == -signal.SIGKILL and not run.killed_by_us and host_oom_killed(run.proc.pid)
+            host_oom = False
+            if code == -signal.SIGKILL and not run.killed_by_us:
+                # The cgroup's OOM-kill counter (readable under systemd); the kernel log where there is none.
+                counted = run.oom_watch.killed()
+                host_oom = counted if counted is not None else host_oom_killed(run.proc.pid)
             kind = classify_exit(code, oom_evidence=run.oom_seen or host_oom)
             if host_oom:
                 what += ", by the host OOM killer"

@@ -121,3 +121,43 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
 health_decoder = msgspec.json.Decoder(Health)
 spec_decoder = msgspec.json.Decoder(LaunchSpec)
 encoder = msgspec.json.Encoder()
+
+
+# --- the usage trailer of a streamed answer ------------------------------------------------
+# A streamed answer ends with one SSE comment line, written in the same write as
+# "data: [DONE]", that tells the supervisor the request's token counts and timing without
+# it having to parse every chunk: the supervisor checks only whether a relayed chunk ends
+# with [DONE] and, if so, cuts this line out of it. SSE clients ignore comment lines, so a
+# stream that reaches a client without passing the supervisor is still valid.
+USAGE_TRAILER = b": vram-llm-usage "
+STREAM_DONE = b"data: [DONE]\n\n"
+
+
+class StreamUsage(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None = None  # worker's request arrival -> first generated piece
+    gen_s: float | None = None  # first piece -> last piece (inter-token latency basis)
+
+
+_usage_decoder = msgspec.json.Decoder(StreamUsage)
+
+
+def usage_trailer(usage: StreamUsage) -> bytes:
+    return USAGE_TRAILER + encoder.encode(usage) + b"\n\n"
+
+
+def split_usage_trailer(chunk: bytes) -> tuple[bytes, StreamUsage | None]:
+    """``chunk`` without the usage trailer, and the usage it carried (None if absent or bad)."""
+    start = chunk.rfind(USAGE_TRAILER)
+    if start < 0:
+        return chunk, None
+    end = chunk.find(b"\n\n", start)
+    if end < 0:
+        return chunk, None
+    try:
+        usage = _usage_decoder.decode(chunk[start + len(USAGE_TRAILER) : end])
+    except msgspec.DecodeError:
+        usage = None
+    return chunk[:start] + chunk[end + 2 :], usage

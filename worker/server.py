@@ -41,7 +41,16 @@ from worker.engine import (
     PromptTooLong,
     Sampling,
 )
-from worker.protocol import AppliedParams, ExitCode, Health, LaunchSpec, encoder
+from worker.protocol import (
+    STREAM_DONE,
+    AppliedParams,
+    ExitCode,
+    Health,
+    LaunchSpec,
+    StreamUsage,
+    encoder,
+    usage_trailer,
+)
 
 log = logging.getLogger("worker")
 
@@ -284,7 +293,7 @@ class WorkerServer:
 
     def app(self) -> web.Application:
         app = web.Application(
-            client_max_size=self.spec.max_body_bytes, middlewares=[_openai_errors]
+            client_max_size=self.spec.max_body_bytes, middlewares=[_request_log, _openai_errors]
         )
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
@@ -431,11 +440,14 @@ class WorkerServer:
         )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
+        times = [time.monotonic()]  # arrival, then first and last piece (usage trailer)
 
         def work() -> None:
             put = loop.call_soon_threadsafe
             try:
                 for piece in gen:
+                    if len(times) == 1:
+                        times.append(time.monotonic())
                     put(queue.put_nowait, piece)
             finally:
                 put(queue.put_nowait, _END)
@@ -479,7 +491,12 @@ class WorkerServer:
             # No finish chunk and no [DONE]: an error event says the answer is incomplete.
             await resp.write(b"data: " + _cut_error() + b"\n\n")
         else:
-            await resp.write(final_chunks(gen) + b"data: [DONE]\n\n")
+            trailer = usage_trailer(StreamUsage(
+                model=self.engine.model_id, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                ttft_s=times[1] - times[0] if len(times) > 1 else None,
+                gen_s=(gen.last_token_at or times[-1]) - times[1] if len(times) > 1 else None,
+            ))
+            await resp.write(final_chunks(gen) + trailer + STREAM_DONE)
         await resp.write_eof()
         return resp
 
@@ -544,6 +561,24 @@ def _sampling(req: Any, max_tokens: int | None, fmt: Any) -> Sampling:
         json_mode=isinstance(fmt, (oai.ResponseFormatJsonObject, oai.ResponseFormatJsonSchema)),
         json_schema=fmt.json_schema.schema if isinstance(fmt, oai.ResponseFormatJsonSchema) else None,
     )
+
+
+@web.middleware
+async def _request_log(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """One line per API request, naming the supervisor's request id (X-Request-Id)."""
+    if request.path == "/health":  # polled every few seconds: not worth a line each
+        return await handler(request)
+    t0 = time.monotonic()
+    status = 499  # the client (the supervisor) went away before an answer
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    finally:
+        log.info("request %s: %s %s -> %d in %.3fs", request.headers.get("X-Request-Id", "-"),
+                 request.method, request.path, status, time.monotonic() - t0)
 
 
 @web.middleware

@@ -27,8 +27,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from supervisor.access_log import RequestLog
+from supervisor.auth import KeyStore
 from supervisor.config import Config, resolved_runtime_dir
+from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
 from supervisor.launch import Preparer
+from supervisor.metrics import ServingMetrics
 from supervisor.proxy import Proxy, openai_error
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
@@ -39,6 +43,7 @@ log = logging.getLogger("vram_llm")
 MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
 PREPARER: web.AppKey[Preparer] = web.AppKey("preparer", Preparer)
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
+SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
 
 
 def worker_pids_of(pid: int) -> list[int]:
@@ -69,8 +74,24 @@ class _ManagerCollector(Collector):
         for kind, n in sorted(mgr.counters.restarts_by_kind.items()):
             c.add_metric([kind], n)
         yield c
-        h = mgr.worker_health
-        if h is not None:  # the worker's prompt caches (counters restart with the worker)
+        yield GaugeMetricFamily(
+            "vram_llm_worker_failure_streak",
+            "Worker failures in the current streak (within restart.failure_window_s, since a stable run)",
+            value=mgr.failure_streak(),
+        )
+        yield GaugeMetricFamily(
+            "vram_llm_worker_crash_loop",
+            "1 while waiting out restart.backoff_max_s because more than restart.max_failures failed",
+            value=1.0 if mgr.crash_loop else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "vram_llm_worker_next_attempt_seconds",
+            "Seconds until the next worker start attempt (0 when none is scheduled)",
+            value=mgr.next_attempt_in_s() or 0.0,
+        )
+        last = mgr.last_health()
+        if last is not None:  # the worker's prompt caches (counters restart with the worker)
+            h = last[1]
             for name, doc, value, kind in (
                 ("prompt_cache_hits", "Requests that reused a slot's cached prompt", h.cache_hits, "c"),
                 ("prompt_cache_tokens_reused", "Prompt tokens reused from slots", h.cache_tokens_reused, "c"),
@@ -87,7 +108,9 @@ async def _health(request: web.Request) -> web.Response:
     mgr = request.app[MANAGER]
     if mgr.state is WorkerState.READY:
         return web.json_response({"status": "ok"})
-    return web.json_response({"status": mgr.state.value, "reason": mgr.reason}, status=503)
+    # While a restart is scheduled, tell load balancers when it comes.
+    headers = None if mgr.next_attempt_in_s() is None else {"Retry-After": str(mgr.retry_after_s())}
+    return web.json_response({"status": mgr.state.value, "reason": mgr.reason}, status=503, headers=headers)
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -105,6 +128,8 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    h = request.app[MANAGER].last_health()
+    await request.app[SERVING].refresh(worker_pids_of(h[0]) if h else [])
     return web.Response(body=generate_latest(request.app[REGISTRY]), content_type="text/plain")
 
 
@@ -112,18 +137,22 @@ async def _not_found(request: web.Request) -> web.Response:
     return openai_error(404, f"no route {request.method} {request.path}", type_="invalid_request_error", code="not_found")
 
 
-def build_app(mgr: WorkerManager, preparer: Preparer) -> web.Application:
-    app = web.Application()
+def build_app(mgr: WorkerManager, preparer: Preparer, guard: ConnectionGuard | None = None) -> web.Application:
+    app = web.Application(middlewares=[] if guard is None else [guard.middleware])
     app[MANAGER] = mgr
     app[PREPARER] = preparer
     reg = CollectorRegistry()
     reg.register(_ManagerCollector(mgr))
+    app[SERVING] = ServingMetrics(reg, mgr, preparer)
+    RequestLog(app[SERVING].observe).install(app)  # outermost: ids and log lines for refusals too
     app[REGISTRY] = reg
-    proxy = Proxy(mgr, lambda: preparer.config.admission.wait_timeout_s)
+    proxy = Proxy(
+        mgr, lambda: preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s
+    )
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
-    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle, expect_handler=proxy.expect_handler)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
@@ -137,6 +166,9 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     # The worker must not inherit NOTIFY_SOCKET and talk to systemd on our behalf.
     notify = SdNotify.from_env(unset_environment=True)
     preparer = Preparer(config, reload_config)  # raises ConfigError / ModelError: cli reports them
+    keys = KeyStore.from_config(config)  # raises ConfigError too
+    log.info("API keys: %s", keys.describe())
+    keys.warn_if_exposed(config.server.host)
     base = resolved_runtime_dir(config)
     base.mkdir(parents=True, exist_ok=True)
     runtime_dir = Path(tempfile.mkdtemp(prefix="vram-llm-", dir=base))  # mode 0700
@@ -162,22 +194,43 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         on_state=on_state,
         on_progress=on_progress,
     )
-    app = build_app(mgr, preparer)
+    guard = ConnectionGuard(
+        header_timeout_s=config.server.header_timeout_s,
+        max_connections=effective_cap(config.server.max_connections),
+    )
+    app = build_app(mgr, preparer, guard)
+    keys.install(app)  # inside the request log: refusals get an id and a log line too
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request, which stops the worker's generation.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=5)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=5,
+        keepalive_timeout=config.server.keepalive_timeout_s,
+        logger=server_logger(RateLimitedLog(logging.getLogger("vram_llm.http"))),
+    )
     await runner.setup()
     stop = asyncio.Event()
     mgr_task: asyncio.Task[None] | None = None
     watchdog_task: asyncio.Task[None] | None = None
+    old_exception_handler = loop.get_exception_handler()
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+        site = GuardedTCPSite(runner, config.server.host, config.server.port, guard)
         try:
             await site.start()
         except OSError as e:
             log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, e)
             return 1
-        log.info("listening on http://%s:%d", config.server.host, config.server.port)
+        guard.start()
+        loop.set_exception_handler(guard.exception_handler)
+        log.info(
+            "listening on http://%s:%d (at most %d connections)",
+            config.server.host,
+            config.server.port,
+            guard.max_connections,
+        )
 
         def on_reload() -> None:
             log.warning("SIGHUP: re-reading the configuration and restarting the worker")
@@ -186,6 +239,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
                 preparer.reload()
             except Exception as e:  # a bad new config keeps the old one
                 log.error("reload: keeping the previous configuration: %s", e)
+            keys.reload(preparer.config)  # a revoked key stops working now, whatever else failed
             mgr.request_reload()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -227,7 +281,9 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
             mgr.request_shutdown()
             with contextlib.suppress(BaseException):
                 await mgr_task
+        await guard.stop()
         await runner.cleanup()
+        loop.set_exception_handler(old_exception_handler)
         shutil.rmtree(runtime_dir, ignore_errors=True)
         log.info("supervisor stopped")
 

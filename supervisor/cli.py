@@ -60,6 +60,7 @@ class Flag:
     convert: Callable[[str], Any] | None = None  # str -> value before schema decoding
     const: bool | None = None  # a switch: sets the key to this value
     choices: tuple[str, ...] | None = None
+    repeat: bool = False  # may be given several times: the key gets the list of values
 
 
 FLAGS: tuple[Flag, ...] = (
@@ -80,6 +81,8 @@ FLAGS: tuple[Flag, ...] = (
          "N", int),
     Flag("--simulate-gpus", "gpu.simulate_gpus", "plan for the GPUs listed in this JSON file", "FILE"),
     Flag("--worker-command", "worker.command", "worker command line, shell-quoted (tests)", "CMD", _command),
+    Flag("--api-key", "server.api_keys", "an admin API key clients must send (repeatable; prefer "
+         "server.api_keys_file, which `ps` does not show)", "KEY", repeat=True),
 )
 
 
@@ -93,10 +96,14 @@ class _Parser(argparse.ArgumentParser):
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="config.toml (see config.example.toml)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="text lines, or one JSON object per line (time, level, logger, message, request fields)")
     for f in FLAGS:
         dest = f.key.replace(".", "__")
         if f.const is not None:
             p.add_argument(f.name, dest=dest, action="store_const", const=f.const, default=None, help=f.help)
+        elif f.repeat:
+            p.add_argument(f.name, dest=dest, metavar=f.metavar, action="append", default=None, help=f.help)
         else:
             p.add_argument(f.name, dest=dest, metavar=f.metavar, choices=f.choices, default=None, help=f.help)
 
@@ -142,12 +149,18 @@ def load_config(args: argparse.Namespace) -> Config:
         raise
 
 
-def configure_logging(level: str | int = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def configure_logging(level: str | int = "INFO", fmt: str = "text", environ: Mapping[str, str] | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from supervisor.access_log import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    elif (os.environ if environ is None else environ).get("JOURNAL_STREAM"):
+        # Under systemd, stderr goes to the journal, which stamps every line itself.
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 # --- subcommands ----------------------------------------------------------------------------
@@ -171,7 +184,7 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     from supervisor import app  # lazy: plan must not need the serving stack
 
     return run_loop(app.serve(cfg, reload_config=lambda: load_config(args)))

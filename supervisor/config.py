@@ -47,7 +47,7 @@ class ModelSection(_Section):
     threads: NonNegInt = 0  # 0: llama.cpp's default
     chat_format: str = ""  # empty: the chat template in the GGUF metadata
     flash_attn: bool = False
-    parallel: PositiveInt = 4  # requests generated at once (slots sharing one KV cache)
+    parallel: PositiveInt = 4  # requests generated at once (slots, each with ctx_size KV cells)
     prefill_chunk: PositiveInt = 64  # prompt tokens per step while others generate (docs/benchmarks.md)
     cache_ram_mib: NonNegInt = 1024  # host RAM for earlier prompts' KV snapshots; 0: none
 
@@ -55,7 +55,19 @@ class ModelSection(_Section):
 class ServerSection(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
+    api_keys: list[str] = msgspec.field(default_factory=list)  # admin keys (--api-key); see supervisor/auth.py
+    api_keys_file: str = ""  # one "[NAME:]KEY [inference|admin]" per line; re-read on SIGHUP
     runtime_dir: str = ""  # empty: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir
+    # Slow and idle clients (nginx's defaults): a connection that has not sent a complete
+    # first request within header_timeout_s is closed; a request body with no data for
+    # body_timeout_s gets 408; an idle keep-alive connection is closed after
+    # keepalive_timeout_s.
+    header_timeout_s: Seconds = 60.0
+    body_timeout_s: Seconds = 60.0
+    keepalive_timeout_s: Seconds = 75.0
+    # Open client connections at most (lowered to fit the descriptor limit); at the cap
+    # the longest idle one is closed to make room.
+    max_connections: PositiveInt = 1024
 
 
 class GpuSection(_Section):
@@ -87,6 +99,9 @@ class RestartSection(_Section):
     stable_after_s: Seconds = 300.0
     max_failures: PositiveInt = 5
     failure_window_s: Seconds = 600.0
+    # False: more than max_failures in the window is a crash loop, retried every backoff_max_s
+    # for ever; True: it is FAILED until SIGHUP (for boxes where a person or an outer manager acts).
+    give_up: bool = False
     oom_settle_timeout_s: Seconds = 30.0
 
 

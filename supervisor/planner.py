@@ -10,19 +10,24 @@ Rules for this module:
   shipped that bug at least once.
 - The estimate mirrors how llama.cpp places tensors (llama-model.cpp, load_tensors):
   * the input layer (token_embd) always stays on the CPU;
-  * with n_gpu_layers = k the LAST k repeating layers go to GPUs; the output layer counts
-    as layer n_layer and is offloaded only when k > n_layer (we then send -1 = all);
+  * the output layer counts as layer n_layer, and n_gpu_layers = k puts the LAST k of the
+    n_layer + 1 layers on GPUs (i_gpu_start = n_layer + 1 - k): the output layer goes first,
+    k = 1 offloads only it, and k = n_layer + 1 is everything (we then send -1 = all);
   * layer il of the offloaded range goes to the device whose cumulative, normalised
     tensor_split first exceeds (il - i_gpu_start) / act_gpu_layers (std::upper_bound);
   * split_mode none uses only main_gpu; row splits each matrix by rows across the GPUs
     and keeps KV cache and scratch buffers on main_gpu.
+  (llama.cpp as llama-cpp-python 0.3.36 vendors it.)
   All constants of the estimate live in the block below; a GPU check calibrates them.
+- A GPU the placement does not need is not made visible to the worker at all
+  (_leave_out_unneeded): its CUDA context and compute buffer would cost ~0.9 GiB for nothing.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -55,6 +60,18 @@ COMPUTE_SLACK = 1.10
 KV_BYTES_PER_ELEMENT = 2
 
 NO_GPU_NOTE = "no GPU found; planning for CPU only"
+# Why a GPU that could take part is left out: it would cost a CUDA context (and in layer
+# mode a compute buffer) for nothing, which on a small display GPU is most of what is free.
+NOT_NEEDED = "not needed: the model fits on the others"
+# Row split: every visible GPU holds rows of every matrix and every matrix product waits for
+# all of them, so a GPU whose share is under one layer's worth adds a context and a sync
+# point for less than one layer of VRAM.
+NOT_NEEDED_ROW = NOT_NEEDED + " (its row share would be under one layer's worth)"
+# --no-set-cuda-visible-devices: the worker still sees a GPU we leave out.
+STILL_VISIBLE = (
+    "; still visible to the worker (inherited CUDA_VISIBLE_DEVICES), so it holds a CUDA context"
+    f" (~{CUDA_CONTEXT_MIB} MiB)"
+)
 
 DeviceOrder = Literal["free_desc", "pci"]
 SplitMode = Literal["layer", "row", "none"]
@@ -195,25 +212,31 @@ def compute_bytes(model: ModelFacts, n_ctx: int, n_batch: int, flash_attn: bool,
     return int((base + max(attn, ffn, logits)) * COMPUTE_SLACK)
 
 
+def _f32(x: float) -> float:
+    """x rounded to a C float: llama.cpp does the split arithmetic in float."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
 def assign_layers(n_layer: int, n_gpu_layers: int, split: Sequence[float]) -> list[int | None]:
     """llama.cpp's placement: device index (into split) per layer 0..n_layer, the last
-    entry being the output layer; None = CPU."""
+    entry being the output layer; None = CPU. The arithmetic is float32 as in llama.cpp
+    (the shares reach it as C floats), so a layer on a split boundary lands where it will."""
     n_dev = len(split)
-    total = sum(split)
     out: list[int | None] = [None] * (n_layer + 1)
-    if n_dev == 0 or n_gpu_layers <= 0 or total <= 0:
+    if n_dev == 0 or n_gpu_layers <= 0 or sum(split) <= 0:
         return out
     cum: list[float] = []
     acc = 0.0
-    for s in split:
-        acc += s
-        cum.append(acc / total)
-    i_gpu_start = max(n_layer - n_gpu_layers, 0)
+    for sp in split:
+        acc = _f32(acc + _f32(sp))
+        cum.append(acc)
+    cum = [_f32(c / acc) for c in cum]
+    i_gpu_start = max(n_layer + 1 - n_gpu_layers, 0)
     act = min(n_gpu_layers, n_layer + 1)
     for il in range(n_layer + 1):
         if il < i_gpu_start or il - i_gpu_start >= act:
             continue
-        out[il] = min(bisect.bisect_right(cum, (il - i_gpu_start) / act), n_dev - 1)
+        out[il] = min(bisect.bisect_right(cum, _f32((il - i_gpu_start) / act)), n_dev - 1)
     return out
 
 
@@ -275,6 +298,100 @@ def _estimates(
             )
         )
     return ests, layers, holds_output
+
+
+def _search(
+    model: ModelFacts, cands: Sequence[_Cand], split: Sequence[float], top: int, mode: SplitMode, main: int,
+    n_ctx: int, s: PlanSettings,
+) -> tuple[int, list[Estimate], list[int], list[bool]]:
+    """The largest n_gpu_layers <= top whose estimate fits every candidate (0: none)."""
+    for k in range(top, 0, -1):
+        e, lay, o = _estimates(model, cands, split, k, mode, main, n_ctx, s)
+        if all(est.total_mib <= c.usable for est, c in zip(e, cands)):
+            return k, e, lay, o
+    return 0, [], [], []
+
+
+def _main_of(cands: Sequence[_Cand]) -> int:
+    return max(range(len(cands)), key=lambda i: cands[i].usable)  # max() keeps the first on ties
+
+
+def _merge_into_neighbours(split: Sequence[float], idle: Sequence[int]) -> list[float]:
+    """The split without the idle GPUs, each idle share added to the kept GPU before it (or
+    after it when it is first). An idle GPU's interval of the cumulative split holds no layer,
+    so joining it to a neighbour's moves no layer: llama.cpp places every layer as before."""
+    merged = list(split)
+    for i in idle:
+        keep_before = [j for j in range(i) if j not in idle]
+        keep_after = [j for j in range(i + 1, len(split)) if j not in idle]
+        to = keep_before[-1] if keep_before else keep_after[0]
+        merged[to] += merged[i]
+    return [merged[j] for j in range(len(split)) if j not in idle]
+
+
+@dataclass
+class _Placed:
+    cands: list[_Cand]
+    weights: list[float]  # what split is rounded from (renormalising these rounds only once)
+    split: tuple[float, ...]
+    main: int
+    ngl: int
+    ests: list[Estimate]
+    layers: list[int]
+    outs: list[bool]
+
+
+def _leave_out_unneeded(
+    model: ModelFacts, p: _Placed, top: int | None, n_ctx: int, s: PlanSettings
+) -> tuple[_Placed, list[tuple[_Cand, str]]]:
+    """Drop the GPUs the placement does not need, so the worker opens no CUDA context on them.
+
+    The rule, the same for layer and row split: a GPU whose share of the split is worth less
+    than one of the offloaded layers (share * act_gpu_layers < 1) is left out (in row mode
+    never main_gpu, which holds the KV cache). Such a GPU gets at most one layer, or only
+    rows of every matrix adding up to less than one layer, for a CUDA context and a compute
+    buffer. The shares of the others are renormalised and the placement redone (``top``:
+    search the largest n_gpu_layers again; None: keep n_gpu_layers, as llama-fit-params
+    chose it). Leaving GPUs out must not offload fewer layers; when it would, layer mode
+    still drops the GPUs llama.cpp gives no layer at all, first with the renormalised split,
+    else with each one's share handed to a neighbour (its interval holds no layer, so that
+    moves none). A GPU left out for good never comes back in a later round."""
+    dropped: list[tuple[_Cand, str]] = []
+    mode = s.split_mode
+    why = NOT_NEEDED_ROW if mode == "row" else NOT_NEEDED
+    while len(p.cands) > 1:
+        n = len(p.cands)
+        act = min(p.ngl, model.n_layers + 1)
+        total = sum(p.split) or 1.0
+        small = [i for i in range(n) if p.split[i] / total * act < 1 and not (mode == "row" and i == p.main)]
+        trials: list[tuple[list[int], bool]] = [(small, False)]  # (GPUs to drop, merge their shares)
+        if mode == "layer":
+            empty = [i for i in range(n) if p.layers[i] == 0 and not p.outs[i]]
+            trials += [(empty, False), (empty, True)]
+        found: tuple[list[int], _Placed] | None = None
+        for drop, merge in trials:
+            if not drop or len(drop) == n:
+                continue
+            kept = [c for i, c in enumerate(p.cands) if i not in drop]
+            main = _main_of(kept)
+            if merge:
+                weights = _merge_into_neighbours(p.weights, drop)
+            else:
+                weights = [w for i, w in enumerate(p.weights) if i not in drop]
+            split = _round_split(weights)
+            if top is None:
+                k = p.ngl
+                e, lay, o = _estimates(model, kept, split, k, mode, main, n_ctx, s)
+            else:
+                k, e, lay, o = _search(model, kept, split, top, mode, main, n_ctx, s)
+            if k >= p.ngl:
+                found = (drop, _Placed(kept, weights, split, main, k, e, lay, o))
+                break
+        if found is None:
+            break
+        dropped += [(p.cands[i], why) for i in found[0]]
+        p = found[1]
+    return p, dropped
 
 
 # --- CUDA_VISIBLE_DEVICES -------------------------------------------------------------------
@@ -343,6 +460,12 @@ def _round_split(weights: Sequence[float]) -> tuple[float, ...]:
     big = max(range(len(shares)), key=lambda i: shares[i])
     shares[big] = round(shares[big] + 1.0 - sum(shares), 6)
     return tuple(shares)
+
+
+def _with_visibility(reason: str | None, visible: bool) -> str | None:
+    """A GPU left out but still visible to the worker (only with the inherited
+    CUDA_VISIBLE_DEVICES) gets a zero share, yet CUDA still opens a context on it: say so."""
+    return reason + STILL_VISIBLE if reason is not None and visible else reason
 
 
 def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> Plan:
@@ -428,14 +551,15 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
     layers: list[int] = []
     outs: list[bool] = []
     if cands:
-        main = max(range(len(cands)), key=lambda i: cands[i].usable)
+        main = _main_of(cands)
         if s.split_mode == "none":
             main = 0
-        fixed_room = [max(c.usable - CUDA_CONTEXT_MIB, 0) for c in cands]
-        split = _round_split([float(r) for r in fixed_room]) if s.split_mode != "none" else (1.0,)
+        weights = [float(max(c.usable - CUDA_CONTEXT_MIB, 0)) for c in cands]
+        split = _round_split(weights) if s.split_mode != "none" else (1.0,)
         top = model.n_layers + 1
-        if s.max_gpu_layers is not None and s.max_gpu_layers <= model.n_layers:
-            top = s.max_gpu_layers
+        if s.max_gpu_layers is not None and s.max_gpu_layers < model.n_layers:
+            # The cap counts repeating layers; n_gpu_layers also counts the output layer.
+            top = s.max_gpu_layers + 1 if s.max_gpu_layers > 0 else 0
 
         fit = s.fit_params
         if fit is not None:
@@ -454,7 +578,7 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
             else:
                 source = "llama-fit-params"
                 if len(cands) > 1 and s.split_mode != "none":
-                    split = _round_split(ts)
+                    weights, split = ts, _round_split(ts)
                 ngl = min(max(fit.n_gpu_layers, 0), model.n_layers + 1, top)
                 ests, layers, outs = _estimates(model, cands, split, ngl, s.split_mode, main, n_ctx, s)
                 notes.append("layer split and context taken from llama-fit-params")
@@ -462,23 +586,27 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
             notes.append(f"llama-fit-params: {s.fit_params_error}; using vram-llm's own plan")
 
         if fit is None:
-            ngl = 0
-            for k in range(top, 0, -1):
-                e, lay, o = _estimates(model, cands, split, k, s.split_mode, main, n_ctx, s)
-                if all(est.total_mib <= c.usable for est, c in zip(e, cands)):
-                    ngl, ests, layers, outs = k, e, lay, o
-                    break
+            ngl, ests, layers, outs = _search(model, cands, split, top, s.split_mode, main, n_ctx, s)
+        if ngl > 0 and s.split_mode != "none":
+            placed, dropped = _leave_out_unneeded(
+                model, _Placed(cands, weights, split, main, ngl, ests, layers, outs), top if fit is None else None, n_ctx, s
+            )
+            cands, split, main = placed.cands, placed.split, placed.main
+            ngl, ests, layers, outs = placed.ngl, placed.ests, placed.layers, placed.outs
+            for c, why in dropped:
+                reasons[c.gpu.index] = why
+        if fit is None:
             if ngl == 0:
                 for c in cands:
                     reasons[c.gpu.index] = "not even one layer fits with the estimated context and compute buffers"
                 cands = []
             elif ngl < model.n_layers + 1:
                 if s.max_gpu_layers is not None and ngl == top:
-                    notes.append(f"GPU layers capped at {top} (out-of-memory fallback)")
+                    notes.append(f"GPU layers capped at {s.max_gpu_layers} (out-of-memory fallback)")
                 else:
                     notes.append(
-                        f"partial offload: {min(ngl, model.n_layers)} of {model.n_layers} layers fit on the GPUs"
-                        + ("; the output layer stays on the CPU" if ngl <= model.n_layers else "")
+                        f"partial offload: {ngl - 1} of {model.n_layers} layers fit on the GPUs, "
+                        "with the output layer (llama.cpp offloads it first)"
                     )
     elif gpus:
         notes.append("no GPU can be used; planning for CPU only")
@@ -526,7 +654,7 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
                 has_output=outs[cp] if cp is not None else False,
                 share=split[cp] if cp is not None and split else 0.0,
                 cuda_index=cuda_index.get(g.index),
-                excluded_reason=reasons.get(g.index),
+                excluded_reason=_with_visibility(reasons.get(g.index), g.index in cuda_index),
                 estimate=est,
             )
         )

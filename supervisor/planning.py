@@ -16,7 +16,7 @@ from typing import Any
 from supervisor.config import Config, ConfigError
 from supervisor.gpus import GpuProbe, Inventory, make_probe
 from supervisor.model import ModelError, ModelFacts, read_model_facts
-from supervisor.planner import NO_GPU_NOTE, Plan, PlanSettings, plan
+from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, Plan, PlanSettings, plan
 
 
 
@@ -89,7 +89,14 @@ def make_plan(
         if result.cpu_only:
             answer: object = "no GPU to fit the model on"
         else:
-            used = sorted((g for g in result.gpus if g.cuda_index is not None), key=lambda g: g.cuda_index or 0)
+            tool_env = dict(result.env)
+            if settings.set_cuda_visible_devices:
+                # The tool chooses among every GPU the plan could use, the ones our own plan
+                # left out as not needed included (in plan order, as the planner reads the answer).
+                used = [g for g in result.gpus if g.excluded_reason is None or g.excluded_reason.startswith(NOT_NEEDED)]
+                tool_env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in used)
+            else:
+                used = sorted((g for g in result.gpus if g.cuda_index is not None), key=lambda g: g.cuda_index or 0)
             answer = run_fit_params(
                 cfg.gpu.fit_params_command,
                 facts.path,
@@ -97,7 +104,7 @@ def make_plan(
                 result.n_ctx,
                 cfg.model.n_batch,
                 cfg.model.flash_attn,
-                result.env,
+                tool_env,
             )
         if isinstance(answer, str):
             settings = plan_settings(cfg, environ, fit_params_error=answer, **ladder)

@@ -8,22 +8,26 @@ Rules of this module:
   sent again to the next worker ("a crash between requests loses none of them").
 - A response, once started, is never retried: if the worker dies mid-stream an SSE
   client gets one final error event and a clean end.
-- Requests wait for a ready worker (bounded by admission.wait_timeout_s and
-  admission.queue_size); the manager decides when one is ready.
+- Requests wait for a ready worker and a free generation slot (bounded by
+  admission.wait_timeout_s and admission.queue_size); the manager decides when one is
+  ready. A refused connection to a worker the manager still calls ready is retried
+  against that worker with a short backoff, not sent to wait for the next worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import time
 from typing import AsyncIterator, Callable
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
-from supervisor.worker_process import NotReady, QueueFull, WorkerManager
+from supervisor.access_log import record
+from supervisor.worker_process import NotReady, QueueFull, WorkerHandle, WorkerManager
+from worker.protocol import STREAM_DONE, split_usage_trailer
 
 log = logging.getLogger("vram_llm.proxy")
 
@@ -42,15 +46,20 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
         "Host",
         "Content-Length",
+        # Credentials for the supervisor (supervisor/auth.py): the worker never sees them.
+        "Authorization",
+        "X-Api-Key",
     )
 )
 
 # A request body up to this size can be replayed to a new worker after a crash.
 REPLAY_LIMIT = 1 << 20
+# A connection refused by a worker that is still ready is tried again after this delay,
+# doubling up to RETRY_MAX_S (bounded by the request's wait_timeout_s).
+RETRY_FIRST_S = 0.02
+RETRY_MAX_S = 0.5
 # A non-streamed answer up to this size is relayed in one piece.
 SMALL_BODY = 256 * 1024
-
-_ids = itertools.count(1)
 
 
 def openai_error(status: int, message: str, *, type_: str, code: str | None, retry_after: int | None = None) -> web.Response:
@@ -62,18 +71,25 @@ def openai_error(status: int, message: str, *, type_: str, code: str | None, ret
 class _ReplayableBody:
     """Streams the client's body once and remembers it (bounded) for a resend."""
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int, read_timeout_s: float) -> None:
         self._content = content
         self._limit = limit
+        self._read_timeout_s = read_timeout_s
         self._seen: list[bytes] = []
         self._seen_bytes = 0
         self.replayable = True
+        self.timed_out = False  # the client stopped sending its body (server.body_timeout_s)
 
     async def stream(self) -> AsyncIterator[bytes]:
         for chunk in self._seen:
             yield chunk
         while True:
-            chunk = await self._content.readany()
+            try:
+                # Like nginx's client_body_timeout: the limit is between two reads.
+                chunk = await asyncio.wait_for(self._content.readany(), self._read_timeout_s)
+            except asyncio.TimeoutError:
+                self.timed_out = True
+                raise
             if not chunk:
                 return
             if self.replayable:
@@ -91,30 +107,52 @@ def _forward_headers(headers: "aiohttp.typedefs.LooseHeaders") -> dict[str, str]
 
 
 class Proxy:
-    def __init__(self, manager: WorkerManager, wait_timeout_s: Callable[[], float]) -> None:
+    def __init__(
+        self, manager: WorkerManager, wait_timeout_s: Callable[[], float], body_timeout_s: float = 60.0
+    ) -> None:
         self._mgr = manager
         self._wait_timeout_s = wait_timeout_s  # read per request: SIGHUP may change it
+        self._body_timeout_s = body_timeout_s
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mgr = self._mgr
-        rid = request.headers.get("X-Request-Id") or f"req-{next(_ids)}"
+        rec = record(request)
+        rid = rec.request_id
+        too_big = self._too_big(request)
+        if too_big is not None:
+            log.warning("%s %s %s: 413, %s", rid, request.method, request.path, too_big.text)
+            return too_big
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_timeout_s()
-        body = _ReplayableBody(request.content, REPLAY_LIMIT) if request.body_exists else None
+        body = (
+            _ReplayableBody(request.content, REPLAY_LIMIT, self._body_timeout_s) if request.body_exists else None
+        )
         headers = _forward_headers(request.headers)
         headers["X-Request-Id"] = rid
+        # Generation requests (POST) take one of the worker's generation slots; the model
+        # list and other reads only need a ready worker.
+        slot = request.method == "POST"
         not_gen: int | None = None
+        handle: WorkerHandle | None = None
         resent = False
+        retries = 0
         mgr.counters.in_flight += 1
         try:
             while True:
+                if handle is not None and not mgr.is_current(handle):
+                    # The worker being retried died or was replaced meanwhile (its owner
+                    # saw it): wait for the next one instead.
+                    not_gen = handle.gen
+                    mgr.release(handle, slot=slot)
+                    handle = None
                 try:
-                    handle = await mgr.acquire(max(0.0, deadline - loop.time()), not_gen)
+                    if handle is None:
+                        handle = await mgr.acquire(max(0.0, deadline - loop.time()), not_gen, slot=slot)
                 except QueueFull:
                     log.warning("%s %s %s: 429, too many requests waiting for the worker", rid, request.method, request.path)
                     return openai_error(
                         429,
-                        "too many requests are waiting for the worker to become ready; retry later",
+                        "too many requests are waiting for the worker; retry later",
                         type_="rate_limit_error",
                         code="queue_full",
                         retry_after=1,
@@ -128,6 +166,7 @@ class Proxy:
                         code="worker_unavailable",
                         retry_after=e.retry_after_s,
                     )
+                rec.worker_taken(time.monotonic())
                 try:
                     upstream = await handle.session.request(
                         request.method,
@@ -137,6 +176,19 @@ class Proxy:
                         allow_redirects=False,
                     )
                 except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                    if body is not None and body.timed_out:
+                        log.warning(
+                            "%s %s %s: 408, the client sent no body data for %gs",
+                            rid, request.method, request.path, self._body_timeout_s,
+                        )
+                        resp = openai_error(
+                            408,
+                            f"the request body did not arrive: nothing received for {self._body_timeout_s:g}s",
+                            type_="invalid_request_error",
+                            code="request_timeout",
+                        )
+                        resp.force_close()
+                        return resp
                     # The worker died or is dying before it answered: nothing was
                     # returned to the client yet, so send the request to the next worker.
                     # A refused connection never reached the worker and is always resent;
@@ -149,6 +201,22 @@ class Proxy:
                         and loop.time() < deadline
                     ):
                         resent = resent or not refused
+                        if mgr.is_current(handle):
+                            # The owner has not seen this worker die: a full listen backlog
+                            # (a paused or busy worker) or a reset. Try the same worker again
+                            # shortly; waiting for a next worker that never comes would park
+                            # the request until wait_timeout_s (issue 13).
+                            retries += 1
+                            delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (retries - 1), max(0.0, deadline - loop.time()))
+                            if retries == 1:
+                                log.warning(
+                                    "%s: worker pid %d did not take the request (%s); trying it again",
+                                    rid,
+                                    handle.pid,
+                                    e.__class__.__name__,
+                                )
+                            await asyncio.sleep(delay)
+                            continue
                         log.warning(
                             "%s: worker pid %d did not answer (%s); waiting for the next worker",
                             rid,
@@ -156,6 +224,8 @@ class Proxy:
                             e.__class__.__name__,
                         )
                         not_gen = handle.gen
+                        mgr.release(handle, slot=slot)
+                        handle = None
                         continue
                     return openai_error(
                         502,
@@ -166,7 +236,36 @@ class Proxy:
                 break
             return await self._relay(request, upstream, rid, handle.pid)
         finally:
+            if handle is not None:
+                mgr.release(handle, slot=slot)
             mgr.counters.in_flight -= 1
+
+    def _too_big(self, request: web.Request) -> web.Response | None:
+        """A 413 for a body announced larger than the worker accepts, before reading it."""
+        launch = self._mgr.launch
+        length = request.content_length
+        if launch is None or length is None or length <= launch.spec.max_body_bytes:
+            return None
+        return openai_error(
+            413,
+            f"the request body ({length} bytes) is larger than the {launch.spec.max_body_bytes} bytes accepted",
+            type_="invalid_request_error",
+            code="request_too_large",
+        )
+
+    async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: refuse a too large body at once instead of inviting it."""
+        too_big = self._too_big(request)
+        if too_big is not None:
+            return too_big
+        # The rest is aiohttp's default expect handler.
+        expect = request.headers.get("Expect", "")
+        if request.version == aiohttp.HttpVersion11:
+            if expect.lower() != "100-continue":
+                raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response proper has not started
+        return None
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, rid: str, pid: int
@@ -199,6 +298,7 @@ class Proxy:
                     )
                 completed = True
                 self._mgr.counters.served += 1
+                record(request).body_usage(body)
                 return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             resp.headers.update(headers)
@@ -210,6 +310,9 @@ class Proxy:
             await resp.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():
+                    if chunk.endswith(STREAM_DONE):  # the last one: cut the worker's usage trailer out
+                        chunk, usage = split_usage_trailer(chunk)
+                        record(request).stream_usage(usage)
                     await resp.write(chunk)
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
                 log.error("%s: worker pid %d failed mid-response (%s)", rid, pid, e.__class__.__name__)

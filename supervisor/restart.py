@@ -6,6 +6,10 @@ Rules for this module:
   passed in by the caller, so the policy is tested as tables without sleeping.
 - Exit codes are a contract (worker.protocol.ExitCode): a bad spec or model is PERMANENT and
   never retried; an OOM is a reason to re-plan smaller (the ladder below), not to back off.
+- Transient failures never end the retrying unless the user asked for that (``give_up``):
+  once the failure budget is spent the worker is in a *crash loop* and is tried again at the
+  capped delay for ever. A box nobody watches must come back by itself after a passing storm
+  (an OOM killer spree, a driver hiccup), not sit in ``failed`` until someone sends SIGHUP.
 - Every reason and description is a sentence a person can read in a log line, in
   ``vram-llm status`` and in a 503 body.
 """
@@ -47,8 +51,9 @@ class RestartPolicy:
     backoff_max_s: float = 60.0  # the delay never grows past this
     backoff_factor: float = 2.0  # each further failure in a streak multiplies the delay
     stable_after_s: float = 300.0  # a worker READY this long before failing starts a new streak
-    max_failures: int = 5  # restarts allowed per streak within the window; one more gives up
+    max_failures: int = 5  # failures per streak within the window before the capped delay applies
     failure_window_s: float = 600.0  # failures older than this (before "now") no longer count
+    give_up: bool = False  # True: one failure more than max_failures gives up instead (FAILED)
 
 
 @dataclass(frozen=True)
@@ -64,10 +69,21 @@ class Decision:
     action: Literal["restart", "give_up"]
     delay_s: float  # wait this long before starting again (0 for give_up)
     reason: str  # one sentence for logs, status and 503 bodies
+    crash_loop: bool = False  # the failure budget is spent: retrying at the capped delay
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _streak_start(policy: RestartPolicy, ordered: Sequence[Failure]) -> int:
+    """Index of the first failure of the current streak in ``ordered`` (oldest first): a
+    failure after a stable run starts a fresh streak; it counts, older ones do not."""
+    start = 0
+    for i, f in enumerate(ordered):
+        if f.ran_for_s >= policy.stable_after_s:
+            start = i
+    return start
 
 
 def _counted(
@@ -76,18 +92,42 @@ def _counted(
     """The failures of the current streak: inside the window, not before the latest failure
     that followed a stable run, and (until the OOM ladder is exhausted) not OOMs."""
     ordered = sorted(failures, key=lambda f: f.at)
-    # A failure after a stable run starts a fresh streak: it counts, older ones do not.
-    start = 0
-    for i, f in enumerate(ordered):
-        if f.ran_for_s >= policy.stable_after_s:
-            start = i
-    streak = ordered[start:]
+    streak = ordered[_streak_start(policy, ordered):]
     return [
         f
         for f in streak
         if now - f.at <= policy.failure_window_s
         and (f.kind is not FailureKind.OOM or oom_ladder_exhausted)
     ]
+
+
+def failure_streak(
+    policy: RestartPolicy, failures: Sequence[Failure], now: float, *, oom_ladder_exhausted: bool = False
+) -> int:
+    """How many failures the current streak holds at ``now`` (what ``decide`` compares with
+    ``max_failures``): for /status and /metrics between failures."""
+    return len(_counted(policy, failures, now, oom_ladder_exhausted))
+
+
+def prune_failures(policy: RestartPolicy, failures: Sequence[Failure], now: float) -> list[Failure]:
+    """The failures that can still count for a decision at ``now`` or later, oldest first.
+
+    A crash loop retries for ever; without pruning its history would grow by one entry per
+    attempt for as long as the box runs. Dropped: failures outside the window (they only get
+    older) and failures before the latest one that followed a stable run (a new streak began).
+    The latest failure is always kept.
+    """
+    ordered = sorted(failures, key=lambda f: f.at)
+    kept = [f for f in ordered[_streak_start(policy, ordered):-1] if now - f.at <= policy.failure_window_s]
+    return kept + ordered[-1:]
+
+
+def _duration(seconds: float) -> str:
+    """'10 minutes', '1 hour', '90s': a window as a person says it."""
+    for unit, size in (("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            return _plural(int(seconds // size), unit)
+    return f"{seconds:g}s"
 
 
 def decide(
@@ -126,12 +166,24 @@ def decide(
     kinds = {f.kind for f in counted}
     verb = _VERBS[last.kind] if len(kinds) == 1 else "failed"
     if streak > policy.max_failures:
+        if policy.give_up:
+            return Decision(
+                "give_up",
+                0.0,
+                f"gave up after {_plural(streak, 'failure')} in {span:.0f}s "
+                f"(more than {policy.max_failures} in {policy.failure_window_s:.0f}s); "
+                f"last: {last.detail}",
+            )
+        # The budget is spent, but the cause may pass by itself: keep trying, at the capped
+        # delay so a worker that dies at once costs little, until one stays up (stable_after_s).
+        delay = policy.backoff_max_s
         return Decision(
-            "give_up",
-            0.0,
-            f"gave up after {_plural(streak, 'failure')} in {span:.0f}s "
-            f"(more than {policy.max_failures} in {policy.failure_window_s:.0f}s); "
-            f"last: {last.detail}",
+            "restart",
+            delay,
+            f"crash loop: {_plural(streak, 'failure')} in the last "
+            f"{_duration(policy.failure_window_s)} (more than {policy.max_failures}; last: {last.detail}); "
+            f"retrying every {delay:g}s until a worker stays up for {policy.stable_after_s:g}s",
+            crash_loop=True,
         )
     delay = min(policy.backoff_initial_s * policy.backoff_factor ** (streak - 1), policy.backoff_max_s)
     return Decision(

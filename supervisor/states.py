@@ -22,16 +22,19 @@ class WorkerState(enum.Enum):
     STARTING = "starting"  # process spawned, its socket does not answer yet
     LOADING = "loading"  # /health answers 503 "loading" (model load in progress)
     READY = "ready"  # /health answers 200; requests are proxied
-    BACKOFF = "backoff"  # a worker failed; waiting before the next start
+    BACKOFF = "backoff"  # a worker failed; waiting before the next start (a crash loop keeps coming back here)
     STOPPING = "stopping"  # SIGTERM sent to the worker's group; waiting for it to exit
-    FAILED = "failed"  # gave up restarting; only a reload (SIGHUP) or a shutdown leaves it
+    FAILED = "failed"  # a permanent cause, or restart.give_up: only a reload (SIGHUP) or a shutdown leaves it
 
 
 S = WorkerState
 
 # A worker that exits on its own is always a failure: its state moves straight to BACKOFF
-# (the policy will restart it) or FAILED (the policy gave up). STOPPED means "no process,
-# and none wanted": the initial state, after a shutdown, or between a reload's stop and start.
+# (the policy will restart it) or FAILED (the policy gave up). The policy gives up only on a
+# permanent cause (bad model or spec, no plan) or, with restart.give_up, on a spent failure
+# budget; otherwise a crash loop goes BACKOFF -> STARTING -> ... -> BACKOFF for as long as it
+# lasts. STOPPED means "no process, and none wanted": the initial state, after a shutdown, or
+# between a reload's stop and start.
 TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     S.STOPPED: frozenset(
         {
@@ -67,14 +70,14 @@ TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
         {
             S.STARTING,  # BACKOFF -> STARTING: the delay elapsed
             S.STOPPED,  # BACKOFF -> STOPPED: shutdown or reload during the delay (no process)
-            S.FAILED,  # BACKOFF -> FAILED: re-planning gave nothing to start (e.g. OOM ladder exhausted)
+            S.FAILED,  # BACKOFF -> FAILED: re-planning failed (PlanFailed, e.g. the model file vanished)
         }
     ),
     S.STOPPING: frozenset(
         {
             S.STOPPED,  # STOPPING -> STOPPED: exited after a requested stop (shutdown, reload)
-            S.BACKOFF,  # STOPPING -> BACKOFF: a hung/stalled worker we stopped is gone; will retry
-            S.FAILED,  # STOPPING -> FAILED: a hung/stalled worker is gone and the policy gave up
+            S.BACKOFF,  # STOPPING -> BACKOFF: a failed worker (exited, or hung/stalled and killed) is gone; will retry
+            S.FAILED,  # STOPPING -> FAILED: a failed worker is gone and the policy gave up (permanent, or give_up)
         }
     ),
     S.FAILED: frozenset(

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
+from supervisor.auth import client_key
 from supervisor.config import Config
 
 
@@ -27,8 +29,10 @@ def status_url(config: Config) -> str:
     return f"http://{host}:{config.server.port}/status"
 
 
-def fetch_status(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (our own URL)
+def fetch_status(url: str, timeout_s: float = 5.0, api_key: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    req = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (our own URL)
         data: dict[str, Any] = json.loads(resp.read())
         return data
 
@@ -47,6 +51,25 @@ def _dur(s: float | None) -> str:
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _same_failure(reason: str) -> str:
+    # Each attempt of a crash loop has a new worker pid; the failure is the same one.
+    return re.sub(r"\bpid \d+", "pid", reason)
+
+
+def collapse_history(hist: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
+    """Runs of consecutive identical failures as (first, last, count), oldest first, so a
+    crash loop reads as one line with a count instead of one line per attempt."""
+    runs: list[tuple[dict[str, Any], dict[str, Any], int]] = []
+    for r in hist:
+        if runs:
+            first, last, n = runs[-1]
+            if (last["kind"], _same_failure(last["reason"])) == (r["kind"], _same_failure(r["reason"])):
+                runs[-1] = (first, r, n + 1)
+                continue
+        runs.append((r, r, 1))
+    return runs
 
 
 def render(st: dict[str, Any], url: str) -> str:
@@ -104,10 +127,19 @@ def render(st: dict[str, Any], url: str) -> str:
     else:
         out.append("gpus:    none visible (CPU only)")
     hist = st.get("restart_history") or []
-    out.append(f"restarts: {st.get('restarts', 0)}")
-    for r in hist[-10:]:
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
-        out.append(f"  {at}  {r['kind']:<10} {r['reason']}")
+    line = f"restarts: {st.get('restarts', 0)}"
+    if st.get("failure_streak"):
+        line += f", {st['failure_streak']} in the current streak"
+    if st.get("crash_loop"):
+        line += " (crash loop: retrying at the capped interval)"
+    out.append(line)
+    for first, last, n in collapse_history(hist)[-10:]:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first["at"]))
+        if n == 1:
+            out.append(f"  {at}  {first['kind']:<10} {first['reason']}")
+        else:
+            until = time.strftime("%H:%M:%S", time.localtime(last["at"]))
+            out.append(f"  {at}  {first['kind']:<10} {n} times until {until}, last: {last['reason']}")
     le = st.get("last_exit")
     if le:
         out.append(f"last exit: {le.get('detail')}")
@@ -121,7 +153,11 @@ def render(st: dict[str, Any], url: str) -> str:
 def run(config: Config, args: argparse.Namespace) -> int:
     url = status_url(config)
     try:
-        st = fetch_status(url)
+        st = fetch_status(url, api_key=client_key(config, getattr(args, "server__api_keys", None)))
+    except urllib.error.HTTPError as e:
+        hint = ": give an admin key with --api-key or VRAM_LLM_API_KEY" if e.code in (401, 403) else ""
+        print(f"vram-llm: the supervisor at {url} answered HTTP {e.code}{hint}", file=sys.stderr)
+        return 2
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         print(f"vram-llm: cannot reach the supervisor at {url}: {reason}", file=sys.stderr)

@@ -20,6 +20,7 @@ import dataclasses
 import contextlib
 import enum
 import logging
+import math
 import os
 import signal
 import time
@@ -31,8 +32,10 @@ import aiohttp
 import msgspec
 import psutil
 
+from supervisor.cgroup import OomWatch
 from supervisor.config import Config, WorkerSection, resolved_worker_command
 from supervisor.restart import (
+    Decision,
     Failure,
     FailureKind,
     PlanAdjust,
@@ -40,7 +43,9 @@ from supervisor.restart import (
     classify_exit,
     decide,
     describe_exit,
+    failure_streak,
     oom_ladder,
+    prune_failures,
 )
 from supervisor.states import StateMachine, WorkerState
 from worker.protocol import Health, LaunchSpec, health_decoder, is_oom_line
@@ -96,12 +101,19 @@ class QueueFull(Exception):
 
 @dataclass
 class WorkerHandle:
-    """A ready worker: where to send requests. Valid until its generation changes."""
+    """A ready worker: where to send requests. Valid until its generation changes.
+
+    ``generating`` and ``in_flight`` change only in ``acquire``/``release`` (on the event
+    loop); the owner task reads ``in_flight`` to drain the worker before a reload.
+    """
 
     gen: int
     pid: int
     socket_path: str
     session: aiohttp.ClientSession
+    slots: int = 1  # generations the worker runs at once (its `parallel`; 1 without one)
+    generating: int = 0  # requests holding one of those slots
+    in_flight: int = 0  # requests sent to this worker and not finished yet
 
 
 @dataclass
@@ -143,6 +155,7 @@ class _Run:
     progress: float = 0.0
     psproc: psutil.Process | None = None
     last_health: Health | None = None
+    oom_watch: OomWatch = field(default_factory=lambda: OomWatch(()))
 
 
 @dataclass
@@ -206,6 +219,10 @@ class WorkerManager:
         self._run: _Run | None = None
         self._gen = 0
         self._failures: list[Failure] = []
+        # The decision being waited out while in BACKOFF, and when its delay ends (loop time);
+        # both None in every other state.
+        self._backoff: Decision | None = None
+        self._next_attempt_at: float | None = None
         self._restarts: collections.deque[RestartRecord] = collections.deque(maxlen=50)
         self._stderr: collections.deque[str] = collections.deque(maxlen=config().worker.stderr_lines)
         self._last_exit: dict[str, Any] | None = None
@@ -230,6 +247,7 @@ class WorkerManager:
             stable_after_s=r.stable_after_s,
             max_failures=r.max_failures,
             failure_window_s=r.failure_window_s,
+            give_up=r.give_up,
         )
 
     # ---- read side (any task) -------------------------------------------------
@@ -240,16 +258,47 @@ class WorkerManager:
 
     @property
     def reason(self) -> str:
+        if self.crash_loop:
+            # Said when read, so /status, /health and 503 bodies count down to the next try.
+            return f"{self._reason}; next attempt in {self.retry_after_s()}s"
         return self._reason
+
+    @property
+    def crash_loop(self) -> bool:
+        """Waiting out the capped delay after the failure budget was spent."""
+        return self.state is WorkerState.BACKOFF and self._backoff is not None and self._backoff.crash_loop
+
+    def next_attempt_in_s(self) -> float | None:
+        """Seconds until the next start attempt while in BACKOFF; None in other states."""
+        if self.state is not WorkerState.BACKOFF or self._next_attempt_at is None:
+            return None
+        return max(0.0, self._next_attempt_at - asyncio.get_running_loop().time())
+
+    def retry_after_s(self, default: int = 5) -> int:
+        """A Retry-After value (whole seconds, at least 1): until the next start attempt when
+        one is scheduled, else ``default``."""
+        left = self.next_attempt_in_s()
+        return default if left is None else max(1, math.ceil(left))
+
+    def failure_streak(self) -> int:
+        """Failures in the current streak, as the restart policy counts them now."""
+        return failure_streak(
+            self._policy(),
+            self._failures,
+            asyncio.get_running_loop().time(),
+            oom_ladder_exhausted=self._oom_exhausted,
+        )
 
     @property
     def launch(self) -> Launch | None:
         return self._launch
 
-    @property
-    def worker_health(self) -> Health | None:
-        """The running worker's last /health answer (None before its first)."""
-        return self._run.last_health if self._run is not None else None
+    def last_health(self) -> tuple[int, Health] | None:
+        """The current worker's pid and its last /health answer (read by the metrics)."""
+        run = self._run
+        if run is None or run.last_health is None:
+            return None
+        return run.proc.pid, run.last_health
 
     def snapshot(self) -> dict[str, Any]:
         """Everything /status shows about the worker (GPU readings are added by app)."""
@@ -283,12 +332,17 @@ class WorkerManager:
                     with run.psproc.oneshot():
                         worker["rss_mib"] = round(run.psproc.memory_info().rss / 2**20, 1)
                         worker["cpu_percent"] = run.psproc.cpu_percent(interval=None)
+        next_in = self.next_attempt_in_s()
         return {
             "state": self.state.value,
-            "reason": self._reason,
+            "reason": self.reason,
             "worker": worker,
             "restarts": self.counters.restarts_total,  # the history below keeps the last 50
             "restart_history": [dataclasses.asdict(r) for r in self._restarts],
+            "failure_streak": self.failure_streak(),
+            "crash_loop": self.crash_loop,
+            "backoff_delay_s": None if self._backoff is None else self._backoff.delay_s,
+            "next_attempt_in_s": None if next_in is None else round(next_in, 3),
             "last_exit": self._last_exit,
             "stderr_tail": list(self._stderr)[-40:],
             "plan": None if self._launch is None else self._launch.plan,
@@ -300,8 +354,14 @@ class WorkerManager:
             },
         }
 
-    async def acquire(self, timeout_s: float, not_gen: int | None = None) -> WorkerHandle:
-        """Wait (bounded) for a ready worker; ``not_gen`` skips a generation known dead."""
+    async def acquire(self, timeout_s: float, not_gen: int | None = None, *, slot: bool = True) -> WorkerHandle:
+        """Wait (bounded) for a ready worker; ``not_gen`` skips a generation known dead.
+
+        One admission limit for everything waiting: a request that needs a generation
+        ``slot`` waits here (not inside the worker) until the worker has a free one, and
+        at most ``admission.queue_size`` requests wait, whatever they wait for. Requests
+        being generated are not counted. The caller must ``release`` the handle.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         queued = False
@@ -309,11 +369,22 @@ class WorkerManager:
             while True:
                 h = self._handle
                 if self.state is WorkerState.READY and h is not None and h.gen != not_gen:
-                    return h
+                    # A newcomer does not overtake requests already waiting for a slot.
+                    if not slot or (h.generating < h.slots and (queued or self.counters.waiting == 0)):
+                        h.in_flight += 1
+                        if slot:
+                            h.generating += 1
+                            if queued and h.generating < h.slots:
+                                self._signal_change()  # more free slots: the next in line re-checks
+                        return h
                 if self.state is WorkerState.FAILED:
                     raise NotReady(self.state, self._reason, 30)
                 if self._stopping:
                     raise NotReady(self.state, "the server is shutting down", 5)
+                if self.crash_loop:
+                    # The next attempt will likely fail like the last ones: answer at once and
+                    # say when it comes, rather than hold the request and a queue slot for it.
+                    raise NotReady(self.state, self.reason, self.retry_after_s())
                 if not queued:
                     if self.counters.waiting >= self._config().admission.queue_size:
                         raise QueueFull()
@@ -321,10 +392,17 @@ class WorkerManager:
                     self.counters.waiting += 1
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    if self.state is WorkerState.READY and h is not None and h.gen != not_gen:
+                        raise NotReady(
+                            self.state,
+                            f"worker pid {h.pid} stayed busy ({h.generating} of {h.slots} generation slot(s)) "
+                            f"for {timeout_s:g}s",
+                            5,
+                        )
                     raise NotReady(
                         self.state,
-                        f"no worker became ready within {timeout_s:g}s (state {self.state.value}: {self._reason})",
-                        5,
+                        f"no worker became ready within {timeout_s:g}s (state {self.state.value}: {self.reason})",
+                        self.retry_after_s(),
                     )
                 changed = self._changed
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -332,6 +410,19 @@ class WorkerManager:
         finally:
             if queued:
                 self.counters.waiting -= 1
+
+    def release(self, handle: WorkerHandle, *, slot: bool = True) -> None:
+        """The request that ``acquire`` returned ``handle`` to is done with it."""
+        handle.in_flight -= 1
+        if slot:
+            handle.generating -= 1
+        # Wakes a request waiting for the slot, and a reload draining this worker.
+        self._signal_change()
+
+    def is_current(self, handle: WorkerHandle) -> bool:
+        """True while ``handle`` is the ready worker: the owner has not seen it die or
+        replaced it, so a refused connection to it is worth trying again."""
+        return self._handle is handle and self.state is WorkerState.READY
 
     # ---- commands (any task) --------------------------------------------------
 
@@ -356,15 +447,18 @@ class WorkerManager:
         self._reason = reason
         if new is not WorkerState.READY:
             self._handle = None
+        if new is not WorkerState.BACKOFF:
+            self._backoff = None
+            self._next_attempt_at = None
         log.log(
-            logging.ERROR if new is WorkerState.FAILED else logging.INFO,
+            logging.ERROR if new is WorkerState.FAILED or self.crash_loop else logging.INFO,
             "worker state %s -> %s: %s",
             old.value,
             new.value,
-            reason,
+            self.reason,
         )
         if self._on_state is not None:
-            self._on_state(new, reason)
+            self._on_state(new, self.reason)
         self._signal_change()
 
     async def run(self) -> None:
@@ -396,6 +490,9 @@ class WorkerManager:
                 if decision.action == "give_up":
                     self._move(WorkerState.FAILED, decision.reason)
                     continue
+                # Set before the move, so the waiters it wakes see when the next attempt comes.
+                self._backoff = decision
+                self._next_attempt_at = asyncio.get_running_loop().time() + decision.delay_s
                 self._move(WorkerState.BACKOFF, decision.reason)
                 got = await self._wait_cmd(cmd_task, decision.delay_s)
                 if got is not None:
@@ -441,6 +538,8 @@ class WorkerManager:
             return _Outcome.EXITED, cmd_task
         self._run = run
         outcome, cmd_task = await self._supervise(run, cmd_task)
+        if outcome is _Outcome.RELOAD:
+            outcome, cmd_task = await self._drain(run, cmd_task)
         reason = {
             _Outcome.SHUTDOWN: "supervisor is shutting down",
             _Outcome.RELOAD: "reload requested",
@@ -459,6 +558,49 @@ class WorkerManager:
         if failure.kind is FailureKind.OOM:
             await self._on_oom(run)
         return _Outcome.EXITED, cmd_task
+
+    async def _drain(
+        self, run: _Run, cmd_task: asyncio.Task[_Command]
+    ) -> tuple[_Outcome, asyncio.Task[_Command]]:
+        """Before a reload stops the worker: new requests wait for the next worker while
+        the ones it is answering finish (bounded by shutdown.grace_s). Stopping it at once
+        would cut their answers short (issue 13)."""
+        h = self._handle
+        if h is None or h.gen != run.gen or h.in_flight == 0 or run.proc.returncode is not None:
+            return _Outcome.RELOAD, cmd_task
+        loop = asyncio.get_running_loop()
+        grace = self._config().shutdown.grace_s
+        deadline = loop.time() + grace
+        self._move(
+            WorkerState.STOPPING,
+            f"reload requested: worker pid {run.proc.pid} finishes {h.in_flight} request(s) first "
+            f"(up to {grace:g}s); new requests wait for the next worker",
+        )
+        while h.in_flight > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning(
+                    "reload: worker pid %d still has %d request(s) after %.0fs; they will end with an error",
+                    run.proc.pid,
+                    h.in_flight,
+                    grace,
+                )
+                break
+            changed: asyncio.Future[Any] = asyncio.ensure_future(self._changed.wait())
+            waiters: set[asyncio.Future[Any]] = {run.exit_task, cmd_task, changed}
+            try:
+                done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+            if cmd_task in done:
+                cmd = cmd_task.result()
+                cmd_task = asyncio.ensure_future(self._commands.get())
+                if cmd is _Command.SHUTDOWN:
+                    return _Outcome.SHUTDOWN, cmd_task
+                # Another reload while draining: the next start reads the newest config anyway.
+            if run.exit_task in done:
+                break
+        return _Outcome.RELOAD, cmd_task
 
     async def _spawn(self, gen: int, launch: Launch) -> _Run | None:
         loop = asyncio.get_running_loop()
@@ -506,6 +648,7 @@ class WorkerManager:
         with contextlib.suppress(psutil.Error):
             run.psproc = psutil.Process(proc.pid)
             run.psproc.cpu_percent(interval=None)
+        run.oom_watch = OomWatch.of(proc.pid)  # the cgroup's OOM-kill count before it can run out
         self._run = run
         log.info("worker pid %d started", proc.pid)
         return run
@@ -575,7 +718,9 @@ class WorkerManager:
                     if status == 200 and h.status == "ok":
                         run.ready_mono = loop.time()
                         run.progress = 1.0
-                        self._handle = WorkerHandle(run.gen, run.proc.pid, run.launch.spec.socket_path, run.session)
+                        self._handle = WorkerHandle(
+                            run.gen, run.proc.pid, run.launch.spec.socket_path, run.session, _slots(h, run.launch.spec)
+                        )
                         self._move(
                             WorkerState.READY,
                             f"worker pid {run.proc.pid} ready after {run.ready_mono - run.started_mono:.1f}s",
@@ -608,6 +753,16 @@ class WorkerManager:
                     return _Outcome.HANG, cmd_task
                 continue
             health_failures = 0
+            if self._failures and run.ready_mono is not None and now - run.ready_mono >= self._policy().stable_after_s:
+                # Up long enough to call the failures before it over (the policy would say the
+                # same at the next failure): /status and /metrics stop showing a streak now.
+                log.info(
+                    "worker pid %d has been up %.0fs: the %d failure(s) before it no longer count",
+                    run.proc.pid,
+                    now - run.ready_mono,
+                    len(self._failures),
+                )
+                self._failures.clear()
             h = res[1]
             if h.seconds_since_token is not None and h.seconds_since_token > self._w.token_stall_timeout_s:
                 log.error(
@@ -634,7 +789,11 @@ class WorkerManager:
         else:
             assert code is not None
             what = describe_exit(code)
-            host_oom = code == -signal.SIGKILL and not run.killed_by_us and host_oom_killed(run.proc.pid)
+            host_oom = False
+            if code == -signal.SIGKILL and not run.killed_by_us:
+                # The cgroup's OOM-kill counter (readable under systemd); the kernel log where there is none.
+                counted = run.oom_watch.killed()
+                host_oom = counted if counted is not None else host_oom_killed(run.proc.pid)
             kind = classify_exit(code, oom_evidence=run.oom_seen or host_oom)
             if host_oom:
                 what += ", by the host OOM killer"
@@ -657,7 +816,8 @@ class WorkerManager:
         return Failure(at=loop.time(), kind=kind, detail=detail, ran_for_s=ran_for)
 
     def _record_failure(self, failure: Failure) -> None:
-        self._failures.append(failure)
+        # Pruned as it grows: a crash loop retries for ever, its history must not grow with it.
+        self._failures = prune_failures(self._policy(), [*self._failures, failure], failure.at)
         self._restarts.append(RestartRecord(at=time.time(), kind=failure.kind.value, reason=failure.detail))
         self.counters.restarts_total += 1
         k = failure.kind.value
@@ -690,7 +850,10 @@ class WorkerManager:
     async def _stop_run(self, run: _Run, reason: str) -> None:
         """Stop the worker: TERM to the group, deadline, KILL; always reap and clean up."""
         if run.proc.returncode is None:
-            self._move(WorkerState.STOPPING, f"stopping worker pid {run.proc.pid}: {reason}")
+            if self.state is WorkerState.STOPPING:  # already draining (reload)
+                log.info("stopping worker pid %d: %s", run.proc.pid, reason)
+            else:
+                self._move(WorkerState.STOPPING, f"stopping worker pid {run.proc.pid}: {reason}")
             run.killed_by_us = True
             _killpg(run.proc.pid, signal.SIGTERM)
             done, _ = await asyncio.wait({run.exit_task}, timeout=self._w.stop_timeout_s)
@@ -704,10 +867,11 @@ class WorkerManager:
                 await run.exit_task
         else:
             await run.exit_task
-            self._move(
-                WorkerState.STOPPING,
-                f"worker pid {run.proc.pid} {describe_exit(run.proc.returncode)}: cleaning up",
-            )
+            if self.state is not WorkerState.STOPPING:
+                self._move(
+                    WorkerState.STOPPING,
+                    f"worker pid {run.proc.pid} {describe_exit(run.proc.returncode)}: cleaning up",
+                )
         # Anything the worker left in its group (helpers, grandchildren) goes too.
         _killpg(run.proc.pid, signal.SIGKILL)
         with contextlib.suppress(asyncio.TimeoutError, Exception):
@@ -718,6 +882,16 @@ class WorkerManager:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         log.info("worker pid %d is gone (%s)", run.proc.pid, describe_exit(run.proc.returncode or 0))
+
+
+def _slots(health: Health, spec: LaunchSpec) -> int:
+    """How many generations the worker runs at once: its `parallel` setting where the
+    worker reports one (health params, else the launch spec), else one."""
+    for source in (health.params, spec):
+        n = getattr(source, "parallel", None)
+        if isinstance(n, int) and n >= 1:
+            return n
+    return 1
 
 
 def _killpg(pgid: int, sig: int) -> None:

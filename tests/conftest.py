@@ -207,7 +207,9 @@ def sse_events(lines: Iterator[str]) -> Iterator[Any]:
     """Decode an OpenAI SSE stream: yields each ``data:`` JSON object, then "[DONE]"."""
     for line in lines:
         if not line.startswith("data: "):
-            assert line == "", f"unexpected SSE line {line!r}"
+            # The worker's usage trailer is an SSE comment (worker/protocol.py), which SSE
+            # clients skip; the supervisor cuts it out before a client sees the stream.
+            assert line == "" or line.startswith(": vram-llm-usage "), f"unexpected SSE line {line!r}"
             continue
         data = line[len("data: ") :]
         if data == "[DONE]":

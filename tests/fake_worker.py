@@ -19,20 +19,32 @@ the worker, so a test sets them on the supervisor process):
   FAKE_WORKER_CRASH_TIMES=k         with FAKE_WORKER_STATE_DIR: fail at load (exit code
                                     FAKE_WORKER_EXIT_CODE, default 1) only on the first k
                                     starts, then behave
+  FAKE_WORKER_HEALTHY_FILE=path     fail at load (exit code FAKE_WORKER_EXIT_CODE, default 1)
+                                    on every start while path does not exist; once a test
+                                    creates it, the next start behaves (a crash loop that ends)
   FAKE_WORKER_OOM_ABOVE_LAYERS=n    if spec.n_gpu_layers is -1 or > n: print llama.cpp's CUDA
                                     out-of-memory lines to stderr halfway through the load and
                                     exit 5 (ExitCode.OOM)
   FAKE_WORKER_IGNORE_SIGTERM=1      ignore SIGTERM (only SIGKILL stops it)
   FAKE_WORKER_HANG_AFTER_READY_S=x  x seconds after becoming ready, block the event loop for
                                     good: nothing answers any more (SIGTERM included)
+  FAKE_WORKER_ALLOCATE_MIB=n        once ready, allocate and touch n MiB (only on the first start
+                                    when FAKE_WORKER_STATE_DIR is set): under a small cgroup memory
+                                    limit the kernel's OOM killer ends it with SIGKILL
   FAKE_WORKER_STALL_GENERATION=1    generations never produce a token; health keeps answering
                                     with active=1 and seconds_since_token growing
   FAKE_WORKER_TOKEN_INTERVAL_S=0.01 seconds between tokens
   FAKE_WORKER_TOKENS=5              tokens per completion when the request has no max_tokens
+  FAKE_WORKER_BACKLOG=n             listen backlog of the socket (aiohttp's default: 128)
   FAKE_WORKER_STATE_DIR=dir         append one JSON line per start to dir/starts.jsonl:
                                     {"start": i, "pid", "spec": {...}, "env": {CUDA_* vars}}
   FAKE_WORKER_MAX_LIFETIME_S=300    safety net: exit 1 after this long whatever happens, so a
                                     broken test cannot leave it running for ever
+
+A completion request that carries an Authorization or X-Api-Key header is refused with 400:
+the supervisor must not forward client credentials. Each completion request logs its
+X-Request-Id on stderr ("request ID: METHOD PATH"); a streamed answer ends with the usage
+trailer of worker.protocol, as the real worker's does.
 
 On SIGTERM/SIGINT (unless ignored or hung) it stops serving, removes its socket and exits 0.
 A failure at load exits at once and leaves the socket file behind, as a real crash would.
@@ -61,12 +73,15 @@ from aiohttp import web  # noqa: E402
 
 from worker.protocol import (  # noqa: E402
     LLAMA_LOG_PREFIX,
+    STREAM_DONE,
     AppliedParams,
     ExitCode,
     Health,
     LaunchSpec,
+    StreamUsage,
     encoder,
     spec_decoder,
+    usage_trailer,
 )
 
 
@@ -118,6 +133,7 @@ class FakeWorker:
         self.queued = 0
         self.requests_served = 0
         self.last_token_at: float | None = None  # monotonic; None when idle
+        self.hog: list[bytes] = []  # FAKE_WORKER_ALLOCATE_MIB
         self.gen_lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.load_task: asyncio.Task[None] | None = None
@@ -141,6 +157,9 @@ class FakeWorker:
         crash_times = _env_int("FAKE_WORKER_CRASH_TIMES", None)
         if crash_times is not None:
             crash = self.start_index < crash_times
+        healthy_file = os.environ.get("FAKE_WORKER_HEALTHY_FILE")
+        if healthy_file:
+            crash = not os.path.exists(healthy_file)
         if not crash:
             return None
         code = 1 if code is None else code
@@ -166,6 +185,12 @@ class FakeWorker:
         self.progress = 1.0
         self.ready = True
         _say(f"ready: {self.alias}")
+        allocate = _env_int("FAKE_WORKER_ALLOCATE_MIB", None)
+        if allocate and self.start_index == 0:
+            _say(f"allocating {allocate} MiB")
+            # b"x" * n writes every page (a zeroed bytearray would stay virtual).
+            self.hog = [b"x" * (1 << 20) for _ in range(allocate)]
+            _say(f"allocated {allocate} MiB and was not killed")
         hang_after = _env_float("FAKE_WORKER_HANG_AFTER_READY_S", None)
         if hang_after is not None:
             asyncio.get_running_loop().call_later(hang_after, self._hang)
@@ -235,12 +260,16 @@ class FakeWorker:
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         if not self.ready:
             return _error(503, "model is loading", "unavailable_error")
+        if "Authorization" in request.headers or "X-Api-Key" in request.headers:
+            # The supervisor keeps API keys to itself: a test sees this 400 if one leaks.
+            return _error(400, "fake worker: a client credential reached the worker", "invalid_request_error")
         try:
             body = await request.json()
         except ValueError:
             return _error(400, "request body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object", "invalid_request_error")
+        _say(f"request {request.headers.get('X-Request-Id', '-')}: {request.method} {request.path}")
         max_tokens = body.get("max_tokens")
         n = self.default_tokens if max_tokens is None else int(max_tokens)
         finish = "stop" if max_tokens is None else "length"
@@ -319,8 +348,8 @@ class FakeWorker:
                 await resp.write(chunk(None, role=True))
             async for tok in self._tokens(n):
                 await resp.write(chunk(tok))
-            await resp.write(chunk(None, done=True))
-            await resp.write(b"data: [DONE]\n\n")
+            usage = StreamUsage(model=self.alias, prompt_tokens=1, completion_tokens=n, ttft_s=self.token_interval_s, gen_s=0.0)
+            await resp.write(chunk(None, done=True) + usage_trailer(usage) + STREAM_DONE)
             await resp.write_eof()
         except ConnectionResetError:
             # Client went away (or we are stopping): stop generating, like the real worker.
@@ -353,7 +382,7 @@ async def serve(spec: LaunchSpec, start_index: int) -> int:
         sock.unlink()  # a stale socket from a crashed predecessor
     runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
     await runner.setup()
-    await web.UnixSite(runner, str(sock)).start()
+    await web.UnixSite(runner, str(sock), backlog=_env_int("FAKE_WORKER_BACKLOG", 128) or 128).start()
     _say(f"listening on {sock}, loading for {fake.load_s}s")
     fake.load_task = asyncio.create_task(fake.load())
     try:

@@ -85,6 +85,7 @@ class Supervisor:
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
         fake_worker: bool = False,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.tmp = tmp
         self.port = free_port()
@@ -106,21 +107,27 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             env=full_env,
             cwd=str(REPO),
+            preexec_fn=preexec,  # e.g. join a cgroup before the supervisor starts its worker
         )
         self.base = f"http://127.0.0.1:{self.port}"
         self.worker_pids: set[int] = set()
+        self.api_key: str | None = None  # sent by get/post/status when keys are configured
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     # ---- HTTP ----------------------------------------------------------------
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, Any]:
         try:
-            with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
+            req = urllib.request.Request(self.base + path, headers=self._headers())
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
 
     def post(self, path: str, body: dict[str, Any], timeout: float = 60.0) -> tuple[int, Any]:
         req = urllib.request.Request(
-            self.base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            self.base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **self._headers()}
         )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:

@@ -139,13 +139,15 @@ def test_serves_the_api_then_exits_cleanly_on_sigterm(start: Callable[..., Fake]
     assert reply["choices"][0]["finish_reason"] == "length"
 
     status, body = request(fake.sock, "POST", "/v1/completions", {"prompt": "x", "stream": True, "max_tokens": 4})
-    events = [line[len("data: ") :] for line in body.decode().split("\n\n") if line]
+    # The usage trailer (an SSE comment for the supervisor, worker/protocol.py) comes just before [DONE].
+    assert body.decode().split("\n\n")[-3].startswith(": vram-llm-usage ")
+    events = [line[len("data: ") :] for line in body.decode().split("\n\n") if line and not line.startswith(":")]
     assert status == 200 and events[-1] == "[DONE]"
     text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
     assert text == "tok0 tok1 tok2 tok3"
 
     status, body = request(fake.sock, "POST", "/v1/chat/completions", {**chat, "stream": True})
-    events = [line[len("data: ") :] for line in body.decode().split("\n\n") if line]
+    events = [line[len("data: ") :] for line in body.decode().split("\n\n") if line and not line.startswith(":")]
     deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
     assert deltas[0] == {"role": "assistant"}
     assert "".join(d.get("content", "") for d in deltas) == "tok0 tok1 tok2"
@@ -200,6 +202,15 @@ def test_crash_times_then_behaves(start: Callable[..., Fake], tmp_path: Path) ->
     third.wait_ready()
     starts = (tmp_path / "state" / "starts.jsonl").read_text().splitlines()
     assert [json.loads(s)["start"] for s in starts] == [0, 1, 2]
+
+
+def test_healthy_file_ends_the_crashes(start: Callable[..., Fake], tmp_path: Path) -> None:
+    flag = tmp_path / "healthy"
+    env = {"FAKE_WORKER_HEALTHY_FILE": str(flag)}
+    assert start(env).wait_exit() == 1
+    assert start(env).wait_exit() == 1
+    flag.touch()
+    start(env).wait_ready()
 
 
 def test_bad_spec_exits_3(tmp_path: Path) -> None:

@@ -25,10 +25,16 @@ _SCRIPT = Path(sys.executable).parent / "vram-llm"
 VRAM_LLM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "supervisor.cli"]
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # The console script's own sys.path would find the editable install's checkout (which may
+    # be another worktree): put this checkout first.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.run(
         [*VRAM_LLM, *args], capture_output=True, text=True, timeout=120,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": path, **(env or {})},
     )
 
 
@@ -70,7 +76,9 @@ def test_mix_free_order_vs_pci_order() -> None:
     assert free["env"]["CUDA_VISIBLE_DEVICES"].startswith("GPU-24242424")
     pci = plan_json("--simulate-gpus", sim("mix_24_12_4"), "--device-order", "pci")
     assert [g["index"] for g in pci["gpus"]] == [0, 1, 2]
-    assert pci["env"]["CUDA_VISIBLE_DEVICES"].startswith("GPU-d15p1a70")
+    # The display GPU comes first on the bus but is not needed (issue 17): the 3090 is CUDA 0.
+    assert pci["env"]["CUDA_VISIBLE_DEVICES"].startswith("GPU-24242424")
+    assert pci["gpus"][0]["excluded_reason"].startswith("not needed")
 
 
 def test_below_reserve_and_reserve_flag() -> None:
@@ -91,7 +99,7 @@ def test_devices_subset_and_split_none() -> None:
 
 def test_partial_offload() -> None:
     out = plan_json("--simulate-gpus", sim("tiny"))
-    assert 0 < out["n_gpu_layers"] < 30 and out["offloaded_layers"] == out["n_gpu_layers"]
+    assert 0 < out["n_gpu_layers"] < 30 and out["offloaded_layers"] == out["n_gpu_layers"] - 1 and out["output_on_gpu"]
 
 
 def test_no_gpu_in_inventory() -> None:
@@ -104,6 +112,23 @@ def test_keep_cuda_visible_devices() -> None:
                     env={"CUDA_VISIBLE_DEVICES": "2,0"})
     assert "CUDA_VISIBLE_DEVICES" not in out["env"]
     assert {g["index"]: g["cuda_index"] for g in out["gpus"]} == {2: 0, 0: 1, 1: None}
+
+
+def test_gpu_not_needed_is_left_out_in_json_and_table() -> None:
+    # issue 17: at 8k context the display GPU would get no layer; it is not made visible.
+    out = plan_json("--simulate-gpus", sim("mix_24_12_4"), "--ctx-size", "8192")
+    display = next(g for g in out["gpus"] if g["index"] == 0)
+    assert display["excluded_reason"] == "not needed: the model fits on the others"
+    assert display["cuda_index"] is None and display["layers"] == 0 and display["share"] == 0.0
+    assert out["env"]["CUDA_VISIBLE_DEVICES"] == (
+        "GPU-24242424-0000-0000-0000-000000000000,GPU-12121212-0000-0000-0000-000000000000"
+    )
+    assert len(out["tensor_split"]) == 2 and out["main_gpu"] == 0
+    r = run("plan", "--model", str(default_model_path()), "--simulate-gpus", sim("mix_24_12_4"),
+            "--ctx-size", "8192")
+    assert r.returncode == 0, r.stderr
+    assert "GPU 0: not used: not needed: the model fits on the others" in r.stdout
+    assert "GPU-d15p1a70" not in r.stdout.split("worker env:")[1]
 
 
 def test_this_machine_plans_and_exits_0() -> None:
@@ -209,6 +234,25 @@ def test_fit_params_answer_becomes_the_plan(tmp_path: Path) -> None:
     assert argv[argv.index("--fit-target") + 1] == "900,900"
     assert argv[argv.index("-m") + 1] == str(default_model_path())
     assert argv[argv.index("-c") + 1] == "4096"
+
+
+def test_fit_params_sees_every_usable_gpu_and_its_zero_is_left_out(tmp_path: Path) -> None:
+    # Our own plan leaves the display GPU out; the tool still gets to choose among all three,
+    # and the GPU it gives nothing is not made visible to the worker.
+    script = fake_fit_params(tmp_path, 'print("-c 4096 -ngl 31 -ts 20,11,0")\n')
+    p, _, _ = make_plan(fit_config(script, simulate_gpus=str(SIM / "mix_24_12_4.json")))
+    rec = json.loads((tmp_path / "record.json").read_text())
+    assert rec["cvd"].split(",") == [
+        "GPU-24242424-0000-0000-0000-000000000000", "GPU-12121212-0000-0000-0000-000000000000",
+        "GPU-d15p1a70-0000-0000-0000-000000000000",
+    ]
+    argv = rec["argv"]
+    assert argv[argv.index("--fit-target") + 1] == "900,900,900"
+    assert p.source == "llama-fit-params"
+    assert p.env["CUDA_VISIBLE_DEVICES"] == ",".join(rec["cvd"].split(",")[:2])
+    assert p.tensor_split == pytest.approx((20 / 31, 11 / 31), abs=1e-5)
+    display = next(g for g in p.gpus if g.index == 0)
+    assert display.excluded_reason == "not needed: the model fits on the others" and display.cuda_index is None
 
 
 @pytest.mark.parametrize(

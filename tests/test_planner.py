@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,9 @@ from supervisor.gpus import GpuInfo, SimulatedProbe
 from supervisor.model import ModelFacts, read_model_facts
 from supervisor.planner import (
     CUDA_CONTEXT_MIB,
+    NOT_NEEDED,
+    NOT_NEEDED_ROW,
+    STILL_VISIBLE,
     FitParams,
     Plan,
     PlanSettings,
@@ -47,7 +52,59 @@ def used(p: Plan) -> list[int]:
     return [g.index for g in sorted(p.gpus, key=lambda g: g.cuda_index or 0) if g.excluded_reason is None]
 
 
+def llama_cpp_placement(n_layer: int, n_gpu_layers: int, tensor_split: Sequence[float]) -> list[int | None]:
+    """llama.cpp's own layer placement, written from its source independently of the planner:
+    src/llama-model.cpp, llama_model_base::load_tensors, as llama-cpp-python 0.3.36 vendors it.
+    Per layer 0..n_layer (n_layer = the output layer) the CUDA device it lands on; None: CPU.
+
+        n_gpu_layers = params.n_gpu_layers >= 0 ? params.n_gpu_layers : n_layer_all + 1
+        splits[i] = cumulative sum of tensor_split (float), then divided by the total
+        i_gpu_start = max(n_layer_all + 1 - n_gpu_layers, 0)
+        act_gpu_layers = min(n_gpu_layers, n_layer_all + 1)
+        layer il: CPU if il < i_gpu_start or il - i_gpu_start >= act_gpu_layers, else device
+                  upper_bound(splits, float(il - i_gpu_start) / act_gpu_layers)
+    """
+    ngl = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
+    if ngl == 0 or not tensor_split:
+        return [None] * (n_layer + 1)
+    assert any(x != 0 for x in tensor_split)  # all zero would split by free memory
+    splits = np.zeros(len(tensor_split), dtype=np.float32)
+    split_sum = np.float32(0)
+    for i, x in enumerate(tensor_split):
+        split_sum = np.float32(split_sum + np.float32(x))
+        splits[i] = split_sum
+    splits = (splits / split_sum).astype(np.float32)
+    i_gpu_start = max(n_layer + 1 - ngl, 0)
+    act = min(ngl, n_layer + 1)
+    out: list[int | None] = []
+    for il in range(n_layer + 1):
+        if il < i_gpu_start or il - i_gpu_start >= act:
+            out.append(None)
+        else:
+            out.append(int(np.searchsorted(splits, np.float32(il - i_gpu_start) / np.float32(act), side="right")))
+    return out
+
+
+def check_llama_cpp_agrees(p: Plan) -> None:
+    """The plan's per-GPU layers are what llama.cpp does with the plan's tensor_split."""
+    # split mode none: llama.cpp keeps only main_gpu, which is then its device 0
+    split = [1.0] if p.split_mode == "none" and not p.cpu_only else p.tensor_split
+    placement = llama_cpp_placement(p.model.n_layers, p.n_gpu_layers, split)
+    visible = {g.cuda_index: g for g in p.gpus if g.cuda_index is not None}
+    if not p.cpu_only and p.split_mode != "none":
+        assert sorted(visible) == list(range(len(p.tensor_split)))
+    for cuda, g in visible.items():
+        if p.split_mode == "none":  # llama.cpp keeps main_gpu only: device 0 of the placement
+            dev = 0 if cuda == p.main_gpu else -1
+        else:
+            dev = cuda
+        assert g.layers == sum(1 for d in placement[:-1] if d == dev), (g, placement)
+        if p.split_mode == "layer":  # row: the estimate keeps the logits on main_gpu
+            assert g.has_output == (placement[-1] == dev), (g, placement)
+
+
 def check_invariants(p: Plan) -> None:
+    check_llama_cpp_agrees(p)
     for g in p.gpus:
         if g.excluded_reason is None and p.source == "vram-llm":
             assert g.planned_mib <= g.usable_mib, g
@@ -93,15 +150,15 @@ def test_mix_24_12_4_orders_by_free_and_pins_cuda_order(smol: ModelFacts) -> Non
     check_invariants(p)
     # NVML (PCI) order is 4 GB, 24 GB, 12 GB; the plan order is by free VRAM.
     assert [g.index for g in p.gpus] == [1, 2, 0]
-    assert [g.cuda_index for g in p.gpus] == [0, 1, 2]
+    # The display GPU would get no layer: it is left out (issue 17), the others keep the order.
+    assert [g.cuda_index for g in p.gpus] == [0, 1, None]
     assert p.env["CUDA_VISIBLE_DEVICES"] == ",".join(
-        ["GPU-24242424-0000-0000-0000-000000000000", "GPU-12121212-0000-0000-0000-000000000000",
-         "GPU-d15p1a70-0000-0000-0000-000000000000"]
+        ["GPU-24242424-0000-0000-0000-000000000000", "GPU-12121212-0000-0000-0000-000000000000"]
     )
-    s24, s12, s4 = p.tensor_split
-    assert s24 > s12 > s4 > 0
+    s24, s12 = p.tensor_split
+    assert s24 > s12 > 0
     # proportional to usable VRAM after the fixed per-GPU cost
-    usable = [g.usable_mib - CUDA_CONTEXT_MIB for g in p.gpus]
+    usable = [g.usable_mib - CUDA_CONTEXT_MIB for g in p.gpus[:2]]
     for share, u in zip(p.tensor_split, usable):
         assert share == pytest.approx(u / sum(usable), abs=1e-5)
 
@@ -109,9 +166,12 @@ def test_mix_24_12_4_orders_by_free_and_pins_cuda_order(smol: ModelFacts) -> Non
 def test_pci_order_keeps_bus_order(smol: ModelFacts) -> None:
     p = plan(gpus("mix_24_12_4"), smol, PlanSettings(device_order="pci"))
     check_invariants(p)
-    assert used(p) == [0, 1, 2]
-    assert p.env["CUDA_VISIBLE_DEVICES"].split(",")[0] == "GPU-d15p1a70-0000-0000-0000-000000000000"
-    assert p.tensor_split[1] > p.tensor_split[2] > p.tensor_split[0]
+    assert [g.index for g in p.gpus] == [0, 1, 2]
+    # First on the bus, llama.cpp would give the display GPU layer 0 for its 0.8 layer's worth
+    # of share: too little to be worth a CUDA context (issue 17), the others keep bus order.
+    assert used(p) == [1, 2] and by_index(p)[0].excluded_reason == NOT_NEEDED
+    assert p.env["CUDA_VISIBLE_DEVICES"].split(",")[0] == "GPU-24242424-0000-0000-0000-000000000000"
+    assert p.tensor_split[0] > p.tensor_split[1]
 
 
 def test_free_below_reserve_is_left_out_with_reason(smol: ModelFacts) -> None:
@@ -144,17 +204,20 @@ def test_split_mode_none_uses_the_gpu_with_most_usable(smol: ModelFacts) -> None
 def test_split_mode_row_main_gpu_is_the_biggest(smol: ModelFacts) -> None:
     p = plan(gpus("mix_24_12_4"), smol, PlanSettings(split_mode="row", device_order="pci"))
     check_invariants(p)
-    assert used(p) == [0, 1, 2]
-    assert p.main_gpu == 1  # CUDA index of the 24 GB GPU in PCI order
+    # The display GPU's row share would be under one layer's worth: left out (issue 17).
+    assert used(p) == [1, 2]
+    assert p.main_gpu == 0  # CUDA index of the 24 GB GPU in PCI order, the display GPU hidden
     g = by_index(p)
-    assert g[1].estimate.kv_mib > 0 and g[0].estimate.kv_mib == 0 and g[2].estimate.kv_mib == 0
+    assert g[1].estimate.kv_mib > 0 and g[2].estimate.kv_mib == 0
+    assert g[0].excluded_reason == NOT_NEEDED_ROW
 
 
 def test_partial_offload(smol: ModelFacts) -> None:
     p = plan(gpus("tiny"), smol, PlanSettings())
     check_invariants(p)
     assert 0 < p.offloaded_layers < 30
-    assert p.n_gpu_layers == p.offloaded_layers and not p.output_on_gpu
+    # llama.cpp offloads the output layer first: n_gpu_layers counts it
+    assert p.n_gpu_layers == p.offloaded_layers + 1 and p.output_on_gpu
     assert any("partial offload" in n for n in p.notes)
     # One more layer would not fit: the plan is the largest that does.
     bigger = plan(gpus("tiny"), smol, PlanSettings(reserve_mib=1024 - 20))
@@ -227,6 +290,112 @@ def test_parse_visible_devices(value: str | None, expected: list[int]) -> None:
     assert [g.index for g in seen] == expected
 
 
+# --- GPUs the placement does not need are not made visible (issue 17) ----------------------
+
+
+def proportional_split(p: Plan, indices: Sequence[int]) -> list[float]:
+    """Shares proportional to usable VRAM after the CUDA context, as the planner balances."""
+    g = by_index(p)
+    room = [g[i].usable_mib - CUDA_CONTEXT_MIB for i in indices]  # type: ignore[attr-defined]
+    return [r / sum(room) for r in room]
+
+
+def test_display_gpu_without_a_layer_is_left_out_at_8k(smol: ModelFacts) -> None:
+    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(n_ctx=8192))
+    check_invariants(p)  # includes: the layers shown are llama.cpp's own placement of tensor_split
+    # With all three visible llama.cpp would give the display GPU (last, 2.6% of the split) nothing.
+    three = llama_cpp_placement(30, -1, proportional_split(p, [1, 2, 0]))
+    assert 2 not in three
+    g = by_index(p)
+    display = g[0]
+    assert display.excluded_reason == NOT_NEEDED == "not needed: the model fits on the others"
+    assert (display.cuda_index, display.layers, display.share, display.planned_mib) == (None, 0, 0.0, 0)
+    assert p.env["CUDA_VISIBLE_DEVICES"] == (
+        "GPU-24242424-0000-0000-0000-000000000000,GPU-12121212-0000-0000-0000-000000000000"
+    )
+    # the other two shares renormalised, the 3090 (the most usable VRAM) is main_gpu
+    assert p.tensor_split == pytest.approx(proportional_split(p, [1, 2]), abs=1e-5)
+    assert p.main_gpu == 0 and p.n_gpu_layers == -1 and p.offloaded_layers == 30
+    assert g[1].layers + g[2].layers == 30 and g[2].has_output  # type: ignore[attr-defined]
+    assert p.to_dict()["gpus"][2]["excluded_reason"] == NOT_NEEDED
+
+
+def test_model_that_needs_all_three_gpus_gets_the_display_gpu(tmp_path: Path) -> None:
+    # 112 layers of ~290 MiB (31 GiB, sparse file): more than the 3090 and 3060 can hold.
+    shape = Shape(n_layers=112, n_embd=5120, n_ff=13824, n_head=40, n_head_kv=8, vocab=32000,
+                  ttype=GGMLQuantizationType.Q8_0, write_tokens=False)
+    m = read_model_facts(write_model(tmp_path / "big.gguf", shape))
+    p = plan(gpus("mix_24_12_4"), m, PlanSettings())
+    check_invariants(p)
+    assert used(p) == [1, 2, 0] and len(p.tensor_split) == 3
+    display = by_index(p)[0]
+    assert display.excluded_reason is None and display.cuda_index == 2
+    assert display.layers + display.has_output >= 1  # type: ignore[attr-defined]
+    # It is needed: without it fewer layers fit on the GPUs.
+    without = plan(gpus("mix_24_12_4"), m, PlanSettings(devices=(1, 2)))
+    assert without.offloaded_layers < p.offloaded_layers
+
+
+def box_of_8(free_mib: Sequence[int]) -> tuple[GpuInfo, ...]:
+    return tuple(
+        GpuInfo(i, f"GPU-8{i}000000-0000-0000-0000-000000000000", "NVIDIA H100 80GB HBM3",
+                f"00000000:{0x18 + 0x10 * i:02X}:00.0", 81559, free, 81559 - free)
+        for i, free in enumerate(free_mib)
+    )
+
+
+def test_box_of_8_gpus_where_only_2_are_needed(tmp_path: Path) -> None:
+    # Six GPUs busy with other jobs (3.3 GB free each: enough for one layer), two idle.
+    inv = box_of_8([3300, 80000, 3300, 3300, 80000, 3300, 3300, 3300])
+    shape = Shape(n_layers=80, n_embd=8192, n_ff=28672, n_head=64, n_head_kv=8, vocab=128256,
+                  ttype=GGMLQuantizationType.Q8_0, write_tokens=False)
+    m = read_model_facts(write_model(tmp_path / "70b.gguf", shape))
+    p = plan(inv, m, PlanSettings(n_ctx=4096))
+    check_invariants(p)
+    assert used(p) == [1, 4] and p.n_gpu_layers == -1
+    assert p.env["CUDA_VISIBLE_DEVICES"] == "GPU-81000000-0000-0000-0000-000000000000,GPU-84000000-0000-0000-0000-000000000000"
+    assert p.tensor_split == (0.5, 0.5)
+    for g in p.gpus:
+        if g.index not in (1, 4):
+            assert g.excluded_reason == NOT_NEEDED and g.cuda_index is None
+    # Each busy GPU could hold a layer, and with all eight visible llama.cpp would give the
+    # busy ones layers; each one's share is under one layer's worth (0.8 of 81), not worth a context.
+    busy_share = proportional_split(p, [1, 4, 0, 2, 3, 5, 6, 7])[2]
+    assert busy_share * 81 < 1
+    assert any(d is not None and d >= 2 for d in llama_cpp_placement(80, -1, proportional_split(p, [1, 4, 0, 2, 3, 5, 6, 7])))
+    assert "cannot hold one layer" not in " ".join(g.excluded_reason or "" for g in p.gpus)
+
+
+def test_row_split_leaves_out_a_gpu_under_one_layers_worth(smol: ModelFacts) -> None:
+    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(split_mode="row", n_ctx=8192))
+    check_invariants(p)
+    assert used(p) == [1, 2] and p.main_gpu == 0
+    assert by_index(p)[0].excluded_reason == NOT_NEEDED_ROW
+    assert p.tensor_split == pytest.approx(proportional_split(p, [1, 2]), abs=1e-5)
+
+
+def test_keep_env_gives_the_unneeded_gpu_a_zero_share_and_says_it_holds_a_context(smol: ModelFacts) -> None:
+    s = PlanSettings(set_cuda_visible_devices=False, inherited_cuda_visible_devices=None, n_ctx=8192)
+    p = plan(gpus("mix_24_12_4"), smol, s)
+    check_invariants(p)
+    assert "CUDA_VISIBLE_DEVICES" not in p.env
+    display = by_index(p)[0]
+    # We cannot hide it: it stays CUDA device 0 with a zero share, and the plan says what it costs.
+    assert display.cuda_index == 0 and p.tensor_split[0] == 0.0 and len(p.tensor_split) == 3
+    assert display.excluded_reason == NOT_NEEDED + STILL_VISIBLE
+    assert "CUDA context" in display.excluded_reason
+    assert p.tensor_split[1:] == pytest.approx(proportional_split(p, [1, 2]), abs=1e-5)
+    assert p.main_gpu == 1  # the 3090, CUDA device 1 in PCI order
+
+
+def test_split_mode_none_and_single_gpu_are_unchanged(smol: ModelFacts) -> None:
+    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(split_mode="none", n_ctx=8192))
+    check_invariants(p)
+    assert used(p) == [1] and "split mode none" in (by_index(p)[0].excluded_reason or "")
+    one = plan(gpus("one_gpu"), smol, PlanSettings(n_ctx=8192))
+    assert used(one) == [0] and one.tensor_split == (1.0,)
+
+
 # --- OOM ladder knobs and llama-fit-params input --------------------------------------------
 
 
@@ -234,7 +403,8 @@ def test_ladder_knobs(smol: ModelFacts) -> None:
     base = plan(gpus("one_gpu"), smol, PlanSettings())
     capped = plan(gpus("one_gpu"), smol, PlanSettings(max_gpu_layers=10, extra_reserve_mib=512))
     check_invariants(capped)
-    assert capped.n_gpu_layers == 10 and capped.offloaded_layers == 10 and not capped.output_on_gpu
+    # the cap counts repeating layers; the output layer comes with them (llama.cpp offloads it first)
+    assert capped.n_gpu_layers == 11 and capped.offloaded_layers == 10 and capped.output_on_gpu
     assert capped.gpus[0].reserve_mib == base.gpus[0].reserve_mib + 512
     cpu = plan(gpus("one_gpu"), smol, PlanSettings(cpu_only=True))
     assert cpu.cpu_only and cpu.env["CUDA_VISIBLE_DEVICES"] == ""
@@ -261,8 +431,9 @@ def test_fit_params_error_falls_back(smol: ModelFacts) -> None:
 def test_assign_layers_mirrors_llama_cpp() -> None:
     # 4 layers + output, all offloaded, equal split: [0,0,0,1,1] by upper_bound on (il/5).
     assert assign_layers(4, 5, [1, 1]) == [0, 0, 0, 1, 1]
-    # partial: the LAST 2 layers go to the GPU, the output layer stays on the CPU.
-    assert assign_layers(4, 2, [1]) == [None, None, 0, 0, None]
+    # partial: the LAST 2 of the 5 (the output layer counts as layer 4) go to the GPU.
+    assert assign_layers(4, 2, [1]) == [None, None, None, 0, 0]
+    assert assign_layers(4, 1, [1]) == [None, None, None, None, 0]
     assert assign_layers(4, 0, [1]) == [None] * 5
     assert assign_layers(4, 99, [0, 1]) == [1] * 5
 
@@ -316,6 +487,8 @@ def test_properties(
         assert [g.index for g in p.gpus] == sorted(g.index for g in p.gpus)
     assert len(p.gpus) == len(inv)
     assert 0 <= p.offloaded_layers <= n_layers
+    if mode == "layer":  # no GPU is made visible for nothing (issue 17)
+        assert all(g.layers > 0 or g.has_output for g in chosen)
     if p.n_gpu_layers == -1:
         assert p.offloaded_layers == n_layers and p.output_on_gpu
 

@@ -13,11 +13,14 @@ from supervisor.restart import (
     classify_exit,
     decide,
     describe_exit,
+    failure_streak,
     oom_ladder,
+    prune_failures,
 )
 
 K = FailureKind
 P = RestartPolicy()
+GIVE_UP = RestartPolicy(give_up=True)
 
 
 def crashes(*times: float, kind: FailureKind = K.CRASH, ran_for_s: float = 0.0) -> list[Failure]:
@@ -45,9 +48,10 @@ def test_delay_is_capped() -> None:
 
 
 def test_gives_up_after_more_than_max_failures_in_window() -> None:
+    # Only when asked to (restart.give_up); by default this is a crash loop (below).
     fails = crashes(0.0, 5.0, 10.0, 20.0, 30.0, 41.0)
-    assert decide(P, fails[:5], now=30.0).action == "restart"
-    d = decide(P, fails, now=41.0)
+    assert decide(GIVE_UP, fails[:5], now=30.0).action == "restart"
+    d = decide(GIVE_UP, fails, now=41.0)
     assert d.action == "give_up"
     assert d.delay_s == 0.0
     assert d.reason.startswith("gave up after 6 failures in 41s")
@@ -109,6 +113,114 @@ def test_no_failures_starts_now() -> None:
     assert decide(P, [], now=0.0).action == "restart"
 
 
+# --- decide: crash loop -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "give_up", "action", "delay", "crash_loop"),
+    [
+        (5, False, "restart", 16.0, False),  # the budget (5) is not spent yet
+        (6, False, "restart", 60.0, True),  # spent: the capped delay, not a stop
+        (7, False, "restart", 60.0, True),
+        (500, False, "restart", 60.0, True),  # however long it lasts
+        (5, True, "restart", 16.0, False),
+        (6, True, "give_up", 0.0, False),  # restart.give_up: today's stop
+        (500, True, "give_up", 0.0, False),
+    ],
+)
+def test_crash_loop_retries_at_the_cap_unless_told_to_give_up(
+    n: int, give_up: bool, action: str, delay: float, crash_loop: bool
+) -> None:
+    policy = RestartPolicy(give_up=give_up, failure_window_s=1e9)
+    d = decide(policy, crashes(*range(n)), now=float(n))
+    assert (d.action, d.delay_s, d.crash_loop) == (action, delay, crash_loop)
+
+
+def test_crash_loop_reason_says_what_when_and_why() -> None:
+    d = decide(P, crashes(0.0, 5.0, 10.0, 20.0, 30.0, 41.0, 101.0), now=101.0)
+    assert d.reason == (
+        "crash loop: 7 failures in the last 10 minutes (more than 5; last: exit code 1 (FAILURE)); "
+        "retrying every 60s until a worker stays up for 300s"
+    )
+
+
+@pytest.mark.parametrize(("window", "words"), [(600.0, "10 minutes"), (3600.0, "1 hour"), (90.0, "90s"), (60.0, "1 minute")])
+def test_crash_loop_reason_names_the_window_as_a_person_would(window: float, words: str) -> None:
+    policy = RestartPolicy(max_failures=1, failure_window_s=window)
+    d = decide(policy, crashes(0.0, 1.0), now=1.0)
+    assert d.reason.startswith(f"crash loop: 2 failures in the last {words} (more than 1;")
+
+
+def test_crash_loop_cap_follows_the_configured_maximum() -> None:
+    policy = RestartPolicy(max_failures=2, backoff_initial_s=0.1, backoff_max_s=0.5)
+    delays = [decide(policy, crashes(*range(n)), now=float(n)).delay_s for n in range(1, 7)]
+    assert delays == [0.1, 0.2, 0.5, 0.5, 0.5, 0.5]
+
+
+def test_crash_loop_ends_after_a_stable_run() -> None:
+    fails = crashes(*range(10))
+    assert decide(P, fails, now=10.0).crash_loop
+    fails.append(Failure(at=400.0, kind=K.CRASH, detail="exit code 1", ran_for_s=300.0))
+    d = decide(P, fails, now=400.0)
+    assert (d.action, d.delay_s, d.crash_loop) == ("restart", 1.0, False)
+
+
+def test_crash_loop_ends_when_its_failures_leave_the_window() -> None:
+    d = decide(P, crashes(*range(10), 700.0), now=700.0)
+    assert (d.delay_s, d.crash_loop) == (1.0, False)
+
+
+def test_permanent_failure_in_a_crash_loop_gives_up() -> None:
+    fails = [*crashes(*range(10)), Failure(at=11.0, kind=K.PERMANENT, detail="exit code 4 (BAD_MODEL)")]
+    d = decide(P, fails, now=11.0)
+    assert (d.action, d.crash_loop) == ("give_up", False)
+
+
+def test_oom_in_a_crash_loop_still_climbs_the_ladder_first() -> None:
+    fails = [*crashes(*range(10)), Failure(at=11.0, kind=K.OOM, detail="exit code 5 (OOM)")]
+    d = decide(P, fails, now=11.0)
+    assert (d.action, d.delay_s, d.crash_loop) == ("restart", 1.0, False)
+    assert "smaller footprint" in d.reason
+
+
+@pytest.mark.parametrize(
+    ("times", "now", "exhausted", "streak"),
+    [
+        ([], 0.0, False, 0),
+        ([0.0, 1.0, 2.0], 2.0, False, 3),
+        ([0.0, 1.0, 2.0], 601.5, False, 1),  # two left the window
+        ([0.0, 1.0, 2.0], 700.0, False, 0),  # all did: no streak any more
+    ],
+)
+def test_failure_streak(times: list[float], now: float, exhausted: bool, streak: int) -> None:
+    assert failure_streak(P, crashes(*times), now, oom_ladder_exhausted=exhausted) == streak
+
+
+def test_failure_streak_leaves_out_ooms_until_the_ladder_is_exhausted() -> None:
+    fails = [*crashes(0.0, 1.0), *crashes(2.0, 3.0, kind=K.OOM)]
+    assert failure_streak(P, fails, 3.0) == 2
+    assert failure_streak(P, fails, 3.0, oom_ladder_exhausted=True) == 4
+
+
+def test_prune_drops_what_can_no_longer_count() -> None:
+    fails = crashes(0.0, 1.0, 700.0, 701.0)
+    assert [f.at for f in prune_failures(P, fails, now=701.0)] == [700.0, 701.0]
+    # Before a stable run: a new streak began there.
+    fails = [*crashes(0.0, 1.0), Failure(at=310.0, kind=K.CRASH, detail="x", ran_for_s=300.0), *crashes(311.0)]
+    assert [f.at for f in prune_failures(P, fails, now=311.0)] == [310.0, 311.0]
+    # The latest failure is kept whatever the clock says; nothing in, nothing out.
+    assert [f.at for f in prune_failures(P, crashes(0.0), now=5000.0)] == [0.0]
+    assert prune_failures(P, [], now=0.0) == []
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 40])
+def test_prune_changes_no_decision(n: int) -> None:
+    # A crash every 30s (the window holds 20): deciding on the pruned history is the same.
+    fails = crashes(*(30.0 * i for i in range(n)))
+    now = 30.0 * (n - 1)
+    assert decide(P, prune_failures(P, fails, now), now) == decide(P, fails, now)
+
+
 # --- decide: OOM ------------------------------------------------------------------------
 
 
@@ -127,9 +239,11 @@ def test_oom_counts_once_the_ladder_is_exhausted() -> None:
     d = decide(P, fails, now=2.0, oom_ladder_exhausted=True)
     assert (d.action, d.delay_s) == ("restart", 4.0)
     fails = crashes(*range(6), kind=K.OOM)
-    d = decide(P, fails, now=5.0, oom_ladder_exhausted=True)
+    d = decide(GIVE_UP, fails, now=5.0, oom_ladder_exhausted=True)
     assert d.action == "give_up"
     assert d.reason.startswith("gave up after 6 failures in 5s")
+    d = decide(P, fails, now=5.0, oom_ladder_exhausted=True)
+    assert (d.action, d.delay_s, d.crash_loop) == ("restart", 60.0, True)
 
 
 # --- exit classification ----------------------------------------------------------------

@@ -7,14 +7,18 @@ SIGTERM and checks that no worker and no socket is left (Supervisor.stop()).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -86,6 +90,17 @@ def starts(state_dir: Path) -> list[dict[str, Any]]:
 def chat(s: Supervisor, **extra: Any) -> tuple[int, Any]:
     body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **extra}
     return s.post("/v1/chat/completions", body)
+
+
+def http(s: Supervisor, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any, Any]:
+    """(status, headers, JSON body) of a GET, or a POST when there is a body."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(s.base + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read() or b"null")
 
 
 def test_serve_applies_the_plan_to_the_worker(start_supervisor: Any, sim_gpus: Path, state_dir: Path) -> None:
@@ -201,9 +216,10 @@ def test_oom_at_load_replans_smaller(start_supervisor: Any, sim_gpus: Path, stat
     assert st["oom_adjustment"]
 
 
-def test_crash_loop_ends_in_failed_with_backoff(start_supervisor: Any, state_dir: Path) -> None:
+def test_crash_loop_ends_in_failed_with_backoff_when_told_to_give_up(start_supervisor: Any, state_dir: Path) -> None:
+    # restart.give_up = true keeps the old behaviour: `failed` until SIGHUP.
     s = start_supervisor(
-        {"restart": {"max_failures": 3, "backoff_initial_s": 0.2, "backoff_max_s": 1.0}},
+        {"restart": {"max_failures": 3, "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "give_up": True}},
         {"FAKE_WORKER_CRASH_AT_LOAD": "1", "FAKE_WORKER_STATE_DIR": str(state_dir)},
     )
     st = s.wait_state("failed", 60)
@@ -222,6 +238,60 @@ def test_crash_loop_ends_in_failed_with_backoff(start_supervisor: Any, state_dir
         capture_output=True, text=True, timeout=30, cwd=REPO,
     )
     assert out.returncode == 1 and "FAILED" in out.stdout
+    # It stays failed (no further start) until a SIGHUP, which starts it again.
+    assert s.status()["state"] == "failed" and len(starts(state_dir)) == 4
+    s.proc.send_signal(signal.SIGHUP)
+    poll(lambda: len(starts(state_dir)) > 4, 30, "a start after SIGHUP")
+
+
+def test_crash_loop_keeps_retrying_at_the_cap_and_recovers_without_sighup(
+    start_supervisor: Any, state_dir: Path, tmp_path: Path
+) -> None:
+    healthy = tmp_path / "healthy"
+    cap = 1.5
+    s = start_supervisor(
+        {"restart": {"max_failures": 2, "backoff_initial_s": 0.1, "backoff_max_s": cap, "stable_after_s": 2.0}},
+        {"FAKE_WORKER_HEALTHY_FILE": str(healthy), "FAKE_WORKER_STATE_DIR": str(state_dir), "FAKE_WORKER_LOAD_S": "0.2"},
+    )
+
+    def looping() -> dict[str, Any] | None:
+        st = s.status()
+        assert st["state"] != "failed", st["reason"]  # a verdict: ends the wait at once
+        return st if st["crash_loop"] and st["restarts"] >= 5 else None
+
+    # Well past the budget of 2 failures, and still trying, at the configured cap.
+    st = poll(looping, 60, "a crash loop past restart.max_failures")
+    assert st["state"] == "backoff"
+    assert st["reason"].startswith("crash loop: ")
+    assert st["backoff_delay_s"] == cap
+    assert 0 <= st["next_attempt_in_s"] <= cap
+    assert st["failure_streak"] == st["restarts"]  # all inside the 10-minute window
+    at = [h["at"] for h in st["restart_history"]]
+    gaps = [b - a for a, b in itertools.pairwise(at)]
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2  # backoff below the budget, as before
+    assert all(g >= cap for g in gaps[2:])  # the capped interval once the budget is spent
+    # Every request gets 503 with Retry-After: the seconds until the next attempt.
+    code, headers, body = http(s, "/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+    assert code == 503 and body["error"]["code"] == "worker_unavailable"
+    assert 1 <= int(headers["Retry-After"]) <= math.ceil(cap)
+    code, headers, body = poll(lambda: (r := http(s, "/health"))[2]["status"] == "backoff" and r, 30, "/health in backoff")
+    assert code == 503 and body["reason"].startswith("crash loop: ")
+    assert 1 <= int(headers["Retry-After"]) <= math.ceil(cap)
+    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert "vram_llm_worker_failure_streak " in metrics and "vram_llm_worker_crash_loop " in metrics
+    # The cause goes away: the next attempt serves, no SIGHUP needed.
+    healthy.touch()
+    n = len(starts(state_dir))
+    st = s.wait_state("ready", 60)
+    assert len(starts(state_dir)) <= n + 1  # the first attempt after the fix
+    assert chat(s)[0] == 200
+    # Up for stable_after_s: the streak is over.
+    st = poll(lambda: (st := s.status())["failure_streak"] == 0 and st, 30, "the streak to reset")
+    assert st["crash_loop"] is False and st["restarts"] >= 5
+    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert "vram_llm_worker_failure_streak 0.0" in metrics and "vram_llm_worker_crash_loop 0.0" in metrics
 
 
 def test_bad_model_exit_is_not_retried(start_supervisor: Any, state_dir: Path) -> None:
@@ -361,7 +431,7 @@ def test_sigterm_lets_in_flight_streams_finish(start_supervisor: Any) -> None:
 
 def test_a_load_that_stops_progressing_is_a_failed_start(start_supervisor: Any) -> None:
     s = start_supervisor(
-        {"worker": {"load_stall_timeout_s": 1.0}, "restart": {"max_failures": 1}},
+        {"worker": {"load_stall_timeout_s": 1.0}, "restart": {"max_failures": 1, "give_up": True}},
         {"FAKE_WORKER_STALL_LOAD_AT": "0.5", "FAKE_WORKER_LOAD_S": "2"},
     )
     st = s.wait_state("failed", 60)
@@ -373,3 +443,262 @@ def test_a_slow_load_that_progresses_is_not_killed(start_supervisor: Any) -> Non
     s = start_supervisor({"worker": {"load_stall_timeout_s": 1.0}}, {"FAKE_WORKER_LOAD_S": "3"})
     st = s.wait_ready(60)
     assert st["restarts"] == 0
+
+
+# --- issue 13: no answer cut short, no request parked for nothing, no connection held forever
+
+
+def _post_raw(s: Supervisor, path: str, body: dict[str, Any], timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
+    """POST and return (status, headers, raw body): the error paths need the headers."""
+    req = urllib.request.Request(
+        s.base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _sse_events(raw: bytes) -> list[bytes]:
+    return [line[6:].strip() for line in raw.splitlines() if line.startswith(b"data: ")]
+
+
+def test_sighup_lets_generations_in_progress_finish(start_supervisor: Any) -> None:
+    # 100 tokens take 5 s: longer than the fake worker takes to stop on SIGTERM.
+    s = start_supervisor({"shutdown": {"grace_s": 30.0}}, {"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
+    st = s.wait_ready(60)
+    results: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+    plain = threading.Thread(target=lambda: results.__setitem__("plain", _post_raw(s, "/v1/chat/completions", body)))
+    plain.start()
+    poll(lambda: s.status()["worker"].get("active") == 1, 10, "the generation to start")
+    s.proc.send_signal(signal.SIGHUP)
+    # A request sent during the reload waits for the next worker and is served by it.
+    after = threading.Thread(target=lambda: results.__setitem__("after", _post_raw(s, "/v1/chat/completions", {**body, "max_tokens": 2})))
+    after.start()
+    plain.join(60)
+    after.join(60)
+    code, _, raw = results["plain"]
+    assert code == 200, raw
+    answer = json.loads(raw)
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 100 and answer["choices"][0]["message"]["content"].count("tok") == 100
+    # Finished by the old worker, not cut there and sent again to the new one.
+    assert answer["id"].startswith(f"chatcmpl-fake-{st['worker']['pid']}-")
+    assert results["after"][0] == 200
+    st2 = s.wait_state("ready", 60, lambda st2: st2["worker"]["generation"] > st["worker"]["generation"])
+    assert st2["restarts"] == 0  # a reload, not a failure
+
+
+def _long_stream_cut_by(s: Supervisor, sig: int) -> None:
+    """A stream longer than shutdown.grace_s (0.5 s here), then ``sig``: when the grace is
+    over the client gets an error event (the worker is gone mid-stream), never a finish."""
+    out: list[tuple[int, dict[str, str], bytes]] = []
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
+    t = threading.Thread(target=lambda: out.append(_post_raw(s, "/v1/chat/completions", body)))
+    t.start()
+    poll(lambda: s.status()["worker"].get("active") == 1, 10, "the generation to start")
+    s.proc.send_signal(sig)
+    t.join(60)
+    events = _sse_events(out[0][2])
+    assert events[-1] != b"[DONE]" and "error" in json.loads(events[-1])
+    assert not any(json.loads(e)["choices"][0].get("finish_reason") for e in events if b'"choices"' in e)
+
+
+def test_sighup_drain_is_bounded_by_the_grace_period(start_supervisor: Any) -> None:
+    s = start_supervisor({"shutdown": {"grace_s": 0.5}}, {"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
+    st = s.wait_ready(60)
+    _long_stream_cut_by(s, signal.SIGHUP)
+    s.wait_state("ready", 60, lambda st2: st2["worker"]["generation"] > st["worker"]["generation"])
+
+
+def test_sigterm_past_the_grace_period_ends_streams_with_an_error(start_supervisor: Any) -> None:
+    s = start_supervisor({"shutdown": {"grace_s": 0.5}}, {"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
+    s.wait_ready(60)
+    _long_stream_cut_by(s, signal.SIGTERM)
+    assert s.stop() == 0
+
+
+def test_paused_worker_with_a_full_backlog_is_retried_not_abandoned(start_supervisor: Any) -> None:
+    s = start_supervisor(
+        {"worker": {"health_interval_s": 1.0, "health_timeout_s": 3.0}, "admission": {"wait_timeout_s": 60.0}},
+        {"FAKE_WORKER_BACKLOG": "1"},
+    )
+    st = s.wait_ready(60)
+    pid = st["worker"]["pid"]
+    codes: list[int] = []
+    done_at: list[float] = []
+
+    def one(i: int) -> None:
+        code = s.get("/v1/models", timeout=60)[0] if i % 2 else chat(s)[0]
+        codes.append(code)
+        done_at.append(time.monotonic())
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        # Connections beyond the backlog are refused while the worker is paused.
+        poll(lambda: "did not take the request" in s.log(), 20, "a refused connection")
+    finally:
+        resumed = time.monotonic()
+        os.kill(pid, signal.SIGCONT)
+    for t in threads:
+        t.join(60)
+    assert codes == [200] * 20
+    assert max(done_at) - resumed < 10  # answered soon after the resume, not after wait_timeout_s
+    assert s.status()["worker"]["pid"] == pid  # the same worker served them all
+    assert "waiting for the next worker" not in s.log()
+
+
+def test_admission_bounds_every_waiting_request(start_supervisor: Any) -> None:
+    s = start_supervisor({"admission": {"queue_size": 64, "wait_timeout_s": 30.0}}, {"FAKE_WORKER_TOKEN_INTERVAL_S": "0.005"})
+    s.wait_ready(60)
+    results: list[tuple[int, dict[str, str]]] = []
+    seen_waiting: list[int] = []
+    seen_queued: list[int] = []
+    stop = threading.Event()
+
+    def one() -> None:
+        code, headers, _ = _post_raw(s, "/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+        results.append((code, headers))
+
+    def watch() -> None:
+        while not stop.is_set():
+            st = s.status()
+            seen_waiting.append(st["requests"]["waiting_for_worker"])
+            seen_queued.append(st["worker"].get("queued", 0))
+            time.sleep(0.02)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    threads = [threading.Thread(target=one) for _ in range(150)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stop.set()
+    w.join(10)
+    codes = [c for c, _ in results]
+    assert len(codes) == 150 and set(codes) <= {200, 429, 503}, sorted(set(codes))
+    assert codes.count(200) >= 65  # the one generating and the 64 waiting at least
+    assert all("Retry-After" in h for c, h in results if c != 200)
+    assert max(seen_waiting) <= 64
+    assert max(seen_queued) <= 1  # nothing piles up inside the worker
+
+
+def test_slow_and_idle_clients_are_disconnected(start_supervisor: Any) -> None:
+    s = start_supervisor({"server": {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "keepalive_timeout_s": 1.0}})
+    s.wait_ready(60)
+    silent = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(3)]
+    slow = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(3)]
+    kept = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    body_stall = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    try:
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+        body_stall.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{\"model\":"
+        )
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+        closed: set[int] = set()
+
+        def all_closed() -> bool:
+            for i, c in enumerate(slow):
+                if i in closed:
+                    continue
+                try:
+                    c.sendall(request[: 1])  # slowloris: one more header byte
+                except OSError:
+                    closed.add(i)
+            return len(closed) == len(slow)
+
+        poll(all_closed, 15, "slowloris connections to be closed", interval=0.3)
+        for c in [*silent, kept]:
+            c.settimeout(15)
+            assert c.recv(4096) == b""  # closed by the server
+        body_stall.settimeout(15)
+        assert body_stall.recv(4096).startswith(b"HTTP/1.1 408")
+        assert s.get("/health") == (200, {"status": "ok"})
+    finally:
+        for c in [*silent, *slow, kept, body_stall]:
+            c.close()
+
+
+def test_connection_cap_keeps_health_answering(start_supervisor: Any) -> None:
+    s = start_supervisor({"server": {"max_connections": 5}})
+    s.wait_ready(60)
+    idle = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(8)]
+    try:
+        for _ in range(3):
+            assert s.get("/health") == (200, {"status": "ok"})
+        poll(lambda: "connection limit reached" in s.log(), 10, "the connection limit log line")
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_idle_flood_under_a_low_descriptor_limit_keeps_health_answering(start_supervisor: Any) -> None:
+    # The supervisor inherits a soft limit of 128 descriptors: its connection cap drops to
+    # fit, so a flood of idle connections cannot exhaust them and take /health down.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+    try:
+        s = start_supervisor()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    s.wait_ready(60)
+    flood = []
+    try:
+        for _ in range(150):
+            flood.append(socket.create_connection(("127.0.0.1", s.port), timeout=10))
+        assert s.get("/health") == (200, {"status": "ok"})
+        assert chat(s)[0] == 200
+        poll(lambda: "connection limit reached" in s.log(), 10, "the connection limit log line")
+        assert s.log().count("connection limit reached") <= 20  # rate-limited, not one per connection
+    finally:
+        for c in flood:
+            c.close()
+
+
+def _raw_exchange(s: Supervisor, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+        c.sendall(data)
+        return c.recv(65536)
+
+
+def test_malformed_requests_are_one_warning_line_each(start_supervisor: Any) -> None:
+    s = start_supervisor()
+    s.wait_ready(60)
+    bad = [
+        b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n",
+    ]
+    for data in bad:
+        assert _raw_exchange(s, data).split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    poll(lambda: s.log().count("malformed HTTP request") == len(bad), 10, "one line per malformed request")
+    lines = s.log().splitlines()
+    for i, line in enumerate(lines):
+        if "malformed HTTP request" in line:
+            assert " WARNING " in line
+            assert i + 1 == len(lines) or lines[i + 1].startswith("20"), lines[i : i + 3]  # a single line
+    assert "Traceback" not in s.log()
+    assert "ERROR vram_llm.http" not in s.log()
+    assert s.get("/health")[0] == 200
+
+
+def test_oversized_body_is_refused_before_it_is_read(start_supervisor: Any) -> None:
+    s = start_supervisor()
+    s.wait_ready(60)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n"
+    reply = _raw_exchange(s, head + b"Expect: 100-continue\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:100]
+    assert b"100 Continue" not in reply
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+    assert _raw_exchange(s, head + b"\r\n{}").startswith(b"HTTP/1.1 413")
+    # A body within the limit still gets 100 Continue and an answer.
+    assert chat(s)[0] == 200

@@ -10,6 +10,9 @@ import json
 import os
 import signal
 import subprocess
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -221,8 +224,6 @@ def test_kill9_mid_stream_gives_error_event(sup: Supervisor, client: openai.Open
 
 
 def test_kill9_with_four_streams_in_flight_gives_each_one_error_event(sup: Supervisor) -> None:
-    import threading
-
     import httpx
 
     pid = sup.status()["worker"]["pid"]
@@ -256,6 +257,86 @@ def test_kill9_with_four_streams_in_flight_gives_each_one_error_event(sup: Super
         assert len(errors) == 1 and errors[0]["error"]["code"] == "worker_failed", events[i][-3:]
         assert events[i][-1] is errors[0]  # the error event ends the stream, no [DONE]
     sup.wait_state("ready", 120, lambda st: st["worker"]["pid"] != pid)
+
+
+# Bans SmolLM2's end tokens so a generation runs to max_tokens: a short answer can only be a cut.
+NO_EOS = {"0": -100, "2": -100}
+
+
+def _long_completion(sup: Supervisor, stream: bool, max_tokens: int) -> tuple[int, bytes]:
+    body: dict[str, Any] = {"model": "any", "prompt": "1, 2, 3, 4,", "max_tokens": max_tokens, "temperature": 0,
+            "logit_bias": NO_EOS, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    req = urllib.request.Request(
+        sup.base + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _complete_or_error(status: int, raw: bytes, stream: bool, max_tokens: int) -> str:
+    """'complete', 'error' or 'truncated' (a short answer passed off as finished)."""
+    if status >= 500:
+        return "error"
+    assert status == 200, raw
+    if stream:
+        events = [line[6:] for line in raw.splitlines() if line.startswith(b"data: ")]
+        if events[-1] != b"[DONE]":
+            return "error" if "error" in json.loads(events[-1]) else "truncated"
+        chunks = [json.loads(e) for e in events[:-1]]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        usage = [c["usage"] for c in chunks if c.get("usage")]
+        done = finish == ["length"] and usage and usage[-1]["completion_tokens"] == max_tokens
+        return "complete" if done else "truncated"
+    answer = json.loads(raw)
+    done = answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == max_tokens
+    return "complete" if done else "truncated"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streamed", "streamed"])
+def test_sighup_during_a_long_generation_never_cuts_it_short(sup: Supervisor, stream: bool) -> None:
+    before = sup.status()
+    out: list[tuple[int, bytes]] = []
+    t = threading.Thread(target=lambda: out.append(_long_completion(sup, stream, 300)))
+    t.start()
+    poll(lambda: _worker_health(sup).get("active") == 1, 30, "the generation to start")
+    sup.proc.send_signal(signal.SIGHUP)
+    t.join(120)
+    # The old worker finishes it (shutdown.grace_s is 30 s): complete, not a short "stop".
+    assert _complete_or_error(*out[0], stream, 300) == "complete"
+    sup.wait_state("ready", 120, lambda st: st["worker"]["generation"] > before["worker"]["generation"])
+
+
+def test_two_sighups_under_four_looping_clients_lose_nothing(sup: Supervisor) -> None:
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def client_loop(i: int) -> None:
+        while not stop.is_set():
+            stream = i % 2 == 1
+            outcomes.append(_complete_or_error(*_long_completion(sup, stream, 24), stream, 24))
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(2):
+            gen = sup.status()["worker"]["generation"]
+            poll(lambda: len(outcomes) >= 4, 60, "requests to be answered")
+            sup.proc.send_signal(signal.SIGHUP)
+            sup.wait_state("ready", 120, lambda st: st["worker"]["generation"] > gen)
+        n = len(outcomes)
+        poll(lambda: len(outcomes) >= n + 4, 60, "requests after the reloads")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert outcomes.count("truncated") == 0 and outcomes.count("error") == 0, outcomes
+    assert len(outcomes) >= 8
 
 
 def test_worker_dies_with_a_killed_supervisor(tmp_path: Path) -> None:

@@ -243,7 +243,9 @@ def test_full_slots_end_with_length_and_do_not_disturb_each_other(small: Engine)
         assert gen.prepared.max_tokens == small.n_ctx - gen.prompt_tokens
         assert (gen.finish_reason, gen.completion_tokens, gen.error) == ("length", gen.prepared.max_tokens, None)
     assert text_of(rec, 1) == " b" * newer.completion_tokens
-    again = small.generation(small.prepare_completion("Still alive?", Sampling(max_tokens=2)), threading.Event())
+    again = small.generation(
+        small.prepare_completion("Still alive?", Sampling(max_tokens=2, logit_bias=NO_EOS)), threading.Event()
+    )
     list(again)
     assert again.completion_tokens == 2
 

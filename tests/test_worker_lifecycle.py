@@ -106,24 +106,28 @@ def test_missing_spec_argument_or_file_is_bad_spec(args: list[str]) -> None:
 # --- signals and parent death (own worker, real model) -------------------------------
 
 
-def test_sigterm_during_generation_exits_ok_and_cleans_up(tmpdir_short: Path) -> None:
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "non-streamed"])
+def test_sigterm_during_generation_exits_ok_and_cleans_up(tmpdir_short: Path, stream: bool) -> None:
+    """The cut generation is answered with an error, never as a finished answer (issue 13)."""
     spec = worker_spec(tmpdir_short)
     proc = WorkerProcess(tmpdir_short, spec)
     try:
         proc.wait_ready(timeout=120)
         stream_done = threading.Event()
+        answer: list[tuple[int, bytes]] = []
+        errors: list[httpx.HTTPError] = []
 
-        def long_stream() -> None:
+        def long_request() -> None:
             try:
-                with proc.client() as c, c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
-                    for _ in r.iter_lines():
-                        pass
-            except httpx.HTTPError:
-                pass  # the worker going away mid-stream is the point
+                with proc.client() as c:
+                    with c.stream("POST", "/v1/completions", json={**LONG, "stream": stream}) as r:
+                        answer.append((r.status_code, r.read()))
+            except httpx.HTTPError as e:
+                errors.append(e)
             finally:
                 stream_done.set()
 
-        t = threading.Thread(target=long_stream, daemon=True)
+        t = threading.Thread(target=long_request, daemon=True)
         t.start()
         wait_until(lambda: (h := proc.health()) is not None and h.json().get("active") == 1,
                    30, "the generation to start")
@@ -132,6 +136,17 @@ def test_sigterm_during_generation_exits_ok_and_cleans_up(tmpdir_short: Path) ->
         assert not os.path.exists(spec["socket_path"])
         wait_until(stream_done.is_set, 30, "the client stream to end")
         t.join(timeout=5)
+        assert answer, f"the cut request got no answer at all: {errors!r}\n{proc.stderr()[-3000:]}"
+        status, raw = answer[0]
+        if stream:
+            assert status == 200
+            events = [line[6:] for line in raw.splitlines() if line.startswith(b"data: ")]
+            assert events[-1] != b"[DONE]"
+            assert json.loads(events[-1])["error"]["code"] == "generation_cut"
+            assert not any(json.loads(e).get("choices", [{}])[0].get("finish_reason") for e in events[:-1])
+        else:
+            assert status == 503
+            assert json.loads(raw)["error"]["code"] == "generation_cut"
     finally:
         proc.stop()
 

@@ -81,8 +81,8 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     chat_format: str | None = None  # None: the template in the GGUF metadata
     flash_attn: bool = False
     max_body_bytes: int = 8 * 1024 * 1024
-    # Requests generated at once (llama.cpp sequences sharing one unified KV cache of
-    # n_ctx cells); 1 serves one request at a time. At most n_batch.
+    # Requests generated at once (llama.cpp sequences of one context, each with a KV
+    # cache of n_ctx cells); 1 serves one request at a time. At most n_batch.
     parallel: int = 4
     # Prompt tokens one decode step takes while other requests are generating: bounds
     # the pause a newcomer's prompt causes in running streams.
@@ -141,3 +141,43 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
 health_decoder = msgspec.json.Decoder(Health)
 spec_decoder = msgspec.json.Decoder(LaunchSpec)
 encoder = msgspec.json.Encoder()
+
+
+# --- the usage trailer of a streamed answer ------------------------------------------------
+# A streamed answer ends with one SSE comment line, written in the same write as
+# "data: [DONE]", that tells the supervisor the request's token counts and timing without
+# it having to parse every chunk: the supervisor checks only whether a relayed chunk ends
+# with [DONE] and, if so, cuts this line out of it. SSE clients ignore comment lines, so a
+# stream that reaches a client without passing the supervisor is still valid.
+USAGE_TRAILER = b": vram-llm-usage "
+STREAM_DONE = b"data: [DONE]\n\n"
+
+
+class StreamUsage(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None = None  # worker's request arrival -> first generated piece
+    gen_s: float | None = None  # first piece -> last piece (inter-token latency basis)
+
+
+_usage_decoder = msgspec.json.Decoder(StreamUsage)
+
+
+def usage_trailer(usage: StreamUsage) -> bytes:
+    return USAGE_TRAILER + encoder.encode(usage) + b"\n\n"
+
+
+def split_usage_trailer(chunk: bytes) -> tuple[bytes, StreamUsage | None]:
+    """``chunk`` without the usage trailer, and the usage it carried (None if absent or bad)."""
+    start = chunk.rfind(USAGE_TRAILER)
+    if start < 0:
+        return chunk, None
+    end = chunk.find(b"\n\n", start)
+    if end < 0:
+        return chunk, None
+    try:
+        usage = _usage_decoder.decode(chunk[start + len(USAGE_TRAILER) : end])
+    except msgspec.DecodeError:
+        usage = None
+    return chunk[:start] + chunk[end + 2 :], usage

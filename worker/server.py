@@ -41,15 +41,29 @@ from worker.engine import (
     PromptTooLong,
     Sampling,
 )
-from worker.protocol import AppliedParams, ExitCode, Health, LaunchSpec, encoder
+from worker.protocol import (
+    STREAM_DONE,
+    AppliedParams,
+    ExitCode,
+    Health,
+    LaunchSpec,
+    StreamUsage,
+    encoder,
+    usage_trailer,
+)
 
 log = logging.getLogger("worker")
 
 _STARTED = object()  # the generation got a slot
 _END = object()  # end of a generation's piece stream
 _JSON = "application/json"
-_SHUTDOWN_TIMEOUT_S = 3.0
+# How long a stopping worker waits for its handlers: a cut generation must still get its
+# error answer out, and the generation thread notices the cut only at its next token,
+# which on an overloaded CPU can take seconds (3 s was seen to be too short). Stays under
+# the supervisor's default worker.stop_timeout_s (10 s), after which it sends SIGKILL.
+_SHUTDOWN_TIMEOUT_S = 8.0
 _LOAD_ABORT_WAIT_S = 30.0
+_BACKLOG = 1024
 
 
 # --- response bodies (msgspec: encoded once per chunk, no dict building) ----------------
@@ -173,6 +187,20 @@ def _finish(gen: Generation) -> str:
     return gen.finish_reason if gen.finish_reason in ("stop", "length") else "stop"
 
 
+def _cut(gen: Generation) -> bool:
+    """True when the generation was cut (the worker is stopping), not finished: the
+    client must get an error then, never a short answer called "stop" (issue 13)."""
+    return gen.finish_reason not in ("stop", "length")
+
+
+def _cut_error() -> bytes:
+    return oai.error_body(
+        "the model worker stopped before this generation finished; the request can be retried",
+        type="server_error",
+        code="generation_cut",
+    )
+
+
 # --- the bridge from the batch loop -------------------------------------------------------
 
 
@@ -219,7 +247,7 @@ class WorkerServer:
 
     def app(self) -> web.Application:
         app = web.Application(
-            client_max_size=self.spec.max_body_bytes, middlewares=[_openai_errors]
+            client_max_size=self.spec.max_body_bytes, middlewares=[_request_log, _openai_errors]
         )
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
@@ -302,6 +330,8 @@ class WorkerServer:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream_chat(request, prepared, cid, include_usage)
         gen, text = await self._complete(prepared)
+        if _cut(gen):
+            return _json_response(_cut_error(), 503)
         body = ChatCompletion(
             id=cid,
             created=int(time.time()),
@@ -331,6 +361,8 @@ class WorkerServer:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream_text(request, prepared, cid, include_usage)
         gen, text = await self._complete(prepared)
+        if _cut(gen):
+            return _json_response(_cut_error(), 503)
         body = TextCompletion(
             id=cid,
             created=int(time.time()),
@@ -419,6 +451,7 @@ class WorkerServer:
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
+        times = [time.monotonic()]  # arrival, then the first piece (usage trailer)
 
         async def start() -> None:
             # Headers go out when this request gets a slot, not while it waits in the
@@ -429,6 +462,8 @@ class WorkerServer:
                 await resp.write(first)
 
         async def write(pieces: list[str]) -> None:
+            if len(times) == 1:
+                times.append(time.monotonic())
             await resp.write(b"".join(piece_chunk(p) for p in pieces))
 
         try:
@@ -447,7 +482,18 @@ class WorkerServer:
             with contextlib.suppress(ConnectionResetError):
                 await resp.write(b"data: " + err + b"\n\n")
             return resp
-        await resp.write(final_chunks(gen) + b"data: [DONE]\n\n")
+        if _cut(gen) and not resp.prepared:
+            return _json_response(_cut_error(), 503)  # cut while waiting for a slot
+        if _cut(gen):
+            # No finish chunk and no [DONE]: an error event says the answer is incomplete.
+            await resp.write(b"data: " + _cut_error() + b"\n\n")
+        else:
+            trailer = usage_trailer(StreamUsage(
+                model=self.engine.model_id, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                ttft_s=times[1] - times[0] if len(times) > 1 else None,
+                gen_s=(gen.last_token_at or times[-1]) - times[1] if len(times) > 1 else None,
+            ))
+            await resp.write(final_chunks(gen) + trailer + STREAM_DONE)
         await resp.write_eof()
         return resp
 
@@ -512,6 +558,24 @@ def _sampling(req: Any, max_tokens: int | None, fmt: Any) -> Sampling:
         json_mode=isinstance(fmt, (oai.ResponseFormatJsonObject, oai.ResponseFormatJsonSchema)),
         json_schema=fmt.json_schema.schema if isinstance(fmt, oai.ResponseFormatJsonSchema) else None,
     )
+
+
+@web.middleware
+async def _request_log(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """One line per API request, naming the supervisor's request id (X-Request-Id)."""
+    if request.path == "/health":  # polled every few seconds: not worth a line each
+        return await handler(request)
+    t0 = time.monotonic()
+    status = 499  # the client (the supervisor) went away before an answer
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    finally:
+        log.info("request %s: %s %s -> %d in %.3fs", request.headers.get("X-Request-Id", "-"),
+                 request.method, request.path, status, time.monotonic() - t0)
 
 
 @web.middleware
@@ -580,7 +644,10 @@ async def serve(spec: LaunchSpec, engine: Engine, stop: asyncio.Event) -> ExitCo
     )
     await runner.setup()
     _prepare_socket(spec.socket_path)
-    site = web.UnixSite(runner, spec.socket_path)
+    # The supervisor admits at most the worker's generation slots at once plus a few
+    # reads (health, model list); a refused connect is retried there. The backlog only
+    # has to hold a burst of those: 1024 is far above any admission limit in use.
+    site = web.UnixSite(runner, spec.socket_path, backlog=_BACKLOG)
     code = ExitCode.OK
     listening = False  # the socket file is ours to remove only once we have bound it
     try:
@@ -622,6 +689,10 @@ async def serve(spec: LaunchSpec, engine: Engine, stop: asyncio.Event) -> ExitCo
     finally:
         if stop.is_set():
             log.info("stopping: cancelling the running generations and closing %s", spec.socket_path)
+        if listening:
+            # No new request from here on; the ones being generated are cut and answered
+            # with an error (the supervisor lets them finish before it sends SIGTERM).
+            await site.stop()
         if engine.loop is not None:
             engine.loop.cancel_all()
         await runner.cleanup()

@@ -1,0 +1,138 @@
+"""Serving metrics: what an operator graphs (tokens, latencies, queue, memory).
+
+Rules of this module:
+- Per-request series are fed once per ended request by the access log middleware
+  (``ServingMetrics.observe``); nothing on the per-chunk relay path touches them.
+- Point-in-time gauges (queue, busy slots, worker RSS, GPU memory) are read at scrape
+  time from what the manager already knows and from the cached inventory read that
+  /status uses (``refresh`` before each scrape: NVML is not asked more than once a second).
+- Names follow Prometheus conventions: ``vram_llm_`` prefix, base units (seconds, bytes),
+  ``_total`` on counters (the client library adds it). The README maps each series to the
+  llama-server metric it corresponds to.
+- Every series carries a ``model`` label, so several models can share one scrape later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from supervisor.access_log import Finished
+from supervisor.gpus import GpuProbeError
+from supervisor.launch import Preparer
+from supervisor.worker_process import WorkerManager
+
+# Latency buckets from 10 ms (a cached short prompt) to 5 minutes (a long generation).
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Inter-token gaps: 1 ms (a small model on a GPU) to 1 s (a large one on CPUs).
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+_MIB = 2**20
+
+log = logging.getLogger("vram_llm.metrics")
+
+
+class ServingMetrics(Collector):
+    def __init__(self, registry: CollectorRegistry, mgr: WorkerManager, preparer: Preparer) -> None:
+        self._mgr = mgr
+        self._prep = preparer
+        self._gpus: list[dict[str, Any]] = []
+        self.prompt_tokens = Counter(
+            "vram_llm_prompt_tokens", "Prompt tokens processed", ["model"], registry=registry
+        )
+        self.completion_tokens = Counter(
+            "vram_llm_completion_tokens", "Completion tokens generated", ["model"], registry=registry
+        )
+        self.requests = Counter(
+            "vram_llm_http_requests", "HTTP requests answered, by path group and status code",
+            ["model", "path", "code"], registry=registry,
+        )
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, ["model"], buckets=buckets, registry=registry)
+
+        self.duration = hist("vram_llm_request_duration_seconds",
+                             "Time from arrival to the end of the answer (API requests)", _LATENCY)
+        self.ttft = hist("vram_llm_time_to_first_token_seconds",
+                         "Time from arrival to the first generated token (streamed answers)", _LATENCY)
+        self.itl = hist("vram_llm_inter_token_latency_seconds",
+                        "Mean gap between generated tokens, one sample per streamed answer", _ITL)
+        self.queue_wait = hist("vram_llm_queue_wait_seconds", "Time a request waited for a ready worker", _LATENCY)
+        registry.register(self)
+
+    def _model(self) -> str:
+        return self._prep.config.model.alias or self._prep.model_path.stem
+
+    def observe(self, done: Finished) -> None:
+        """One ended request (called by the access log middleware)."""
+        rec = done.record
+        api = done.path.startswith("/v1/")
+        model = rec.model or self._model()
+        self.requests.labels(model, "/v1" if api else done.path if done.path in ("/health", "/status", "/metrics") else "other",
+                             str(done.status)).inc()
+        if not api:
+            return
+        if rec.prompt_tokens:
+            self.prompt_tokens.labels(model).inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            self.completion_tokens.labels(model).inc(rec.completion_tokens)
+        self.duration.labels(model).observe(done.duration_s)
+        if rec.queue_wait_s is not None:
+            self.queue_wait.labels(model).observe(rec.queue_wait_s)
+        if rec.ttft_s is not None:
+            self.ttft.labels(model).observe(rec.ttft_s)
+        if rec.inter_token_s is not None:
+            self.itl.labels(model).observe(rec.inter_token_s)
+
+    async def refresh(self, worker_pids: list[int]) -> None:
+        """Before a scrape: the GPU rows (the cached read /status uses)."""
+        try:
+            self._gpus = await self._prep.gpus_now(worker_pids)
+        except GpuProbeError as e:
+            # The rest of the scrape is still worth having; the GPU series go missing,
+            # which an alert on absent() sees.
+            log.warning("metrics: cannot read the GPU inventory: %s", e)
+            self._gpus = []
+
+    def collect(self) -> Iterator[Any]:
+        model = self._model()
+        snap_worker = self._worker()
+        waiting = GaugeMetricFamily("vram_llm_queue_depth", "Requests waiting for a ready worker or a slot",
+                                    labels=["model", "where"])
+        waiting.add_metric([model, "supervisor"], self._mgr.counters.waiting)
+        waiting.add_metric([model, "worker"], snap_worker.get("queued") or 0)
+        yield waiting
+        busy = GaugeMetricFamily("vram_llm_slots_busy", "Generation slots in use (worker /health active)",
+                                 labels=["model"])
+        busy.add_metric([model], snap_worker.get("active") or 0)
+        yield busy
+        rss = GaugeMetricFamily("vram_llm_worker_resident_memory_bytes", "Worker process RSS", labels=["model"])
+        if snap_worker.get("rss") is not None:
+            rss.add_metric([model], snap_worker["rss"])
+        yield rss
+        used = GaugeMetricFamily("vram_llm_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu", "uuid"])
+        free = GaugeMetricFamily("vram_llm_gpu_memory_free_bytes", "GPU memory free (NVML)", labels=["gpu", "uuid"])
+        for g in self._gpus:
+            labels = [str(g.get("index")), str(g.get("uuid"))]
+            if g.get("used_mib") is not None:
+                used.add_metric(labels, g["used_mib"] * _MIB)
+            if g.get("free_mib") is not None:
+                free.add_metric(labels, g["free_mib"] * _MIB)
+        yield used
+        yield free
+
+    def _worker(self) -> dict[str, Any]:
+        """Slots and RSS of the current worker, from its last /health and psutil."""
+        h = self._mgr.last_health()
+        out: dict[str, Any] = {}
+        if h is not None:
+            pid, health = h
+            out["active"], out["queued"] = health.active, health.queued
+            with contextlib.suppress(psutil.Error):
+                out["rss"] = psutil.Process(pid).memory_info().rss
+        return out

@@ -1,0 +1,43 @@
+"""`vram-llm status` rendering, as a pure function of a /status document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from supervisor.status_cli import collapse_history, render
+
+
+def failure(at: float, pid: int, kind: str = "crash", what: str = "exit code 1 (FAILURE)") -> dict[str, Any]:
+    return {"at": at, "kind": kind, "reason": f"worker pid {pid} {what}"}
+
+
+def test_a_crash_loop_collapses_into_one_line_with_a_count() -> None:
+    hist = [
+        failure(0.0, 10, "hang", "hung"),
+        *(failure(10.0 + 60 * i, 100 + i) for i in range(40)),
+        failure(3000.0, 7, what="exit code -9 (SIGKILL)"),
+    ]
+    runs = collapse_history(hist)
+    assert [(first["at"], last["at"], n) for first, last, n in runs] == [(0.0, 0.0, 1), (10.0, 2350.0, 40), (3000.0, 3000.0, 1)]
+    # Runs end where the failure changes, and the pid alone does not change it.
+    assert collapse_history([failure(0, 1), failure(1, 2, what="exit code -9 (SIGKILL)"), failure(2, 3)]) == [
+        (failure(0, 1), failure(0, 1), 1),
+        (failure(1, 2, what="exit code -9 (SIGKILL)"), failure(1, 2, what="exit code -9 (SIGKILL)"), 1),
+        (failure(2, 3), failure(2, 3), 1),
+    ]
+
+
+def test_render_shows_the_crash_loop() -> None:
+    st = {
+        "state": "backoff",
+        "reason": "crash loop: 41 failures in the last 10 minutes (...); next attempt in 12s",
+        "restarts": 41,
+        "failure_streak": 41,
+        "crash_loop": True,
+        "restart_history": [failure(10.0 + 60 * i, 100 + i) for i in range(41)],
+    }
+    lines = render(st, "http://127.0.0.1:8080/status").splitlines()
+    assert "state:   BACKOFF  - crash loop: 41 failures in the last 10 minutes (...); next attempt in 12s" in lines
+    assert "restarts: 41, 41 in the current streak (crash loop: retrying at the capped interval)" in lines
+    history = [line for line in lines if "worker pid" in line and "last exit" not in line]
+    assert len(history) == 1 and "41 times until" in history[0] and history[0].endswith("worker pid 140 exit code 1 (FAILURE)")

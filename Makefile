@@ -4,6 +4,9 @@
 # ARGS are passed to `vram-llm serve`, e.g. make serve ARGS="--host 0.0.0.0 --model /m.gguf"
 .PHONY: setup serve test bench
 ARGS ?=
+# make bench: BATCHING_ARGS go to the concurrency section (bench/batching.py; llama-server
+# -np 4 column when LLAMA_SERVER names the binary).
+BATCHING_ARGS ?=
 
 setup:
 	scripts/bootstrap.sh
@@ -16,3 +19,4 @@ test: setup
 
 bench: setup
 	.venv/bin/python -m bench $(ARGS)
+	.venv/bin/python -m bench.batching $(BATCHING_ARGS)

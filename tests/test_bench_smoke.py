@@ -68,3 +68,12 @@ def test_bench_only_generation_prints_paired_ratios(tmp_path: Path) -> None:
 def test_loop_cost_runs() -> None:
     proc = run_module("bench.loop_cost", "--gen-tokens", "8", "--rounds", "1", timeout=120)
     assert "ours/theirs" in proc.stdout and "create_completion" in proc.stdout, proc.stdout
+
+
+def test_batching_bench_runs(tmp_path: Path) -> None:
+    out_json = tmp_path / "batching.json"
+    proc = run_module("bench.batching", "--llama-server", "", "--threads", "1", "--tokens", "4", "--rounds", "1",
+                      "--clients", "1,2", "--system-repeat", "1", "--json-out", str(out_json), timeout=240)
+    assert "conversations" in proc.stdout, proc.stdout
+    rows = json.loads(out_json.read_text())["vram-llm"]["concurrency"]
+    assert [r["clients"] for r in rows] == [1, 2] and all(r["failed"] == 0 for r in rows)

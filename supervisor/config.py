@@ -53,6 +53,7 @@ class ServerSection(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     runtime_dir: str = ""  # empty: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir
+    strict_params: bool = False  # unknown request fields: 400 instead of ignored
 
 
 class GpuSection(_Section):

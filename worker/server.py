@@ -193,7 +193,7 @@ def _names_for_humans(names: tuple[str, ...]) -> str:
     our headers and logs.
     """
     shown = [
-        urllib.parse.quote(n[:_MAX_NAME_CHARS], safe="!#$%&'*+-.^_`|~:/@[]()<>?=;")
+        urllib.parse.quote(n[:_MAX_NAME_CHARS], safe="!#$&'*+-.^_`|~:/@[]()<>?=;")
         for n in names[:_MAX_NAMES_SHOWN]
     ]
     if len(names) > _MAX_NAMES_SHOWN:

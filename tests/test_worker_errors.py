@@ -102,6 +102,8 @@ CASES: list[tuple[str, str, str, bytes | None, int, str | None, str | None]] = [
     ("repetition-penalty-zero", "POST", CHAT, chat(repetition_penalty=0), 400, "repetition_penalty", None),
     ("repetition-penalty-string", "POST", CHAT, chat(repetition_penalty="high"), 400, "repetition_penalty", None),
     ("repetition-penalty-disagrees", "POST", CHAT, chat(repeat_penalty=1.1, repetition_penalty=1.3), 400, "repetition_penalty", None),
+    ("ignore-eos-with-json", "POST", CHAT, chat(ignore_eos=True, response_format={"type": "json_object"}), 400, "ignore_eos", None),
+    ("min-tokens-with-json-schema", "POST", COMPLETIONS, comp(min_tokens=1, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}), 400, "min_tokens", None),
     ("typical-p-above-one", "POST", CHAT, chat(typical_p=1.5), 400, "typical_p", None),
     ("n-predict-zero", "POST", COMPLETIONS, comp(max_tokens=None, n_predict=0), 400, "n_predict", "unsupported"),
     ("n-predict-below-minus-two", "POST", COMPLETIONS, comp(n_predict=-3), 400, "n_predict", None),

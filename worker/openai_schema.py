@@ -295,6 +295,19 @@ def _check_common(req: _Common) -> None:
                 )
 
 
+def _check_grammar_can_end(req: ChatRequest | CompletionRequest) -> None:
+    """A JSON response_format ends where its grammar ends: at that point only an
+    end-of-generation token is allowed, so banning it (ignore_eos, min_tokens) would leave
+    llama.cpp no token it may sample."""
+    if isinstance(req.response_format, (ResponseFormatJsonObject, ResponseFormatJsonSchema)):
+        for name, on in (("ignore_eos", req.ignore_eos), ("min_tokens", req.min_tokens > 0)):
+            if on:
+                raise RequestError(
+                    f"{name} cannot be combined with a JSON response_format (the JSON value "
+                    "ends the generation)", param=name, code="invalid_value",
+                )
+
+
 def max_tokens_of(req: ChatRequest | CompletionRequest, default: int | None) -> int | None:
     """The generation limit asked for; None: up to the end of the context.
 
@@ -327,6 +340,7 @@ def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[st
     req: ChatRequest
     req, ignored = _decode(_chat_decoders, body, strict)
     _check_common(req)
+    _check_grammar_can_end(req)
     if req.tools or req.tool_choice not in (None, "none"):
         raise RequestError("tools are not supported", param="tools", code="unsupported")
     if req.top_logprobs is not None:
@@ -356,6 +370,7 @@ def decode_completion(
     req: CompletionRequest
     req, ignored = _decode(_completion_decoders, body, strict)
     _check_common(req)
+    _check_grammar_can_end(req)
     if isinstance(req.prompt, list):
         if not req.prompt:
             raise RequestError("prompt must not be empty", param="prompt", code="invalid_value")

@@ -72,10 +72,20 @@ def body_of(kind: str, prompt: str, n: int) -> dict[str, Any]:
 
 
 async def one(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return await stream_completion(session, base, body)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        return {"ok": False, "error": f"{e.__class__.__name__}: {e}"}
+    """One request; sent again once if a kept-alive connection was closed under it before
+    the request went out (llama-server closes some after a stream), as clients do."""
+    reconnects = 0
+    while True:
+        try:
+            r = await stream_completion(session, base, body)
+            return {**r, "reconnects": reconnects}
+        except aiohttp.ClientOSError as e:
+            if reconnects == 0 and "Can not write request body" in str(e):
+                reconnects += 1
+                continue
+            return {"ok": False, "error": f"{e.__class__.__name__}: {e}"}
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            return {"ok": False, "error": f"{e.__class__.__name__}: {e}"}
 
 
 def _rate(r: dict[str, Any]) -> float | None:
@@ -98,6 +108,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], n: int) -> dict[str, Any]:
             "tok_s_median": median(rates),
             "ttft_ms_p50": pct([r["ttft_s"] * 1000 for r in ok], 50),
             "ignored_header": next((r["ignored"] for r in ok if r.get("ignored")), None),
+            "reconnects": sum(r.get("reconnects", 0) for r in rs),
         }
     paired = None
     if "llama-server" in runs:
@@ -135,6 +146,9 @@ def render(res: dict[str, Any]) -> str:
             )
             if v["errors"]:
                 out.append(f"      errors: {v['errors']}")
+            if v["reconnects"]:
+                out.append(f"      {v['reconnects']} request(s) sent again on a fresh connection "
+                           "(the kept-alive one was closed before the request went out)")
     hdr = res["kinds"]["gen"]["columns"]["vram-llm"]["ignored_header"]
     out.append(f"\nvram-llm's X-Ignored-Params on these bodies: {hdr}")
     return "\n".join(out)

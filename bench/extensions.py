@@ -12,12 +12,14 @@ whether each generated exactly the tokens asked for, tokens/s over the streamed 
 time to first token, and the paired ratio vram-llm / llama-server per request (same body,
 back to back: the machine's drift cancels out of each pair).
 
-Two kinds of request, both streamed ``/v1/completions``:
-- ``gen``: cached prompt; ``ignore_eos`` + ``min_tokens`` = ``max_tokens`` (and
-  ``n_predict``, llama-server's name) so every server generates exactly N tokens;
-  ``return_token_ids`` (vram-llm checks the ids add up to usage).
-- ``cold``: the same with ``cache_prompt: false``: the whole prompt is evaluated again
-  every time, so time to first token is the prompt processing.
+Two kinds of request, both streamed ``/v1/completions`` with ``ignore_eos`` and
+``min_tokens`` = ``max_tokens`` (and ``n_predict``, llama-server's name), so every server
+generates exactly N tokens, and ``return_token_ids`` (vram-llm's ids are checked against
+usage). Each measured request comes right after a 1-token request with the same prompt:
+- ``warm``: ``cache_prompt: true``: the prompt is in the KV cache, time to first token is
+  one token's evaluation;
+- ``cold``: ``cache_prompt: false``: the whole prompt is evaluated again, time to first
+  token is the prompt processing.
 
 Without ``--llama-server`` (or env LLAMA_SERVER) only vram-llm runs. Everything started
 is stopped (bench/procs.py).
@@ -47,11 +49,13 @@ PROMPTS = [
     "Write a step-by-step explanation of how a steam engine works.\n\nStep 1:",
     "Q: What are the main causes of ocean tides, and how do the Sun and the Moon interact?\nA:",
 ]
-KINDS = ("gen", "cold")
+KINDS = ("warm", "cold")
 
 
 def body_of(kind: str, prompt: str, n: int) -> dict[str, Any]:
-    """The raw body a llama-server/vLLM benchmarking client sends (same for both servers)."""
+    """The raw body a llama-server/vLLM benchmarking client sends (same for both servers).
+
+    ``timings_per_token`` is llama-server's and unknown to vram-llm: it is ignored."""
     return {
         "model": "default",
         "prompt": prompt,
@@ -67,7 +71,7 @@ def body_of(kind: str, prompt: str, n: int) -> dict[str, Any]:
         "samplers": ["top_k", "top_p", "min_p", "temperature"],
         "id_slot": -1,
         "n_keep": 0,
-        "timings_per_token": False,  # a llama-server field vram-llm does not know: ignored
+        "timings_per_token": False,
     }
 
 
@@ -149,7 +153,7 @@ def render(res: dict[str, Any]) -> str:
             if v["reconnects"]:
                 out.append(f"      {v['reconnects']} request(s) sent again on a fresh connection "
                            "(the kept-alive one was closed before the request went out)")
-    hdr = res["kinds"]["gen"]["columns"]["vram-llm"]["ignored_header"]
+    hdr = res["kinds"]["warm"]["columns"]["vram-llm"]["ignored_header"]
     out.append(f"\nvram-llm's X-Ignored-Params on these bodies: {hdr}")
     return "\n".join(out)
 
@@ -174,7 +178,7 @@ async def _run(a: argparse.Namespace, model: str) -> dict[str, Any]:
         sessions = {t.name: t.session(limit=1, timeout_s=600.0) for t in targets}
         try:
             for t in targets:  # warm-up: page cache, first-call allocations
-                await one(sessions[t.name], t.base, body_of("gen", a.prompts[0], 4))
+                await one(sessions[t.name], t.base, body_of("warm", a.prompts[0], 4))
             for kind in KINDS:
                 runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
                 k = 0
@@ -184,6 +188,7 @@ async def _run(a: argparse.Namespace, model: str) -> dict[str, Any]:
                         order = targets[k % len(targets):] + targets[: k % len(targets)]
                         k += 1
                         for t in order:
+                            await one(sessions[t.name], t.base, body_of(kind, prompt, 1))
                             runs[t.name].append(await one(sessions[t.name], t.base, body))
                 res["kinds"][kind] = summarize(runs, a.gen_tokens)
         finally:

@@ -75,7 +75,7 @@ def test_extensions_bench_runs(tmp_path: Path) -> None:
     proc = run_module("bench.extensions", "--smoke", "--json-out", str(out_json))
     assert "vram/llama-server" in proc.stdout, proc.stdout
     res = json.loads(out_json.read_text())
-    for kind in ("gen", "cold"):
+    for kind in ("warm", "cold"):
         col = res["kinds"][kind]["columns"]["vram-llm"]
         assert (col["failed"], col["wrong_length"], col["ids_match_usage"]) == (0, 0, 2)
-    assert res["kinds"]["gen"]["columns"]["vram-llm"]["ignored_header"] == "timings_per_token"
+    assert res["kinds"]["warm"]["columns"]["vram-llm"]["ignored_header"] == "timings_per_token"

@@ -51,6 +51,7 @@ def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str) -> Laun
         n_threads=m.threads or None,
         chat_format=m.chat_format or None,
         flash_attn=p.flash_attn,
+        strict_params=config.server.strict_params,
     )
 
 

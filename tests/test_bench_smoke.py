@@ -68,3 +68,14 @@ def test_bench_only_generation_prints_paired_ratios(tmp_path: Path) -> None:
 def test_loop_cost_runs() -> None:
     proc = run_module("bench.loop_cost", "--gen-tokens", "8", "--rounds", "1", timeout=120)
     assert "ours/theirs" in proc.stdout and "create_completion" in proc.stdout, proc.stdout
+
+
+def test_extensions_bench_runs(tmp_path: Path) -> None:
+    out_json = tmp_path / "ext.json"
+    proc = run_module("bench.extensions", "--smoke", "--json-out", str(out_json))
+    assert "vram/llama-server" in proc.stdout, proc.stdout
+    res = json.loads(out_json.read_text())
+    for kind in ("warm", "cold"):
+        col = res["kinds"][kind]["columns"]["vram-llm"]
+        assert (col["failed"], col["wrong_length"], col["ids_match_usage"]) == (0, 0, 2)
+    assert res["kinds"]["warm"]["columns"]["vram-llm"]["ignored_header"] == "timings_per_token"

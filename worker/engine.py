@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import json
 import os
 import sys
@@ -177,6 +178,14 @@ class Sampling:
     logit_bias: dict[str, float] | None = None
     json_mode: bool = False  # constrain the output to JSON
     json_schema: dict[str, Any] | None = None  # ... matching this schema
+    # Extensions of llama-server and vLLM (README "Request extensions"):
+    typical_p: float = 1.0  # locally typical sampling; 1.0 = off
+    ignore_eos: bool = False  # end-of-generation tokens are never sampled
+    min_tokens: int = 0  # end-of-generation, stop_token_ids and stop strings wait this long
+    stop_token_ids: tuple[int, ...] = ()  # these tokens end the generation like EOS
+    include_stop_str_in_output: bool = False  # the matched stop string / stop token is kept
+    skip_special_tokens: bool = True  # False: special tokens' text is part of the output
+    cache_prompt: bool = True  # False: reuse no cached prefix for this request
 
 
 @dataclass
@@ -189,6 +198,7 @@ class Prepared:
     stop: tuple[str, ...]
     grammar: LlamaGrammar | None
     logit_bias: dict[int, float] | None
+    eog_tokens: tuple[int, ...] = ()  # every end-of-generation token; only for ignore_eos/min_tokens
 
 
 @dataclass
@@ -236,6 +246,11 @@ def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
     return best
 
 
+def _stop_end(text: str, stops: tuple[str, ...], at: int) -> int:
+    """Where the longest stop string that starts at ``at`` in text ends."""
+    return at + max(len(s) for s in stops if text.startswith(s, at))
+
+
 def _held_back(text: str, stops: tuple[str, ...], prefix_chars: frozenset[str]) -> int:
     """Length of the longest tail of text that could still become a stop string.
 
@@ -277,6 +292,7 @@ class _Cache:
         # token id -> its UTF-8 bytes; the vocabulary is fixed, so each piece is asked
         # of llama.cpp once per worker, not once per generated token.
         self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}  # the same, special tokens rendered
         self._piece_buf = ctypes.create_string_buffer(256)
 
     def close(self) -> None:
@@ -321,15 +337,17 @@ class _Cache:
             raise RuntimeError(f"llama_decode failed (code {rc}) at position {pos0}")
         self.tokens.extend(tokens)
 
-    def piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """A token's text; a special (control) token's is empty unless ``special``."""
+        pieces = self._special_pieces if special else self._pieces
+        piece = pieces.get(token)
         if piece is None:
             buf = self._piece_buf
-            n = llama_lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            n = llama_lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
             if n < 0:  # longer than the buffer: -n is the size it needs
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-            piece = self._pieces[token] = buf.raw[:n]
+                n = llama_lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            piece = pieces[token] = buf.raw[:n]
         return piece
 
 
@@ -346,6 +364,13 @@ def _sampler_chain(cache: _Cache, prep: Prepared, seed: int) -> Any:
     params.no_perf = True
     chain = llama_lib.llama_sampler_chain_init(params)
     add = llama_lib.llama_sampler_chain_add
+    if s.min_tokens > 0:
+        # min_tokens: end-of-generation and stop_token_ids are banned by the chain's FIRST
+        # sampler, which Generation._tokens removes (chain index 0) once min_tokens exist.
+        add(chain, _ban(cache, (*prep.eog_tokens, *s.stop_token_ids)))
+    if s.ignore_eos:
+        # ignore_eos: end-of-generation tokens are never sampled, as llama-server does.
+        add(chain, _ban(cache, prep.eog_tokens))
     if prep.logit_bias:
         bias = (llama_lib.llama_logit_bias * len(prep.logit_bias))()
         for i, (token, value) in enumerate(prep.logit_bias.items()):
@@ -369,11 +394,22 @@ def _sampler_chain(cache: _Cache, prep: Prepared, seed: int) -> Any:
         add(chain, llama_lib.llama_sampler_init_greedy())
     else:
         add(chain, llama_lib.llama_sampler_init_top_k(s.top_k))
+        if s.typical_p < 1.0:  # typical_p: after top-k, as in llama.cpp's default order
+            add(chain, llama_lib.llama_sampler_init_typical(s.typical_p, 1))
         add(chain, llama_lib.llama_sampler_init_top_p(s.top_p, 1))
         add(chain, llama_lib.llama_sampler_init_min_p(s.min_p, 1))
         add(chain, llama_lib.llama_sampler_init_temp(s.temperature))
         add(chain, llama_lib.llama_sampler_init_dist(seed))
     return chain
+
+
+def _ban(cache: _Cache, tokens: tuple[int, ...]) -> Any:
+    """A logit-bias sampler that makes ``tokens`` impossible (-inf, as llama-server does)."""
+    bias = (llama_lib.llama_logit_bias * max(1, len(tokens)))()
+    for i, token in enumerate(tokens):
+        bias[i].token = token  # type: ignore[assignment]  # ctypes converts the int
+        bias[i].bias = float("-inf")
+    return llama_lib.llama_sampler_init_logit_bias(cache.n_vocab, len(tokens), bias)
 
 
 # Llama.last_n_tokens_size: how many recent tokens the repetition penalties look at.
@@ -384,7 +420,8 @@ class Generation:
     """One request's generation. Iterate it (in the generation thread) for text pieces.
 
     After iteration: ``finish_reason`` is "stop", "length" or "cancelled";
-    ``completion_tokens`` counts sampled tokens (end-of-generation tokens excluded).
+    ``completion_tokens`` counts sampled tokens (end-of-generation tokens excluded) and
+    ``token_ids`` lists them.
     ``prompt_cached`` counts prompt tokens reused from the previous requests' KV cache;
     ``prompt_evaluated`` counts prompt tokens in the KV cache so far (cached ones
     included). ``last_token_at`` (monotonic) is written per token and per prompt chunk by
@@ -400,6 +437,7 @@ class Generation:
         self.prompt_cached = 0
         self.prompt_evaluated = 0
         self.completion_tokens = 0
+        self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.started_at: float | None = None
         self.last_token_at: float | None = None
@@ -417,7 +455,8 @@ class Generation:
         cache = self._cache
         prompt = self._prep.tokens
         head = prompt[:-1]
-        n = cache.keep_prefix(head)
+        # cache_prompt false: keep no prefix, the whole prompt is evaluated again.
+        n = cache.keep_prefix(head if self._prep.sampling.cache_prompt else [])
         self.prompt_cached = self.prompt_evaluated = n
         step = cache.n_batch
         while n < len(head):
@@ -467,6 +506,13 @@ class Generation:
         vocab = cache.vocab
         piece = cache.piece
         decode = cache.decode
+        s = prep.sampling
+        if not s.skip_special_tokens:  # skip_special_tokens false: control tokens have text
+            piece = functools.partial(cache.piece, special=True)
+        min_tokens = s.min_tokens  # stop strings are not looked for before this many tokens
+        stop_ids = frozenset(s.stop_token_ids)
+        include_stop = s.include_stop_str_in_output
+        token_ids = self.token_ids
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         utf8 = decoder.decode
         stops = prep.stop
@@ -481,15 +527,26 @@ class Generation:
             if cancel.is_set():
                 self.finish_reason = "cancelled"
                 return
-            if is_eog(vocab, token):
+            if is_eog(vocab, token) or token in stop_ids:
+                if include_stop and token in stop_ids:  # the stop token is kept, and counted
+                    n += 1
+                    self.completion_tokens = n
+                    token_ids.append(token)
+                    pending += utf8(piece(token))
                 break
             n += 1
             self.completion_tokens = n
+            token_ids.append(token)
+            if n == min_tokens:
+                # min_tokens reached: drop the ban at the head of the chain (_sampler_chain).
+                llama_lib.llama_sampler_free(llama_lib.llama_sampler_chain_remove(chain, 0))
             text = utf8(piece(token))
-            if stops:
+            if stops and n >= min_tokens:
                 pending += text
                 cut = _stop_at(pending, stops)
                 if cut is not None:
+                    if include_stop:  # the matched stop string is part of the output
+                        cut = _stop_end(pending, stops, cut)
                     if cut:
                         yield pending[:cut]
                     self.finish_reason = "stop"
@@ -521,6 +578,7 @@ class Engine:
         self._llama: llama_cpp.Llama | None = None
         self._cache: _Cache | None = None
         self._abort_load = threading.Event()
+        self._eog: tuple[int, ...] | None = None  # end-of-generation token ids, once needed
 
     # --- loading -------------------------------------------------------------------
 
@@ -689,8 +747,23 @@ class Engine:
                         "logit_bias",
                     )
                 bias[tid] = value
+        for i, tid in enumerate(sampling.stop_token_ids):
+            if tid >= llama.n_vocab():
+                raise InvalidInput(
+                    f"token id {tid} is outside the vocabulary (0..{llama.n_vocab() - 1})",
+                    f"stop_token_ids[{i}]",
+                )
         grammar = self._grammar(sampling)
-        return Prepared(tokens, sampling, max_tokens, stop, grammar, bias)
+        # ignore_eos and min_tokens ban every end-of-generation token (listed once per worker).
+        eog = self._eog_tokens() if sampling.ignore_eos or sampling.min_tokens else ()
+        return Prepared(tokens, sampling, max_tokens, stop, grammar, bias, eog)
+
+    def _eog_tokens(self) -> tuple[int, ...]:
+        if self._eog is None:  # two threads may both compute it: the same tuple either way
+            vocab = self._require()._model.vocab
+            n_vocab = int(llama_lib.llama_vocab_n_tokens(vocab))
+            self._eog = tuple(t for t in range(n_vocab) if llama_lib.llama_vocab_is_eog(vocab, t))
+        return self._eog
 
     def _grammar(self, sampling: Sampling) -> LlamaGrammar | None:
         if sampling.json_schema is not None:

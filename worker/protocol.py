@@ -81,6 +81,9 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     chat_format: str | None = None  # None: the template in the GGUF metadata
     flash_attn: bool = False
     max_body_bytes: int = 8 * 1024 * 1024
+    # Unknown top-level request fields: a 400 (True) or ignored and named in the
+    # X-Ignored-Params response header (False, as llama-server and vLLM do).
+    strict_params: bool = False
 
 
 class AppliedParams(msgspec.Struct, kw_only=True):

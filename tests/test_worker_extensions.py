@@ -215,6 +215,14 @@ def test_typical_p_is_applied(client: httpx.Client) -> None:
     assert a == b
 
 
+def test_top_k_minus_one_is_vllms_disabled(client: httpx.Client) -> None:
+    # vLLM's clients send top_k -1 for "no top-k"; llama-server's send 0: both mean all tokens.
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+    base = post(client, COMPLETIONS, body).json()["choices"][0]["text"]
+    for k in (-1, 0):
+        assert post(client, COMPLETIONS, {**body, "top_k": k}).json()["choices"][0]["text"] == base
+
+
 # --- unknown fields ---------------------------------------------------------------------------
 
 

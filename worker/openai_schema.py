@@ -89,7 +89,8 @@ class _Common(msgspec.Struct, kw_only=True):
     max_tokens: MaxTokens | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
     top_p: Float01 = 1.0
-    top_k: Annotated[int, Meta(ge=0, le=1_000_000)] = 40
+    # -1 is vLLM's "disabled" and 0 llama-server's: llama.cpp skips top-k for any k <= 0.
+    top_k: Annotated[int, Meta(ge=-1, le=1_000_000)] = 40
     min_p: Float01 = 0.05
     seed: Seed | None = None
     stop: Stop = None

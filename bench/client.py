@@ -53,16 +53,20 @@ async def stream_completion(
     session: aiohttp.ClientSession, base: str, body: dict[str, Any]
 ) -> dict[str, Any]:
     """One streamed /v1/completions. Tokens: usage.completion_tokens of the final chunk if
-    the server sends it, else the number of chunks with text (one token per chunk)."""
+    the server sends it, else the number of chunks with text (one token per chunk).
+    Also: how many token ids the chunks listed (return_token_ids; None if none did) and the
+    X-Ignored-Params header."""
     t_send = time.perf_counter()
     t_first: float | None = None
     t_last = t_send
     chunks = 0
     usage_tokens: int | None = None
     error: str | None = None
+    n_ids: int | None = None
     async with session.post(base + "/v1/completions", json=body) as resp:
         if resp.status != 200:
             return {"ok": False, "error": f"HTTP {resp.status}: {(await resp.text())[:200]}"}
+        ignored = resp.headers.get("X-Ignored-Params")
         async for line in resp.content:
             if not line.startswith(b"data: "):
                 continue
@@ -76,6 +80,8 @@ async def stream_completion(
             if msg.get("usage"):
                 usage_tokens = int(msg["usage"]["completion_tokens"])
             for ch in msg.get("choices") or ():
+                if "token_ids" in ch:
+                    n_ids = (n_ids or 0) + len(ch["token_ids"])
                 if ch.get("text"):
                     now = time.perf_counter()
                     if t_first is None:
@@ -91,6 +97,8 @@ async def stream_completion(
         "ttft_s": (t_first or t_end) - t_send,
         "decode_s": t_last - (t_first or t_last),
         "total_s": t_end - t_send,
+        "token_ids": n_ids,
+        "ignored": ignored,
     }
 
 

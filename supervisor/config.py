@@ -68,6 +68,7 @@ class ServerSection(_Section):
     # Open client connections at most (lowered to fit the descriptor limit); at the cap
     # the longest idle one is closed to make room.
     max_connections: PositiveInt = 1024
+    strict_params: bool = False  # unknown request fields: 400 instead of ignored
 
 
 class GpuSection(_Section):

@@ -54,6 +54,7 @@ def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str) -> Laun
         parallel=m.parallel,
         prefill_chunk=m.prefill_chunk,
         cache_ram_mib=m.cache_ram_mib,
+        strict_params=config.server.strict_params,
     )
 
 

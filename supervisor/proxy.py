@@ -26,10 +26,14 @@ import msgspec
 from aiohttp import web
 
 from supervisor.access_log import record
+from supervisor.http_guard import RateLimitedLog
 from supervisor.worker_process import NotReady, QueueFull, WorkerHandle, WorkerManager
 from worker.protocol import STREAM_DONE, split_usage_trailer
 
 log = logging.getLogger("vram_llm.proxy")
+# Refusals (413/429/503) come in floods when clients ignore Retry-After (a crash loop, a full
+# queue): the access log has one line per request already; these say why, rate-limited.
+_refusals = RateLimitedLog(log)
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus those aiohttp sets itself for each leg.
 HOP_BY_HOP = frozenset(
@@ -120,7 +124,7 @@ class Proxy:
         rid = rec.request_id
         too_big = self._too_big(request)
         if too_big is not None:
-            log.warning("%s %s %s: 413, %s", rid, request.method, request.path, too_big.text)
+            _refusals.warning("%s %s %s: 413, %s", rid, request.method, request.path, too_big.text)
             return too_big
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_timeout_s()
@@ -149,7 +153,7 @@ class Proxy:
                     if handle is None:
                         handle = await mgr.acquire(max(0.0, deadline - loop.time()), not_gen, slot=slot)
                 except QueueFull:
-                    log.warning("%s %s %s: 429, too many requests waiting for the worker", rid, request.method, request.path)
+                    _refusals.warning("%s %s %s: 429, too many requests waiting for the worker", rid, request.method, request.path)
                     return openai_error(
                         429,
                         "too many requests are waiting for the worker; retry later",
@@ -158,7 +162,7 @@ class Proxy:
                         retry_after=1,
                     )
                 except NotReady as e:
-                    log.warning("%s %s %s: 503, %s", rid, request.method, request.path, e.reason)
+                    _refusals.warning("%s %s %s: 503, %s", rid, request.method, request.path, e.reason)
                     return openai_error(
                         503,
                         f"the model worker is not available (state {e.state.value}): {e.reason}",

@@ -77,3 +77,14 @@ def test_batching_bench_runs(tmp_path: Path) -> None:
     assert "conversations" in proc.stdout, proc.stdout
     rows = json.loads(out_json.read_text())["vram-llm"]["concurrency"]
     assert [r["clients"] for r in rows] == [1, 2] and all(r["failed"] == 0 for r in rows)
+
+
+def test_extensions_bench_runs(tmp_path: Path) -> None:
+    out_json = tmp_path / "ext.json"
+    proc = run_module("bench.extensions", "--smoke", "--json-out", str(out_json))
+    assert "vram/llama-server" in proc.stdout, proc.stdout
+    res = json.loads(out_json.read_text())
+    for kind in ("warm", "cold"):
+        col = res["kinds"][kind]["columns"]["vram-llm"]
+        assert (col["failed"], col["wrong_length"], col["ids_match_usage"]) == (0, 0, 2)
+    assert res["kinds"]["warm"]["columns"]["vram-llm"]["ignored_header"] == "timings_per_token"

@@ -36,3 +36,16 @@ def test_gpus_now_reuses_a_recent_read_and_rereads_after_the_ttl(tmp_path: Path)
         return first, cached, fresh
 
     assert asyncio.run(scenario()) == (8000, 8000, 5000)
+
+
+def test_launch_spec_carries_server_settings_the_worker_applies(tmp_path: Path) -> None:
+    sims = tmp_path / "gpus.json"
+    _sims(sims, 8000)
+    model = write_model(tmp_path / "m.gguf")
+    for strict in (False, True):
+        prep = Preparer(build_config({
+            "model": {"path": str(model)}, "gpu": {"simulate_gpus": str(sims)},
+            "server": {"strict_params": strict},
+        }))
+        launch = asyncio.run(prep(None, str(tmp_path / "w.sock")))
+        assert launch.spec.strict_params is strict

@@ -97,6 +97,19 @@ def test_completion(client: openai.OpenAI) -> None:
     assert r.usage is not None and r.usage.completion_tokens == 5
 
 
+def test_extension_fields_through_the_proxy(client: openai.OpenAI) -> None:
+    # How an SDK user sends other servers' fields: extra_body. Known ones are honoured,
+    # unknown ones ignored and named in a header the proxy passes on.
+    raw = client.completions.with_raw_response.create(
+        model="any", prompt="The capital of France is", max_tokens=4, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True, "some_other_servers_field": 1},
+    )
+    assert raw.headers["X-Ignored-Params"] == "some_other_servers_field"
+    r = raw.parse()
+    assert r.usage is not None and r.usage.completion_tokens == 4
+    assert len(r.choices[0].model_extra["token_ids"]) == 4  # type: ignore[index]
+
+
 def test_streaming_chat(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="any",

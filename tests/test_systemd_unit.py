@@ -52,7 +52,7 @@ def one(key: str) -> str:
     [
         ("Type", "notify"),
         ("NotifyAccess", "main"),
-        ("KillMode", "control-group"),
+        ("KillMode", "mixed"),
         ("Restart", "on-failure"),
         ("WatchdogSec", "30"),
         ("TimeoutStartSec", "300"),

@@ -27,6 +27,7 @@ MaxTokens = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 StopList = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=16)]
 Stop = Annotated[str, Meta(min_length=1)] | StopList | None
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -81,12 +82,15 @@ class Message(msgspec.Struct):
     tool_call_id: str | None = None
 
 
-class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class _Common(msgspec.Struct, kw_only=True):
+    # Unknown top-level fields are tolerated here and rejected by the _Strict* subclasses
+    # below; decode_chat/decode_completion choose per the worker's strict_params setting.
     model: str | None = None
     max_tokens: MaxTokens | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
     top_p: Float01 = 1.0
-    top_k: Annotated[int, Meta(ge=0, le=1_000_000)] = 40
+    # -1 is vLLM's "disabled" and 0 llama-server's: llama.cpp skips top-k for any k <= 0.
+    top_k: Annotated[int, Meta(ge=-1, le=1_000_000)] = 40
     min_p: Float01 = 0.05
     seed: Seed | None = None
     stop: Stop = None
@@ -99,6 +103,24 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stream_options: StreamOptions | None = None
     user: _Ignored = None
     logprobs: bool | None = None
+    # Extensions of llama-server, vLLM and Hugging Face that their clients send as a matter
+    # of course; each has the meaning its home server gives it (README "Request extensions").
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None  # = repeat_penalty
+    typical_p: Float01 = 1.0
+    # llama-server's max_tokens: -1 (and -2, "until the context is full") mean no limit.
+    n_predict: Annotated[int, Meta(ge=-2, le=2**31 - 1)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] | None = None
+    cache_prompt: bool = True
+    return_token_ids: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # llama-server's slot and context-shift controls: accepted and ignored (one KV cache,
+    # no context shift: a prompt that does not fit is a 400), as is its sampler order.
+    id_slot: Annotated[int, Meta(ge=-1)] = -1
+    n_keep: Annotated[int, Meta(ge=-1)] = 0
+    samplers: Annotated[list[str], Meta(max_length=32)] | str | None = None
 
 
 class ChatRequest(_Common, kw_only=True):
@@ -121,6 +143,14 @@ class CompletionRequest(_Common, kw_only=True):
     echo: bool = False
     suffix: str | None = None
     best_of: Annotated[int, Meta(ge=1, le=1)] | None = None
+
+
+class _StrictChat(ChatRequest, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class _StrictCompletion(CompletionRequest, forbid_unknown_fields=True, kw_only=True):
+    pass
 
 
 class RequestError(Exception):
@@ -167,8 +197,11 @@ def error_body(
     return _encoder.encode(_ErrorBody(_ErrorDetail(message, type, param, code)))
 
 
-_chat_decoder = msgspec.json.Decoder(ChatRequest)
-_completion_decoder = msgspec.json.Decoder(CompletionRequest)
+_chat_decoders = (msgspec.json.Decoder(_StrictChat), msgspec.json.Decoder(ChatRequest))
+_completion_decoders = (
+    msgspec.json.Decoder(_StrictCompletion), msgspec.json.Decoder(CompletionRequest)
+)
+_top_level_keys = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 # msgspec reports where a problem is as "... - at `$.messages[0].role`".
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
@@ -189,20 +222,47 @@ def _param_of(message: str) -> tuple[str, str | None]:
     return message, path
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+def _request_error(e: Exception) -> RequestError:
+    """The client error for a failed decode (ValidationError, UnicodeDecodeError, DecodeError)."""
+    if isinstance(e, msgspec.ValidationError):
+        msg, param = _param_of(str(e))
+        return RequestError(f"invalid request: {msg}", param=param, code="invalid_value")
+    if isinstance(e, UnicodeDecodeError):
+        return RequestError("the request body is not valid UTF-8", code="invalid_json")
+    return RequestError(f"the request body is not valid JSON: {e}", code="invalid_json")
+
+
+def _decode(
+    decoders: tuple[msgspec.json.Decoder[Any], msgspec.json.Decoder[Any]], body: bytes,
+    strict: bool,
+) -> tuple[Any, tuple[str, ...]]:
+    """The request and the names of the unknown top-level fields it ignored.
+
+    The strict decoder runs first, so a request without unknown fields (nearly all) is
+    parsed once. Only an unknown field at the top level is forgiven (when not ``strict``):
+    one inside a nested object (a message part, response_format, stream_options) changes
+    what the request means and stays an error.
+    """
     if not body.strip():
         raise RequestError("the request body is empty: send a JSON object", code="invalid_json")
+    strict_decoder, lenient_decoder = decoders
     try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as e:
-        msg, param = _param_of(str(e))
-        raise RequestError(f"invalid request: {msg}", param=param, code="invalid_value") from None
-    except UnicodeDecodeError:
-        raise RequestError("the request body is not valid UTF-8", code="invalid_json") from None
-    except msgspec.DecodeError as e:
-        raise RequestError(
-            f"the request body is not valid JSON: {e}", code="invalid_json"
-        ) from None
+        return strict_decoder.decode(body), ()
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        text = str(e)
+        top_level_unknown = (
+            isinstance(e, msgspec.ValidationError)
+            and text.startswith("Object contains unknown field")
+            and not _AT_PATH.search(text)
+        )
+        if strict or not top_level_unknown:
+            raise _request_error(e) from None
+    try:
+        req = lenient_decoder.decode(body)  # the rest of the body may still be wrong
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise _request_error(e) from None
+    known = type(req).__struct_fields__
+    return req, tuple(k for k in _top_level_keys.decode(body) if k not in known)
 
 
 def _check_common(req: _Common) -> None:
@@ -216,6 +276,16 @@ def _check_common(req: _Common) -> None:
         )
     if req.logprobs:
         raise RequestError("logprobs are not supported", param="logprobs", code="unsupported")
+    if req.n_predict == 0:
+        raise RequestError(
+            "n_predict 0 (evaluate the prompt only) is not supported",
+            param="n_predict", code="unsupported",
+        )
+    if req.repetition_penalty is not None and req.repeat_penalty not in (1.0, req.repetition_penalty):
+        raise RequestError(
+            "repetition_penalty and repeat_penalty are two names of one setting: send one",
+            param="repetition_penalty", code="invalid_value",
+        )
     if req.logit_bias:
         for key in req.logit_bias:
             if not key.isdigit():
@@ -226,9 +296,52 @@ def _check_common(req: _Common) -> None:
                 )
 
 
-def decode_chat(body: bytes) -> ChatRequest:
-    req: ChatRequest = _decode(_chat_decoder, body)
+def _check_grammar_can_end(req: ChatRequest | CompletionRequest) -> None:
+    """A JSON response_format ends where its grammar ends: at that point only an
+    end-of-generation token is allowed, so banning it (ignore_eos, min_tokens) would leave
+    llama.cpp no token it may sample."""
+    if isinstance(req.response_format, (ResponseFormatJsonObject, ResponseFormatJsonSchema)):
+        for name, on in (("ignore_eos", req.ignore_eos), ("min_tokens", req.min_tokens > 0)):
+            if on:
+                raise RequestError(
+                    f"{name} cannot be combined with a JSON response_format (the JSON value "
+                    "ends the generation)", param=name, code="invalid_value",
+                )
+
+
+def max_tokens_of(req: ChatRequest | CompletionRequest, default: int | None) -> int | None:
+    """The generation limit asked for; None: up to the end of the context.
+
+    max_tokens (chat: max_completion_tokens first) or llama-server's n_predict, which must
+    agree when both are sent; ``default`` when neither is (raised to min_tokens).
+    """
+    limit = req.max_tokens
+    if isinstance(req, ChatRequest) and req.max_completion_tokens:
+        limit = req.max_completion_tokens
+    if req.n_predict is not None:
+        n_predict = req.n_predict if req.n_predict > 0 else None
+        if limit is not None and n_predict != limit:
+            raise RequestError(
+                f"n_predict ({req.n_predict}) and max_tokens ({limit}) disagree: send one",
+                param="n_predict", code="invalid_value",
+            )
+        limit = n_predict
+    elif limit is None:
+        return None if default is None else max(default, req.min_tokens)
+    if limit is not None and req.min_tokens > limit:
+        raise RequestError(
+            f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({limit})",
+            param="min_tokens", code="invalid_value",
+        )
+    return limit
+
+
+def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[str, ...]]:
+    """The request and the unknown top-level fields it ignored (none when ``strict``)."""
+    req: ChatRequest
+    req, ignored = _decode(_chat_decoders, body, strict)
     _check_common(req)
+    _check_grammar_can_end(req)
     if req.tools or req.tool_choice not in (None, "none"):
         raise RequestError("tools are not supported", param="tools", code="unsupported")
     if req.top_logprobs is not None:
@@ -248,12 +361,17 @@ def decode_chat(body: bytes) -> ChatRequest:
                 param=f"messages[{i}].content",
                 code="invalid_value",
             )
-    return req
+    return req, ignored
 
 
-def decode_completion(body: bytes) -> CompletionRequest:
-    req: CompletionRequest = _decode(_completion_decoder, body)
+def decode_completion(
+    body: bytes, strict: bool = True
+) -> tuple[CompletionRequest, tuple[str, ...]]:
+    """The request and the unknown top-level fields it ignored (none when ``strict``)."""
+    req: CompletionRequest
+    req, ignored = _decode(_completion_decoders, body, strict)
     _check_common(req)
+    _check_grammar_can_end(req)
     if isinstance(req.prompt, list):
         if not req.prompt:
             raise RequestError("prompt must not be empty", param="prompt", code="invalid_value")
@@ -272,7 +390,7 @@ def decode_completion(body: bytes) -> CompletionRequest:
         raise RequestError("echo is not supported", param="echo", code="unsupported")
     if req.suffix:
         raise RequestError("suffix is not supported", param="suffix", code="unsupported")
-    return req
+    return req, ignored
 
 
 def message_text(msg: Message) -> str:

@@ -89,6 +89,9 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prefill_chunk: int = 64
     # Host RAM (MiB) for snapshots of earlier prompts' KV (0: none).
     cache_ram_mib: int = 1024
+    # Unknown top-level request fields: a 400 (True) or ignored and named in the
+    # X-Ignored-Params response header (False, as llama-server and vLLM do).
+    strict_params: bool = False
 
 
 class AppliedParams(msgspec.Struct, kw_only=True):

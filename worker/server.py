@@ -21,12 +21,14 @@ import os
 import stat
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET, UnsetType
 
 from worker import openai_schema as oai
 from worker.engine import (
@@ -41,6 +43,7 @@ from worker.engine import (
     PromptTooLong,
     Sampling,
 )
+from worker.log_limit import LogLimiter
 from worker.protocol import (
     STREAM_DONE,
     AppliedParams,
@@ -69,10 +72,19 @@ _BACKLOG = 1024
 # --- response bodies (msgspec: encoded once per chunk, no dict building) ----------------
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int  # prompt tokens reused from the KV cache, not evaluated again
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+# vLLM's return_token_ids: these fields appear only when a request asks for them.
+TokenIds = list[int] | UnsetType
 
 
 class ChatMessageOut(msgspec.Struct):
@@ -85,6 +97,7 @@ class ChatChoice(msgspec.Struct):
     message: ChatMessageOut
     finish_reason: str | None
     logprobs: None = None
+    token_ids: TokenIds = UNSET
 
 
 class ChatCompletion(msgspec.Struct):
@@ -95,6 +108,7 @@ class ChatCompletion(msgspec.Struct):
     usage: Usage
     object: str = "chat.completion"
     system_fingerprint: None = None
+    prompt_token_ids: TokenIds = UNSET
 
 
 class Delta(msgspec.Struct, omit_defaults=True):
@@ -107,6 +121,7 @@ class ChatChunkChoice(msgspec.Struct):
     delta: Delta
     finish_reason: str | None = None
     logprobs: None = None
+    token_ids: TokenIds = UNSET  # the tokens generated since the previous chunk
 
 
 class ChatChunk(msgspec.Struct):
@@ -116,6 +131,7 @@ class ChatChunk(msgspec.Struct):
     choices: list[ChatChunkChoice]
     object: str = "chat.completion.chunk"
     system_fingerprint: None = None
+    prompt_token_ids: TokenIds = UNSET  # on the first chunk
 
 
 class ChatChunkWithUsage(ChatChunk):
@@ -127,6 +143,9 @@ class TextChoice(msgspec.Struct):
     text: str
     finish_reason: str | None
     logprobs: None = None
+    # vLLM puts a completion's prompt tokens on the choice (streamed: the first chunk's).
+    prompt_token_ids: TokenIds = UNSET
+    token_ids: TokenIds = UNSET
 
 
 class TextCompletion(msgspec.Struct):
@@ -171,8 +190,29 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + _enc.encode(obj) + b"\n\n"
 
 
-def _json_response(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, content_type=_JSON)
+def _json_response(
+    body: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
+
+
+_MAX_NAMES_SHOWN = 16
+_MAX_NAME_CHARS = 64
+
+
+def _names_for_humans(names: tuple[str, ...]) -> str:
+    """Field names for a header and a log line: ASCII, no control characters, bounded.
+
+    The names come from the client: quoting keeps a newline or a megabyte-long key out of
+    our headers and logs.
+    """
+    shown = [
+        urllib.parse.quote(n[:_MAX_NAME_CHARS], safe="!#$&'*+-.^_`|~:/@[]()<>?=;")
+        for n in names[:_MAX_NAMES_SHOWN]
+    ]
+    if len(names) > _MAX_NAMES_SHOWN:
+        shown.append(f"... {len(names) - _MAX_NAMES_SHOWN} more")
+    return ", ".join(shown)
 
 
 def _error_response(err: oai.RequestError) -> web.Response:
@@ -180,7 +220,10 @@ def _error_response(err: oai.RequestError) -> web.Response:
 
 
 def _usage(gen: Generation) -> Usage:
-    return Usage(gen.prompt_tokens, gen.completion_tokens, gen.prompt_tokens + gen.completion_tokens)
+    return Usage(
+        gen.prompt_tokens, gen.completion_tokens, gen.prompt_tokens + gen.completion_tokens,
+        PromptTokensDetails(gen.prompt_cached),
+    )
 
 
 def _finish(gen: Generation) -> str:
@@ -205,12 +248,21 @@ def _cut_error() -> bytes:
 
 
 class _AsyncSink:
-    """Receives a generation's events on the batch loop thread, queues them on the event loop."""
+    """Receives a generation's events on the batch loop thread, queues them on the event loop.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    A piece is queued as (text, token ids generated since the previous piece) with
+    ``with_ids`` (return_token_ids), else (text, None). It is called right after the
+    generation appended the piece's tokens, on the loop thread, so the ids match the text;
+    ``sent`` counts those handed out (read by the event loop once the end is queued).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, gen: Generation, with_ids: bool) -> None:
         self.queue: asyncio.Queue[object] = asyncio.Queue()
         self._call = loop.call_soon_threadsafe
         self._put = self.queue.put_nowait
+        self._gen = gen
+        self._with_ids = with_ids
+        self.sent = 0
 
     def _send(self, item: object) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens
@@ -220,7 +272,11 @@ class _AsyncSink:
         self._send(_STARTED)
 
     def piece(self, text: str) -> None:
-        self._send(text)
+        ids = None
+        if self._with_ids:
+            ids = self._gen.token_ids[self.sent :]
+            self.sent += len(ids)
+        self._send((text, ids))
 
     def ended(self) -> None:
         self._send(_END)
@@ -244,6 +300,7 @@ class WorkerServer:
         self.ready = False
         self.params: AppliedParams | None = None  # set once, when the model is ready
         self.created = int(time.time())
+        self._ignored_log = LogLimiter()  # ignored-parameter warnings (event loop only)
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -317,33 +374,42 @@ class WorkerServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self._require_ready()
-        req = oai.decode_chat(await request.read())
+        req, ignored = oai.decode_chat(await request.read(), self.spec.strict_params)
+        headers = self._ignored_params(request, ignored)
         messages = [
             ChatMessage(m.role, oai.message_text(m), m.name, m.tool_call_id) for m in req.messages
         ]
-        sampling = _sampling(req, req.max_completion_tokens or req.max_tokens, req.response_format)
+        sampling = _sampling(req, oai.max_tokens_of(req, None), req.response_format)
         prepared = await self._prepare(
             lambda: self.engine.prepare_chat(messages, sampling), "messages"
         )
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream_chat(request, prepared, cid, include_usage)
+            return await self._stream_chat(
+                request, prepared, cid, include_usage, req.return_token_ids, headers
+            )
         gen, text = await self._complete(prepared)
         if _cut(gen):
             return _json_response(_cut_error(), 503)
+        ids = req.return_token_ids
         body = ChatCompletion(
             id=cid,
             created=int(time.time()),
             model=self.engine.model_id,
-            choices=[ChatChoice(0, ChatMessageOut("assistant", text), _finish(gen))],
+            choices=[ChatChoice(
+                0, ChatMessageOut("assistant", text), _finish(gen),
+                token_ids=gen.token_ids if ids else UNSET,
+            )],
             usage=_usage(gen),
+            prompt_token_ids=prepared.tokens if ids else UNSET,
         )
-        return _json_response(_enc.encode(body))
+        return _json_response(_enc.encode(body), headers=headers)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self._require_ready()
-        req = oai.decode_completion(await request.read())
+        req, ignored = oai.decode_completion(await request.read(), self.spec.strict_params)
+        headers = self._ignored_params(request, ignored)
         prompt: str | list[int]
         if isinstance(req.prompt, str):
             prompt = req.prompt
@@ -351,7 +417,7 @@ class WorkerServer:
             prompt = req.prompt[0]  # type: ignore[assignment]
         else:
             prompt = req.prompt  # type: ignore[assignment]
-        max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
+        max_tokens = oai.max_tokens_of(req, 16)  # 16: OpenAI's default
         sampling = _sampling(req, max_tokens, req.response_format)
         prepared = await self._prepare(
             lambda: self.engine.prepare_completion(prompt, sampling), "prompt"
@@ -359,18 +425,41 @@ class WorkerServer:
         cid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream_text(request, prepared, cid, include_usage)
+            return await self._stream_text(
+                request, prepared, cid, include_usage, req.return_token_ids, headers
+            )
         gen, text = await self._complete(prepared)
         if _cut(gen):
             return _json_response(_cut_error(), 503)
+        ids = req.return_token_ids
         body = TextCompletion(
             id=cid,
             created=int(time.time()),
             model=self.engine.model_id,
-            choices=[TextChoice(0, text, _finish(gen))],
+            choices=[TextChoice(
+                0, text, _finish(gen),
+                prompt_token_ids=prepared.tokens if ids else UNSET,
+                token_ids=gen.token_ids if ids else UNSET,
+            )],
             usage=_usage(gen),
         )
-        return _json_response(_enc.encode(body))
+        return _json_response(_enc.encode(body), headers=headers)
+
+    def _ignored_params(self, request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
+        """Headers naming the unknown fields a request carried; one rate-limited WARNING."""
+        if not names:
+            return {}
+        shown = _names_for_humans(names)
+        if self._ignored_log.allow(names, time.monotonic()):
+            held = self._ignored_log.suppressed
+            self._ignored_log.suppressed = 0
+            log.warning(
+                "request %s: ignored unknown parameters: %s (set [server] strict_params = true "
+                "to reject them)%s",
+                request.headers.get("X-Request-Id", "-"), shown,
+                f"; {held} similar warnings left out since the last one" if held else "",
+            )
+        return {"X-Ignored-Params": shown}
 
     async def _prepare(self, fn: Callable[[], Prepared], what: str) -> Prepared:
         try:
@@ -389,8 +478,9 @@ class WorkerServer:
         self,
         prepared: Prepared,
         on_start: Callable[[], Awaitable[None]] | None,
-        on_pieces: Callable[[list[str]], Awaitable[None]],
-    ) -> Generation:
+        on_pieces: Callable[[list[tuple[str, list[int] | None]]], Awaitable[None]],
+        with_ids: bool = False,
+    ) -> tuple[Generation, _AsyncSink]:
         """Queue a generation and follow it to its end; raises _GenerationFailed.
 
         ``on_start`` runs when the request gets a slot, ``on_pieces`` with the pieces
@@ -399,7 +489,7 @@ class WorkerServer:
         cancelled: the batch loop frees its slot at its next step, other slots go on.
         """
         gen = self.engine.generation(prepared, threading.Event())
-        sink = _AsyncSink(asyncio.get_running_loop())
+        sink = _AsyncSink(asyncio.get_running_loop(), gen, with_ids)
         self.engine.start(gen, sink)
         queue = sink.queue
         try:
@@ -409,7 +499,7 @@ class WorkerServer:
                     if on_start is not None:
                         await on_start()
                     continue
-                out: list[str] = []
+                out: list[tuple[str, list[int] | None]] = []
                 while item is not _END:
                     out.append(item)  # type: ignore[arg-type]
                     if queue.empty():
@@ -424,16 +514,16 @@ class WorkerServer:
             raise
         if gen.error is not None:
             raise _GenerationFailed(gen)
-        return gen
+        return gen, sink
 
     async def _complete(self, prepared: Prepared) -> tuple[Generation, str]:
         parts: list[str] = []
 
-        async def collect(pieces: list[str]) -> None:
-            parts.extend(pieces)
+        async def collect(pieces: list[tuple[str, list[int] | None]]) -> None:
+            parts.extend(text for text, _ in pieces)
 
         try:
-            gen = await self._run(prepared, None, collect)
+            gen, _ = await self._run(prepared, None, collect)
         except _GenerationFailed as e:
             raise oai.RequestError(
                 e.message, type="server_error", code=None, status=e.status
@@ -445,11 +535,19 @@ class WorkerServer:
         request: web.Request,
         prepared: Prepared,
         first: bytes | None,
-        piece_chunk: Callable[[str], bytes],
-        final_chunks: Callable[[Generation], bytes],
+        piece_chunk: Callable[[str, list[int] | None], bytes],
+        final_chunks: Callable[[Generation, list[int] | None], bytes],
+        with_ids: bool,
+        headers: dict[str, str],
     ) -> web.StreamResponse:
+        """Stream a generation as SSE.
+
+        With ``with_ids`` (return_token_ids) each piece carries the token ids generated
+        since the previous one, and ``final_chunks`` gets those not sent yet (tokens whose
+        text was held back or cut by a stop string), so the chunks' ids add up to all.
+        """
         resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
         )
         times = [time.monotonic()]  # arrival, then the first piece (usage trailer)
 
@@ -461,13 +559,13 @@ class WorkerServer:
             if first is not None:
                 await resp.write(first)
 
-        async def write(pieces: list[str]) -> None:
+        async def write(pieces: list[tuple[str, list[int] | None]]) -> None:
             if len(times) == 1:
                 times.append(time.monotonic())
-            await resp.write(b"".join(piece_chunk(p) for p in pieces))
+            await resp.write(b"".join(piece_chunk(text, ids) for text, ids in pieces))
 
         try:
-            gen = await self._run(prepared, start, write)
+            gen, sink = await self._run(prepared, start, write, with_ids)
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -493,48 +591,66 @@ class WorkerServer:
                 ttft_s=times[1] - times[0] if len(times) > 1 else None,
                 gen_s=(gen.last_token_at or times[-1]) - times[1] if len(times) > 1 else None,
             ))
-            await resp.write(final_chunks(gen) + trailer + STREAM_DONE)
+            rest = gen.token_ids[sink.sent :] if with_ids else None
+            await resp.write(final_chunks(gen, rest) + trailer + STREAM_DONE)
         await resp.write_eof()
         return resp
 
     async def _stream_chat(
-        self, request: web.Request, prepared: Prepared, cid: str, include_usage: bool
+        self, request: web.Request, prepared: Prepared, cid: str, include_usage: bool,
+        with_ids: bool, headers: dict[str, str],
     ) -> web.StreamResponse:
         created = int(time.time())
         model = self.engine.model_id
         chunk_cls = ChatChunkWithUsage if include_usage else ChatChunk
 
-        def chunk(delta: Delta, finish: str | None = None) -> bytes:
-            return _sse(chunk_cls(cid, created, model, [ChatChunkChoice(0, delta, finish)]))
+        def chunk(delta: Delta, finish: str | None = None, ids: list[int] | None = None) -> bytes:
+            choice = ChatChunkChoice(0, delta, finish, token_ids=UNSET if ids is None else ids)
+            return _sse(chunk_cls(cid, created, model, [choice]))
 
-        def final(gen: Generation) -> bytes:
-            out = chunk(Delta(), _finish(gen))
+        def final(gen: Generation, rest: list[int] | None) -> bytes:
+            out = chunk(Delta(), _finish(gen), rest)
             if include_usage:
                 out += _sse(ChatChunkWithUsage(cid, created, model, [], usage=_usage(gen)))
             return out
 
-        first = chunk(Delta(role="assistant", content=""))
+        role = ChatChunkChoice(
+            0, Delta(role="assistant", content=""), token_ids=[] if with_ids else UNSET
+        )
+        first = _sse(chunk_cls(
+            cid, created, model, [role], prompt_token_ids=prepared.tokens if with_ids else UNSET
+        ))
         return await self._stream(
-            request, prepared, first, lambda text: chunk(Delta(content=text)), final
+            request, prepared, first, lambda text, ids: chunk(Delta(content=text), None, ids),
+            final, with_ids, headers,
         )
 
     async def _stream_text(
-        self, request: web.Request, prepared: Prepared, cid: str, include_usage: bool
+        self, request: web.Request, prepared: Prepared, cid: str, include_usage: bool,
+        with_ids: bool, headers: dict[str, str],
     ) -> web.StreamResponse:
         created = int(time.time())
         model = self.engine.model_id
         chunk_cls = TextChunkWithUsage if include_usage else TextChunk
 
-        def chunk(text: str, finish: str | None = None) -> bytes:
-            return _sse(chunk_cls(cid, created, model, [TextChoice(0, text, finish)]))
+        def chunk(text: str, finish: str | None = None, ids: list[int] | None = None) -> bytes:
+            choice = TextChoice(0, text, finish, token_ids=UNSET if ids is None else ids)
+            return _sse(chunk_cls(cid, created, model, [choice]))
 
-        def final(gen: Generation) -> bytes:
-            out = chunk("", _finish(gen))
+        def final(gen: Generation, rest: list[int] | None) -> bytes:
+            out = chunk("", _finish(gen), rest)
             if include_usage:
                 out += _sse(TextChunkWithUsage(cid, created, model, [], usage=_usage(gen)))
             return out
 
-        return await self._stream(request, prepared, None, chunk, final)
+        first = None
+        if with_ids:  # vLLM sends the prompt's token ids on the first chunk's choice
+            choice = TextChoice(0, "", None, prompt_token_ids=prepared.tokens, token_ids=[])
+            first = _sse(chunk_cls(cid, created, model, [choice]))
+        return await self._stream(
+            request, prepared, first, lambda text, ids: chunk(text, None, ids), final,
+            with_ids, headers,
+        )
 
 
 def _sampling(req: Any, max_tokens: int | None, fmt: Any) -> Sampling:
@@ -553,10 +669,18 @@ def _sampling(req: Any, max_tokens: int | None, fmt: Any) -> Sampling:
         stop=stop,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
-        repeat_penalty=req.repeat_penalty,
+        # repetition_penalty is vLLM's (and Hugging Face's) name for repeat_penalty.
+        repeat_penalty=req.repetition_penalty or req.repeat_penalty,
         logit_bias=req.logit_bias,
         json_mode=isinstance(fmt, (oai.ResponseFormatJsonObject, oai.ResponseFormatJsonSchema)),
         json_schema=fmt.json_schema.schema if isinstance(fmt, oai.ResponseFormatJsonSchema) else None,
+        typical_p=req.typical_p,
+        ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        skip_special_tokens=req.skip_special_tokens,
+        cache_prompt=req.cache_prompt,
     )
 
 

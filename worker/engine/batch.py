@@ -164,7 +164,9 @@ class BatchLoop:
                 break
             gen = self._waiting[0]
             prompt = gen.prepared.tokens
-            picked = pick_slot(idle, prompt[:-1])
+            # cache_prompt false: reuse no cached prefix (the least recently used slot).
+            cache_prompt = gen.prepared.sampling.cache_prompt
+            picked = pick_slot(idle, prompt[:-1] if cache_prompt else [])
             assert picked is not None
             slot, reuse = picked
             self._waiting.popleft()
@@ -175,7 +177,8 @@ class BatchLoop:
     def _assign(self, slot: Slot, gen: Generation, reuse: int) -> None:
         prompt = gen.prepared.tokens
         restored = False
-        found = self.ram.best(prompt[:-1]) if self.ram is not None else None
+        use_ram = self.ram is not None and gen.prepared.sampling.cache_prompt
+        found = self.ram.best(prompt[:-1]) if use_ram and self.ram is not None else None
         if found is not None and found[0] > max(reuse, _MIN_REUSE - 1):
             # An earlier conversation in RAM shares more than any slot: load it instead
             # of recomputing, after saving what this slot held.

@@ -22,6 +22,13 @@ def sampler_chain(vocab: Any, n_vocab: int, prep: Prepared, seed: int) -> Any:
     params.no_perf = True
     chain = llama_lib.llama_sampler_chain_init(params)
     add = llama_lib.llama_sampler_chain_add
+    if s.min_tokens > 0:
+        # min_tokens: end-of-generation and stop_token_ids are banned by the chain's FIRST
+        # sampler, which Generation.next_token removes (chain index 0) once min_tokens exist.
+        add(chain, _ban(n_vocab, (*prep.eog_tokens, *s.stop_token_ids)))
+    if s.ignore_eos:
+        # ignore_eos: end-of-generation tokens are never sampled, as llama-server does.
+        add(chain, _ban(n_vocab, prep.eog_tokens))
     if prep.logit_bias:
         bias = (llama_lib.llama_logit_bias * len(prep.logit_bias))()
         for i, (token, value) in enumerate(prep.logit_bias.items()):
@@ -45,11 +52,22 @@ def sampler_chain(vocab: Any, n_vocab: int, prep: Prepared, seed: int) -> Any:
         add(chain, llama_lib.llama_sampler_init_greedy())
     else:
         add(chain, llama_lib.llama_sampler_init_top_k(s.top_k))
+        if s.typical_p < 1.0:  # typical_p: after top-k, as in llama.cpp's default order
+            add(chain, llama_lib.llama_sampler_init_typical(s.typical_p, 1))
         add(chain, llama_lib.llama_sampler_init_top_p(s.top_p, 1))
         add(chain, llama_lib.llama_sampler_init_min_p(s.min_p, 1))
         add(chain, llama_lib.llama_sampler_init_temp(s.temperature))
         add(chain, llama_lib.llama_sampler_init_dist(seed))
     return chain
+
+
+def _ban(n_vocab: int, tokens: tuple[int, ...]) -> Any:
+    """A logit-bias sampler that makes ``tokens`` impossible (-inf, as llama-server does)."""
+    bias = (llama_lib.llama_logit_bias * max(1, len(tokens)))()
+    for i, token in enumerate(tokens):
+        bias[i].token = token  # type: ignore[assignment]  # ctypes converts the int
+        bias[i].bias = float("-inf")
+    return llama_lib.llama_sampler_init_logit_bias(n_vocab, len(tokens), bias)
 
 
 # Llama.last_n_tokens_size: how many recent tokens the repetition penalties look at.

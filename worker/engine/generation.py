@@ -28,7 +28,7 @@ import llama_cpp.llama_cpp as llama_lib
 
 from worker.engine.chains import sampler_chain
 from worker.engine.prompt import Prepared
-from worker.engine.stops import _held_back, _stop_at
+from worker.engine.stops import _held_back, _stop_at, _stop_end
 
 
 class Sink(Protocol):
@@ -49,17 +49,20 @@ class Pieces:
         self.vocab = vocab
         self.n_vocab = int(llama_lib.llama_vocab_n_tokens(vocab))
         self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}  # the same, special tokens rendered
         self._buf = ctypes.create_string_buffer(256)
 
-    def piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """A token's text; a special (control) token's is empty unless ``special``."""
+        pieces = self._special_pieces if special else self._pieces
+        piece = pieces.get(token)
         if piece is None:
             buf = self._buf
-            n = llama_lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            n = llama_lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
             if n < 0:  # longer than the buffer: -n is the size it needs
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-            piece = self._pieces[token] = buf.raw[:n]
+                n = llama_lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            piece = pieces[token] = buf.raw[:n]
         return piece
 
 
@@ -87,7 +90,7 @@ class Generation:
 
     After it ended: ``finish_reason`` is "stop", "length" or "cancelled" (or None with
     ``error`` set when the engine failed it); ``completion_tokens`` counts sampled tokens
-    (end-of-generation tokens excluded). ``prompt_cached`` counts prompt tokens reused
+    (end-of-generation tokens excluded) and ``token_ids`` lists them. ``prompt_cached`` counts prompt tokens reused
     from a slot's KV cache; ``prompt_evaluated`` counts prompt tokens in the KV cache so
     far (cached ones included). ``last_token_at`` (monotonic) is written per token and
     per prompt chunk.
@@ -112,6 +115,7 @@ class Generation:
         self.prompt_cached = 0
         self.prompt_evaluated = 0
         self.completion_tokens = 0
+        self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_status = 500  # HTTP status the server gives ``error``
@@ -123,6 +127,9 @@ class Generation:
         self._utf8: Callable[..., str] = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         stops = prepared.stop
         self._prefix_chars = frozenset(c for s in stops for c in s[:-1])
+        s = prepared.sampling
+        self._special = not s.skip_special_tokens  # control tokens have text
+        self._stop_ids = frozenset(s.stop_token_ids)
 
     # --- any thread ---
 
@@ -162,17 +169,29 @@ class Generation:
         """
         token: int = llama_lib.llama_sampler_sample(self._chain, ctx, row)
         self.last_token_at = time.monotonic()
-        if llama_lib.llama_vocab_is_eog(self._pieces.vocab, token):
+        s = self.prepared.sampling
+        sink = self.sink
+        if token in self._stop_ids or llama_lib.llama_vocab_is_eog(self._pieces.vocab, token):
+            if s.include_stop_str_in_output and token in self._stop_ids:
+                # The stop token is kept and counted; end() flushes its text.
+                self.completion_tokens += 1
+                self.token_ids.append(token)
+                self._pending += self._utf8(self._pieces.piece(token, self._special))
             self.finish_reason = "stop"
             return None
         n = self.completion_tokens = self.completion_tokens + 1
-        text = self._utf8(self._pieces.piece(token))
+        self.token_ids.append(token)
+        if n == s.min_tokens:
+            # min_tokens reached: drop the ban at the head of the chain (chains.py).
+            llama_lib.llama_sampler_free(llama_lib.llama_sampler_chain_remove(self._chain, 0))
+        text = self._utf8(self._pieces.piece(token, self._special))
         stops = self.prepared.stop
-        sink = self.sink
-        if stops:
+        if stops and n >= s.min_tokens:
             pending = self._pending + text
             cut = _stop_at(pending, stops)
             if cut is not None:
+                if s.include_stop_str_in_output:  # the matched stop string is part of the output
+                    cut = _stop_end(pending, stops, cut)
                 if cut and sink is not None:
                     sink.piece(pending[:cut])
                 self._pending = ""
@@ -184,7 +203,7 @@ class Generation:
                     sink.piece(pending[: len(pending) - hold])
                 pending = pending[len(pending) - hold :]
             self._pending = pending
-        elif text and sink is not None:
+        elif text and sink is not None:  # (before min_tokens no stop string is looked for)
             sink.piece(text)
         if n >= self.prepared.max_tokens:
             self.finish_reason = "length"

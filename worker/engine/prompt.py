@@ -53,6 +53,14 @@ class Sampling:
     logit_bias: dict[str, float] | None = None
     json_mode: bool = False  # constrain the output to JSON
     json_schema: dict[str, Any] | None = None  # ... matching this schema
+    # Extensions of llama-server and vLLM (README "Request extensions"):
+    typical_p: float = 1.0  # locally typical sampling; 1.0 = off
+    ignore_eos: bool = False  # end-of-generation tokens are never sampled
+    min_tokens: int = 0  # end-of-generation, stop_token_ids and stop strings wait this long
+    stop_token_ids: tuple[int, ...] = ()  # these tokens end the generation like EOS
+    include_stop_str_in_output: bool = False  # the matched stop string / stop token is kept
+    skip_special_tokens: bool = True  # False: special tokens' text is part of the output
+    cache_prompt: bool = True  # False: reuse no cached prefix for this request
 
 
 @dataclass
@@ -65,6 +73,7 @@ class Prepared:
     stop: tuple[str, ...]
     grammar: LlamaGrammar | None
     logit_bias: dict[int, float] | None
+    eog_tokens: tuple[int, ...] = ()  # every end-of-generation token; only for ignore_eos/min_tokens
 
 
 @dataclass
@@ -108,6 +117,7 @@ class Preparer:
     def __init__(self, llama: llama_cpp.Llama, n_ctx: int) -> None:
         self._llama = llama
         self._n_ctx = n_ctx  # one slot's context (each sequence has its own cells)
+        self._eog: tuple[int, ...] | None = None  # end-of-generation token ids, once needed
 
     def prepare_chat(self, messages: list[ChatMessage], sampling: Sampling) -> Prepared:
         llama = self._llama
@@ -182,8 +192,23 @@ class Preparer:
                         "logit_bias",
                     )
                 bias[tid] = value
+        for i, tid in enumerate(sampling.stop_token_ids):
+            if tid >= llama.n_vocab():
+                raise InvalidInput(
+                    f"token id {tid} is outside the vocabulary (0..{llama.n_vocab() - 1})",
+                    f"stop_token_ids[{i}]",
+                )
         grammar = self._grammar(sampling)
-        return Prepared(tokens, sampling, max_tokens, stop, grammar, bias)
+        # ignore_eos and min_tokens ban every end-of-generation token (listed once per worker).
+        eog = self._eog_tokens() if sampling.ignore_eos or sampling.min_tokens else ()
+        return Prepared(tokens, sampling, max_tokens, stop, grammar, bias, eog)
+
+    def _eog_tokens(self) -> tuple[int, ...]:
+        if self._eog is None:  # two threads may both compute it: the same tuple either way
+            vocab = self._llama._model.vocab
+            n_vocab = int(llama_lib.llama_vocab_n_tokens(vocab))
+            self._eog = tuple(t for t in range(n_vocab) if llama_lib.llama_vocab_is_eog(vocab, t))
+        return self._eog
 
     def _grammar(self, sampling: Sampling) -> LlamaGrammar | None:
         if sampling.json_schema is not None:

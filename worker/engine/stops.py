@@ -13,6 +13,11 @@ def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
     return best
 
 
+def _stop_end(text: str, stops: tuple[str, ...], at: int) -> int:
+    """Where the longest stop string that starts at ``at`` in text ends."""
+    return at + max(len(s) for s in stops if text.startswith(s, at))
+
+
 def _held_back(text: str, stops: tuple[str, ...], prefix_chars: frozenset[str]) -> int:
     """Length of the longest tail of text that could still become a stop string.
 

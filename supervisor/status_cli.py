@@ -86,6 +86,13 @@ def render(st: dict[str, Any], url: str) -> str:
         out.append(line)
         if w.get("active") is not None:
             out.append(f"         generating {w.get('active', 0)}, queued in worker {w.get('queued', 0)}, served {w.get('requests_served', 0)}")
+        if w.get("cache_hits") is not None:
+            ram = w.get("ram_cache") or {}
+            out.append(
+                f"         prompt cache: {w['cache_hits']} hits, {w.get('cache_tokens_reused', 0)} tokens reused; "
+                f"RAM: {ram.get('entries', 0)} snapshots, {ram.get('bytes', 0) / 2**20:.0f} MiB, "
+                f"{ram.get('hits', 0)} hits, {ram.get('tokens_saved', 0)} tokens saved"
+            )
     else:
         out.append("worker:  none running")
     req = st.get("requests") or {}

@@ -41,3 +41,18 @@ def test_render_shows_the_crash_loop() -> None:
     assert "restarts: 41, 41 in the current streak (crash loop: retrying at the capped interval)" in lines
     history = [line for line in lines if "worker pid" in line and "last exit" not in line]
     assert len(history) == 1 and "41 times until" in history[0] and history[0].endswith("worker pid 140 exit code 1 (FAILURE)")
+
+
+def test_render_shows_the_prompt_caches() -> None:
+    st = {
+        "state": "ready",
+        "reason": "",
+        "worker": {
+            "pid": 5, "generation": 1, "uptime_s": 10.0, "active": 2, "queued": 0, "requests_served": 9,
+            "cache_hits": 3, "cache_tokens_reused": 1200,
+            "ram_cache": {"entries": 2, "bytes": 50 * 2**20, "hits": 1, "tokens_saved": 600},
+        },
+    }
+    lines = render(st, "http://127.0.0.1:8080/status").splitlines()
+    assert ("         prompt cache: 3 hits, 1200 tokens reused; RAM: 2 snapshots, 50 MiB, 1 hits, "
+            "600 tokens saved") in lines

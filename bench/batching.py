@@ -135,7 +135,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                                         "rounds": args.rounds, "loadavg_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory(prefix="vram-llm-bench-") as tmp, Procs(Path(tmp)) as procs:
         sup = start_supervisor(procs, args.model, args.threads, args.ctx_size)
-        targets = [(Target("vram-llm", sup.base), {"logit_bias": {"0": -100.0, "2": -100.0}})]
+        targets: list[tuple[Target, dict[str, Any]]] = [
+            (Target("vram-llm", sup.base), {"logit_bias": {"0": -100.0, "2": -100.0}})
+        ]
         if args.llama_server:
             ls = start_llama_server_np(procs, args.llama_server, args.model, args.threads, args.ctx_size)
             targets.append((Target("llama-server -np 4", ls), {"ignore_eos": True}))

@@ -62,6 +62,9 @@ class RequestRecord:
     sent_at: float | None = None  # monotonic: the request went to a worker (the last one, after a resend)
     ttft_s: float | None = None  # arrival -> first generated token (streamed answers)
     inter_token_s: float | None = None  # mean gap between generated tokens (streamed answers)
+    # The status of an answer whose last byte was written: a client that hangs up after the
+    # stream's [DONE] cancels the handler, but it was answered, not a 499.
+    answered: int | None = None
 
     def worker_taken(self, now: float) -> None:
         """The proxy got a ready worker at monotonic ``now``."""
@@ -178,6 +181,8 @@ class RequestLog:
             status = 500
             raise
         finally:
+            if status == 499 and rec.answered is not None:
+                status = rec.answered
             done = Finished(
                 rec, request.method, request.path, status, time.monotonic() - rec.started,
                 request.get(KEY_NAME), request.remote,

@@ -316,7 +316,11 @@ class Proxy:
                 async for chunk in upstream.content.iter_any():
                     if chunk.endswith(STREAM_DONE):  # the last one: cut the worker's usage trailer out
                         chunk, usage = split_usage_trailer(chunk)
-                        record(request).stream_usage(usage)
+                        rec = record(request)
+                        rec.stream_usage(usage)
+                        await resp.write(chunk)
+                        rec.answered = resp.status
+                        continue
                     await resp.write(chunk)
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
                 log.error("%s: worker pid %d failed mid-response (%s)", rid, pid, e.__class__.__name__)

@@ -57,6 +57,9 @@ _LOG_DEBUG = 1
 _LOG_CONT = 5  # continues the previous message
 
 
+_installed: LlamaLog | None = None  # the LlamaLog llama.cpp calls now; see install()
+
+
 class LlamaLog:
     """Receives llama.cpp / ggml log text from any thread.
 
@@ -76,7 +79,12 @@ class LlamaLog:
         self._callback = llama_lib.llama_log_callback(self._on_log)
 
     def install(self) -> None:
+        global _installed
         llama_lib.llama_log_set(self._callback, ctypes.c_void_p(0))
+        # llama.cpp keeps only the raw function pointer, for the whole process: if this object
+        # were collected, its next log line would jump into freed memory (a segfault in the
+        # test process, which installs one per test and then loads a model later).
+        _installed = self
 
     def _on_log(self, level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
         # An exception escaping a ctypes callback is printed and swallowed; never raise.

@@ -36,6 +36,7 @@ from supervisor.metrics import ServingMetrics
 from supervisor.proxy import Proxy, openai_error
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
+from supervisor.status import GpuNow, SupervisorInfo
 from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm")
@@ -104,13 +105,12 @@ async def _status(request: web.Request) -> web.Response:
     mgr = request.app[MANAGER]
     prep = request.app[PREPARER]
     snap = mgr.snapshot()
-    snap["supervisor"] = {
-        "pid": os.getpid(),
-        "uptime_s": round(time.time() - mgr.started_wall, 3),
-        "model": str(prep.model_path),
-    }
-    worker = snap.get("worker")
-    snap["gpus_now"] = await prep.gpus_now(worker_pids_of(worker["pid"]) if worker else ())
+    snap.supervisor = SupervisorInfo(
+        pid=os.getpid(), uptime_s=round(time.time() - mgr.started_wall, 3), model=str(prep.model_path)
+    )
+    worker = snap.worker
+    rows = await prep.gpus_now(worker_pids_of(worker.pid) if worker else ())
+    snap.gpus_now = msgspec.convert(rows, list[GpuNow])
     return web.Response(body=msgspec.json.encode(snap), content_type="application/json")
 
 

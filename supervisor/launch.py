@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from supervisor.config import Config, ConfigError
 from supervisor.gpus import GpuProbeError, Inventory, make_probe
 from supervisor.model import ModelError, read_model_facts
@@ -97,14 +95,8 @@ class Preparer:
             self._set(self._reload_config())
 
     async def __call__(self, adjust: PlanAdjust | None, socket_path: str) -> Launch:
-        config = self.config
-        ladder: dict[str, Any] = {}
-        if adjust is not None:
-            ladder = {k: getattr(adjust, k) for k in ("extra_reserve_mib", "max_gpu_layers", "n_ctx", "cpu_only")}
-            # llama-fit-params' answer already ran out of memory once: climb our own ladder.
-            config = msgspec.structs.replace(config, gpu=msgspec.structs.replace(config.gpu, use_fit_params=False))
         try:
-            p, _inv, _ = await asyncio.to_thread(make_plan, config, probe=self.probe, model=self.facts, **ladder)
+            p, _inv, _ = await asyncio.to_thread(make_plan, self.config, probe=self.probe, model=self.facts, adjust=adjust)
         except (ConfigError, ModelError, GpuProbeError) as e:
             raise PlanFailed(str(e)) from e
         log.info("plan for this start:\n%s", render_plan(p))

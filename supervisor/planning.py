@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any
 
 from supervisor.config import Config, ConfigError
 from supervisor.gpus import GpuProbe, Inventory, make_probe
 from supervisor.model import ModelError, ModelFacts, read_model_facts
-from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, Plan, PlanSettings, plan
+from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, FitParams, Plan, PlanSettings, plan
+from supervisor.restart import PlanAdjust
 
 
 
@@ -31,12 +31,19 @@ def resolve_model_path(cfg: Config) -> str:
         raise ModelError(str(e)) from None
 
 
-def plan_settings(cfg: Config, environ: Mapping[str, str] | None = None, **ladder: Any) -> PlanSettings:
-    """PlanSettings from the config; ``ladder`` takes the OOM-ladder knobs
-    (extra_reserve_mib, max_gpu_layers, cpu_only, n_ctx) and fit_params results."""
+def plan_settings(
+    cfg: Config,
+    environ: Mapping[str, str] | None = None,
+    adjust: PlanAdjust | None = None,
+    *,
+    fit_params: FitParams | None = None,
+    fit_params_error: str | None = None,
+) -> PlanSettings:
+    """PlanSettings from the config, shrunk by the OOM ladder's ``adjust`` when given, with
+    llama-fit-params' answer (or why there is none)."""
     env = os.environ if environ is None else environ
     g = cfg.gpu
-    kw: dict[str, Any] = dict(
+    s = PlanSettings(
         reserve_mib=g.reserve_mib,
         reserve_overrides=dict(g.reserve_overrides),
         device_order=g.device_order,
@@ -47,9 +54,21 @@ def plan_settings(cfg: Config, environ: Mapping[str, str] | None = None, **ladde
         n_ctx=cfg.model.ctx_size,
         n_batch=cfg.model.n_batch,
         flash_attn=cfg.model.flash_attn,
+        fit_params=fit_params,
+        fit_params_error=fit_params_error,
     )
-    kw.update({k: v for k, v in ladder.items() if v is not None})
-    return PlanSettings(**kw)
+    return s if adjust is None else apply_adjust(s, adjust)
+
+
+def apply_adjust(s: PlanSettings, adjust: PlanAdjust) -> PlanSettings:
+    """The OOM ladder's rung applied to planner settings (unset knobs keep the settings')."""
+    return dataclasses.replace(
+        s,
+        extra_reserve_mib=adjust.extra_reserve_mib,
+        max_gpu_layers=adjust.max_gpu_layers if adjust.max_gpu_layers is not None else s.max_gpu_layers,
+        n_ctx=adjust.n_ctx if adjust.n_ctx is not None else s.n_ctx,
+        cpu_only=adjust.cpu_only,
+    )
 
 
 def check_devices(cfg: Config, inventory: Inventory) -> None:
@@ -71,22 +90,24 @@ def make_plan(
     probe: GpuProbe | None = None,
     model: ModelFacts | None = None,
     environ: Mapping[str, str] | None = None,
-    **ladder: Any,
+    adjust: PlanAdjust | None = None,
 ) -> tuple[Plan, Inventory, ModelFacts]:
     """Probe the GPUs, read the model header, plan (and ask llama-fit-params if configured).
 
+    ``adjust``: the OOM ladder's rung; llama-fit-params' answer already ran out of memory
+    once, so with a rung our own ladder is climbed without asking it again.
     Raises ConfigError, ModelError or GpuProbeError with a one-line message.
     """
     inventory = (probe or make_probe(cfg)).read()
     check_devices(cfg, inventory)
     facts = model if model is not None else read_model_facts(resolve_model_path(cfg))
-    settings = plan_settings(cfg, environ, **ladder)
+    settings = plan_settings(cfg, environ, adjust)
     result = plan(inventory.gpus, facts, settings)
-    if cfg.gpu.use_fit_params and not settings.cpu_only:
+    if cfg.gpu.use_fit_params and adjust is None and not settings.cpu_only:
         from supervisor.fit_params import run_fit_params
 
         if result.cpu_only:
-            answer: object = "no GPU to fit the model on"
+            answer: FitParams | str = "no GPU to fit the model on"
         else:
             tool_env = dict(result.env)
             if settings.set_cuda_visible_devices:
@@ -106,9 +127,9 @@ def make_plan(
                 tool_env,
             )
         if isinstance(answer, str):
-            settings = plan_settings(cfg, environ, fit_params_error=answer, **ladder)
+            settings = plan_settings(cfg, environ, fit_params_error=answer)
         else:
-            settings = plan_settings(cfg, environ, fit_params=answer, **ladder)
+            settings = plan_settings(cfg, environ, fit_params=answer)
         result = plan(inventory.gpus, facts, settings)
     if inventory.note:
         # The probe's reason (e.g. "NVML not available: ...") replaces the generic one.

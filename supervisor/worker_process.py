@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import contextlib
 import enum
 import logging
@@ -48,6 +47,7 @@ from supervisor.restart import (
     prune_failures,
 )
 from supervisor.states import StateMachine, WorkerState
+from supervisor.status import LastExit, RequestCounts, RestartRecord, Status, WorkerStatus
 from worker.protocol import Health, LaunchSpec, health_decoder, is_oom_line
 
 log = logging.getLogger("vram_llm.worker")
@@ -114,13 +114,6 @@ class WorkerHandle:
     slots: int = 1  # generations the worker runs at once (its `parallel`; 1 without one)
     generating: int = 0  # requests holding one of those slots
     in_flight: int = 0  # requests sent to this worker and not finished yet
-
-
-@dataclass
-class RestartRecord:
-    at: float  # wall-clock time, for people
-    kind: str
-    reason: str
 
 
 class _Command(enum.Enum):
@@ -225,7 +218,7 @@ class WorkerManager:
         self._next_attempt_at: float | None = None
         self._restarts: collections.deque[RestartRecord] = collections.deque(maxlen=50)
         self._stderr: collections.deque[str] = collections.deque(maxlen=config().worker.stderr_lines)
-        self._last_exit: dict[str, Any] | None = None
+        self._last_exit: LastExit | None = None
         self._adjust: PlanAdjust | None = None
         self._oom_step = 0
         self._oom_exhausted = False
@@ -300,51 +293,51 @@ class WorkerManager:
             return None
         return run.proc.pid, run.last_health
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Status:
         """Everything /status shows about the worker (GPU readings are added by app)."""
         run = self._run
         now = asyncio.get_running_loop().time()
-        worker: dict[str, Any] | None = None
+        worker: WorkerStatus | None = None
         if run is not None:
-            worker = {
-                "pid": run.proc.pid,
-                "generation": run.gen,
-                "started_at": run.started_wall,
-                "uptime_s": round(now - run.started_mono, 3),
-                "ready_for_s": None if run.ready_mono is None else round(now - run.ready_mono, 3),
-                "load_progress": run.progress,
-            }
+            worker = WorkerStatus(
+                pid=run.proc.pid,
+                generation=run.gen,
+                started_at=run.started_wall,
+                uptime_s=round(now - run.started_mono, 3),
+                ready_for_s=None if run.ready_mono is None else round(now - run.ready_mono, 3),
+                load_progress=run.progress,
+            )
             if run.last_health is not None:
-                worker["active"] = run.last_health.active
-                worker["queued"] = run.last_health.queued
-                worker["seconds_since_token"] = run.last_health.seconds_since_token
-                worker["requests_served"] = run.last_health.requests_served
+                worker.active = run.last_health.active
+                worker.queued = run.last_health.queued
+                worker.seconds_since_token = run.last_health.seconds_since_token
+                worker.requests_served = run.last_health.requests_served
             if run.psproc is not None:
                 with contextlib.suppress(psutil.Error):
                     with run.psproc.oneshot():
-                        worker["rss_mib"] = round(run.psproc.memory_info().rss / 2**20, 1)
-                        worker["cpu_percent"] = run.psproc.cpu_percent(interval=None)
+                        worker.rss_mib = round(run.psproc.memory_info().rss / 2**20, 1)
+                        worker.cpu_percent = run.psproc.cpu_percent(interval=None)
         next_in = self.next_attempt_in_s()
-        return {
-            "state": self.state.value,
-            "reason": self.reason,
-            "worker": worker,
-            "restarts": self.counters.restarts_total,  # the history below keeps the last 50
-            "restart_history": [dataclasses.asdict(r) for r in self._restarts],
-            "failure_streak": self.failure_streak(),
-            "crash_loop": self.crash_loop,
-            "backoff_delay_s": None if self._backoff is None else self._backoff.delay_s,
-            "next_attempt_in_s": None if next_in is None else round(next_in, 3),
-            "last_exit": self._last_exit,
-            "stderr_tail": list(self._stderr)[-40:],
-            "plan": None if self._launch is None else self._launch.plan,
-            "oom_adjustment": None if self._adjust is None else self._adjust.description,
-            "requests": {
-                "in_flight": self.counters.in_flight,
-                "waiting_for_worker": self.counters.waiting,
-                "served": self.counters.served,
-            },
-        }
+        return Status(
+            state=self.state.value,
+            reason=self.reason,
+            worker=worker,
+            restarts=self.counters.restarts_total,  # the history below keeps the last 50
+            restart_history=list(self._restarts),
+            failure_streak=self.failure_streak(),
+            crash_loop=self.crash_loop,
+            backoff_delay_s=None if self._backoff is None else self._backoff.delay_s,
+            next_attempt_in_s=None if next_in is None else round(next_in, 3),
+            last_exit=self._last_exit,
+            stderr_tail=list(self._stderr)[-40:],
+            plan=None if self._launch is None else self._launch.plan,
+            oom_adjustment=None if self._adjust is None else self._adjust.description,
+            requests=RequestCounts(
+                in_flight=self.counters.in_flight,
+                waiting_for_worker=self.counters.waiting,
+                served=self.counters.served,
+            ),
+        )
 
     async def acquire(self, timeout_s: float, not_gen: int | None = None, *, slot: bool = True) -> WorkerHandle:
         """Wait (bounded) for a ready worker; ``not_gen`` skips a generation known dead.
@@ -796,15 +789,15 @@ class WorkerManager:
                 detail += f": {run.oom_line.strip()}"
             elif kind is FailureKind.PERMANENT and self._stderr:
                 detail += f": {self._stderr[-1].strip()}"
-        self._last_exit = {
-            "pid": run.proc.pid,
-            "code": code,
-            "description": describe_exit(code) if code is not None else None,
-            "kind": kind.value,
-            "detail": detail,
-            "at": time.time(),
-            "ran_for_s": round(ran_for, 3),
-        }
+        self._last_exit = LastExit(
+            pid=run.proc.pid,
+            code=code,
+            description=describe_exit(code) if code is not None else None,
+            kind=kind.value,
+            detail=detail,
+            at=time.time(),
+            ran_for_s=round(ran_for, 3),
+        )
         return Failure(at=loop.time(), kind=kind, detail=detail, ran_for_s=ran_for)
 
     def _record_failure(self, failure: Failure) -> None:

@@ -16,10 +16,12 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Coroutine, NoReturn
 
 from supervisor.config import Config, ConfigError, load_config as load_config_file
@@ -64,7 +66,9 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("--model", "model.path", "GGUF model file (default: the embedded SmolLM2-135M-Instruct)", "PATH"),
+    Flag("--model", "model.path", "GGUF model file (default: the embedded SmolLM2-135M-Instruct); repeat it, "
+         "as PATH or ID=PATH, to serve several models", "[ID=]PATH", repeat=True),
+    Flag("--models-dir", "models_dir", "serve every .gguf file in this directory (id = file stem)", "DIR"),
     Flag("--host", "server.host", "address to listen on (default 127.0.0.1)", "HOST"),
     Flag("--port", "server.port", "port to listen on (default 8080)", "PORT", int),
     Flag("--reserve-mib", "gpu.reserve_mib", "VRAM left free on every GPU (default 1024)", "MIB", int),
@@ -123,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ID_EQ = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._:@+-]*)=(.+)$")
+
+
+def model_flags(values: list[str]) -> tuple[str, Any]:
+    """--model given once as a plain PATH is today's model.path; given several times, or as
+    ID=PATH, it is the [[models]] list (replacing the file's)."""
+    if len(values) == 1 and not _ID_EQ.match(values[0]):
+        return "model.path", values[0]
+    entries: list[dict[str, str]] = []
+    for v in values:
+        m = _ID_EQ.match(v)
+        path = m.group(2) if m else v
+        entries.append({"id": m.group(1) if m else Path(v).stem, "path": path})
+    return "models", entries
+
+
 def load_config(args: argparse.Namespace) -> Config:
     """The config file (if any) with the given flags on top; ConfigError if wrong."""
     overrides: dict[str, Any] = {}
@@ -136,6 +156,9 @@ def load_config(args: argparse.Namespace) -> Config:
             except ValueError:
                 raise ConfigError(f"{f.name}: expected a number, got {value!r}") from None
         overrides[f.key] = value
+    if "model.path" in overrides:
+        key, value = model_flags(overrides.pop("model.path"))
+        overrides[key] = value
     try:
         return load_config_file(args.config, overrides)
     except ConfigError as e:

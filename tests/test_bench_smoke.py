@@ -68,3 +68,8 @@ def test_bench_only_generation_prints_paired_ratios(tmp_path: Path) -> None:
 def test_loop_cost_runs() -> None:
     proc = run_module("bench.loop_cost", "--gen-tokens", "8", "--rounds", "1", timeout=120)
     assert "ours/theirs" in proc.stdout and "create_completion" in proc.stdout, proc.stdout
+
+
+def test_placement_time_runs() -> None:
+    proc = run_module("bench.placement_time", timeout=120)
+    assert "evict several" in proc.stdout and "only busy ones in the way" in proc.stdout, proc.stdout

@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(st)
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     st.set_defaults(handler=_cmd_status)
+    for action, text in (("load", "load a model now (several models)"), ("unload", "unload a model now")):
+        lp = sub.add_parser(action, help=text)
+        _add_common(lp)
+        lp.add_argument("id", help="the model's id (as in /v1/models)")
+        lp.set_defaults(handler=_cmd_load if action == "load" else _cmd_unload)
     return parser
 
 
@@ -190,8 +195,22 @@ def configure_logging(level: str | int = "INFO", fmt: str = "text", environ: Map
 def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     from supervisor.plan_report import plan_json, render_plan
 
-    result, _, _ = make_plan(cfg)
-    sys.stdout.write(plan_json(result) + "\n" if args.json else render_plan(result))
+    from supervisor.config import resolved_models
+    from supervisor.launch import default_entry_path
+
+    entries = resolved_models(cfg, default_entry_path)
+    if len(entries) == 1:
+        result, _, _ = make_plan(cfg)
+        sys.stdout.write(plan_json(result) + "\n" if args.json else render_plan(result))
+        return 0
+    # Several models: each planned alone on the GPUs as they are now (what it would get
+    # if it were the only one loaded; serving places them together, see README).
+    plans = {e.id: make_plan(cfg, entry=e)[0] for e in entries}
+    if args.json:
+        sys.stdout.write("{" + ", ".join(f'"{mid}": {plan_json(p)}' for mid, p in plans.items()) + "}\n")
+    else:
+        for mid, p in plans.items():
+            sys.stdout.write(f"== model {mid} ==\n{render_plan(p)}\n")
     return 0
 
 
@@ -215,6 +234,18 @@ def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from supervisor import status_cli
 
     return int(status_cli.run(cfg, args))
+
+
+def _cmd_load(cfg: Config, args: argparse.Namespace) -> int:
+    from supervisor import status_cli
+
+    return status_cli.model_command(cfg, args, "load")
+
+
+def _cmd_unload(cfg: Config, args: argparse.Namespace) -> int:
+    from supervisor import status_cli
+
+    return status_cli.model_command(cfg, args, "unload")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from supervisor.config import Config, ConfigError
+from supervisor.config import Config, ConfigError, ModelEntry
 from supervisor.gpus import GpuProbe, Inventory, make_probe
 from supervisor.model import ModelError, ModelFacts, read_model_facts
 from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, FitParams, Plan, PlanSettings, plan
@@ -20,9 +20,12 @@ from supervisor.restart import PlanAdjust
 
 
 
-def resolve_model_path(cfg: Config) -> str:
-    if cfg.model.path:
-        return cfg.model.path
+def resolve_model_path(cfg: Config, entry: ModelEntry | None = None) -> str:
+    """The model's file: the entry's (several models) or [model]'s; empty means the
+    embedded default model."""
+    path = cfg.model.path if entry is None else entry.path
+    if path:
+        return path
     from supervisor.default_model import DefaultModelMissing, default_model_path
 
     try:
@@ -38,22 +41,28 @@ def plan_settings(
     *,
     fit_params: FitParams | None = None,
     fit_params_error: str | None = None,
+    entry: ModelEntry | None = None,
 ) -> PlanSettings:
     """PlanSettings from the config, shrunk by the OOM ladder's ``adjust`` when given, with
     llama-fit-params' answer (or why there is none)."""
     env = os.environ if environ is None else environ
     g = cfg.gpu
+    m = entry if entry is not None else cfg.model
+    devices = list(g.devices)
+    if entry is not None and entry.devices:
+        # A model's own devices are taken within gpu.devices (all GPUs when that is empty).
+        devices = [d for d in entry.devices if not g.devices or d in g.devices] or [-1]
     s = PlanSettings(
         reserve_mib=g.reserve_mib,
         reserve_overrides=dict(g.reserve_overrides),
         device_order=g.device_order,
         split_mode=g.split_mode,
-        devices=tuple(g.devices) if g.devices else None,
+        devices=tuple(devices) if devices else None,
         set_cuda_visible_devices=g.set_cuda_visible_devices,
         inherited_cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
-        n_ctx=cfg.model.ctx_size,
-        n_batch=cfg.model.n_batch,
-        flash_attn=cfg.model.flash_attn,
+        n_ctx=m.ctx_size,
+        n_batch=m.n_batch,
+        flash_attn=m.flash_attn,
         fit_params=fit_params,
         fit_params_error=fit_params_error,
     )
@@ -91,6 +100,7 @@ def make_plan(
     model: ModelFacts | None = None,
     environ: Mapping[str, str] | None = None,
     adjust: PlanAdjust | None = None,
+    entry: ModelEntry | None = None,
 ) -> tuple[Plan, Inventory, ModelFacts]:
     """Probe the GPUs, read the model header, plan (and ask llama-fit-params if configured).
 
@@ -100,8 +110,8 @@ def make_plan(
     """
     inventory = (probe or make_probe(cfg)).read()
     check_devices(cfg, inventory)
-    facts = model if model is not None else read_model_facts(resolve_model_path(cfg))
-    settings = plan_settings(cfg, environ, adjust)
+    facts = model if model is not None else read_model_facts(resolve_model_path(cfg, entry))
+    settings = plan_settings(cfg, environ, adjust, entry=entry)
     result = plan(inventory.gpus, facts, settings)
     if cfg.gpu.use_fit_params and adjust is None and not settings.cpu_only:
         from supervisor.fit_params import run_fit_params
@@ -122,14 +132,14 @@ def make_plan(
                 facts.path,
                 [g.reserve_mib for g in used],
                 result.n_ctx,
-                cfg.model.n_batch,
-                cfg.model.flash_attn,
+                settings.n_batch,
+                settings.flash_attn,
                 tool_env,
             )
         if isinstance(answer, str):
-            settings = plan_settings(cfg, environ, fit_params_error=answer)
+            settings = plan_settings(cfg, environ, fit_params_error=answer, entry=entry)
         else:
-            settings = plan_settings(cfg, environ, fit_params=answer)
+            settings = plan_settings(cfg, environ, fit_params=answer, entry=entry)
         result = plan(inventory.gpus, facts, settings)
     if inventory.note:
         # The probe's reason (e.g. "NVML not available: ...") replaces the generic one.

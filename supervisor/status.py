@@ -71,6 +71,22 @@ class GpuNow(_S):
     worker_mib: int | None = None  # what the worker's processes use on it (NVML)
 
 
+class ModelRow(_S):
+    """One model of several (absent with a single model)."""
+
+    id: str
+    state: str  # a worker state, or "unloaded"
+    reason: str = ""
+    loaded: bool = False  # ready to answer now
+    pinned: bool = False
+    planned_mib: dict[str, int] = msgspec.field(default_factory=dict)  # GPU UUID -> MiB, the plan's estimate
+    measured_mib: dict[str, int] = msgspec.field(default_factory=dict)  # GPU UUID -> MiB NVML measured
+    restarts: int = 0
+    swaps_in: int = 0  # loads after the first
+    in_flight: int = 0
+    last_used: float | None = None  # supervisor loop time of its last request
+
+
 class Status(_S):
     state: str
     reason: str = ""
@@ -88,6 +104,10 @@ class Status(_S):
     requests: RequestCounts = msgspec.field(default_factory=RequestCounts)
     supervisor: SupervisorInfo | None = None  # added by the endpoint
     gpus_now: list[GpuNow] = msgspec.field(default_factory=list)  # added by the endpoint
+    # Several models: every model (the fields above describe the first) and the evictions
+    # made to load another model.
+    models: list[ModelRow] = msgspec.field(default_factory=list)
+    swaps: int = 0
 
 
 def decode_status(raw: bytes) -> Status:

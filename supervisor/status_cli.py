@@ -8,11 +8,13 @@ cannot be reached.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, TypeVar
 
@@ -83,6 +85,33 @@ def collapse_history(hist: list[_Record]) -> list[tuple[_Record, _Record, int]]:
     return runs
 
 
+def _mib_of(d: dict[str, int]) -> str:
+    return str(sum(d.values())) if d else "-"
+
+
+def _models_table(st: Status) -> list[str]:
+    """Several models: one row per model, then which model holds what on each GPU."""
+    index = {g.uuid: g.index for g in st.gpus_now}
+    rows = [["MODEL", "STATE", "GPUS", "PLANNED MiB", "MEASURED MiB", "IN FLIGHT", "RESTARTS", "SWAPS IN", "PINNED"]]
+    for m in st.models:
+        gpus = sorted(index.get(u, -1) for u in set(m.planned_mib) | set(m.measured_mib))
+        rows.append([
+            m.id, m.state, ",".join(map(str, gpus)) or "-", _mib_of(m.planned_mib), _mib_of(m.measured_mib),
+            str(m.in_flight), str(m.restarts), str(m.swaps_in), "yes" if m.pinned else "",
+        ])
+    out = [f"models:  {len(st.models)}, {st.swaps} eviction(s) to make room so far"]
+    out.extend("  " + line for line in _table(rows))
+    holders: dict[str, list[str]] = {}
+    for m in st.models:
+        for u, mib in (m.measured_mib or m.planned_mib).items():
+            holders.setdefault(u, []).append(f"{m.id} {mib} MiB")
+    if st.gpus_now:
+        out.append("gpu holders:")
+        for g in st.gpus_now:
+            out.append(f"  GPU {g.index}: {g.free_mib} MiB free; " + (", ".join(holders.get(g.uuid, [])) or "no model"))
+    return out
+
+
 def render(doc: Status | dict[str, Any], url: str) -> str:
     st = doc if isinstance(doc, Status) else msgspec.convert(doc, Status)
     out: list[str] = []
@@ -140,6 +169,8 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
         out.extend("  " + line for line in _table(rows))
     else:
         out.append("gpus:    none visible (CPU only)")
+    if st.models:
+        out.extend(_models_table(st))
     line = f"restarts: {st.restarts}"
     if st.failure_streak:
         line += f", {st.failure_streak} in the current streak"
@@ -159,6 +190,29 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
         out.append("last worker output:")
         out.extend("  " + line for line in st.stderr_tail[-10:])
     return "\n".join(out)
+
+
+def model_command(config: Config, args: argparse.Namespace, action: str) -> int:
+    """`vram-llm load ID` / `vram-llm unload ID`: POST /models/ID/load|unload (admin)."""
+    url = status_url(config).removesuffix("/status") + f"/models/{urllib.parse.quote(args.id, safe='')}/{action}"
+    key = client_key(config, getattr(args, "server__api_keys", None))
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(url, data=b"", headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10.0) as resp:  # noqa: S310 (our own URL)
+            resp.read()
+    except urllib.error.HTTPError as e:
+        detail = ""
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            detail = ": " + json.loads(e.read())["error"]["message"]
+        hint = ": give an admin key with --api-key or VRAM_LLM_API_KEY" if e.code in (401, 403) else ""
+        print(f"vram-llm: the supervisor at {url} answered HTTP {e.code}{detail or hint}", file=sys.stderr)
+        return 2 if e.code != 404 else 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"vram-llm: cannot reach the supervisor at {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 2
+    print(f"{action} of model {args.id} requested (see `vram-llm status`)")
+    return 0
 
 
 def run(config: Config, args: argparse.Namespace) -> int:

@@ -411,6 +411,7 @@ class Fleet:
 def status_rows(fleet: Fleet) -> list[dict[str, Any]]:
     """One row per model for /v1/models and /status."""
     rows = []
+    now = asyncio.get_running_loop().time()
     for mid in fleet.ids:
         mgr = fleet.managers[mid]
         planned, measured = fleet.footprint(mid)
@@ -427,7 +428,7 @@ def status_rows(fleet: Fleet) -> list[dict[str, Any]]:
                 "restarts": mgr.counters.restarts_total,
                 "swaps_in": mgr.swaps_in,
                 "in_flight": mgr.counters.in_flight,
-                "last_used": mgr.last_used or None,
+                "idle_s": round(now - mgr.last_used, 1) if mgr.last_used else None,
             }
         )
     return rows

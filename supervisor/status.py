@@ -84,7 +84,7 @@ class ModelRow(_S):
     restarts: int = 0
     swaps_in: int = 0  # loads after the first
     in_flight: int = 0
-    last_used: float | None = None  # supervisor loop time of its last request
+    idle_s: float | None = None  # seconds since its last request (None: none yet)
 
 
 class Status(_S):

@@ -92,12 +92,14 @@ def _mib_of(d: dict[str, int]) -> str:
 def _models_table(st: Status) -> list[str]:
     """Several models: one row per model, then which model holds what on each GPU."""
     index = {g.uuid: g.index for g in st.gpus_now}
-    rows = [["MODEL", "STATE", "GPUS", "PLANNED MiB", "MEASURED MiB", "IN FLIGHT", "RESTARTS", "SWAPS IN", "PINNED"]]
+    rows = [["MODEL", "STATE", "GPUS", "PLANNED MiB", "MEASURED MiB", "IN FLIGHT", "LAST USED", "RESTARTS",
+             "SWAPS IN", "PINNED"]]
     for m in st.models:
         gpus = sorted(index.get(u, -1) for u in set(m.planned_mib) | set(m.measured_mib))
         rows.append([
             m.id, m.state, ",".join(map(str, gpus)) or "-", _mib_of(m.planned_mib), _mib_of(m.measured_mib),
-            str(m.in_flight), str(m.restarts), str(m.swaps_in), "yes" if m.pinned else "",
+            str(m.in_flight), "-" if m.idle_s is None else f"{_dur(m.idle_s)} ago", str(m.restarts),
+            str(m.swaps_in), "yes" if m.pinned else "",
         ])
     out = [f"models:  {len(st.models)}, {st.swaps} eviction(s) to make room so far"]
     out.extend("  " + line for line in _table(rows))
@@ -120,7 +122,8 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
         f"vram-llm at {url.removesuffix('/status')}  (supervisor pid {sup.pid if sup else None}, "
         f"up {_dur(sup.uptime_s if sup else None)})"
     )
-    out.append(f"model:   {sup.model if sup else None}")
+    several = f"  (the first of {len(st.models)} models; each is listed below)" if st.models else ""
+    out.append(f"model:   {sup.model if sup else None}{several}")
     out.append(f"state:   {st.state.upper()}  - {st.reason}")
     w = st.worker
     if w:

@@ -73,3 +73,8 @@ def test_loop_cost_runs() -> None:
 def test_placement_time_runs() -> None:
     proc = run_module("bench.placement_time", timeout=120)
     assert "evict several" in proc.stdout and "only busy ones in the way" in proc.stdout, proc.stdout
+
+
+def test_swap_time_runs() -> None:
+    proc = run_module("bench.swap_time", "--rounds", "2", timeout=240)
+    assert "median first token after a swap" in proc.stdout and "swaps counted: 2" in proc.stdout, proc.stdout

@@ -256,3 +256,45 @@ def test_plan_shows_each_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--simulate-gpus", sim_file, "--model", f"a={path}", "--model", f"b={path}", "--json"]) == 0
     plans = json.loads(capsys.readouterr().out)
     assert list(plans) == ["a", "b"] and plans["a"]["n_gpu_layers"] == -1
+
+
+def test_models_of_different_sizes_share_or_swap_by_their_plans(fleet: Any, tmp_path: Path) -> None:
+    """Small GGUF headers written by tests/gguf_factory.py (the fake worker loads nothing):
+    two small models share the GPU, the big one needs both gone, a small one then needs it gone."""
+    from supervisor.config import build_config
+    from supervisor.planning import make_plan
+    from tests.gguf_factory import Shape, write_model
+
+    small = Shape(n_layers=6, vocab=4096, name="small")
+    big = Shape(n_layers=12, n_embd=1536, n_ff=4096, n_head=12, n_head_kv=4, vocab=4096, name="big")
+    paths = {"s1": write_model(tmp_path / "s1.gguf", small), "s2": write_model(tmp_path / "s2.gguf", small),
+             "big": write_model(tmp_path / "big.gguf", big)}
+    roomy = sim(tmp_path, 8192)
+
+    def need(p: Path) -> int:
+        plan, _, _ = make_plan(build_config({"model": {"path": str(p)}, "gpu": {"simulate_gpus": str(roomy)}}))
+        return sum(g.planned_mib for g in plan.gpus)
+
+    s_mib, b_mib = need(paths["s1"]), need(paths["big"])
+    usable = max(2 * s_mib, b_mib) + 50
+    assert b_mib + s_mib > usable  # the big one cannot stay beside a small one
+    s = fleet(usable + 1024, [{"id": m, "path": str(p)} for m, p in paths.items()])
+    for m in ("s1", "s2"):
+        assert chat(s, m)[0] == 200
+    assert models_state(s) == {"s1": "ready", "s2": "ready", "big": "unloaded"} and s.status()["swaps"] == 0
+    remember_pids(s)
+    assert chat(s, "big")[0] == 200
+    remember_pids(s)
+    assert models_state(s) == {"s1": "unloaded", "s2": "unloaded", "big": "ready"} and s.status()["swaps"] == 2
+    assert chat(s, "s2")[0] == 200
+    remember_pids(s)
+    assert models_state(s) == {"s1": "unloaded", "s2": "ready", "big": "unloaded"} and s.status()["swaps"] == 3
+
+
+def test_health_waits_for_every_preloaded_model(fleet: Any) -> None:
+    s = fleet(ROOM_FOR_TWO, [{"id": "a"}, {"id": "b", "preload": True}, {"id": "c"}], env={"FAKE_WORKER_LOAD_S": "1.0"})
+    code, body = s.get("/health")
+    assert code == 503 and body["status"] == "loading" and "model " in body["reason"]
+    poll(lambda: s.get("/health")[0] == 200, 60, "/health 200 once a and b are ready")
+    remember_pids(s)
+    assert models_state(s) == {"a": "ready", "b": "ready", "c": "unloaded"}

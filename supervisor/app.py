@@ -178,6 +178,7 @@ def build_app(
     if fleet is not None and len(fleet.ids) > 1:
         router = Router(fleet, preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s)
         app.router.add_get("/v1/models", router.models)
+        app.router.add_get("/v1/models/{id}", router.model)
         app.router.add_route("*", "/v1/{tail:.*}", router.handle)
     else:
         app.router.add_route("*", "/v1/{tail:.*}", proxy.handle, expect_handler=proxy.expect_handler)

@@ -52,8 +52,21 @@ class Router:
             for mid, mgr in fleet.managers.items()
         }
 
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: one card, or 404 model_not_found."""
+        mid = request.match_info["id"]
+        card = next((c for c in self._cards() if c["id"] == mid), None)
+        if card is None:
+            return model_not_found(mid)
+        return web.Response(body=msgspec.json.encode(card), content_type="application/json")
+
     async def models(self, request: web.Request) -> web.Response:
-        data = []
+        return web.Response(
+            body=msgspec.json.encode({"object": "list", "data": self._cards()}), content_type="application/json"
+        )
+
+    def _cards(self) -> list[dict[str, object]]:
+        data: list[dict[str, object]] = []
         for row in status_rows(self._fleet):
             gpus = sorted(set(row["measured_mib"]) | set(row["planned_mib"]))
             data.append(
@@ -70,9 +83,7 @@ class Router:
                     "pinned": row["pinned"],
                 }
             )
-        return web.Response(
-            body=msgspec.json.encode({"object": "list", "data": data}), content_type="application/json"
-        )
+        return data
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, at most MAX_BODY bytes (ValueError beyond), with no gap between

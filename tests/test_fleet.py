@@ -108,6 +108,10 @@ def test_unknown_model_is_404_and_v1_models_lists_every_model(fleet: Any) -> Non
     code, body = s.get("/v1/models")
     a = next(m for m in body["data"] if m["id"] == "a")
     assert a["object"] == "model" and a["loaded"] is True and a["gpus"] and a["mib"] > 0
+    code, card = s.get("/v1/models/b")
+    assert code == 200 and card["id"] == "b" and card["loaded"] is False
+    code, body = s.get("/v1/models/nope")
+    assert code == 404 and body["error"]["code"] == "model_not_found"
     # No "model": the first of the list answers.
     code, body = chat(s, None)
     assert code == 200 and body["model"] == "a"
@@ -298,3 +302,17 @@ def test_health_waits_for_every_preloaded_model(fleet: Any) -> None:
     poll(lambda: s.get("/health")[0] == 200, 60, "/health 200 once a and b are ready")
     remember_pids(s)
     assert models_state(s) == {"a": "ready", "b": "ready", "c": "unloaded"}
+
+
+def test_openai_sdk_sees_every_model_and_picks_by_id(fleet: Any) -> None:
+    openai = pytest.importorskip("openai")
+    s = fleet(ROOM_FOR_ONE, ["a", "b"])
+    client = openai.OpenAI(base_url=s.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["a", "b"]
+    for m in ("b", "a", "b"):
+        r = client.chat.completions.create(model=m, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert r.model == m
+    remember_pids(s)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_not_found"

@@ -118,6 +118,8 @@ class Fleet:
         self._measured: dict[str, dict[str, int]] = {}  # model -> GPU UUID -> MiB NVML measured
         self._starting: set[str] = set()  # a Launch handed out, the worker not started yet
         self._asks: asyncio.Queue[_Ask] = asyncio.Queue()
+        self._waiting: set[asyncio.Future[Launch]] = set()  # asks not answered yet
+        self._stopping = False
         self.swaps = 0  # evictions made to load another model
         several = len(entries) > 1
         for e in entries:
@@ -167,9 +169,9 @@ class Fleet:
         return dict(self._planned.get(mid, {})), dict(self._measured.get(mid, {}))
 
     def ready_for_health(self) -> tuple[bool, str]:
-        """/health: every pinned or preloaded model is ready (the first model when none is
-        marked); the reason names the first one that is not."""
-        must = [m for m in self.ids if self.entry(m).pinned or self.entry(m).preload] or [self.first]
+        """/health: every model loaded at start is ready: the first one (it answers requests
+        without "model") and every pinned or preloaded one; the reason names one that is not."""
+        must = [m for m in self.ids if m == self.first or self.entry(m).pinned or self.entry(m).preload]
         for m in must:
             mgr = self.managers[m]
             if mgr.state is not WorkerState.READY:
@@ -199,11 +201,21 @@ class Fleet:
                 mgr.request_reload()
 
     def request_shutdown(self) -> None:
+        # A start waiting for room (perhaps for another model to go idle) must not hold the
+        # shutdown up: it is answered "no room" now and its manager sees the shutdown.
+        self._stopping = True
+        for fut in list(self._waiting):
+            if not fut.done():
+                fut.set_exception(NoRoom("the server is shutting down"))
         for mgr in self.managers.values():
             mgr.request_shutdown()
 
     async def ask(self, mid: str, adjust: PlanAdjust | None, socket_path: str) -> Launch:
+        if self._stopping:
+            raise NoRoom("the server is shutting down")
         fut: asyncio.Future[Launch] = asyncio.get_running_loop().create_future()
+        self._waiting.add(fut)
+        fut.add_done_callback(self._waiting.discard)
         await self._asks.put(_Ask(mid, adjust, socket_path, fut))
         return await fut
 
@@ -247,6 +259,8 @@ class Fleet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.admission.wait_timeout_s
         while True:
+            if self._stopping or ask.done.done():
+                raise NoRoom("the server is shutting down")
             await self._measure()
             inv = await asyncio.to_thread(self.probe.read)
             models = {
@@ -359,12 +373,12 @@ class Fleet:
             return m in targets and (mgr.counters.served >= targets[m] or mgr.counters.in_flight == 0)
 
         while not all(served_its_queue(m) for m in mids):
-            if loop.time() >= deadline:
+            if loop.time() >= deadline or self._stopping:
                 return False
             await asyncio.sleep(POLL_S)
         for m in mids:
             self.managers[m].hold_new(True)
-        while loop.time() < deadline:
+        while loop.time() < deadline and not self._stopping:
             if all(gone(m) or self.managers[m].active == 0 for m in mids):
                 return True
             await asyncio.sleep(POLL_S)
@@ -384,7 +398,7 @@ class Fleet:
         # A request waiting for it may ask it to load again at once: count the unload, do
         # not wait to see it parked.
         while mgr.parks == parks:
-            if loop.time() > deadline:
+            if loop.time() > deadline or self._stopping:
                 raise NoRoom(f"model {mid!r} did not stop in time to make room", 5)
             await asyncio.sleep(POLL_S)
         self._planned.pop(mid, None)

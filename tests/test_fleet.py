@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,18 +49,19 @@ def models_toml(models: list[Any]) -> str:
 def fleet(tmp_path: Path) -> Iterator[Any]:
     started: list[Supervisor] = []
 
-    def start(free_mib: int, models: list[dict[str, Any]], env: dict[str, str] | None = None) -> Supervisor:
+    def start(free_mib: int, models: list[Any], env: dict[str, str] | None = None,
+              sections: dict[str, dict[str, Any]] | None = None) -> Supervisor:
         d = tmp_path / f"s{len(started)}"
         d.mkdir()
         s = Supervisor(
             d,
             {"gpu": {"simulate_gpus": str(sim(d, free_mib))},
-             "worker": {"command": [sys.executable, str(FAKE_WORKER)]}},
+             "worker": {"command": [sys.executable, str(FAKE_WORKER)]}, **(sections or {})},
             env={"FAKE_WORKER_LOAD_S": "0.2", **(env or {})},
             extra_toml=models_toml(models),
         )
         started.append(s)
-        poll(lambda: s.get("/v1/models")[0] == 200, 60, "the supervisor to listen")
+        poll(lambda: s.get("/health")[0] in (200, 503), 60, "the supervisor to listen")
         return s
 
     yield start
@@ -316,3 +318,46 @@ def test_openai_sdk_sees_every_model_and_picks_by_id(fleet: Any) -> None:
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     assert e.value.code == "model_not_found"
+
+
+def test_shutdown_while_a_load_waits_for_room_exits_promptly(fleet: Any) -> None:
+    s = fleet(ROOM_FOR_ONE, ["a", "b"], env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"},
+              sections={"shutdown": {"grace_s": 1.0}})
+    poll(lambda: models_state(s)["a"] == "ready", 60, "a ready")
+    remember_pids(s)
+    req = urllib.request.Request(
+        s.base + "/v1/completions",
+        data=json.dumps({"model": "a", "prompt": "hi", "max_tokens": 2000, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        r.readline()
+        b = threading.Thread(target=lambda: chat(s, "b"), daemon=True)
+        b.start()
+        poll(lambda: "waiting (up to" in s.log(), 30, "b's load waiting for a to go idle")
+        # stop() fails if the supervisor takes more than 30 s or leaves a worker behind.
+        assert s.stop(timeout=30) == 0
+
+
+def test_load_and_unload_need_an_admin_key(fleet: Any, tmp_path: Path) -> None:
+    inf, admin = "inf-key-0123456789abcdef", "adm-key-0123456789abcdef"
+    keys = tmp_path / "keys"
+    keys.write_text(f"app:{inf}\nops:{admin} admin\n")
+    s = fleet(ROOM_FOR_TWO, ["a", "b"], sections={"server": {"api_keys_file": str(keys)}})
+
+    def post(path: str, key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        req = urllib.request.Request(s.base + path, data=b"", headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    assert post("/models/b/load", None) == 401
+    assert post("/models/b/load", inf) == 403
+    assert post("/models/b/load", admin) == 202
+    assert post("/models/nope/load", admin) == 404
+    s.api_key = admin
+    poll(lambda: models_state(s)["b"] == "ready", 60, "b loaded by an admin")
+    remember_pids(s)

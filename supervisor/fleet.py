@@ -156,6 +156,8 @@ class Fleet:
         for mid, mgr in self.managers.items():
             if mgr.state not in PROCESS_STATES and mid not in self._starting:
                 continue
+            if not simulated and mgr.state in (WorkerState.READY, WorkerState.STOPPING):
+                continue  # loaded: NVML's reading already shows what it holds
             planned = self._planned.get(mid, {})
             measured = {} if simulated else self._measured.get(mid, {})
             for uuid, mib in planned.items():
@@ -302,6 +304,9 @@ class Fleet:
                 continue
             # Room: plan the start itself with the model's preparer (llama-fit-params,
             # the OOM ladder, the logged plan) on the accounted inventory.
+            # Its previous start's footprint is gone (it has no worker now): the plan must
+            # not count it against itself.
+            self._planned.pop(mid, None)
             self._starting.add(mid)
             try:
                 launch = await prep(ask.adjust, ask.socket_path)

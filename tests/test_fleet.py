@@ -361,3 +361,13 @@ def test_load_and_unload_need_an_admin_key(fleet: Any, tmp_path: Path) -> None:
     s.api_key = admin
     poll(lambda: models_state(s)["b"] == "ready", 60, "b loaded by an admin")
     remember_pids(s)
+
+
+def test_a_restart_does_not_count_its_own_old_footprint(fleet: Any) -> None:
+    # Room for exactly one: the re-plan after kill -9 must see the memory its dead worker had.
+    s = fleet(ROOM_FOR_ONE, ["a", "b"])
+    st = s.wait_ready(60)
+    assert st["plan"]["n_gpu_layers"] == -1
+    os.kill(st["worker"]["pid"], signal.SIGKILL)
+    st = s.wait_state("ready", 60, lambda st: st["restarts"] == 1)
+    assert st["plan"]["n_gpu_layers"] == -1 and st["swaps"] == 0

@@ -31,15 +31,21 @@ from supervisor.access_log import RequestLog
 from supervisor.auth import KeyStore
 from supervisor.config import Config, resolved_runtime_dir
 from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
-from supervisor.launch import Preparer
+from supervisor.config import resolved_models
+from supervisor.fleet import Fleet, status_rows
+from supervisor.gpus import make_probe
+from supervisor.launch import Preparer, default_entry_path
+from supervisor.router import Router, model_not_found
 from supervisor.metrics import ServingMetrics
 from supervisor.proxy import Proxy, openai_error
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
+from supervisor.status import GpuNow, ModelRow, SupervisorInfo
 from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm")
 
+FLEET: web.AppKey[Fleet] = web.AppKey("fleet", Fleet)
 MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
 PREPARER: web.AppKey[Preparer] = web.AppKey("preparer", Preparer)
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
@@ -105,6 +111,13 @@ class _ManagerCollector(Collector):
 
 
 async def _health(request: web.Request) -> web.Response:
+    fleet = request.app.get(FLEET)
+    if fleet is not None and len(fleet.ids) > 1:
+        # Several models: 200 when every pinned or preloaded model (else the first) is ready.
+        ok, why = fleet.ready_for_health()
+        if ok:
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "loading", "reason": why}, status=503, headers={"Retry-After": "5"})
     mgr = request.app[MANAGER]
     if mgr.state is WorkerState.READY:
         return web.json_response({"status": "ok"})
@@ -117,13 +130,17 @@ async def _status(request: web.Request) -> web.Response:
     mgr = request.app[MANAGER]
     prep = request.app[PREPARER]
     snap = mgr.snapshot()
-    snap["supervisor"] = {
-        "pid": os.getpid(),
-        "uptime_s": round(time.time() - mgr.started_wall, 3),
-        "model": str(prep.model_path),
-    }
-    worker = snap.get("worker")
-    snap["gpus_now"] = await prep.gpus_now(worker_pids_of(worker["pid"]) if worker else ())
+    snap.supervisor = SupervisorInfo(
+        pid=os.getpid(), uptime_s=round(time.time() - mgr.started_wall, 3), model=str(prep.model_path)
+    )
+    worker = snap.worker
+    rows = await prep.gpus_now(worker_pids_of(worker.pid) if worker else ())
+    snap.gpus_now = msgspec.convert(rows, list[GpuNow])
+    fleet = request.app.get(FLEET)
+    if fleet is not None and len(fleet.ids) > 1:
+        snap.models = msgspec.convert(status_rows(fleet), list[ModelRow])
+        snap.swaps = fleet.swaps
+        snap.gpus_now = msgspec.convert(await prep.gpus_now(()), list[GpuNow])
     return web.Response(body=msgspec.json.encode(snap), content_type="application/json")
 
 
@@ -133,17 +150,36 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(request.app[REGISTRY]), content_type="text/plain")
 
 
+async def _load_unload(request: web.Request, load: bool) -> web.Response:
+    fleet = request.app[FLEET]
+    mid = request.match_info["id"]
+    if mid not in fleet.managers:
+        return model_not_found(mid)
+    if load:
+        fleet.load(mid)
+    else:
+        fleet.unload(mid)
+    return web.json_response({"id": mid, "requested": "load" if load else "unload"}, status=202)
+
+
 async def _not_found(request: web.Request) -> web.Response:
     return openai_error(404, f"no route {request.method} {request.path}", type_="invalid_request_error", code="not_found")
 
 
-def build_app(mgr: WorkerManager, preparer: Preparer, guard: ConnectionGuard | None = None) -> web.Application:
+def build_app(
+    mgr: WorkerManager, preparer: Preparer, guard: ConnectionGuard | None = None, fleet: Fleet | None = None
+) -> web.Application:
     app = web.Application(middlewares=[] if guard is None else [guard.middleware])
     app[MANAGER] = mgr
     app[PREPARER] = preparer
+    if fleet is not None:
+        app[FLEET] = fleet
     reg = CollectorRegistry()
     reg.register(_ManagerCollector(mgr))
-    app[SERVING] = ServingMetrics(reg, mgr, preparer)
+    several = fleet is not None and len(fleet.ids) > 1
+    app[SERVING] = ServingMetrics(
+        reg, mgr, preparer, (lambda: list(fleet.managers.items())) if fleet is not None and several else None
+    )
     RequestLog(app[SERVING].observe).install(app)  # outermost: ids and log lines for refusals too
     app[REGISTRY] = reg
     proxy = Proxy(
@@ -152,7 +188,16 @@ def build_app(mgr: WorkerManager, preparer: Preparer, guard: ConnectionGuard | N
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
-    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle, expect_handler=proxy.expect_handler)
+    if fleet is not None and len(fleet.ids) > 1:
+        router = Router(fleet, preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s)
+        app.router.add_get("/v1/models", router.models)
+        app.router.add_get("/v1/models/{id}", router.model)
+        app.router.add_route("*", "/v1/{tail:.*}", router.handle)
+    else:
+        app.router.add_route("*", "/v1/{tail:.*}", proxy.handle, expect_handler=proxy.expect_handler)
+    if fleet is not None:
+        app.router.add_post("/models/{id}/load", lambda r: _load_unload(r, True))
+        app.router.add_post("/models/{id}/unload", lambda r: _load_unload(r, False))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
@@ -165,7 +210,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     loop = asyncio.get_running_loop()
     # The worker must not inherit NOTIFY_SOCKET and talk to systemd on our behalf.
     notify = SdNotify.from_env(unset_environment=True)
-    preparer = Preparer(config, reload_config)  # raises ConfigError / ModelError: cli reports them
+    entries = resolved_models(config, default_entry_path)  # ConfigError: cli reports it
     keys = KeyStore.from_config(config)  # raises ConfigError too
     log.info("API keys: %s", keys.describe())
     keys.warn_if_exposed(config.server.host)
@@ -175,10 +220,14 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     log.info("vram-llm supervisor pid %d; worker sockets in %s", os.getpid(), runtime_dir)
     sent_ready = False
 
-    def on_state(state: WorkerState, reason: str) -> None:
+    fleet: Fleet | None = None
+
+    def on_state(mid: str, state: WorkerState, reason: str) -> None:
         nonlocal sent_ready
-        notify.status(f"{state.value}: {reason}")
-        if state is WorkerState.READY and not sent_ready:
+        several = fleet is not None and len(fleet.ids) > 1
+        notify.status(f"{mid}: {state.value}: {reason}" if several else f"{state.value}: {reason}")
+        # READY follows /health: every pinned or preloaded model (else the first) is ready.
+        if not sent_ready and fleet is not None and fleet.ready_for_health()[0]:
             sent_ready = True
             notify.ready()
 
@@ -187,18 +236,15 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         if not sent_ready:
             notify.extend_timeout(int(config.worker.load_stall_timeout_s * 1_000_000))
 
-    mgr = WorkerManager(
-        config=lambda: preparer.config,
-        prepare=preparer,
-        runtime_dir=runtime_dir,
-        on_state=on_state,
-        on_progress=on_progress,
-    )
+    # ModelError (a model file that cannot be read) is reported by cli.
+    fleet = Fleet(config, entries, runtime_dir, make_probe(config), reload_config, on_state, on_progress)
+    mgr = fleet.managers[fleet.first]
+    preparer = fleet.preparers[fleet.first]
     guard = ConnectionGuard(
         header_timeout_s=config.server.header_timeout_s,
         max_connections=effective_cap(config.server.max_connections),
     )
-    app = build_app(mgr, preparer, guard)
+    app = build_app(mgr, preparer, guard, fleet)
     keys.install(app)  # inside the request log: refusals get an id and a log line too
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request, which stops the worker's generation.
@@ -235,18 +281,14 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         def on_reload() -> None:
             log.warning("SIGHUP: re-reading the configuration and restarting the worker")
             notify.reloading()
-            try:
-                preparer.reload()
-            except Exception as e:  # a bad new config keeps the old one
-                log.error("reload: keeping the previous configuration: %s", e)
+            fleet.request_reload()  # a bad new config keeps the old one (logged)
             keys.reload(preparer.config)  # a revoked key stops working now, whatever else failed
-            mgr.request_reload()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, on_reload)
 
-        mgr_task = asyncio.create_task(mgr.run(), name="worker-manager")
+        mgr_task = asyncio.create_task(fleet.run(), name="worker-manager")
         interval = notify.watchdog_interval_s()
         if interval is not None:
             watchdog_task = asyncio.create_task(_watchdog(notify, interval / 2), name="watchdog")
@@ -261,15 +303,15 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
             return 1
 
         log.info("shutting down: no new connections; waiting up to %.0fs for %d request(s) in flight",
-                 config.shutdown.grace_s, mgr.counters.in_flight)
+                 config.shutdown.grace_s, fleet.in_flight)
         notify.stopping()
         await site.stop()
         deadline = loop.time() + config.shutdown.grace_s
-        while mgr.counters.in_flight > 0 and loop.time() < deadline:
+        while fleet.in_flight > 0 and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if mgr.counters.in_flight:
-            log.warning("grace period over: %d request(s) still in flight will be cut", mgr.counters.in_flight)
-        mgr.request_shutdown()
+        if fleet.in_flight:
+            log.warning("grace period over: %d request(s) still in flight will be cut", fleet.in_flight)
+        fleet.request_shutdown()
         await mgr_task
         return 0
     finally:
@@ -277,8 +319,8 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
             loop.remove_signal_handler(sig)
         if watchdog_task is not None:
             watchdog_task.cancel()
-        if mgr_task is not None and not mgr_task.done():
-            mgr.request_shutdown()
+        if mgr_task is not None and not mgr_task.done() and fleet is not None:
+            fleet.request_shutdown()
             with contextlib.suppress(BaseException):
                 await mgr_task
         await guard.stop()

@@ -16,10 +16,12 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Coroutine, NoReturn
 
 from supervisor.config import Config, ConfigError, load_config as load_config_file
@@ -64,7 +66,9 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("--model", "model.path", "GGUF model file (default: the embedded SmolLM2-135M-Instruct)", "PATH"),
+    Flag("--model", "model.path", "GGUF model file (default: the embedded SmolLM2-135M-Instruct); repeat it, "
+         "as PATH or ID=PATH, to serve several models", "[ID=]PATH", repeat=True),
+    Flag("--models-dir", "models_dir", "serve every .gguf file in this directory (id = file stem)", "DIR"),
     Flag("--host", "server.host", "address to listen on (default 127.0.0.1)", "HOST"),
     Flag("--port", "server.port", "port to listen on (default 8080)", "PORT", int),
     Flag("--reserve-mib", "gpu.reserve_mib", "VRAM left free on every GPU (default 1024)", "MIB", int),
@@ -122,7 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(st)
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     st.set_defaults(handler=_cmd_status)
+    for action, text in (("load", "load a model now (several models)"), ("unload", "unload a model now")):
+        lp = sub.add_parser(action, help=text)
+        _add_common(lp)
+        lp.add_argument("id", help="the model's id (as in /v1/models)")
+        lp.set_defaults(handler=_cmd_load if action == "load" else _cmd_unload)
     return parser
+
+
+_ID_EQ = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._:@+-]*)=(.+)$")
+
+
+def model_flags(values: list[str]) -> tuple[str, Any]:
+    """--model given once as a plain PATH is today's model.path; given several times, or as
+    ID=PATH, it is the [[models]] list (replacing the file's)."""
+    if len(values) == 1 and not _ID_EQ.match(values[0]):
+        return "model.path", values[0]
+    entries: list[dict[str, str]] = []
+    for v in values:
+        m = _ID_EQ.match(v)
+        path = m.group(2) if m else v
+        entries.append({"id": m.group(1) if m else Path(v).stem, "path": path})
+    return "models", entries
 
 
 def load_config(args: argparse.Namespace) -> Config:
@@ -138,6 +163,9 @@ def load_config(args: argparse.Namespace) -> Config:
             except ValueError:
                 raise ConfigError(f"{f.name}: expected a number, got {value!r}") from None
         overrides[f.key] = value
+    if "model.path" in overrides:
+        key, value = model_flags(overrides.pop("model.path"))
+        overrides[key] = value
     try:
         return load_config_file(args.config, overrides)
     except ConfigError as e:
@@ -169,8 +197,22 @@ def configure_logging(level: str | int = "INFO", fmt: str = "text", environ: Map
 def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     from supervisor.plan_report import plan_json, render_plan
 
-    result, _, _ = make_plan(cfg)
-    sys.stdout.write(plan_json(result) + "\n" if args.json else render_plan(result))
+    from supervisor.config import resolved_models
+    from supervisor.launch import default_entry_path
+
+    entries = resolved_models(cfg, default_entry_path)
+    if len(entries) == 1:
+        result, _, _ = make_plan(cfg)
+        sys.stdout.write(plan_json(result) + "\n" if args.json else render_plan(result))
+        return 0
+    # Several models: each planned alone on the GPUs as they are now (what it would get
+    # if it were the only one loaded; serving places them together, see README).
+    plans = {e.id: make_plan(cfg, entry=e)[0] for e in entries}
+    if args.json:
+        sys.stdout.write("{" + ", ".join(f'"{mid}": {plan_json(p)}' for mid, p in plans.items()) + "}\n")
+    else:
+        for mid, p in plans.items():
+            sys.stdout.write(f"== model {mid} ==\n{render_plan(p)}\n")
     return 0
 
 
@@ -194,6 +236,18 @@ def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from supervisor import status_cli
 
     return int(status_cli.run(cfg, args))
+
+
+def _cmd_load(cfg: Config, args: argparse.Namespace) -> int:
+    from supervisor import status_cli
+
+    return status_cli.model_command(cfg, args, "load")
+
+
+def _cmd_unload(cfg: Config, args: argparse.Namespace) -> int:
+    from supervisor import status_cli
+
+    return status_cli.model_command(cfg, args, "unload")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from worker.protocol import SplitMode  # declared once, where the worker reads it
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -32,7 +34,6 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 DeviceOrder = Literal["free_desc", "pci"]
-SplitMode = Literal["layer", "row", "none"]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -50,6 +51,40 @@ class ModelSection(_Section):
     parallel: PositiveInt = 4  # requests generated at once (slots, each with ctx_size KV cells)
     prefill_chunk: PositiveInt = 64  # prompt tokens per step while others generate (docs/benchmarks.md)
     cache_ram_mib: NonNegInt = 1024  # host RAM for earlier prompts' KV snapshots; 0: none
+
+
+# Where a model may go when it does not fit on the GPUs even after every allowed eviction:
+# "offload" keeps today's behaviour (the layers that do not fit stay in host RAM);
+# "refuse" answers 503 naming what holds the memory.
+NoRoom = Literal["offload", "refuse"]
+NonNegSeconds = Annotated[float, msgspec.Meta(ge=0)]
+_MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"
+
+
+class ModelEntry(_Section):
+    """One model of the ``[[models]]`` list (several models under one supervisor).
+
+    Per-model settings have the defaults of ``[model]``; keys left out of an entry take the
+    value given in the ``[model]`` section (defaults for every entry).
+    """
+
+    id: Annotated[str, msgspec.Meta(pattern=_MODEL_ID)]  # the request's "model" field picks it
+    path: str  # GGUF file; empty: the embedded default model
+    ctx_size: PositiveInt = 4096
+    n_batch: PositiveInt = 512
+    threads: NonNegInt = 0
+    chat_format: str = ""
+    flash_attn: bool = False
+    # Batching (issue 11's [model] keys, same defaults): generations at once, prompt tokens per
+    # step while others generate, host RAM for KV snapshots.
+    parallel: PositiveInt = 4
+    prefill_chunk: PositiveInt = 64
+    cache_ram_mib: NonNegInt = 1024
+    pinned: bool = False  # never unloaded to make room for another model
+    preload: bool = False  # loaded at start (and /health waits for it)
+    ttl_s: NonNegSeconds = 0.0  # unloaded after this long idle; 0: never
+    devices: list[NonNegInt] = msgspec.field(default_factory=list)  # NVML indices it may use; empty: all
+    when_no_room: NoRoom = "offload"
 
 
 class ServerSection(_Section):
@@ -123,6 +158,10 @@ class Config(_Section):
     restart: RestartSection = msgspec.field(default_factory=RestartSection)
     admission: AdmissionSection = msgspec.field(default_factory=AdmissionSection)
     shutdown: ShutdownSection = msgspec.field(default_factory=ShutdownSection)
+    # Several models: the [[models]] list (empty: the single [model] is the list of one) and
+    # every .gguf of models_dir (id = file stem) after it.
+    models: list[ModelEntry] = msgspec.field(default_factory=list)
+    models_dir: str = ""
 
 
 class ConfigError(Exception):
@@ -206,6 +245,18 @@ def _check(cfg: Config, source: str) -> None:
             f"{source}: model.parallel ({cfg.model.parallel}) must be <= model.n_batch "
             f"({cfg.model.n_batch}): every slot decodes one token per batch"
         )
+    ids = [m.id for m in cfg.models]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ConfigError(f"{source}: models: id {', '.join(map(repr, dup))} is used twice")
+    for m in cfg.models:
+        if len(set(m.devices)) != len(m.devices):
+            raise ConfigError(f"{source}: models ({m.id}): devices lists an index twice: {m.devices}")
+        if m.parallel > m.n_batch:
+            raise ConfigError(
+                f"{source}: models ({m.id}): parallel ({m.parallel}) must be <= n_batch ({m.n_batch}): "
+                "every slot decodes one token per batch"
+            )
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -229,6 +280,7 @@ def build_config(
     for dotted, value in (overrides or {}).items():
         set_path(merged, dotted, value)
         flagged.add(dotted)
+    _fill_model_entries(merged, flagged, source)
     try:
         cfg = msgspec.convert(merged, Config, strict=True)
     except msgspec.ValidationError as e:
@@ -237,6 +289,27 @@ def build_config(
         raise _explain(e, "flag" if key in flagged else source) from None
     _check(cfg, source)
     return cfg
+
+
+def _fill_model_entries(merged: dict[str, Any], flagged: set[str], source: str) -> None:
+    """[[models]] entries take what they leave out from [model]; a flagged model.path
+    (a single --model PATH) replaces the file's list, as a flag overrides the file."""
+    entries = merged.get("models")
+    if not isinstance(entries, list) or not entries:
+        return
+    base = merged.get("model")
+    base = base if isinstance(base, dict) else {}
+    if (base.get("path") or base.get("alias")) and "models" not in flagged:
+        if "model.path" in flagged:
+            merged["models"] = []
+            return
+        raise ConfigError(
+            f"{source}: [model] path/alias and [[models]] both name models; list every model in [[models]] "
+            "([model] then only gives defaults for the entries)"
+        )
+    shared = set(ModelEntry.__struct_fields__) & set(ModelSection.__struct_fields__)
+    defaults = {k: v for k, v in base.items() if k in shared and k not in ("path", "alias")}
+    merged["models"] = [{**defaults, **e} if isinstance(e, dict) else e for e in entries]
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -259,6 +332,34 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] |
 
 
 # --- resolved values (the few defaults that depend on the environment) -------------------
+
+
+def _entry_from_section(m: ModelSection, id_: str, path: str) -> ModelEntry:
+    shared = set(ModelEntry.__struct_fields__) & set(ModelSection.__struct_fields__) - {"path", "alias"}
+    return ModelEntry(id=id_, path=path, **{k: getattr(m, k) for k in shared})
+
+
+def resolved_models(cfg: Config, default_path: typing.Callable[[], str] | None = None) -> list[ModelEntry]:
+    """Every model this configuration serves, in order (the first answers requests without
+    a "model" field). The single [model] is the list of one; its id is the alias or the file
+    stem (``default_path`` names the embedded default model when path is empty)."""
+    out = list(cfg.models)
+    if cfg.models_dir:
+        d = Path(cfg.models_dir)
+        if not d.is_dir():
+            raise ConfigError(f"models_dir: {d} is not a directory")
+        for f in sorted(d.glob("*.gguf")):
+            out.append(_entry_from_section(cfg.model, f.stem, str(f)))
+    if not out:
+        path = cfg.model.path
+        stem = Path(path or (default_path() if default_path else "model")).stem
+        out.append(_entry_from_section(cfg.model, cfg.model.alias or stem, path))
+    ids = [m.id for m in out]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ConfigError(f"models: id {', '.join(map(repr, dup))} is used twice (models_dir names them by file stem)")
+    return out
+
 
 
 def resolved_worker_command(cfg: Config) -> list[str]:

@@ -12,39 +12,18 @@ Rules for this module:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import msgspec
+
+# The inventory types live in supervisor/inventory.py; re-exported for existing importers.
+from supervisor.inventory import GpuInfo, GpuProbe, GpuProbeError, Inventory
 
 if TYPE_CHECKING:
     from supervisor.config import Config
 
-
-class GpuProbeError(Exception):
-    """A GPU inventory source is unusable (a bad simulated inventory file, ...)."""
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    index: int  # NVML index == PCI bus order
-    uuid: str
-    name: str
-    pci_bus_id: str
-    total_mib: int
-    free_mib: int
-    used_mib: int
-
-
-@dataclass(frozen=True)
-class Inventory:
-    gpus: tuple[GpuInfo, ...]
-    note: str | None = None  # why the inventory is empty or partial, for a person
-
-
-class GpuProbe(Protocol):
-    def read(self) -> Inventory: ...
+__all__ = ["GpuInfo", "GpuProbe", "GpuProbeError", "Inventory", "NvmlProbe", "SimulatedProbe", "make_probe"]
 
 
 class _SimGpu(msgspec.Struct, forbid_unknown_fields=True):

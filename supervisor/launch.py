@@ -16,10 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from supervisor.config import Config, ConfigError
-from supervisor.gpus import GpuProbeError, Inventory, make_probe
+from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
+from supervisor.gpus import GpuProbe, GpuProbeError, Inventory, make_probe
 from supervisor.model import ModelError, read_model_facts
 from supervisor.nvml import process_gpu_memory
 from supervisor.planner import Plan
@@ -36,12 +34,16 @@ SETTLE_TOLERANCE_MIB = 64
 SETTLE_POLL_S = 0.5
 
 
-def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str) -> LaunchSpec:
-    m = config.model
+def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str, entry: ModelEntry | None = None) -> LaunchSpec:
+    m = config.model if entry is None else entry
+    # With several models the worker answers under the model's id; a single [model] keeps
+    # its alias (or the file stem), as before.
+    several = bool(config.models or config.models_dir)
+    alias = entry.id if entry is not None and several else (config.model.alias or None)
     return LaunchSpec(
         model_path=str(model_path),
         socket_path=socket_path,
-        model_alias=m.alias or None,
+        model_alias=alias,
         n_gpu_layers=p.n_gpu_layers,
         tensor_split=list(p.tensor_split) or None,
         split_mode=p.split_mode,
@@ -74,11 +76,36 @@ def summary_of(p: Plan) -> str:
     return f"{where}, n_ctx {p.n_ctx}, split {p.split_mode}, plan by {p.source}"
 
 
+def default_entry_path() -> str:
+    try:
+        return resolve_model_path(Config())
+    except ModelError:
+        return "model"
+
+
+def entry_of(config: Config, model_id: str | None) -> ModelEntry:
+    """The [[models]] entry named ``model_id`` (None: the first); ConfigError if none."""
+    entries = resolved_models(config, default_entry_path)
+    for e in entries:
+        if model_id is None or e.id == model_id:
+            return e
+    raise ConfigError(f"model {model_id!r} is no longer in the configuration")
+
+
 class Preparer:
     """Plans each worker start from the inventory at that moment."""
 
-    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reload_config: Callable[[], Config] | None = None,
+        model_id: str | None = None,
+        probe: GpuProbe | None = None,
+    ) -> None:
         self._reload_config = reload_config
+        # Several models: one Preparer per model (its [[models]] entry); None: the first.
+        self._model_id = model_id
+        self._probe = probe  # the fleet's accounted probe; None: the config's
         self._set(config)
 
     # /status answers from one inventory read per this many seconds, however often it is
@@ -86,12 +113,14 @@ class Preparer:
     gpus_now_ttl_s = 1.0
 
     def _set(self, config: Config) -> None:
-        path = Path(resolve_model_path(config))
+        entry = entry_of(config, self._model_id)
+        path = Path(resolve_model_path(config, entry))
         facts = read_model_facts(path)  # ModelError: the caller reports it
         self.config = config
+        self.entry = entry
         self.model_path = path
         self.facts = facts
-        self.probe = make_probe(config)
+        self.probe = self._probe or make_probe(config)
         # (monotonic time of the read, the worker pids asked about, the answer)
         self._gpus_now: tuple[float, tuple[int, ...], list[dict[str, Any]]] | None = None
 
@@ -101,19 +130,15 @@ class Preparer:
             self._set(self._reload_config())
 
     async def __call__(self, adjust: PlanAdjust | None, socket_path: str) -> Launch:
-        config = self.config
-        ladder: dict[str, Any] = {}
-        if adjust is not None:
-            ladder = {k: getattr(adjust, k) for k in ("extra_reserve_mib", "max_gpu_layers", "n_ctx", "cpu_only")}
-            # llama-fit-params' answer already ran out of memory once: climb our own ladder.
-            config = msgspec.structs.replace(config, gpu=msgspec.structs.replace(config.gpu, use_fit_params=False))
         try:
-            p, _inv, _ = await asyncio.to_thread(make_plan, config, probe=self.probe, model=self.facts, **ladder)
+            p, _inv, _ = await asyncio.to_thread(
+                make_plan, self.config, probe=self.probe, model=self.facts, adjust=adjust, entry=self.entry
+            )
         except (ConfigError, ModelError, GpuProbeError) as e:
             raise PlanFailed(str(e)) from e
         log.info("plan for this start:\n%s", render_plan(p))
         return Launch(
-            spec=spec_of(self.config, p, self.model_path, socket_path),
+            spec=spec_of(self.config, p, self.model_path, socket_path, self.entry),
             env=env_of(p),
             plan=p.to_dict(),
             planned_layers=p.offloaded_layers,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -39,9 +39,17 @@ log = logging.getLogger("vram_llm.metrics")
 
 
 class ServingMetrics(Collector):
-    def __init__(self, registry: CollectorRegistry, mgr: WorkerManager, preparer: Preparer) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        mgr: WorkerManager,
+        preparer: Preparer,
+        models: Callable[[], list[tuple[str, WorkerManager]]] | None = None,
+    ) -> None:
         self._mgr = mgr
         self._prep = preparer
+        # Several models: (id, manager) of each, for the per-model gauges; None: the one model.
+        self._models = models
         self._gpus: list[dict[str, Any]] = []
         self.prompt_tokens = Counter(
             "vram_llm_prompt_tokens", "Prompt tokens processed", ["model"], registry=registry
@@ -100,20 +108,21 @@ class ServingMetrics(Collector):
             self._gpus = []
 
     def collect(self) -> Iterator[Any]:
-        model = self._model()
-        snap_worker = self._worker()
+        models = self._models() if self._models is not None else [(self._model(), self._mgr)]
         waiting = GaugeMetricFamily("vram_llm_queue_depth", "Requests waiting for a ready worker or a slot",
                                     labels=["model", "where"])
-        waiting.add_metric([model, "supervisor"], self._mgr.counters.waiting)
-        waiting.add_metric([model, "worker"], snap_worker.get("queued") or 0)
-        yield waiting
         busy = GaugeMetricFamily("vram_llm_slots_busy", "Generation slots in use (worker /health active)",
                                  labels=["model"])
-        busy.add_metric([model], snap_worker.get("active") or 0)
-        yield busy
         rss = GaugeMetricFamily("vram_llm_worker_resident_memory_bytes", "Worker process RSS", labels=["model"])
-        if snap_worker.get("rss") is not None:
-            rss.add_metric([model], snap_worker["rss"])
+        for model, mgr in models:
+            snap_worker = self._worker(mgr)
+            waiting.add_metric([model, "supervisor"], mgr.counters.waiting)
+            waiting.add_metric([model, "worker"], snap_worker.get("queued") or 0)
+            busy.add_metric([model], snap_worker.get("active") or 0)
+            if snap_worker.get("rss") is not None:
+                rss.add_metric([model], snap_worker["rss"])
+        yield waiting
+        yield busy
         yield rss
         used = GaugeMetricFamily("vram_llm_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu", "uuid"])
         free = GaugeMetricFamily("vram_llm_gpu_memory_free_bytes", "GPU memory free (NVML)", labels=["gpu", "uuid"])
@@ -126,9 +135,9 @@ class ServingMetrics(Collector):
         yield used
         yield free
 
-    def _worker(self) -> dict[str, Any]:
-        """Slots and RSS of the current worker, from its last /health and psutil."""
-        h = self._mgr.last_health()
+    def _worker(self, mgr: WorkerManager) -> dict[str, Any]:
+        """Slots and RSS of the model's current worker, from its last /health and psutil."""
+        h = mgr.last_health()
         out: dict[str, Any] = {}
         if h is not None:
             pid, health = h

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from supervisor.gpus import GpuInfo, Inventory
+from supervisor.inventory import GpuInfo, Inventory
 
 _MIB = 1024 * 1024
 

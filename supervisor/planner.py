@@ -32,8 +32,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from supervisor.gpus import GpuInfo
+from supervisor.inventory import GpuInfo
 from supervisor.model import ModelFacts
+from worker.protocol import SplitMode  # declared once, where the worker reads it
 
 MIB = 1024 * 1024
 
@@ -74,7 +75,6 @@ STILL_VISIBLE = (
 )
 
 DeviceOrder = Literal["free_desc", "pci"]
-SplitMode = Literal["layer", "row", "none"]
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,21 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any
 
-from supervisor.config import Config, ConfigError
+from supervisor.config import Config, ConfigError, ModelEntry
 from supervisor.gpus import GpuProbe, Inventory, make_probe
 from supervisor.model import ModelError, ModelFacts, read_model_facts
-from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, Plan, PlanSettings, plan
+from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, FitParams, Plan, PlanSettings, plan
+from supervisor.restart import PlanAdjust
 
 
 
-def resolve_model_path(cfg: Config) -> str:
-    if cfg.model.path:
-        return cfg.model.path
+def resolve_model_path(cfg: Config, entry: ModelEntry | None = None) -> str:
+    """The model's file: the entry's (several models) or [model]'s; empty means the
+    embedded default model."""
+    path = cfg.model.path if entry is None else entry.path
+    if path:
+        return path
     from supervisor.default_model import DefaultModelMissing, default_model_path
 
     try:
@@ -31,26 +34,51 @@ def resolve_model_path(cfg: Config) -> str:
         raise ModelError(str(e)) from None
 
 
-def plan_settings(cfg: Config, environ: Mapping[str, str] | None = None, **ladder: Any) -> PlanSettings:
-    """PlanSettings from the config; ``ladder`` takes the OOM-ladder knobs
-    (extra_reserve_mib, max_gpu_layers, cpu_only, n_ctx) and fit_params results."""
+def plan_settings(
+    cfg: Config,
+    environ: Mapping[str, str] | None = None,
+    adjust: PlanAdjust | None = None,
+    *,
+    fit_params: FitParams | None = None,
+    fit_params_error: str | None = None,
+    entry: ModelEntry | None = None,
+) -> PlanSettings:
+    """PlanSettings from the config, shrunk by the OOM ladder's ``adjust`` when given, with
+    llama-fit-params' answer (or why there is none)."""
     env = os.environ if environ is None else environ
     g = cfg.gpu
-    kw: dict[str, Any] = dict(
+    m = entry if entry is not None else cfg.model
+    devices = list(g.devices)
+    if entry is not None and entry.devices:
+        # A model's own devices are taken within gpu.devices (all GPUs when that is empty).
+        devices = [d for d in entry.devices if not g.devices or d in g.devices] or [-1]
+    s = PlanSettings(
         reserve_mib=g.reserve_mib,
         reserve_overrides=dict(g.reserve_overrides),
         device_order=g.device_order,
         split_mode=g.split_mode,
-        devices=tuple(g.devices) if g.devices else None,
+        devices=tuple(devices) if devices else None,
         set_cuda_visible_devices=g.set_cuda_visible_devices,
         inherited_cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
-        n_ctx=cfg.model.ctx_size,
-        n_batch=cfg.model.n_batch,
-        flash_attn=cfg.model.flash_attn,
-        parallel=cfg.model.parallel,
+        n_ctx=m.ctx_size,
+        n_batch=m.n_batch,
+        flash_attn=m.flash_attn,
+        parallel=m.parallel,
+        fit_params=fit_params,
+        fit_params_error=fit_params_error,
     )
-    kw.update({k: v for k, v in ladder.items() if v is not None})
-    return PlanSettings(**kw)
+    return s if adjust is None else apply_adjust(s, adjust)
+
+
+def apply_adjust(s: PlanSettings, adjust: PlanAdjust) -> PlanSettings:
+    """The OOM ladder's rung applied to planner settings (unset knobs keep the settings')."""
+    return dataclasses.replace(
+        s,
+        extra_reserve_mib=adjust.extra_reserve_mib,
+        max_gpu_layers=adjust.max_gpu_layers if adjust.max_gpu_layers is not None else s.max_gpu_layers,
+        n_ctx=adjust.n_ctx if adjust.n_ctx is not None else s.n_ctx,
+        cpu_only=adjust.cpu_only,
+    )
 
 
 def check_devices(cfg: Config, inventory: Inventory) -> None:
@@ -72,22 +100,25 @@ def make_plan(
     probe: GpuProbe | None = None,
     model: ModelFacts | None = None,
     environ: Mapping[str, str] | None = None,
-    **ladder: Any,
+    adjust: PlanAdjust | None = None,
+    entry: ModelEntry | None = None,
 ) -> tuple[Plan, Inventory, ModelFacts]:
     """Probe the GPUs, read the model header, plan (and ask llama-fit-params if configured).
 
+    ``adjust``: the OOM ladder's rung; llama-fit-params' answer already ran out of memory
+    once, so with a rung our own ladder is climbed without asking it again.
     Raises ConfigError, ModelError or GpuProbeError with a one-line message.
     """
     inventory = (probe or make_probe(cfg)).read()
     check_devices(cfg, inventory)
-    facts = model if model is not None else read_model_facts(resolve_model_path(cfg))
-    settings = plan_settings(cfg, environ, **ladder)
+    facts = model if model is not None else read_model_facts(resolve_model_path(cfg, entry))
+    settings = plan_settings(cfg, environ, adjust, entry=entry)
     result = plan(inventory.gpus, facts, settings)
-    if cfg.gpu.use_fit_params and not settings.cpu_only:
+    if cfg.gpu.use_fit_params and adjust is None and not settings.cpu_only:
         from supervisor.fit_params import run_fit_params
 
         if result.cpu_only:
-            answer: object = "no GPU to fit the model on"
+            answer: FitParams | str = "no GPU to fit the model on"
         else:
             tool_env = dict(result.env)
             if settings.set_cuda_visible_devices:
@@ -102,14 +133,14 @@ def make_plan(
                 facts.path,
                 [g.reserve_mib for g in used],
                 result.n_ctx,
-                cfg.model.n_batch,
-                cfg.model.flash_attn,
+                settings.n_batch,
+                settings.flash_attn,
                 tool_env,
             )
         if isinstance(answer, str):
-            settings = plan_settings(cfg, environ, fit_params_error=answer, **ladder)
+            settings = plan_settings(cfg, environ, fit_params_error=answer, entry=entry)
         else:
-            settings = plan_settings(cfg, environ, fit_params=answer, **ladder)
+            settings = plan_settings(cfg, environ, fit_params=answer, entry=entry)
         result = plan(inventory.gpus, facts, settings)
     if inventory.note:
         # The probe's reason (e.g. "NVML not available: ...") replaces the generic one.

@@ -84,6 +84,11 @@ class _ReplayableBody:
         self.replayable = True
         self.timed_out = False  # the client stopped sending its body (server.body_timeout_s)
 
+    def prime(self, data: bytes) -> None:
+        """The body was read already: replay ``data`` (the client's stream is at its end)."""
+        self._seen = [data]
+        self._seen_bytes = len(data)
+
     async def stream(self) -> AsyncIterator[bytes]:
         for chunk in self._seen:
             yield chunk
@@ -118,7 +123,9 @@ class Proxy:
         self._wait_timeout_s = wait_timeout_s  # read per request: SIGHUP may change it
         self._body_timeout_s = body_timeout_s
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, prebody: bytes | None = None) -> web.StreamResponse:
+        """Forward one request; ``prebody``: its body, already read (by the router, to find
+        the model it names), replayed instead of read from the client."""
         mgr = self._mgr
         rec = record(request)
         rid = rec.request_id
@@ -131,6 +138,9 @@ class Proxy:
         body = (
             _ReplayableBody(request.content, REPLAY_LIMIT, self._body_timeout_s) if request.body_exists else None
         )
+        if body is not None and prebody is not None:
+            body = _ReplayableBody(request.content, max(REPLAY_LIMIT, len(prebody)), self._body_timeout_s)
+            body.prime(prebody)
         headers = _forward_headers(request.headers)
         headers["X-Request-Id"] = rid
         # Generation requests (POST) take one of the worker's generation slots; the model

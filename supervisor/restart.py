@@ -186,6 +186,10 @@ def decide(
             crash_loop=True,
         )
     delay = min(policy.backoff_initial_s * policy.backoff_factor ** (streak - 1), policy.backoff_max_s)
+    if streak == 1 and last.ran_for_s >= policy.stable_after_s:
+        # The first failure after a stable run restarts at once: a single crash costs only
+        # the load time; the backoff starts with the second.
+        delay = 0.0
     return Decision(
         "restart",
         delay,

@@ -8,16 +8,21 @@ cannot be reached.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from supervisor.auth import client_key
 from supervisor.config import Config
+from supervisor.status import RestartRecord, Status, decode_status
 
 
 def status_url(config: Config) -> str:
@@ -29,12 +34,12 @@ def status_url(config: Config) -> str:
     return f"http://{host}:{config.server.port}/status"
 
 
-def fetch_status(url: str, timeout_s: float = 5.0, api_key: str | None = None) -> dict[str, Any]:
+def fetch_status(url: str, timeout_s: float = 5.0, api_key: str | None = None) -> Status:
+    """The supervisor's /status, decoded into the structs the endpoint encodes."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     req = urllib.request.Request(url, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (our own URL)
-        data: dict[str, Any] = json.loads(resp.read())
-        return data
+        return decode_status(resp.read())
 
 
 def _dur(s: float | None) -> str:
@@ -58,49 +63,94 @@ def _same_failure(reason: str) -> str:
     return re.sub(r"\bpid \d+", "pid", reason)
 
 
-def collapse_history(hist: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
+_Record = TypeVar("_Record", RestartRecord, dict[str, Any])
+
+
+def _kind_reason(r: RestartRecord | dict[str, Any]) -> tuple[str, str]:
+    return (r.kind, r.reason) if isinstance(r, RestartRecord) else (r["kind"], r["reason"])
+
+
+def collapse_history(hist: list[_Record]) -> list[tuple[_Record, _Record, int]]:
     """Runs of consecutive identical failures as (first, last, count), oldest first, so a
     crash loop reads as one line with a count instead of one line per attempt."""
-    runs: list[tuple[dict[str, Any], dict[str, Any], int]] = []
+    runs: list[tuple[_Record, _Record, int]] = []
     for r in hist:
         if runs:
             first, last, n = runs[-1]
-            if (last["kind"], _same_failure(last["reason"])) == (r["kind"], _same_failure(r["reason"])):
+            (lk, lr), (rk, rr) = _kind_reason(last), _kind_reason(r)
+            if (lk, _same_failure(lr)) == (rk, _same_failure(rr)):
                 runs[-1] = (first, r, n + 1)
                 continue
         runs.append((r, r, 1))
     return runs
 
 
-def render(st: dict[str, Any], url: str) -> str:
+def _mib_of(d: dict[str, int]) -> str:
+    return str(sum(d.values())) if d else "-"
+
+
+def _models_table(st: Status) -> list[str]:
+    """Several models: one row per model, then which model holds what on each GPU."""
+    index = {g.uuid: g.index for g in st.gpus_now}
+    rows = [["MODEL", "STATE", "GPUS", "PLANNED MiB", "MEASURED MiB", "IN FLIGHT", "LAST USED", "RESTARTS",
+             "SWAPS IN", "PINNED"]]
+    for m in st.models:
+        gpus = sorted(index.get(u, -1) for u in set(m.planned_mib) | set(m.measured_mib))
+        rows.append([
+            m.id, m.state, ",".join(map(str, gpus)) or "-", _mib_of(m.planned_mib), _mib_of(m.measured_mib),
+            str(m.in_flight), "-" if m.idle_s is None else f"{_dur(m.idle_s)} ago", str(m.restarts),
+            str(m.swaps_in), "yes" if m.pinned else "",
+        ])
+    out = [f"models:  {len(st.models)}, {st.swaps} eviction(s) to make room so far"]
+    out.extend("  " + line for line in _table(rows))
+    holders: dict[str, list[str]] = {}
+    for m in st.models:
+        for u, mib in (m.measured_mib or m.planned_mib).items():
+            holders.setdefault(u, []).append(f"{m.id} {mib} MiB")
+    if st.gpus_now:
+        out.append("gpu holders:")
+        for g in st.gpus_now:
+            out.append(f"  GPU {g.index}: {g.free_mib} MiB free; " + (", ".join(holders.get(g.uuid, [])) or "no model"))
+    return out
+
+
+def render(doc: Status | dict[str, Any], url: str) -> str:
+    st = doc if isinstance(doc, Status) else msgspec.convert(doc, Status)
     out: list[str] = []
-    sup = st.get("supervisor") or {}
-    out.append(f"vram-llm at {url.removesuffix('/status')}  (supervisor pid {sup.get('pid')}, up {_dur(sup.get('uptime_s'))})")
-    out.append(f"model:   {sup.get('model')}")
-    out.append(f"state:   {st['state'].upper()}  - {st.get('reason', '')}")
-    w = st.get("worker")
+    sup = st.supervisor
+    out.append(
+        f"vram-llm at {url.removesuffix('/status')}  (supervisor pid {sup.pid if sup else None}, "
+        f"up {_dur(sup.uptime_s if sup else None)})"
+    )
+    several = f"  (the first of {len(st.models)} models; each is listed below)" if st.models else ""
+    out.append(f"model:   {sup.model if sup else None}{several}")
+    out.append(f"state:   {st.state.upper()}  - {st.reason}")
+    w = st.worker
     if w:
-        line = f"worker:  pid {w['pid']}, generation {w['generation']}, up {_dur(w.get('uptime_s'))}"
-        if w.get("rss_mib") is not None:
-            line += f", RSS {w['rss_mib']:.0f} MiB, CPU {w.get('cpu_percent', 0):.0f}%"
+        line = f"worker:  pid {w.pid}, generation {w.generation}, up {_dur(w.uptime_s)}"
+        if w.rss_mib is not None:
+            line += f", RSS {w.rss_mib:.0f} MiB, CPU {w.cpu_percent or 0:.0f}%"
         out.append(line)
-        if w.get("active") is not None:
-            out.append(f"         generating {w.get('active', 0)}, queued in worker {w.get('queued', 0)}, served {w.get('requests_served', 0)}")
-        if w.get("cache_hits") is not None:
-            ram = w.get("ram_cache") or {}
+        if w.active is not None:
+            out.append(f"         generating {w.active}, queued in worker {w.queued or 0}, served {w.requests_served or 0}")
+        if w.cache_hits is not None:
+            ram = w.ram_cache
             out.append(
-                f"         prompt cache: {w['cache_hits']} hits, {w.get('cache_tokens_reused', 0)} tokens reused; "
-                f"RAM: {ram.get('entries', 0)} snapshots, {ram.get('bytes', 0) / 2**20:.0f} MiB, "
-                f"{ram.get('hits', 0)} hits, {ram.get('tokens_saved', 0)} tokens saved"
+                f"         prompt cache: {w.cache_hits} hits, {w.cache_tokens_reused or 0} tokens reused"
+                + (
+                    f"; RAM: {ram.entries} snapshots, {ram.bytes / 2**20:.0f} MiB, "
+                    f"{ram.hits} hits, {ram.tokens_saved} tokens saved"
+                    if ram is not None else ""
+                )
             )
     else:
         out.append("worker:  none running")
-    req = st.get("requests") or {}
+    req = st.requests
     out.append(
-        f"requests: {req.get('in_flight', 0)} in flight, {req.get('waiting_for_worker', 0)} waiting for the worker, "
-        f"{req.get('served', 0)} served"
+        f"requests: {req.in_flight} in flight, {req.waiting_for_worker} waiting for the worker, "
+        f"{req.served} served"
     )
-    plan = st.get("plan") or {}
+    plan = st.plan or {}
     if plan:
         out.append(
             f"plan:    n_gpu_layers={plan.get('n_gpu_layers')} split_mode={plan.get('split_mode')} "
@@ -109,52 +159,73 @@ def render(st: dict[str, Any], url: str) -> str:
         env = plan.get("env") or {}
         if env:
             out.append("         " + " ".join(f"{k}={v}" for k, v in sorted(env.items())))
-    if st.get("oom_adjustment"):
-        out.append(f"OOM ladder: {st['oom_adjustment']}")
+    if st.oom_adjustment:
+        out.append(f"OOM ladder: {st.oom_adjustment}")
     planned = {g.get("uuid"): g for g in (plan.get("gpus") or [])}
-    gpus = st.get("gpus_now") or []
-    if gpus:
+    if st.gpus_now:
         rows = [["GPU", "UUID", "NAME", "TOTAL MiB", "FREE NOW", "PLANNED MiB", "LAYERS", "WORKER USES"]]
-        for g in gpus:
-            p = planned.get(g.get("uuid"), {})
+        for g in st.gpus_now:
+            p = planned.get(g.uuid, {})
             rows.append(
                 [
-                    str(g.get("index")),
-                    str(g.get("uuid")),
-                    str(g.get("name")),
-                    str(g.get("total_mib")),
-                    str(g.get("free_mib")),
+                    str(g.index),
+                    g.uuid,
+                    g.name,
+                    str(g.total_mib),
+                    str(g.free_mib),
                     str(p.get("planned_mib", "-")),
                     str(p.get("layers", "-")),
-                    "-" if g.get("worker_mib") is None else str(g.get("worker_mib")),
+                    "-" if g.worker_mib is None else str(g.worker_mib),
                 ]
             )
         out.append("gpus:")
         out.extend("  " + line for line in _table(rows))
     else:
         out.append("gpus:    none visible (CPU only)")
-    hist = st.get("restart_history") or []
-    line = f"restarts: {st.get('restarts', 0)}"
-    if st.get("failure_streak"):
-        line += f", {st['failure_streak']} in the current streak"
-    if st.get("crash_loop"):
+    if st.models:
+        out.extend(_models_table(st))
+    line = f"restarts: {st.restarts}"
+    if st.failure_streak:
+        line += f", {st.failure_streak} in the current streak"
+    if st.crash_loop:
         line += " (crash loop: retrying at the capped interval)"
     out.append(line)
-    for first, last, n in collapse_history(hist)[-10:]:
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first["at"]))
+    for first, last, n in collapse_history(st.restart_history)[-10:]:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first.at))
         if n == 1:
-            out.append(f"  {at}  {first['kind']:<10} {first['reason']}")
+            out.append(f"  {at}  {first.kind:<10} {first.reason}")
         else:
-            until = time.strftime("%H:%M:%S", time.localtime(last["at"]))
-            out.append(f"  {at}  {first['kind']:<10} {n} times until {until}, last: {last['reason']}")
-    le = st.get("last_exit")
-    if le:
-        out.append(f"last exit: {le.get('detail')}")
-    tail = st.get("stderr_tail") or []
-    if tail and st["state"] != "ready":
+            until = time.strftime("%H:%M:%S", time.localtime(last.at))
+            out.append(f"  {at}  {first.kind:<10} {n} times until {until}, last: {last.reason}")
+    if st.last_exit:
+        out.append(f"last exit: {st.last_exit.detail}")
+    if st.stderr_tail and st.state != "ready":
         out.append("last worker output:")
-        out.extend("  " + line for line in tail[-10:])
+        out.extend("  " + line for line in st.stderr_tail[-10:])
     return "\n".join(out)
+
+
+def model_command(config: Config, args: argparse.Namespace, action: str) -> int:
+    """`vram-llm load ID` / `vram-llm unload ID`: POST /models/ID/load|unload (admin)."""
+    url = status_url(config).removesuffix("/status") + f"/models/{urllib.parse.quote(args.id, safe='')}/{action}"
+    key = client_key(config, getattr(args, "server__api_keys", None))
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(url, data=b"", headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10.0) as resp:  # noqa: S310 (our own URL)
+            resp.read()
+    except urllib.error.HTTPError as e:
+        detail = ""
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            detail = ": " + json.loads(e.read())["error"]["message"]
+        hint = ": give an admin key with --api-key or VRAM_LLM_API_KEY" if e.code in (401, 403) else ""
+        print(f"vram-llm: the supervisor at {url} answered HTTP {e.code}{detail or hint}", file=sys.stderr)
+        return 2 if e.code != 404 else 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"vram-llm: cannot reach the supervisor at {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 2
+    print(f"{action} of model {args.id} requested (see `vram-llm status`)")
+    return 0
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
@@ -165,12 +236,12 @@ def run(config: Config, args: argparse.Namespace) -> int:
         hint = ": give an admin key with --api-key or VRAM_LLM_API_KEY" if e.code in (401, 403) else ""
         print(f"vram-llm: the supervisor at {url} answered HTTP {e.code}{hint}", file=sys.stderr)
         return 2
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, msgspec.DecodeError) as e:
         reason = getattr(e, "reason", e)
         print(f"vram-llm: cannot reach the supervisor at {url}: {reason}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
-        print(json.dumps(st, indent=2))
+        print(json.dumps(msgspec.to_builtins(st), indent=2))
     else:
         print(render(st, url))
-    return 0 if st.get("state") == "ready" else 1
+    return 0 if st.state == "ready" else 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import contextlib
 import enum
 import logging
@@ -48,6 +47,7 @@ from supervisor.restart import (
     prune_failures,
 )
 from supervisor.states import StateMachine, WorkerState
+from supervisor.status import LastExit, RamCache, RequestCounts, RestartRecord, Status, WorkerStatus
 from worker.protocol import Health, LaunchSpec, health_decoder, is_oom_line
 
 log = logging.getLogger("vram_llm.worker")
@@ -116,16 +116,11 @@ class WorkerHandle:
     in_flight: int = 0  # requests sent to this worker and not finished yet
 
 
-@dataclass
-class RestartRecord:
-    at: float  # wall-clock time, for people
-    kind: str
-    reason: str
-
-
 class _Command(enum.Enum):
     RELOAD = "reload"
     SHUTDOWN = "shutdown"
+    LOAD = "load"  # a parked (unloaded) model: start it
+    UNLOAD = "unload"  # stop the worker once its requests are done and stay parked
 
 
 class _Outcome(enum.Enum):
@@ -134,6 +129,17 @@ class _Outcome(enum.Enum):
     LOAD_STALL = "load_stall"
     RELOAD = "reload"
     SHUTDOWN = "shutdown"
+    UNLOAD = "unload"
+
+
+class NoRoom(Exception):
+    """The fleet cannot place the model now (no room, or busy models did not go idle in
+    time): the manager parks it and the requests waiting for it get 503 with this reason."""
+
+    def __init__(self, reason: str, retry_after_s: int = 5) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -203,6 +209,8 @@ class WorkerManager:
         runtime_dir: Path,
         on_state: Callable[[WorkerState, str], None] | None = None,
         on_progress: Callable[[float], None] | None = None,
+        parked: bool = False,
+        name: str = "worker",
     ) -> None:
         # The configuration is read where it is used, so a SIGHUP reload changes the
         # timeouts and the restart policy too, not only the plan.
@@ -225,13 +233,24 @@ class WorkerManager:
         self._next_attempt_at: float | None = None
         self._restarts: collections.deque[RestartRecord] = collections.deque(maxlen=50)
         self._stderr: collections.deque[str] = collections.deque(maxlen=config().worker.stderr_lines)
-        self._last_exit: dict[str, Any] | None = None
+        self._last_exit: LastExit | None = None
         self._adjust: PlanAdjust | None = None
         self._oom_step = 0
         self._oom_exhausted = False
         self._ladder_base: Launch | None = None  # the plan the OOM ladder shrinks from
         self._launch: Launch | None = None
         self._stopping = False
+        # Several models (supervisor/fleet.py): a parked manager has no worker and starts one
+        # only on LOAD; ``_hold`` keeps new requests waiting while the fleet drains it for an
+        # eviction; ``_refused`` answers them at once when the fleet could not place it.
+        self._parked = parked
+        self._hold = False
+        self._refused: NoRoom | None = None
+        self._load_queued = False
+        self.name = name
+        self.swaps_in = 0  # loads after the first (a model swapped back in)
+        self.parks = 0  # times it was unloaded (the fleet waits for this to move)
+        self.last_used = 0.0  # loop time of the last request taken
         self.counters = Counters()
         self.started_wall = time.time()
 
@@ -300,59 +319,59 @@ class WorkerManager:
             return None
         return run.proc.pid, run.last_health
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Status:
         """Everything /status shows about the worker (GPU readings are added by app)."""
         run = self._run
         now = asyncio.get_running_loop().time()
-        worker: dict[str, Any] | None = None
+        worker: WorkerStatus | None = None
         if run is not None:
-            worker = {
-                "pid": run.proc.pid,
-                "generation": run.gen,
-                "started_at": run.started_wall,
-                "uptime_s": round(now - run.started_mono, 3),
-                "ready_for_s": None if run.ready_mono is None else round(now - run.ready_mono, 3),
-                "load_progress": run.progress,
-            }
+            worker = WorkerStatus(
+                pid=run.proc.pid,
+                generation=run.gen,
+                started_at=run.started_wall,
+                uptime_s=round(now - run.started_mono, 3),
+                ready_for_s=None if run.ready_mono is None else round(now - run.ready_mono, 3),
+                load_progress=run.progress,
+            )
             if run.last_health is not None:
-                worker["active"] = run.last_health.active
-                worker["queued"] = run.last_health.queued
-                worker["seconds_since_token"] = run.last_health.seconds_since_token
-                worker["requests_served"] = run.last_health.requests_served
-                worker["cache_hits"] = run.last_health.cache_hits
-                worker["cache_tokens_reused"] = run.last_health.cache_tokens_reused
-                worker["ram_cache"] = {
-                    "entries": run.last_health.ram_cache_entries,
-                    "bytes": run.last_health.ram_cache_bytes,
-                    "hits": run.last_health.ram_cache_hits,
-                    "tokens_saved": run.last_health.ram_cache_tokens_saved,
-                }
+                worker.active = run.last_health.active
+                worker.queued = run.last_health.queued
+                worker.seconds_since_token = run.last_health.seconds_since_token
+                worker.requests_served = run.last_health.requests_served
+                worker.cache_hits = run.last_health.cache_hits
+                worker.cache_tokens_reused = run.last_health.cache_tokens_reused
+                worker.ram_cache = RamCache(
+                    entries=run.last_health.ram_cache_entries,
+                    bytes=run.last_health.ram_cache_bytes,
+                    hits=run.last_health.ram_cache_hits,
+                    tokens_saved=run.last_health.ram_cache_tokens_saved,
+                )
             if run.psproc is not None:
                 with contextlib.suppress(psutil.Error):
                     with run.psproc.oneshot():
-                        worker["rss_mib"] = round(run.psproc.memory_info().rss / 2**20, 1)
-                        worker["cpu_percent"] = run.psproc.cpu_percent(interval=None)
+                        worker.rss_mib = round(run.psproc.memory_info().rss / 2**20, 1)
+                        worker.cpu_percent = run.psproc.cpu_percent(interval=None)
         next_in = self.next_attempt_in_s()
-        return {
-            "state": self.state.value,
-            "reason": self.reason,
-            "worker": worker,
-            "restarts": self.counters.restarts_total,  # the history below keeps the last 50
-            "restart_history": [dataclasses.asdict(r) for r in self._restarts],
-            "failure_streak": self.failure_streak(),
-            "crash_loop": self.crash_loop,
-            "backoff_delay_s": None if self._backoff is None else self._backoff.delay_s,
-            "next_attempt_in_s": None if next_in is None else round(next_in, 3),
-            "last_exit": self._last_exit,
-            "stderr_tail": list(self._stderr)[-40:],
-            "plan": None if self._launch is None else self._launch.plan,
-            "oom_adjustment": None if self._adjust is None else self._adjust.description,
-            "requests": {
-                "in_flight": self.counters.in_flight,
-                "waiting_for_worker": self.counters.waiting,
-                "served": self.counters.served,
-            },
-        }
+        return Status(
+            state=self.state.value,
+            reason=self.reason,
+            worker=worker,
+            restarts=self.counters.restarts_total,  # the history below keeps the last 50
+            restart_history=list(self._restarts),
+            failure_streak=self.failure_streak(),
+            crash_loop=self.crash_loop,
+            backoff_delay_s=None if self._backoff is None else self._backoff.delay_s,
+            next_attempt_in_s=None if next_in is None else round(next_in, 3),
+            last_exit=self._last_exit,
+            stderr_tail=list(self._stderr)[-40:],
+            plan=None if self._launch is None else self._launch.plan,
+            oom_adjustment=None if self._adjust is None else self._adjust.description,
+            requests=RequestCounts(
+                in_flight=self.counters.in_flight,
+                waiting_for_worker=self.counters.waiting,
+                served=self.counters.served,
+            ),
+        )
 
     async def acquire(self, timeout_s: float, not_gen: int | None = None, *, slot: bool = True) -> WorkerHandle:
         """Wait (bounded) for a ready worker; ``not_gen`` skips a generation known dead.
@@ -368,10 +387,16 @@ class WorkerManager:
         try:
             while True:
                 h = self._handle
-                if self.state is WorkerState.READY and h is not None and h.gen != not_gen:
+                if self._refused is not None:
+                    raise NotReady(self.state, self._refused.reason, self._refused.retry_after_s)
+                if self._parked:
+                    # A request for an unloaded model (or one evicted while it waited) loads it.
+                    self.request_load()
+                if self.state is WorkerState.READY and h is not None and h.gen != not_gen and not self._hold:
                     # A newcomer does not overtake requests already waiting for a slot.
                     if not slot or (h.generating < h.slots and (queued or self.counters.waiting == 0)):
                         h.in_flight += 1
+                        self.last_used = loop.time()
                         if slot:
                             h.generating += 1
                             if queued and h.generating < h.slots:
@@ -429,6 +454,39 @@ class WorkerManager:
     def request_reload(self) -> None:
         self._commands.put_nowait(_Command.RELOAD)
 
+    @property
+    def parked(self) -> bool:
+        """No worker, and none will start until ``request_load``."""
+        return self._parked
+
+    @property
+    def ready_since(self) -> float | None:
+        """Loop time the current worker became ready (None: no ready worker)."""
+        run = self._run
+        return None if run is None else run.ready_mono
+
+    @property
+    def active(self) -> int:
+        """Requests the worker is answering now (taken by ``acquire``, not yet released)."""
+        h = self._handle
+        return 0 if h is None else h.in_flight
+
+    def request_load(self) -> None:
+        """Start a parked model (a no-op for a loaded one). Clears a previous refusal so
+        the requests that asked for it wait for the load."""
+        self._refused = None
+        if self._parked and not self._load_queued:
+            self._load_queued = True
+            self._commands.put_nowait(_Command.LOAD)
+
+    def request_unload(self) -> None:
+        self._commands.put_nowait(_Command.UNLOAD)
+
+    def hold_new(self, on: bool) -> None:
+        """While on, new requests wait (the fleet is draining this model to evict it)."""
+        self._hold = on
+        self._signal_change()
+
     def request_shutdown(self) -> None:
         self._stopping = True
         self._signal_change()
@@ -463,20 +521,36 @@ class WorkerManager:
 
     async def run(self) -> None:
         """The lifecycle loop. Returns after a shutdown command, with no worker left."""
-        cmd_task: asyncio.Task[_Command] = asyncio.ensure_future(self._commands.get())
+        cmd_task: asyncio.Task[_Command] = asyncio.ensure_future(self._next_command())
         try:
             while True:
-                if self.state is WorkerState.FAILED:
+                if self._parked:
                     cmd = await cmd_task
-                    cmd_task = asyncio.ensure_future(self._commands.get())
+                    cmd_task = asyncio.ensure_future(self._next_command())
                     if cmd is _Command.SHUTDOWN:
                         return
+                    if cmd is _Command.LOAD:
+                        self._parked = False
+                        self._reset_history()
+                        if self._gen > 0:
+                            self.swaps_in += 1
+                    continue
+                if self.state is WorkerState.FAILED:
+                    cmd = await cmd_task
+                    cmd_task = asyncio.ensure_future(self._next_command())
+                    if cmd is _Command.SHUTDOWN:
+                        return
+                    if cmd is _Command.UNLOAD:
+                        self._park("unloaded")
+                        continue
                     self._reset_history()
                     self._move(WorkerState.STOPPED, "reload requested: starting again")
                     continue
                 outcome, cmd_task = await self._start_and_supervise(cmd_task)
                 if outcome is _Outcome.SHUTDOWN:
                     return
+                if outcome is _Outcome.UNLOAD:
+                    continue
                 if outcome is _Outcome.RELOAD:
                     self._reset_history()
                     continue
@@ -496,9 +570,14 @@ class WorkerManager:
                 self._move(WorkerState.BACKOFF, decision.reason)
                 got = await self._wait_cmd(cmd_task, decision.delay_s)
                 if got is not None:
-                    cmd_task = asyncio.ensure_future(self._commands.get())
+                    cmd_task = asyncio.ensure_future(self._next_command())
                     if got is _Command.SHUTDOWN:
                         return
+                    if got is _Command.UNLOAD:
+                        self._park("unloaded")
+                        continue
+                    if got is _Command.LOAD:
+                        continue  # it starts now rather than at the end of the delay
                     self._reset_history()
         finally:
             cmd_task.cancel()
@@ -508,6 +587,23 @@ class WorkerManager:
                 await self._stop_run(self._run, "supervisor is shutting down")
             if self.state is not WorkerState.STOPPED:
                 self._move(WorkerState.STOPPED, "supervisor stopped")
+
+    async def _next_command(self) -> _Command:
+        cmd = await self._commands.get()
+        if cmd is _Command.LOAD:
+            self._load_queued = False  # the next request_load queues one again
+        return cmd
+
+    def _park(self, reason: str) -> None:
+        self.parks += 1
+        self._parked = True
+        self._hold = False
+        if self.state is WorkerState.STOPPED:
+            self._reason = reason
+            log.info("%s: %s", self.name, reason)
+            self._signal_change()
+        else:
+            self._move(WorkerState.STOPPED, reason)
 
     def _reset_history(self) -> None:
         self._failures.clear()
@@ -529,6 +625,10 @@ class WorkerManager:
         socket_path = str(self._runtime_dir / f"worker-{gen}.sock")
         try:
             launch = await self._prepare(self._adjust, socket_path)
+        except NoRoom as e:
+            self._refused = e
+            self._park(f"not loaded: {e.reason}")
+            return _Outcome.UNLOAD, cmd_task
         except PlanFailed as e:
             self._record_failure(Failure(at=loop.time(), kind=FailureKind.PERMANENT, detail=str(e), ran_for_s=0.0))
             return _Outcome.EXITED, cmd_task
@@ -538,17 +638,21 @@ class WorkerManager:
             return _Outcome.EXITED, cmd_task
         self._run = run
         outcome, cmd_task = await self._supervise(run, cmd_task)
-        if outcome is _Outcome.RELOAD:
-            outcome, cmd_task = await self._drain(run, cmd_task)
+        if outcome in (_Outcome.RELOAD, _Outcome.UNLOAD):
+            outcome, cmd_task = await self._drain(run, cmd_task, outcome)
         reason = {
             _Outcome.SHUTDOWN: "supervisor is shutting down",
             _Outcome.RELOAD: "reload requested",
+            _Outcome.UNLOAD: "unloaded",
             _Outcome.HANG: "worker hung",
             _Outcome.LOAD_STALL: "load made no progress",
             _Outcome.EXITED: "worker exited",
         }[outcome]
         await self._stop_run(run, reason)
         self._run = None
+        if outcome is _Outcome.UNLOAD:
+            self._park(f"unloaded (worker pid {run.proc.pid} stopped)")
+            return outcome, cmd_task
         if outcome in (_Outcome.SHUTDOWN, _Outcome.RELOAD):
             if outcome is _Outcome.RELOAD:
                 self._move(WorkerState.STOPPED, "reload requested: re-planning")
@@ -560,20 +664,20 @@ class WorkerManager:
         return _Outcome.EXITED, cmd_task
 
     async def _drain(
-        self, run: _Run, cmd_task: asyncio.Task[_Command]
+        self, run: _Run, cmd_task: asyncio.Task[_Command], why: _Outcome = _Outcome.RELOAD
     ) -> tuple[_Outcome, asyncio.Task[_Command]]:
         """Before a reload stops the worker: new requests wait for the next worker while
         the ones it is answering finish (bounded by shutdown.grace_s). Stopping it at once
         would cut their answers short (issue 13)."""
         h = self._handle
         if h is None or h.gen != run.gen or h.in_flight == 0 or run.proc.returncode is not None:
-            return _Outcome.RELOAD, cmd_task
+            return why, cmd_task
         loop = asyncio.get_running_loop()
         grace = self._config().shutdown.grace_s
         deadline = loop.time() + grace
         self._move(
             WorkerState.STOPPING,
-            f"reload requested: worker pid {run.proc.pid} finishes {h.in_flight} request(s) first "
+            f"{why.value} requested: worker pid {run.proc.pid} finishes {h.in_flight} request(s) first "
             f"(up to {grace:g}s); new requests wait for the next worker",
         )
         while h.in_flight > 0:
@@ -594,13 +698,13 @@ class WorkerManager:
                 changed.cancel()
             if cmd_task in done:
                 cmd = cmd_task.result()
-                cmd_task = asyncio.ensure_future(self._commands.get())
+                cmd_task = asyncio.ensure_future(self._next_command())
                 if cmd is _Command.SHUTDOWN:
                     return _Outcome.SHUTDOWN, cmd_task
                 # Another reload while draining: the next start reads the newest config anyway.
             if run.exit_task in done:
                 break
-        return _Outcome.RELOAD, cmd_task
+        return why, cmd_task
 
     async def _spawn(self, gen: int, launch: Launch) -> _Run | None:
         loop = asyncio.get_running_loop()
@@ -705,8 +809,11 @@ class WorkerManager:
             done, _ = await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
             if cmd_task in done:
                 cmd = cmd_task.result()
-                cmd_task = asyncio.ensure_future(self._commands.get())
-                return (_Outcome.SHUTDOWN if cmd is _Command.SHUTDOWN else _Outcome.RELOAD), cmd_task
+                cmd_task = asyncio.ensure_future(self._next_command())
+                if cmd is _Command.LOAD:
+                    continue  # already loaded
+                outcome = {_Command.SHUTDOWN: _Outcome.SHUTDOWN, _Command.UNLOAD: _Outcome.UNLOAD}
+                return outcome.get(cmd, _Outcome.RELOAD), cmd_task
             if run.exit_task in done:
                 return _Outcome.EXITED, cmd_task
             now = loop.time()
@@ -804,15 +911,15 @@ class WorkerManager:
                 detail += f": {run.oom_line.strip()}"
             elif kind is FailureKind.PERMANENT and self._stderr:
                 detail += f": {self._stderr[-1].strip()}"
-        self._last_exit = {
-            "pid": run.proc.pid,
-            "code": code,
-            "description": describe_exit(code) if code is not None else None,
-            "kind": kind.value,
-            "detail": detail,
-            "at": time.time(),
-            "ran_for_s": round(ran_for, 3),
-        }
+        self._last_exit = LastExit(
+            pid=run.proc.pid,
+            code=code,
+            description=describe_exit(code) if code is not None else None,
+            kind=kind.value,
+            detail=detail,
+            at=time.time(),
+            ran_for_s=round(ran_for, 3),
+        )
         return Failure(at=loop.time(), kind=kind, detail=detail, ran_for_s=ran_for)
 
     def _record_failure(self, failure: Failure) -> None:

@@ -86,6 +86,7 @@ class Supervisor:
         args: list[str] | None = None,
         fake_worker: bool = False,
         preexec: Callable[[], None] | None = None,
+        extra_toml: str = "",
     ) -> None:
         self.tmp = tmp
         self.port = free_port()
@@ -96,6 +97,8 @@ class Supervisor:
         if fake_worker:
             secs.setdefault("worker", {}).setdefault("command", [sys.executable, str(FAKE_WORKER)])
         self.config_path = write_config(tmp / "config.toml", secs)
+        if extra_toml:  # e.g. [[models]] tables, which write_config does not write
+            self.config_path.write_text(self.config_path.read_text() + "\n" + extra_toml)
         self.log_path = tmp / "supervisor.log"
         self._log = open(self.log_path, "wb")
         full_env = dict(os.environ)

@@ -88,3 +88,13 @@ def test_extensions_bench_runs(tmp_path: Path) -> None:
         col = res["kinds"][kind]["columns"]["vram-llm"]
         assert (col["failed"], col["wrong_length"], col["ids_match_usage"]) == (0, 0, 2)
     assert res["kinds"]["warm"]["columns"]["vram-llm"]["ignored_header"] == "timings_per_token"
+
+
+def test_placement_time_runs() -> None:
+    proc = run_module("bench.placement_time", timeout=120)
+    assert "evict several" in proc.stdout and "only busy ones in the way" in proc.stdout, proc.stdout
+
+
+def test_swap_time_runs() -> None:
+    proc = run_module("bench.swap_time", "--rounds", "2", timeout=240)
+    assert "median first token after a swap" in proc.stdout and "swaps counted: 2" in proc.stdout, proc.stdout

@@ -69,10 +69,11 @@ def test_failures_outside_the_window_do_not_count() -> None:
 def test_stable_run_resets_the_streak() -> None:
     fails = crashes(0.0, 1.0, 3.0, 7.0, 15.0)
     assert decide(P, fails, now=15.0).delay_s == 16.0
-    # The worker then ran 300s before crashing: back to the initial delay...
+    # The worker then ran 300s before crashing: the first failure after a stable run
+    # restarts at once (issue 12; it was the initial delay)...
     fails.append(Failure(at=320.0, kind=K.CRASH, detail="exit code -11 (SIGSEGV)", ran_for_s=300.0))
     d = decide(P, fails, now=320.0)
-    assert (d.action, d.delay_s) == ("restart", 1.0)
+    assert (d.action, d.delay_s) == ("restart", 0.0)
     # ...and the next quick crash is the second of the new streak, not the seventh overall.
     fails.append(Failure(at=322.0, kind=K.CRASH, detail="exit code 1", ran_for_s=0.5))
     d = decide(P, fails, now=322.0)
@@ -162,7 +163,7 @@ def test_crash_loop_ends_after_a_stable_run() -> None:
     assert decide(P, fails, now=10.0).crash_loop
     fails.append(Failure(at=400.0, kind=K.CRASH, detail="exit code 1", ran_for_s=300.0))
     d = decide(P, fails, now=400.0)
-    assert (d.action, d.delay_s, d.crash_loop) == ("restart", 1.0, False)
+    assert (d.action, d.delay_s, d.crash_loop) == ("restart", 0.0, False)  # at once after a stable run
 
 
 def test_crash_loop_ends_when_its_failures_leave_the_window() -> None:

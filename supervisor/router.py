@@ -1,0 +1,142 @@
+"""Several models: route each /v1 request to its model's proxy by the request's "model".
+
+Rules of this module:
+- OpenAI semantics: the JSON body's ``model`` picks the model; no ``model`` (or a request
+  without a JSON body, e.g. a GET) goes to the first model of the list; an unknown id is a
+  404 ``model_not_found`` in OpenAI's error shape, answered without touching any worker.
+- ``GET /v1/models`` is answered here: the supervisor knows every configured model, loaded
+  or not, and where it is.
+- A request for a model that is not loaded asks for it to be loaded and then waits like
+  any request waiting for a worker (admission.wait_timeout_s, admission.queue_size).
+- With a single model none of this runs: the proxy serves /v1 directly, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+from aiohttp import web
+
+from supervisor.access_log import record
+from supervisor.fleet import Fleet, status_rows
+from supervisor.proxy import Proxy, openai_error
+from worker.protocol import LaunchSpec
+
+# Bodies are read whole to find "model"; larger ones are refused before reading (the
+# worker's own limit, LaunchSpec.max_body_bytes, is the same by default).
+MAX_BODY = LaunchSpec(model_path="", socket_path="").max_body_bytes
+
+
+class _ModelField(msgspec.Struct):
+    model: str | None = None  # every other field is ignored here
+
+
+_decode_model = msgspec.json.Decoder(_ModelField).decode
+
+
+def model_not_found(mid: str) -> web.Response:
+    return openai_error(
+        404, f"The model '{mid}' does not exist", type_="invalid_request_error", code="model_not_found"
+    )
+
+
+class Router:
+    def __init__(self, fleet: Fleet, wait_timeout_s: float, body_timeout_s: float) -> None:
+        self._fleet = fleet
+        self._body_timeout_s = body_timeout_s
+        self._created = int(time.time())
+        self.proxies = {
+            mid: Proxy(mgr, lambda p=fleet.preparers[mid]: p.config.admission.wait_timeout_s, body_timeout_s)  # type: ignore[misc]
+            for mid, mgr in fleet.managers.items()
+        }
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: one card, or 404 model_not_found."""
+        mid = request.match_info["id"]
+        card = next((c for c in self._cards() if c["id"] == mid), None)
+        if card is None:
+            return model_not_found(mid)
+        return web.Response(body=msgspec.json.encode(card), content_type="application/json")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=msgspec.json.encode({"object": "list", "data": self._cards()}), content_type="application/json"
+        )
+
+    def _cards(self) -> list[dict[str, object]]:
+        data: list[dict[str, object]] = []
+        for row in status_rows(self._fleet):
+            gpus = sorted(set(row["measured_mib"]) | set(row["planned_mib"]))
+            data.append(
+                {
+                    "id": row["id"],
+                    "object": "model",
+                    "created": self._created,
+                    "owned_by": "vram-llm",
+                    # Beyond OpenAI's shape: where the model is and what it holds.
+                    "loaded": row["loaded"],
+                    "state": row["state"],
+                    "gpus": gpus,
+                    "mib": sum((row["measured_mib"] or row["planned_mib"]).values()),
+                    "pinned": row["pinned"],
+                }
+            )
+        return data
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, at most MAX_BODY bytes (ValueError beyond), with no gap between
+        two reads longer than server.body_timeout_s (asyncio.TimeoutError)."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await asyncio.wait_for(request.content.readany(), self._body_timeout_s)
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise ValueError(size)
+            parts.append(chunk)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        mid = self._fleet.first
+        raw: bytes | None = None
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length > MAX_BODY:
+                return openai_error(
+                    413,
+                    f"the request body ({length} bytes) is larger than the {MAX_BODY} bytes accepted",
+                    type_="invalid_request_error",
+                    code="request_too_large",
+                )
+            try:
+                raw = await self._read_body(request)
+            except ValueError:
+                return openai_error(
+                    413,
+                    f"the request body is larger than the {MAX_BODY} bytes accepted",
+                    type_="invalid_request_error",
+                    code="request_too_large",
+                )
+            except asyncio.TimeoutError:
+                resp = openai_error(
+                    408,
+                    f"the request body did not arrive within {self._body_timeout_s:g}s",
+                    type_="invalid_request_error",
+                    code="request_timeout",
+                )
+                resp.force_close()
+                return resp
+            try:
+                named = _decode_model(raw).model
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                named = None  # not JSON, or "model" not a string: the worker explains
+            if named:
+                mid = named
+        if mid not in self._fleet.managers:
+            return model_not_found(mid)
+        record(request).model = mid
+        self._fleet.load(mid)  # a no-op when loaded; otherwise the request waits for the load
+        return await self.proxies[mid].handle(request, prebody=raw)

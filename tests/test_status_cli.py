@@ -48,7 +48,7 @@ def test_render_shows_the_prompt_caches() -> None:
         "state": "ready",
         "reason": "",
         "worker": {
-            "pid": 5, "generation": 1, "uptime_s": 10.0, "active": 2, "queued": 0, "requests_served": 9,
+            "pid": 5, "generation": 1, "started_at": 1.0, "uptime_s": 10.0, "active": 2, "queued": 0, "requests_served": 9,
             "cache_hits": 3, "cache_tokens_reused": 1200,
             "ram_cache": {"entries": 2, "bytes": 50 * 2**20, "hits": 1, "tokens_saved": 600},
         },

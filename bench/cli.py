@@ -245,7 +245,7 @@ async def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
             for n in args.lengths:
                 log(f"generation: {n} tokens x {len(args.prompts)} prompts x {args.repeats[n]} rounds x {len(columns)} columns")
                 runs: dict[str, list[dict[str, Any]]] = {c: [] for c in columns}
-                for c, fn in columns.items():  # warm-up (page cache, first-call allocations)
+                for fn in columns.values():  # warm-up (page cache, first-call allocations)
                     await fn(completion_body(args.prompts[0], 4, eog_bias, True))
                 for rnd in range(args.repeats[n]):
                     for i, prompt in enumerate(args.prompts):

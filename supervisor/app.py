@@ -17,8 +17,9 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import msgspec
 import psutil
@@ -29,15 +30,14 @@ from prometheus_client.registry import Collector
 
 from supervisor.access_log import RequestLog
 from supervisor.auth import KeyStore
-from supervisor.config import Config, resolved_runtime_dir
-from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
-from supervisor.config import resolved_models
+from supervisor.config import Config, resolved_models, resolved_runtime_dir
 from supervisor.fleet import Fleet, status_rows
 from supervisor.gpus import make_probe
+from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
 from supervisor.launch import Preparer, default_entry_path
-from supervisor.router import Router, model_not_found
 from supervisor.metrics import ServingMetrics
 from supervisor.proxy import Proxy, openai_error
+from supervisor.router import Router, model_not_found
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
 from supervisor.status import GpuNow, ModelRow, SupervisorInfo

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Coroutine, NoReturn
+from typing import Any, NoReturn
 
-from supervisor.config import Config, ConfigError, load_config as load_config_file
+from supervisor.config import Config, ConfigError
+from supervisor.config import load_config as load_config_file
 from supervisor.gpus import GpuProbeError
 from supervisor.model import ModelError
 from supervisor.planning import make_plan
@@ -195,10 +195,9 @@ def configure_logging(level: str | int = "INFO", fmt: str = "text", environ: Map
 
 
 def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
-    from supervisor.plan_report import plan_json, render_plan
-
     from supervisor.config import resolved_models
     from supervisor.launch import default_entry_path
+    from supervisor.plan_report import plan_json, render_plan
 
     entries = resolved_models(cfg, default_entry_path)
     if len(entries) == 1:

@@ -20,8 +20,8 @@ from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
 from supervisor.gpus import GpuProbe, GpuProbeError, Inventory, make_probe
 from supervisor.model import ModelError, read_model_facts
 from supervisor.nvml import process_gpu_memory
-from supervisor.planner import Plan
 from supervisor.plan_report import render_plan
+from supervisor.planner import Plan
 from supervisor.planning import make_plan, resolve_model_path
 from supervisor.restart import PlanAdjust
 from supervisor.worker_process import Launch, PlanFailed

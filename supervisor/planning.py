@@ -19,7 +19,6 @@ from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, FitParams, Plan, PlanSet
 from supervisor.restart import PlanAdjust
 
 
-
 def resolve_model_path(cfg: Config, entry: ModelEntry | None = None) -> str:
     """The model's file: the entry's (several models) or [model]'s; empty means the
     embedded default model."""

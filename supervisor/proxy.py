@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import msgspec
@@ -111,7 +111,7 @@ class _ReplayableBody:
             yield chunk
 
 
-def _forward_headers(headers: "aiohttp.typedefs.LooseHeaders") -> dict[str, str]:
+def _forward_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}  # type: ignore[union-attr]
 
 

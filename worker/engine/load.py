@@ -19,7 +19,6 @@ never run out of cells because of the others. The price is KV memory growing wit
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import threading
 from collections.abc import Callable

@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor.access_log import RequestLog
-from supervisor.auth import KeyStore
+from supervisor.auth import WORKER_ROOT_PATHS, KeyStore
 from supervisor.config import Config, resolved_runtime_dir
 from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
 from supervisor.launch import Preparer
@@ -153,6 +153,9 @@ def build_app(mgr: WorkerManager, preparer: Preparer, guard: ConnectionGuard | N
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
     app.router.add_route("*", "/v1/{tail:.*}", proxy.handle, expect_handler=proxy.expect_handler)
+    # llama-server's tokenizer endpoints live at the root; the worker answers them.
+    for path in WORKER_ROOT_PATHS:
+        app.router.add_route("*", path, proxy.handle, expect_handler=proxy.expect_handler)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 

@@ -153,6 +153,35 @@ class _StrictCompletion(CompletionRequest, forbid_unknown_fields=True, kw_only=T
     pass
 
 
+# --- llama-server's tokenizer endpoints -------------------------------------------------
+
+
+class TokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    content: str
+    add_special: bool = False  # llama-server's default: no BOS
+    parse_special: bool = True  # "<|im_end|>" in the text is the special token
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    tokens: list[TokenId]
+
+
+class ApplyTemplateRequest(msgspec.Struct):
+    # Unknown fields tolerated: a client sends the body of its chat request as it is.
+    messages: Annotated[list[Message], Meta(min_length=1)]
+
+
+def decode_as(cls: type[Any], body: bytes) -> Any:
+    """A small endpoint's request (no unknown-field forgiveness: these are not OpenAI's)."""
+    if not body.strip():
+        raise RequestError("the request body is empty: send a JSON object", code="invalid_json")
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise _request_error(e) from None
+
+
 class RequestError(Exception):
     """A client error, rendered as an OpenAI-shaped JSON body."""
 
@@ -346,7 +375,13 @@ def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[st
         raise RequestError("tools are not supported", param="tools", code="unsupported")
     if req.top_logprobs is not None:
         raise RequestError("top_logprobs is not supported", param="top_logprobs", code="unsupported")
-    for i, msg in enumerate(req.messages):
+    check_messages(req.messages)
+    return req, ignored
+
+
+def check_messages(messages: list[Message]) -> None:
+    """Only text parts; content required except on an assistant message."""
+    for i, msg in enumerate(messages):
         if isinstance(msg.content, list):
             for j, part in enumerate(msg.content):
                 if not isinstance(part, TextPart):
@@ -361,7 +396,6 @@ def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[st
                 param=f"messages[{i}].content",
                 code="invalid_value",
             )
-    return req, ignored
 
 
 def decode_completion(

@@ -311,6 +311,9 @@ class WorkerServer:
         app.router.add_get("/v1/models/{model_id}", self.model)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_post("/apply-template", self.apply_template)
         return app
 
     # --- info endpoints ---
@@ -370,15 +373,57 @@ class WorkerServer:
                 type="server_error", code="model_loading", status=503,
             )
 
+    # --- llama-server's tokenizer endpoints (prompt budgeting against n_ctx) ---
+
+    async def _off_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run a tokenizer call in a helper thread; a bad token id is a 400."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
+        except InvalidInput as e:
+            raise oai.RequestError(e.message, param=e.param, code=e.code) from None
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        req = oai.decode_as(oai.TokenizeRequest, await request.read())
+        engine = self.engine
+
+        def run() -> list[Any]:
+            ids = engine.tokenize(req.content, req.add_special, req.parse_special)
+            if not req.with_pieces:
+                return ids
+            out: list[Any] = []
+            for t in ids:
+                raw = engine.piece(t)
+                try:  # llama-server: the piece as text, or its bytes when not valid UTF-8
+                    piece: Any = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    piece = list(raw)
+                out.append({"id": t, "piece": piece})
+            return out
+
+        return _json_response(_enc.encode({"tokens": await self._off_loop(run)}))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        req = oai.decode_as(oai.DetokenizeRequest, await request.read())
+        content = await self._off_loop(lambda: self.engine.detokenize(req.tokens))
+        return _json_response(_enc.encode({"content": content}))
+
+    async def apply_template(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        req = oai.decode_as(oai.ApplyTemplateRequest, await request.read())
+        oai.check_messages(req.messages)
+        messages = _chat_messages(req.messages)
+        prompt = await self._off_loop(lambda: self.engine.apply_template(messages))
+        return _json_response(_enc.encode({"prompt": prompt}))
+
     # --- generation endpoints ---
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self._require_ready()
         req, ignored = oai.decode_chat(await request.read(), self.spec.strict_params)
         headers = self._ignored_params(request, ignored)
-        messages = [
-            ChatMessage(m.role, oai.message_text(m), m.name, m.tool_call_id) for m in req.messages
-        ]
+        messages = _chat_messages(req.messages)
         sampling = _sampling(req, oai.max_tokens_of(req, None), req.response_format)
         prepared = await self._prepare(
             lambda: self.engine.prepare_chat(messages, sampling), "messages"
@@ -651,6 +696,10 @@ class WorkerServer:
             request, prepared, first, lambda text, ids: chunk(text, None, ids), final,
             with_ids, headers,
         )
+
+
+def _chat_messages(messages: list[oai.Message]) -> list[ChatMessage]:
+    return [ChatMessage(m.role, oai.message_text(m), m.name, m.tool_call_id) for m in messages]
 
 
 def _sampling(req: Any, max_tokens: int | None, fmt: Any) -> Sampling:

@@ -102,6 +102,26 @@ class Engine:
         assert self._preparer is not None
         return self._preparer.prepare_completion(prompt, sampling)
 
+    def apply_template(self, messages: list[ChatMessage]) -> str:
+        self._require()
+        assert self._preparer is not None
+        return self._preparer.apply_template(messages)
+
+    def tokenize(self, content: str, add_special: bool, parse_special: bool) -> list[int]:
+        self._require()
+        assert self._preparer is not None
+        return self._preparer.tokenize(content, add_special, parse_special)
+
+    def piece(self, token: int) -> bytes:
+        self._require()
+        assert self._preparer is not None
+        return self._preparer.piece(token)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        self._require()
+        assert self._preparer is not None
+        return self._preparer.detokenize(tokens)
+
     # --- generating --------------------------------------------------------------------
 
     def generation(self, prepared: Prepared, cancel: threading.Event) -> Generation:

@@ -119,7 +119,8 @@ class Preparer:
         self._n_ctx = n_ctx  # one slot's context (each sequence has its own cells)
         self._eog: tuple[int, ...] | None = None  # end-of-generation token ids, once needed
 
-    def prepare_chat(self, messages: list[ChatMessage], sampling: Sampling) -> Prepared:
+    def _render_chat(self, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
+        """The chat template's prompt tokens and the format's stop strings."""
         llama = self._llama
         handler = (
             llama.chat_handler
@@ -151,8 +152,38 @@ class Preparer:
         fmt_stop = captured.get("stop") or []
         if isinstance(fmt_stop, str):
             fmt_stop = [fmt_stop]
+        return list(prompt), list(fmt_stop)
+
+    def prepare_chat(self, messages: list[ChatMessage], sampling: Sampling) -> Prepared:
+        tokens, fmt_stop = self._render_chat(messages)
         stop = tuple(dict.fromkeys([*sampling.stop, *fmt_stop]))
-        return self._prepare(list(prompt), sampling, stop, "messages")
+        return self._prepare(tokens, sampling, stop, "messages")
+
+    # --- llama-server's /tokenize, /detokenize, /apply-template -------------------------
+
+    def apply_template(self, messages: list[ChatMessage]) -> str:
+        """The prompt a chat request with these messages evaluates, as text (special
+        tokens rendered, a BOS the template did not write included)."""
+        tokens, _ = self._render_chat(messages)
+        return self.detokenize(tokens)
+
+    def tokenize(self, content: str, add_special: bool, parse_special: bool) -> list[int]:
+        return list(self._llama.tokenize(
+            content.encode("utf-8"), add_bos=add_special, special=parse_special
+        ))
+
+    def piece(self, token: int) -> bytes:
+        """A token's bytes, special tokens rendered (may be part of a UTF-8 character)."""
+        return bytes(self._llama.detokenize([token], special=True))
+
+    def detokenize(self, tokens: list[int], param: str = "tokens") -> str:
+        n_vocab = self._llama.n_vocab()
+        for i, t in enumerate(tokens):
+            if not 0 <= t < n_vocab:
+                raise InvalidInput(
+                    f"token id {t} is outside the vocabulary (0..{n_vocab - 1})", f"{param}[{i}]"
+                )
+        return bytes(self._llama.detokenize(tokens, special=True)).decode("utf-8", errors="replace")
 
     def prepare_completion(self, prompt: str | list[int], sampling: Sampling) -> Prepared:
         llama = self._llama

@@ -102,7 +102,6 @@ class _Common(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: _Ignored = None
-    logprobs: bool | None = None
     # Extensions of llama-server, vLLM and Hugging Face that their clients send as a matter
     # of course; each has the meaning its home server gives it (README "Request extensions").
     ignore_eos: bool = False
@@ -127,7 +126,8 @@ class ChatRequest(_Common, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: _Ignored = None
@@ -139,6 +139,8 @@ class ChatRequest(_Common, kw_only=True):
 class CompletionRequest(_Common, kw_only=True):
     # msgspec allows one array type per union: a list of strings or token ids, checked below.
     prompt: str | list[str | int]
+    # OpenAI's range for completions (llama-server allows more).
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     response_format: ResponseFormat | None = None
     echo: bool = False
     suffix: str | None = None
@@ -303,8 +305,6 @@ def _check_common(req: _Common) -> None:
             param="stream_options",
             code="invalid_value",
         )
-    if req.logprobs:
-        raise RequestError("logprobs are not supported", param="logprobs", code="unsupported")
     if req.n_predict == 0:
         raise RequestError(
             "n_predict 0 (evaluate the prompt only) is not supported",
@@ -373,8 +373,10 @@ def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[st
     _check_grammar_can_end(req)
     if req.tools or req.tool_choice not in (None, "none"):
         raise RequestError("tools are not supported", param="tools", code="unsupported")
-    if req.top_logprobs is not None:
-        raise RequestError("top_logprobs is not supported", param="top_logprobs", code="unsupported")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise RequestError(
+            "top_logprobs requires logprobs to be true", param="top_logprobs", code="invalid_value"
+        )
     check_messages(req.messages)
     return req, ignored
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import stat
@@ -42,6 +43,7 @@ from worker.engine import (
     Prepared,
     PromptTooLong,
     Sampling,
+    TokenLogprob,
 )
 from worker.log_limit import LogLimiter
 from worker.protocol import (
@@ -87,6 +89,61 @@ class Usage(msgspec.Struct):
 TokenIds = list[int] | UnsetType
 
 
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
+class TextLogprobs(msgspec.Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def _chat_logprobs(lps: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs([
+        ChatTokenLogprob(
+            _text(lp.piece), lp.logprob, list(lp.piece),
+            [TopLogprob(_text(p), v, list(p)) for p, v in lp.top],
+        )
+        for lp in lps
+    ])
+
+
+def _text_logprobs(lps: list[TokenLogprob], offset: int) -> TextLogprobs:
+    """Completions' shape; ``offset``: characters of the completion before these tokens."""
+    tokens = [_text(lp.piece) for lp in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    tops = []
+    for lp in lps:
+        top: dict[str, float] = {}
+        for p, v in lp.top:
+            top.setdefault(_text(p), v)  # two byte pieces may render alike: keep the likelier
+        tops.append(top)
+    return TextLogprobs(tokens, [lp.logprob for lp in lps], tops, offsets)
+
+
 class ChatMessageOut(msgspec.Struct):
     role: str
     content: str
@@ -96,7 +153,7 @@ class ChatChoice(msgspec.Struct):
     index: int
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     token_ids: TokenIds = UNSET
 
 
@@ -120,7 +177,7 @@ class ChatChunkChoice(msgspec.Struct):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     token_ids: TokenIds = UNSET  # the tokens generated since the previous chunk
 
 
@@ -142,7 +199,7 @@ class TextChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     # vLLM puts a completion's prompt tokens on the choice (streamed: the first chunk's).
     prompt_token_ids: TokenIds = UNSET
     token_ids: TokenIds = UNSET
@@ -250,18 +307,22 @@ def _cut_error() -> bytes:
 class _AsyncSink:
     """Receives a generation's events on the batch loop thread, queues them on the event loop.
 
-    A piece is queued as (text, token ids generated since the previous piece) with
-    ``with_ids`` (return_token_ids), else (text, None). It is called right after the
-    generation appended the piece's tokens, on the loop thread, so the ids match the text;
-    ``sent`` counts those handed out (read by the event loop once the end is queued).
+    A piece is queued as (text, token ids generated since the previous piece, their
+    logprobs), the ids with ``with_ids`` (return_token_ids) and the logprobs when the
+    request asked for them, else None. It is called right after the generation appended
+    the piece's tokens, on the loop thread, so the ids match the text; ``sent`` counts
+    those handed out (read by the event loop once the end is queued).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, gen: Generation, with_ids: bool) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, gen: Generation, with_ids: bool, with_logprobs: bool
+    ) -> None:
         self.queue: asyncio.Queue[object] = asyncio.Queue()
         self._call = loop.call_soon_threadsafe
         self._put = self.queue.put_nowait
         self._gen = gen
         self._with_ids = with_ids
+        self._with_logprobs = with_logprobs
         self.sent = 0
 
     def _send(self, item: object) -> None:
@@ -272,11 +333,16 @@ class _AsyncSink:
         self._send(_STARTED)
 
     def piece(self, text: str) -> None:
-        ids = None
-        if self._with_ids:
-            ids = self._gen.token_ids[self.sent :]
-            self.sent += len(ids)
-        self._send((text, ids))
+        ids = lps = None
+        if self._with_ids or self._with_logprobs:
+            gen, sent = self._gen, self.sent
+            n = len(gen.token_ids)
+            if self._with_ids:
+                ids = gen.token_ids[sent:n]
+            if self._with_logprobs:
+                lps = gen.logprobs[sent:n]
+            self.sent = n
+        self._send((text, ids, lps))
 
     def ended(self) -> None:
         self._send(_END)
@@ -288,6 +354,9 @@ class _GenerationFailed(Exception):
         self.message = gen.error or "generation failed"
         self.status = gen.error_status
 
+
+# A text piece, the token ids generated since the previous one and their logprobs.
+Piece = tuple[str, list[int] | None, list[TokenLogprob] | None]
 
 # --- the application --------------------------------------------------------------------
 
@@ -425,6 +494,8 @@ class WorkerServer:
         headers = self._ignored_params(request, ignored)
         messages = _chat_messages(req.messages)
         sampling = _sampling(req, oai.max_tokens_of(req, None), req.response_format)
+        if req.logprobs:
+            sampling = dataclasses.replace(sampling, logprobs=req.top_logprobs or 0)
         prepared = await self._prepare(
             lambda: self.engine.prepare_chat(messages, sampling), "messages"
         )
@@ -444,6 +515,7 @@ class WorkerServer:
             model=self.engine.model_id,
             choices=[ChatChoice(
                 0, ChatMessageOut("assistant", text), _finish(gen),
+                logprobs=_chat_logprobs(gen.logprobs) if req.logprobs else None,
                 token_ids=gen.token_ids if ids else UNSET,
             )],
             usage=_usage(gen),
@@ -464,6 +536,8 @@ class WorkerServer:
             prompt = req.prompt  # type: ignore[assignment]
         max_tokens = oai.max_tokens_of(req, 16)  # 16: OpenAI's default
         sampling = _sampling(req, max_tokens, req.response_format)
+        if req.logprobs is not None:
+            sampling = dataclasses.replace(sampling, logprobs=req.logprobs)
         prepared = await self._prepare(
             lambda: self.engine.prepare_completion(prompt, sampling), "prompt"
         )
@@ -483,6 +557,7 @@ class WorkerServer:
             model=self.engine.model_id,
             choices=[TextChoice(
                 0, text, _finish(gen),
+                logprobs=_text_logprobs(gen.logprobs, 0) if req.logprobs is not None else None,
                 prompt_token_ids=prepared.tokens if ids else UNSET,
                 token_ids=gen.token_ids if ids else UNSET,
             )],
@@ -523,7 +598,7 @@ class WorkerServer:
         self,
         prepared: Prepared,
         on_start: Callable[[], Awaitable[None]] | None,
-        on_pieces: Callable[[list[tuple[str, list[int] | None]]], Awaitable[None]],
+        on_pieces: Callable[[list[Piece]], Awaitable[None]],
         with_ids: bool = False,
     ) -> tuple[Generation, _AsyncSink]:
         """Queue a generation and follow it to its end; raises _GenerationFailed.
@@ -534,7 +609,9 @@ class WorkerServer:
         cancelled: the batch loop frees its slot at its next step, other slots go on.
         """
         gen = self.engine.generation(prepared, threading.Event())
-        sink = _AsyncSink(asyncio.get_running_loop(), gen, with_ids)
+        sink = _AsyncSink(
+            asyncio.get_running_loop(), gen, with_ids, prepared.sampling.logprobs is not None
+        )
         self.engine.start(gen, sink)
         queue = sink.queue
         try:
@@ -544,7 +621,7 @@ class WorkerServer:
                     if on_start is not None:
                         await on_start()
                     continue
-                out: list[tuple[str, list[int] | None]] = []
+                out: list[Piece] = []
                 while item is not _END:
                     out.append(item)  # type: ignore[arg-type]
                     if queue.empty():
@@ -564,8 +641,8 @@ class WorkerServer:
     async def _complete(self, prepared: Prepared) -> tuple[Generation, str]:
         parts: list[str] = []
 
-        async def collect(pieces: list[tuple[str, list[int] | None]]) -> None:
-            parts.extend(text for text, _ in pieces)
+        async def collect(pieces: list[Piece]) -> None:
+            parts.extend(piece[0] for piece in pieces)
 
         try:
             gen, _ = await self._run(prepared, None, collect)
@@ -580,8 +657,8 @@ class WorkerServer:
         request: web.Request,
         prepared: Prepared,
         first: bytes | None,
-        piece_chunk: Callable[[str, list[int] | None], bytes],
-        final_chunks: Callable[[Generation, list[int] | None], bytes],
+        piece_chunk: Callable[[Piece], bytes],
+        final_chunks: Callable[[Generation, Piece], bytes],
         with_ids: bool,
         headers: dict[str, str],
     ) -> web.StreamResponse:
@@ -589,7 +666,8 @@ class WorkerServer:
 
         With ``with_ids`` (return_token_ids) each piece carries the token ids generated
         since the previous one, and ``final_chunks`` gets those not sent yet (tokens whose
-        text was held back or cut by a stop string), so the chunks' ids add up to all.
+        text was held back or cut by a stop string), so the chunks' ids add up to all;
+        the same for logprobs when the request asked for them.
         """
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
@@ -604,10 +682,10 @@ class WorkerServer:
             if first is not None:
                 await resp.write(first)
 
-        async def write(pieces: list[tuple[str, list[int] | None]]) -> None:
+        async def write(pieces: list[Piece]) -> None:
             if len(times) == 1:
                 times.append(time.monotonic())
-            await resp.write(b"".join(piece_chunk(text, ids) for text, ids in pieces))
+            await resp.write(b"".join(piece_chunk(piece) for piece in pieces))
 
         try:
             gen, sink = await self._run(prepared, start, write, with_ids)
@@ -636,7 +714,11 @@ class WorkerServer:
                 ttft_s=times[1] - times[0] if len(times) > 1 else None,
                 gen_s=(gen.last_token_at or times[-1]) - times[1] if len(times) > 1 else None,
             ))
-            rest = gen.token_ids[sink.sent :] if with_ids else None
+            rest = (
+                "",
+                gen.token_ids[sink.sent :] if with_ids else None,
+                gen.logprobs[sink.sent :] if prepared.sampling.logprobs is not None else None,
+            )
             await resp.write(final_chunks(gen, rest) + trailer + STREAM_DONE)
         await resp.write_eof()
         return resp
@@ -649,11 +731,15 @@ class WorkerServer:
         model = self.engine.model_id
         chunk_cls = ChatChunkWithUsage if include_usage else ChatChunk
 
-        def chunk(delta: Delta, finish: str | None = None, ids: list[int] | None = None) -> bytes:
-            choice = ChatChunkChoice(0, delta, finish, token_ids=UNSET if ids is None else ids)
+        def chunk(delta: Delta, finish: str | None, piece: Piece) -> bytes:
+            _, ids, lps = piece
+            choice = ChatChunkChoice(
+                0, delta, finish, logprobs=None if lps is None else _chat_logprobs(lps),
+                token_ids=UNSET if ids is None else ids,
+            )
             return _sse(chunk_cls(cid, created, model, [choice]))
 
-        def final(gen: Generation, rest: list[int] | None) -> bytes:
+        def final(gen: Generation, rest: Piece) -> bytes:
             out = chunk(Delta(), _finish(gen), rest)
             if include_usage:
                 out += _sse(ChatChunkWithUsage(cid, created, model, [], usage=_usage(gen)))
@@ -666,7 +752,7 @@ class WorkerServer:
             cid, created, model, [role], prompt_token_ids=prepared.tokens if with_ids else UNSET
         ))
         return await self._stream(
-            request, prepared, first, lambda text, ids: chunk(Delta(content=text), None, ids),
+            request, prepared, first, lambda piece: chunk(Delta(content=piece[0]), None, piece),
             final, with_ids, headers,
         )
 
@@ -677,13 +763,21 @@ class WorkerServer:
         created = int(time.time())
         model = self.engine.model_id
         chunk_cls = TextChunkWithUsage if include_usage else TextChunk
+        offset = [0]  # characters of the tokens whose logprobs were sent (text_offset)
 
-        def chunk(text: str, finish: str | None = None, ids: list[int] | None = None) -> bytes:
-            choice = TextChoice(0, text, finish, token_ids=UNSET if ids is None else ids)
+        def chunk(finish: str | None, piece: Piece) -> bytes:
+            text, ids, lps = piece
+            logprobs = None
+            if lps is not None:
+                logprobs = _text_logprobs(lps, offset[0])
+                offset[0] += sum(len(t) for t in logprobs.tokens)
+            choice = TextChoice(
+                0, text, finish, logprobs=logprobs, token_ids=UNSET if ids is None else ids
+            )
             return _sse(chunk_cls(cid, created, model, [choice]))
 
-        def final(gen: Generation, rest: list[int] | None) -> bytes:
-            out = chunk("", _finish(gen), rest)
+        def final(gen: Generation, rest: Piece) -> bytes:
+            out = chunk(_finish(gen), rest)
             if include_usage:
                 out += _sse(TextChunkWithUsage(cid, created, model, [], usage=_usage(gen)))
             return out
@@ -693,8 +787,7 @@ class WorkerServer:
             choice = TextChoice(0, "", None, prompt_token_ids=prepared.tokens, token_ids=[])
             first = _sse(chunk_cls(cid, created, model, [choice]))
         return await self._stream(
-            request, prepared, first, lambda text, ids: chunk(text, None, ids), final,
-            with_ids, headers,
+            request, prepared, first, lambda piece: chunk(None, piece), final, with_ids, headers,
         )
 
 

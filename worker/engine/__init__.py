@@ -7,7 +7,7 @@ Rules for this package:
   does not go through its Python loop: the batch loop calls llama.cpp's C API directly
   (``llama_decode`` on one reused ``llama_batch``, a ``llama_sampler`` chain per request,
   ``llama_token_to_piece`` once per vocabulary entry) so the per-token Python work is a
-  few calls and no copy of the logits.
+  few calls and no copy of the logits (only a request asking for logprobs reads its row).
 - Threads: ``load()`` runs in a loader thread; ``prepare_*()`` in helper threads (they
   read the vocabulary, never the context); ONE batch-loop thread owns the context and
   runs every generation (``batch.py``).
@@ -19,7 +19,7 @@ their cached prompts), ``batch`` (the decode loop and admission), ``core`` (``En
 """
 
 from worker.engine.core import Engine
-from worker.engine.generation import Generation, Sink
+from worker.engine.generation import Generation, Sink, TokenLogprob
 from worker.engine.load import LlamaLog, LoadCancelled, LoadError, OutOfMemory
 from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, PromptTooLong, Sampling
 from worker.engine.stops import _held_back, _stop_at
@@ -37,6 +37,7 @@ __all__ = [
     "PromptTooLong",
     "Sampling",
     "Sink",
+    "TokenLogprob",
     "_held_back",
     "_stop_at",
 ]

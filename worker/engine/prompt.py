@@ -61,6 +61,9 @@ class Sampling:
     include_stop_str_in_output: bool = False  # the matched stop string / stop token is kept
     skip_special_tokens: bool = True  # False: special tokens' text is part of the output
     cache_prompt: bool = True  # False: reuse no cached prefix for this request
+    # Log-probabilities of each sampled token plus this many top alternatives (0..20);
+    # None: not asked, nothing is computed.
+    logprobs: int | None = None
 
 
 @dataclass

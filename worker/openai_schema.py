@@ -71,6 +71,41 @@ class ImagePart(msgspec.Struct, tag="image_url", tag_field="type"):
 ContentPart = TextPart | ImagePart
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+# OpenAI's rule for a function name.
+FunctionName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionDef(msgspec.Struct, forbid_unknown_fields=True):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(msgspec.Struct, forbid_unknown_fields=True):
+    name: FunctionName
+
+
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class CalledFunction(msgspec.Struct):
+    name: str
+    arguments: str = "{}"  # a JSON object as a string (OpenAI's shape)
+
+
+class ToolCall(msgspec.Struct):
+    # Unknown fields tolerated: the SDK's own objects sent back carry more.
+    function: CalledFunction
+    id: str | None = None
+    type: Literal["function"] = "function"
 
 
 class Message(msgspec.Struct):
@@ -80,6 +115,7 @@ class Message(msgspec.Struct):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
 
 
 class _Common(msgspec.Struct, kw_only=True):
@@ -128,9 +164,9 @@ class ChatRequest(_Common, kw_only=True):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: _Ignored = None
+    tools: Annotated[list[Tool], Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     store: _Ignored = None
     metadata: _Ignored = None
     service_tier: _Ignored = None
@@ -371,8 +407,7 @@ def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[st
     req, ignored = _decode(_chat_decoders, body, strict)
     _check_common(req)
     _check_grammar_can_end(req)
-    if req.tools or req.tool_choice not in (None, "none"):
-        raise RequestError("tools are not supported", param="tools", code="unsupported")
+    _check_tools(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise RequestError(
             "top_logprobs requires logprobs to be true", param="top_logprobs", code="invalid_value"
@@ -381,9 +416,49 @@ def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[st
     return req, ignored
 
 
+def _check_tools(req: ChatRequest) -> None:
+    choice = req.tool_choice
+    if choice not in (None, "none", "auto") and not req.tools:
+        raise RequestError(
+            "tool_choice requires tools", param="tool_choice", code="invalid_value"
+        )
+    names = [t.function.name for t in req.tools or ()]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise RequestError(
+                f"two tools are named {name!r}", param=f"tools[{i}].function.name",
+                code="invalid_value",
+            )
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise RequestError(
+            f"tool_choice names {choice.function.name!r}, which is not among the tools",
+            param="tool_choice.function.name", code="invalid_value",
+        )
+    forced = req.tools and choice not in (None, "none", "auto")
+    if forced and not isinstance(req.response_format, (ResponseFormatText, type(None))):
+        raise RequestError(
+            "a forced tool call cannot also follow a JSON response_format",
+            param="response_format", code="invalid_value",
+        )
+
+
+def tool_choice_of(req: ChatRequest) -> str | None:
+    """None (tools off), "auto", "required" or "function:NAME"."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    if isinstance(req.tool_choice, NamedToolChoice):
+        return f"function:{req.tool_choice.function.name}"
+    return req.tool_choice or "auto"
+
+
 def check_messages(messages: list[Message]) -> None:
     """Only text parts; content required except on an assistant message."""
     for i, msg in enumerate(messages):
+        if msg.tool_calls and msg.role != "assistant":
+            raise RequestError(
+                "only an assistant message carries tool_calls",
+                param=f"messages[{i}].tool_calls", code="invalid_value",
+            )
         if isinstance(msg.content, list):
             for j, part in enumerate(msg.content):
                 if not isinstance(part, TextPart):

@@ -40,10 +40,13 @@ from worker.engine import (
     LoadCancelled,
     LoadError,
     OutOfMemory,
+    ParsedCall,
     Prepared,
     PromptTooLong,
     Sampling,
     TokenLogprob,
+    ToolRequest,
+    parse_calls,
 )
 from worker.log_limit import LogLimiter
 from worker.protocol import (
@@ -144,9 +147,44 @@ def _text_logprobs(lps: list[TokenLogprob], offset: int) -> TextLogprobs:
     return TextLogprobs(tokens, [lp.logprob for lp in lps], tops, offsets)
 
 
+class FunctionOut(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(msgspec.Struct):
+    id: str
+    function: FunctionOut
+    type: str = "function"
+
+
+class ToolCallDelta(msgspec.Struct):
+    index: int
+    id: str
+    function: FunctionOut
+    type: str = "function"
+
+
 class ChatMessageOut(msgspec.Struct):
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET
+
+
+def _tool_calls(calls: list[ParsedCall]) -> list[ToolCallOut]:
+    return [
+        ToolCallOut(f"call_{uuid.uuid4().hex[:24]}", FunctionOut(c.name, c.arguments))
+        for c in calls
+    ]
+
+
+def _answer(prepared: Prepared, text: str, finish: str) -> tuple[ChatMessageOut, str]:
+    """The assistant message (tool calls parsed out when the request offered tools)."""
+    if prepared.tool_format is not None and finish == "stop":
+        content, calls = parse_calls(prepared.tool_format, text)
+        if calls:
+            return ChatMessageOut("assistant", content, _tool_calls(calls)), "tool_calls"
+    return ChatMessageOut("assistant", text), finish
 
 
 class ChatChoice(msgspec.Struct):
@@ -171,6 +209,7 @@ class ChatCompletion(msgspec.Struct):
 class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):
@@ -496,8 +535,12 @@ class WorkerServer:
         sampling = _sampling(req, oai.max_tokens_of(req, None), req.response_format)
         if req.logprobs:
             sampling = dataclasses.replace(sampling, logprobs=req.top_logprobs or 0)
+        choice = oai.tool_choice_of(req)
+        tools = None
+        if choice is not None and req.tools:
+            tools = ToolRequest([_tool_dict(t) for t in req.tools], choice, req.parallel_tool_calls)
         prepared = await self._prepare(
-            lambda: self.engine.prepare_chat(messages, sampling), "messages"
+            lambda: self.engine.prepare_chat(messages, sampling, tools), "messages"
         )
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
@@ -509,12 +552,13 @@ class WorkerServer:
         if _cut(gen):
             return _json_response(_cut_error(), 503)
         ids = req.return_token_ids
+        message, finish = _answer(prepared, text, _finish(gen))
         body = ChatCompletion(
             id=cid,
             created=int(time.time()),
             model=self.engine.model_id,
             choices=[ChatChoice(
-                0, ChatMessageOut("assistant", text), _finish(gen),
+                0, message, finish,
                 logprobs=_chat_logprobs(gen.logprobs) if req.logprobs else None,
                 token_ids=gen.token_ids if ids else UNSET,
             )],
@@ -739,8 +783,38 @@ class WorkerServer:
             )
             return _sse(chunk_cls(cid, created, model, [choice]))
 
+        # With tools, the answer is held until it ends: only then is it known to be a
+        # call (sent as delta.tool_calls) or text (sent as one content delta).
+        held: list[Piece] = []
+
+        def piece_chunk(piece: Piece) -> bytes:
+            if prepared.tool_format is not None:
+                held.append(piece)
+                return b""
+            return chunk(Delta(content=piece[0]), None, piece)
+
         def final(gen: Generation, rest: Piece) -> bytes:
-            out = chunk(Delta(), _finish(gen), rest)
+            out = b""
+            finish = _finish(gen)
+            if prepared.tool_format is not None:
+                pieces = [*held, rest]
+                text = "".join(p[0] for p in pieces)
+                ids = None if rest[1] is None else [t for p in pieces for t in p[1] or ()]
+                lps = None if rest[2] is None else [x for p in pieces for x in p[2] or ()]
+                message, finish = _answer(prepared, text, finish)
+                if message.content:
+                    out += chunk(Delta(content=message.content), None, ("", ids, lps))
+                    ids = [] if ids is not None else None
+                    lps = [] if lps is not None else None
+                if message.tool_calls:
+                    deltas = [
+                        ToolCallDelta(i, c.id, c.function) for i, c in enumerate(message.tool_calls)
+                    ]
+                    out += chunk(Delta(tool_calls=deltas), None, ("", ids, lps))
+                    ids = [] if ids is not None else None
+                    lps = [] if lps is not None else None
+                rest = ("", ids, lps)
+            out += chunk(Delta(), finish, rest)
             if include_usage:
                 out += _sse(ChatChunkWithUsage(cid, created, model, [], usage=_usage(gen)))
             return out
@@ -752,8 +826,7 @@ class WorkerServer:
             cid, created, model, [role], prompt_token_ids=prepared.tokens if with_ids else UNSET
         ))
         return await self._stream(
-            request, prepared, first, lambda piece: chunk(Delta(content=piece[0]), None, piece),
-            final, with_ids, headers,
+            request, prepared, first, piece_chunk, final, with_ids, headers,
         )
 
     async def _stream_text(
@@ -792,7 +865,19 @@ class WorkerServer:
 
 
 def _chat_messages(messages: list[oai.Message]) -> list[ChatMessage]:
-    return [ChatMessage(m.role, oai.message_text(m), m.name, m.tool_call_id) for m in messages]
+    return [
+        ChatMessage(
+            m.role, oai.message_text(m), m.name, m.tool_call_id,
+            [msgspec.to_builtins(c) for c in m.tool_calls] if m.tool_calls else None,
+        )
+        for m in messages
+    ]
+
+
+def _tool_dict(tool: oai.Tool) -> dict[str, Any]:
+    """A tool as the chat template gets it (Hugging Face's shape, unset fields left out)."""
+    fn = {k: v for k, v in msgspec.structs.asdict(tool.function).items() if v is not None}
+    return {"type": "function", "function": fn}
 
 
 def _sampling(req: Any, max_tokens: int | None, fmt: Any) -> Sampling:

@@ -14,7 +14,7 @@ Rules for this package:
 
 The seams, one module each: ``load`` (llama.cpp log, model and context), ``prompt``
 (template, tokens, request validation), ``chains`` (sampler chains), ``stops`` (stop
-strings), ``generation`` (one request's per-token processing), ``slots`` (sequences and
+strings), ``generation`` (one request's per-token processing), ``tools`` (tool-call formats), ``slots`` (sequences and
 their cached prompts), ``batch`` (the decode loop and admission), ``core`` (``Engine``).
 """
 
@@ -23,6 +23,7 @@ from worker.engine.generation import Generation, Sink, TokenLogprob
 from worker.engine.load import LlamaLog, LoadCancelled, LoadError, OutOfMemory
 from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, PromptTooLong, Sampling
 from worker.engine.stops import _held_back, _stop_at
+from worker.engine.tools import ParsedCall, ToolRequest, parse_calls
 
 __all__ = [
     "ChatMessage",
@@ -37,7 +38,10 @@ __all__ = [
     "PromptTooLong",
     "Sampling",
     "Sink",
+    "ParsedCall",
     "TokenLogprob",
+    "ToolRequest",
     "_held_back",
     "_stop_at",
+    "parse_calls",
 ]

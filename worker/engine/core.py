@@ -13,6 +13,7 @@ from worker.engine.batch import BatchLoop
 from worker.engine.generation import Generation, Pieces, Sink
 from worker.engine.load import LlamaLog, load_llama
 from worker.engine.prompt import ChatMessage, Prepared, Preparer, Sampling
+from worker.engine.tools import ToolRequest
 from worker.protocol import AppliedParams, LaunchSpec
 
 
@@ -92,10 +93,12 @@ class Engine:
 
     # --- preparing requests (any thread) ----------------------------------------------
 
-    def prepare_chat(self, messages: list[ChatMessage], sampling: Sampling) -> Prepared:
+    def prepare_chat(
+        self, messages: list[ChatMessage], sampling: Sampling, tools: ToolRequest | None = None
+    ) -> Prepared:
         self._require()
         assert self._preparer is not None
-        return self._preparer.prepare_chat(messages, sampling)
+        return self._preparer.prepare_chat(messages, sampling, tools)
 
     def prepare_completion(self, prompt: str | list[int], sampling: Sampling) -> Prepared:
         self._require()

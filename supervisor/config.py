@@ -50,6 +50,8 @@ class ModelSection(_Section):
     parallel: PositiveInt = 4  # requests generated at once (slots, each with ctx_size KV cells)
     prefill_chunk: PositiveInt = 64  # prompt tokens per step while others generate (docs/benchmarks.md)
     cache_ram_mib: NonNegInt = 1024  # host RAM for earlier prompts' KV snapshots; 0: none
+    embeddings: bool = False  # also serve /v1/embeddings (a second, small context)
+    pooling: Literal["", "mean", "cls", "last"] = ""  # embeddings pooling; empty: the GGUF's, else mean
 
 
 class ServerSection(_Section):

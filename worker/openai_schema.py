@@ -210,6 +210,41 @@ class ApplyTemplateRequest(msgspec.Struct):
     messages: Annotated[list[Message], Meta(min_length=1)]
 
 
+class EmbeddingRequest(msgspec.Struct):
+    # Unknown fields tolerated, as on the other OpenAI endpoints (not named: no header here).
+    input: str | Annotated[list[Any], Meta(min_length=1, max_length=2048)]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: _Ignored = None
+
+
+def embedding_inputs(req: EmbeddingRequest) -> list[str] | list[list[int]]:
+    """OpenAI's input forms: a string, strings, one token array, or token arrays."""
+    if req.dimensions is not None:
+        raise RequestError(
+            "dimensions is not supported: vectors have the model's own size",
+            param="dimensions", code="unsupported",
+        )
+    inp = req.input
+    if isinstance(inp, str):
+        return [inp]
+
+    def is_id(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if all(isinstance(x, str) for x in inp):
+        return list(inp)
+    if all(is_id(x) for x in inp):
+        return [list(inp)]
+    if all(isinstance(x, list) and x and all(is_id(t) for t in x) for x in inp):
+        return [list(x) for x in inp]
+    raise RequestError(
+        "input must be a string, a list of strings, a list of token ids, or a list of "
+        "non-empty lists of token ids", param="input", code="invalid_value",
+    )
+
+
 def decode_as(cls: type[Any], body: bytes) -> Any:
     """A small endpoint's request (no unknown-field forgiveness: these are not OpenAI's)."""
     if not body.strip():

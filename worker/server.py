@@ -15,6 +15,7 @@ Rules for this module:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import logging
@@ -28,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import numpy as np
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
@@ -267,6 +269,24 @@ class TextChunkWithUsage(TextChunk):
     usage: Usage | None = None
 
 
+class Embedding(msgspec.Struct):
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32 (OpenAI's)
+    object: str = "embedding"
+
+
+class EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(msgspec.Struct):
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    object: str = "list"
+
+
 class ModelCard(msgspec.Struct):
     id: str
     created: int
@@ -419,6 +439,7 @@ class WorkerServer:
         app.router.add_get("/v1/models/{model_id}", self.model)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_post("/apply-template", self.apply_template)
@@ -480,6 +501,27 @@ class WorkerServer:
                 "the model is still loading; retry shortly",
                 type="server_error", code="model_loading", status=503,
             )
+
+    # --- embeddings ---
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        req = oai.decode_as(oai.EmbeddingRequest, await request.read())
+        inputs = oai.embedding_inputs(req)
+        if not self.engine.serves_embeddings:
+            raise oai.RequestError(
+                f"the model {self.engine.model_id!r} is not configured for embeddings: set "
+                "embeddings = true in its [model] section", param="model",
+                code="embeddings_disabled",
+            )
+        vectors, n_tokens = await self._off_loop(lambda: self.engine.embed(inputs))
+        b64 = req.encoding_format == "base64"
+        data = [
+            Embedding(i, base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if b64 else v)
+            for i, v in enumerate(vectors)
+        ]
+        body = EmbeddingList(data, self.engine.model_id, EmbeddingUsage(n_tokens, n_tokens))
+        return _json_response(_enc.encode(body))
 
     # --- llama-server's tokenizer endpoints (prompt budgeting against n_ctx) ---
 

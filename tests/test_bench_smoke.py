@@ -88,3 +88,9 @@ def test_extensions_bench_runs(tmp_path: Path) -> None:
         col = res["kinds"][kind]["columns"]["vram-llm"]
         assert (col["failed"], col["wrong_length"], col["ids_match_usage"]) == (0, 0, 2)
     assert res["kinds"]["warm"]["columns"]["vram-llm"]["ignored_header"] == "timings_per_token"
+
+
+def test_logprobs_bench_runs() -> None:
+    proc = run_module("bench.logprobs", "--gen-tokens", "8", "--rounds", "1", "--threads", "1")
+    res = json.loads(proc.stdout)["results"]
+    assert set(res) == {"off", "logprobs", "top_logprobs=5"} and all(r["median_tok_s"] > 0 for r in res.values())

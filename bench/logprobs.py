@@ -12,15 +12,14 @@ that does not ask takes: it reads no logits row, so it is the speed from before 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
 import threading
 import time
 
-from worker.engine import Engine, LlamaLog, Sampling
-from worker.protocol import LaunchSpec
+from bench.loop_cost import load_engine
+from worker.engine import Engine, Sampling
 
 PROMPT = "Here is a long, detailed story about a fox who wanted to learn to fly. Once upon a time,"
 KINDS = {"off": None, "logprobs": 0, "top_logprobs=5": 5}
@@ -46,16 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args(argv)
-    if a.model:
-        model = os.path.abspath(a.model)
-    else:
-        from supervisor.default_model import default_model_path
-
-        model = str(default_model_path())
-    log = LlamaLog(io.StringIO())
-    log.install()
-    engine = Engine(LaunchSpec(model_path=model, socket_path="/unused", n_ctx=1024, n_threads=a.threads, parallel=1), log)
-    engine.load(lambda _v: None)
+    engine, model = load_engine(a.model, n_ctx=1024, n_threads=a.threads, parallel=1)
     try:
         tokens_per_s(engine, 8, 5)  # warm-up
         results: dict[str, list[float]] = {k: [] for k in KINDS}

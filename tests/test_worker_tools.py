@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import WorkerProcess, default_model, short_tmpdir, worker_spec
+from tests.conftest import WorkerProcess, default_model, short_tmpdir, sse_events, worker_spec
 from worker.engine.tools import (
     HERMES,
     LLAMA3,
@@ -243,3 +243,36 @@ def test_auto_without_tool_support_and_malformed_tools_are_400s(client: httpx.Cl
     r = client.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER],
                                                   "tool_choice": {"type": "function", "function": {"name": "nope"}}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice.function.name"
+
+
+def test_stream_split_streams_text_and_holds_calls() -> None:
+    from worker.engine.tools import StreamSplit
+
+    s = StreamSplit(HERMES)
+    out = [s.feed(p) for p in ["Let me ", "check.<tool", "_call>", '{"name": "f"', "}</tool_call>"]]
+    assert out == ["Let me ", "check.", "", "", ""]
+    assert s.holding and s.held == '<tool_call>{"name": "f"}</tool_call>'
+    s = StreamSplit(HERMES)
+    assert s.feed("a <to") + s.feed("ol at hand") == "a <tool at hand" and not s.holding
+    s = StreamSplit(LLAMA3)
+    assert s.feed(" ") == "" and s.feed('{"na') == "" and s.holding
+    s = StreamSplit(LLAMA3)
+    assert s.feed("<|py") == "" and s.feed("Hello") == "<|pyHello" and s.feed(" world") == " world"
+
+
+def test_auto_streams_plain_text_as_content(tool_worker: WorkerProcess) -> None:
+    # tool_choice auto, and the model answers in words: content chunks, no tool_calls;
+    # the streamed text equals the non-streamed answer.
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "tools": [WEATHER],
+            "temperature": 0, "max_tokens": 12,
+            # SmolLM2's tokens for "<", "{", " {", " <" and '{"': no call can start.
+            "logit_bias": {str(t): -100 for t in (44, 107, 1662, 2067, 39428)}}
+    with tool_worker.client() as c:
+        whole = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            events = [e for e in sse_events(r.iter_lines()) if e != "[DONE]"]
+    deltas = [ch["delta"] for e in events for ch in e["choices"]]
+    text = "".join(d.get("content") or "" for d in deltas)
+    assert whole["finish_reason"] in ("stop", "length") and whole["message"]["content"]
+    assert text == whole["message"]["content"] and not any(d.get("tool_calls") for d in deltas)
+    assert sum(1 for d in deltas if d.get("content")) > 1  # it streamed, not one chunk at the end

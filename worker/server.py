@@ -46,6 +46,7 @@ from worker.engine import (
     Prepared,
     PromptTooLong,
     Sampling,
+    StreamSplit,
     TokenLogprob,
     ToolRequest,
     parse_calls,
@@ -825,37 +826,55 @@ class WorkerServer:
             )
             return _sse(chunk_cls(cid, created, model, [choice]))
 
-        # With tools, the answer is held until it ends: only then is it known to be a
-        # call (sent as delta.tool_calls) or text (sent as one content delta).
-        held: list[Piece] = []
+        # With tools, plain text streams as it comes and a call is held from its marker
+        # on, then parsed at the end and sent as delta.tool_calls (tools.StreamSplit).
+        split = StreamSplit(prepared.tool_format) if prepared.tool_format is not None else None
+        held_ids: list[int] = []
+        held_lps: list[TokenLogprob] = []
+
+        def take(ids: list[int] | None, lps: list[TokenLogprob] | None) -> Piece:
+            """The ids/logprobs not sent yet, these included, for the next chunk."""
+            held_ids.extend(ids or ())
+            held_lps.extend(lps or ())
+            out = ("", None if ids is None else held_ids[:], None if lps is None else held_lps[:])
+            held_ids.clear()
+            held_lps.clear()
+            return out
 
         def piece_chunk(piece: Piece) -> bytes:
-            if prepared.tool_format is not None:
-                held.append(piece)
+            if split is None:
+                return chunk(Delta(content=piece[0]), None, piece)
+            text, ids, lps = piece
+            now = split.feed(text)
+            if not now:
+                held_ids.extend(ids or ())
+                held_lps.extend(lps or ())
                 return b""
-            return chunk(Delta(content=piece[0]), None, piece)
+            return chunk(Delta(content=now), None, take(ids, lps))
 
         def final(gen: Generation, rest: Piece) -> bytes:
             out = b""
             finish = _finish(gen)
-            if prepared.tool_format is not None:
-                pieces = [*held, rest]
-                text = "".join(p[0] for p in pieces)
-                ids = None if rest[1] is None else [t for p in pieces for t in p[1] or ()]
-                lps = None if rest[2] is None else [x for p in pieces for x in p[2] or ()]
-                message, finish = _answer(prepared, text, finish)
-                if message.content:
-                    out += chunk(Delta(content=message.content), None, ("", ids, lps))
+            if split is not None:
+                assert prepared.tool_format is not None
+                content: str | None = split.held
+                calls: list[ParsedCall] = []
+                if split.holding and finish == "stop":
+                    content, calls = parse_calls(prepared.tool_format, split.held)
+                _, ids, lps = rest
+                if content:
+                    out += chunk(Delta(content=content), None, take(ids, lps))
                     ids = [] if ids is not None else None
                     lps = [] if lps is not None else None
-                if message.tool_calls:
+                if calls:
+                    finish = "tool_calls"
                     deltas = [
-                        ToolCallDelta(i, c.id, c.function) for i, c in enumerate(message.tool_calls)
+                        ToolCallDelta(i, c.id, c.function) for i, c in enumerate(_tool_calls(calls))
                     ]
-                    out += chunk(Delta(tool_calls=deltas), None, ("", ids, lps))
+                    out += chunk(Delta(tool_calls=deltas), None, take(ids, lps))
                     ids = [] if ids is not None else None
                     lps = [] if lps is not None else None
-                rest = ("", ids, lps)
+                rest = take(ids, lps)
             out += chunk(Delta(), finish, rest)
             if include_usage:
                 out += _sse(ChatChunkWithUsage(cid, created, model, [], usage=_usage(gen)))

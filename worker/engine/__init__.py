@@ -23,7 +23,7 @@ from worker.engine.generation import Generation, Sink, TokenLogprob
 from worker.engine.load import LlamaLog, LoadCancelled, LoadError, OutOfMemory
 from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, PromptTooLong, Sampling
 from worker.engine.stops import _held_back, _stop_at
-from worker.engine.tools import ParsedCall, ToolRequest, parse_calls
+from worker.engine.tools import ParsedCall, StreamSplit, ToolRequest, parse_calls
 
 __all__ = [
     "ChatMessage",
@@ -38,6 +38,7 @@ __all__ = [
     "PromptTooLong",
     "Sampling",
     "Sink",
+    "StreamSplit",
     "ParsedCall",
     "TokenLogprob",
     "ToolRequest",

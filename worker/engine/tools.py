@@ -167,3 +167,50 @@ def parse_calls(fmt: str, text: str) -> tuple[str | None, list[ParsedCall]]:
             return text, []
         calls.extend(parsed)
     return None, calls
+
+
+_MARKERS = {HERMES: "<tool_call>", MISTRAL: "[TOOL_CALLS]"}
+_PYTHON_TAG = "<|python_tag|>"
+
+
+class StreamSplit:
+    """Splits a streamed answer into text that can go out now and text held for parsing.
+
+    Plain text streams as it comes; from a call's marker on (``<tool_call>``,
+    ``[TOOL_CALLS]``; for Llama 3 an answer starting with ``{`` or ``<|python_tag|>``)
+    everything is held and parsed at the end (``parse_calls``). A tail that may be the
+    start of a marker is held back until the next piece tells.
+    """
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.held = ""
+        self.holding = False  # a call started: hold everything from here
+        self._text_only = False  # (Llama 3) the answer did not start with a call
+
+    def feed(self, text: str) -> str:
+        if self.holding:
+            self.held += text
+            return ""
+        buf = self.held + text
+        if self._text_only:
+            self.held = ""
+            return buf
+        if self.fmt == LLAMA3:
+            head = buf.lstrip()
+            if head.startswith("{") or head.startswith(_PYTHON_TAG):
+                self.holding, self.held = True, buf
+                return ""
+            if not head or _PYTHON_TAG.startswith(head):
+                self.held = buf  # too short to tell
+                return ""
+            self._text_only, self.held = True, ""
+            return buf
+        marker = _MARKERS[self.fmt]
+        at = buf.find(marker)
+        if at >= 0:
+            self.holding, self.held = True, buf[at:]
+            return buf[:at]
+        keep = next((k for k in range(min(len(marker) - 1, len(buf)), 0, -1) if marker.startswith(buf[-k:])), 0)
+        self.held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep]

@@ -223,6 +223,10 @@ def test_tools_reach_the_template(tool_worker: WorkerProcess) -> None:
         none = c.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 1, "tools": [WEATHER], "tool_choice": "none"}).json()
     assert with_tools["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
     assert none["usage"]["prompt_tokens"] == without["usage"]["prompt_tokens"]
+    with tool_worker.client() as c:
+        prompt = c.post("/apply-template", json={"messages": ASK, "tools": [WEATHER]}).json()["prompt"]
+        n = len(c.post("/tokenize", json={"content": prompt}).json()["tokens"])
+    assert "get_weather" in prompt and n == with_tools["usage"]["prompt_tokens"]
 
 
 def test_auto_without_tool_support_and_malformed_tools_are_400s(client: httpx.Client) -> None:

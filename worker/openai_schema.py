@@ -208,6 +208,7 @@ class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
 class ApplyTemplateRequest(msgspec.Struct):
     # Unknown fields tolerated: a client sends the body of its chat request as it is.
     messages: Annotated[list[Message], Meta(min_length=1)]
+    tools: Annotated[list[Tool], Meta(max_length=128)] | None = None  # rendered as chat does
 
 
 class EmbeddingRequest(msgspec.Struct):

@@ -565,7 +565,8 @@ class WorkerServer:
         req = oai.decode_as(oai.ApplyTemplateRequest, await request.read())
         oai.check_messages(req.messages)
         messages = _chat_messages(req.messages)
-        prompt = await self._off_loop(lambda: self.engine.apply_template(messages))
+        tools = [_tool_dict(t) for t in req.tools] if req.tools else None
+        prompt = await self._off_loop(lambda: self.engine.apply_template(messages, tools))
         return _json_response(_enc.encode({"prompt": prompt}))
 
     # --- generation endpoints ---

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
@@ -115,10 +116,12 @@ class Engine:
         assert self._preparer is not None
         return self._preparer.prepare_completion(prompt, sampling)
 
-    def apply_template(self, messages: list[ChatMessage]) -> str:
+    def apply_template(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         self._require()
         assert self._preparer is not None
-        return self._preparer.apply_template(messages)
+        return self._preparer.apply_template(messages, tools)
 
     def tokenize(self, content: str, add_special: bool, parse_special: bool) -> list[int]:
         self._require()

@@ -215,10 +215,16 @@ class Preparer:
 
     # --- llama-server's /tokenize, /detokenize, /apply-template -------------------------
 
-    def apply_template(self, messages: list[ChatMessage]) -> str:
-        """The prompt a chat request with these messages evaluates, as text (special
-        tokens rendered, a BOS the template did not write included)."""
-        tokens, _ = self._render_chat(messages)
+    def apply_template(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt a chat request with these messages (and tools) evaluates, as text
+        (special tokens rendered, a BOS the template did not write included)."""
+        if tools and self.tool_format is None:
+            raise InvalidInput(
+                "this model's chat template has no tool support", "tools", code="tools_unsupported"
+            )
+        tokens, _ = self._render_chat(messages, tools)
         return self.detokenize(tokens)
 
     def tokenize(self, content: str, add_special: bool, parse_special: bool) -> list[int]:

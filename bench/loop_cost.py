@@ -36,6 +36,21 @@ from worker.protocol import LaunchSpec
 PROMPT = "Here is a long, detailed story about a fox who wanted to learn to fly. Once upon a time,"
 
 
+def load_engine(model_arg: str | None, **spec: Any) -> tuple[Engine, str]:
+    """Our engine, loaded in this process (``--model``, else the embedded SmolLM2)."""
+    if model_arg:
+        model = os.path.abspath(model_arg)
+    else:
+        from supervisor.default_model import default_model_path
+
+        model = str(default_model_path())
+    log = LlamaLog(io.StringIO())
+    log.install()
+    engine = Engine(LaunchSpec(model_path=model, socket_path="/unused", **spec), log)
+    engine.load(lambda _v: None)
+    return engine, model
+
+
 class Timers:
     """Wraps llama_decode and llama_sampler_sample; sums the seconds spent in each."""
 
@@ -115,17 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx-size", type=int, default=4096)
     a = p.parse_args(argv)
     lengths = [int(x) for x in a.gen_tokens.split(",") if x.strip()]
-    if a.model:
-        model = os.path.abspath(a.model)
-    else:
-        from supervisor.default_model import default_model_path
-
-        model = str(default_model_path())
-
-    log = LlamaLog(io.StringIO())
-    log.install()
-    engine = Engine(LaunchSpec(model_path=model, socket_path="/unused", n_ctx=a.ctx_size, n_threads=a.threads), log)
-    engine.load(lambda _v: None)
+    engine, model = load_engine(a.model, n_ctx=a.ctx_size, n_threads=a.threads)
     llama = llama_cpp.Llama(
         model, n_ctx=a.ctx_size, n_batch=512, n_threads=a.threads, n_threads_batch=a.threads, verbose=False
     )

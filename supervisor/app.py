@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor.access_log import RequestLog
-from supervisor.auth import KeyStore
+from supervisor.auth import WORKER_ROOT_PATHS, KeyStore
 from supervisor.config import Config, resolved_models, resolved_runtime_dir
 from supervisor.fleet import Fleet, status_rows
 from supervisor.gpus import make_probe
@@ -188,13 +188,19 @@ def build_app(
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
+    # llama-server's tokenizer endpoints live at the root; the worker answers them (with
+    # several models, the request's "model" field picks the worker, else the first model).
     if fleet is not None and len(fleet.ids) > 1:
         router = Router(fleet, preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s)
         app.router.add_get("/v1/models", router.models)
         app.router.add_get("/v1/models/{id}", router.model)
         app.router.add_route("*", "/v1/{tail:.*}", router.handle)
+        for path in WORKER_ROOT_PATHS:
+            app.router.add_route("*", path, router.handle)
     else:
         app.router.add_route("*", "/v1/{tail:.*}", proxy.handle, expect_handler=proxy.expect_handler)
+        for path in WORKER_ROOT_PATHS:
+            app.router.add_route("*", path, proxy.handle, expect_handler=proxy.expect_handler)
     if fleet is not None:
         app.router.add_post("/models/{id}/load", lambda r: _load_unload(r, True))
         app.router.add_post("/models/{id}/unload", lambda r: _load_unload(r, False))

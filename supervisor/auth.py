@@ -9,7 +9,7 @@ Rules of this module:
       [NAME:]KEY [SCOPE]
 
   NAME is ``[A-Za-z0-9._-]{1,64}`` (what logs show; default ``line-N``), KEY is at least 16
-  printable characters without spaces, SCOPE is ``inference`` (``/v1/*`` only; the default)
+  printable characters without spaces, SCOPE is ``inference`` (``/v1/*`` and the tokenizer routes; the default)
   or ``admin`` (everything: ``/status``, ``/metrics`` and the admin routes as well).
 - The secret is never logged, shown in ``/status`` or echoed in an error: the rest of the
   supervisor only ever sees the key's NAME (``request[KEY_NAME]``).
@@ -167,11 +167,15 @@ def presented_key(request: web.Request) -> str | None:
     return header or None
 
 
+# llama-server's tokenizer endpoints, answered by the worker (inference, like /v1/*).
+WORKER_ROOT_PATHS: tuple[str, ...] = ("/tokenize", "/detokenize", "/apply-template")
+
+
 def required_scope(path: str) -> Scope | None:
     """None: open; otherwise the least scope a key needs for this path."""
     if path == "/health":
         return None  # load balancers probe it without credentials
-    if path.startswith("/v1/"):
+    if path.startswith("/v1/") or path in WORKER_ROOT_PATHS:
         return "inference"
     return "admin"  # /status, /metrics, admin routes, and anything unknown
 

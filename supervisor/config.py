@@ -51,6 +51,8 @@ class ModelSection(_Section):
     parallel: PositiveInt = 4  # requests generated at once (slots, each with ctx_size KV cells)
     prefill_chunk: PositiveInt = 64  # prompt tokens per step while others generate (docs/benchmarks.md)
     cache_ram_mib: NonNegInt = 1024  # host RAM for earlier prompts' KV snapshots; 0: none
+    embeddings: bool = False  # also serve /v1/embeddings (a second, small context)
+    pooling: Literal["", "mean", "cls", "last"] = ""  # embeddings pooling; empty: the GGUF's, else mean
 
 
 # Where a model may go when it does not fit on the GPUs even after every allowed eviction:
@@ -80,6 +82,8 @@ class ModelEntry(_Section):
     parallel: PositiveInt = 4
     prefill_chunk: PositiveInt = 64
     cache_ram_mib: NonNegInt = 1024
+    embeddings: bool = False  # also serve /v1/embeddings (a second, small context)
+    pooling: Literal["", "mean", "cls", "last"] = ""  # embeddings pooling; empty: the GGUF's, else mean
     pinned: bool = False  # never unloaded to make room for another model
     preload: bool = False  # loaded at start (and /health waits for it)
     ttl_s: NonNegSeconds = 0.0  # unloaded after this long idle; 0: never

@@ -57,6 +57,8 @@ def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str, entry: 
         prefill_chunk=m.prefill_chunk,
         cache_ram_mib=m.cache_ram_mib,
         strict_params=config.server.strict_params,
+        embeddings=m.embeddings,
+        pooling=m.pooling or None,
     )
 
 

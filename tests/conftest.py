@@ -216,3 +216,13 @@ def sse_events(lines: Iterator[str]) -> Iterator[Any]:
             yield data
             return
         yield json.loads(data)
+
+
+def stream_json(client: httpx.Client, path: str, body: dict[str, Any]) -> list[Any]:
+    """POST ``body`` as raw JSON with stream on; the SSE chunks, checked to end in [DONE]."""
+    with client.stream("POST", path, content=json.dumps({**body, "stream": True}).encode(),
+                       headers={"Content-Type": "application/json"}) as r:
+        assert r.status_code == 200, r.read()
+        events = list(sse_events(r.iter_lines()))
+    assert events[-1] == "[DONE]"
+    return events[:-1]

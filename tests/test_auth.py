@@ -92,7 +92,8 @@ def test_key_file_comments_duplicates_and_flag_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("path", "scope"),
     [("/health", None), ("/v1/models", "inference"), ("/v1/chat/completions", "inference"),
-     ("/status", "admin"), ("/metrics", "admin"), ("/anything", "admin"), ("/v1", "admin")],
+     ("/status", "admin"), ("/metrics", "admin"), ("/anything", "admin"), ("/v1", "admin"),
+     ("/tokenize", "inference"), ("/detokenize", "inference"), ("/apply-template", "inference")],
 )
 def test_route_scopes(path: str, scope: str | None) -> None:
     assert required_scope(path) == scope

@@ -98,3 +98,9 @@ def test_placement_time_runs() -> None:
 def test_swap_time_runs() -> None:
     proc = run_module("bench.swap_time", "--rounds", "2", timeout=240)
     assert "median first token after a swap" in proc.stdout and "swaps counted: 2" in proc.stdout, proc.stdout
+
+
+def test_logprobs_bench_runs() -> None:
+    proc = run_module("bench.logprobs", "--gen-tokens", "8", "--rounds", "1", "--threads", "1")
+    res = json.loads(proc.stdout)["results"]
+    assert set(res) == {"off", "logprobs", "top_logprobs=5"} and all(r["median_tok_s"] > 0 for r in res.values())

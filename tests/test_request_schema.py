@@ -120,3 +120,20 @@ def test_log_limiter_keeps_a_bounded_memory() -> None:
     for i in range(100):
         lim.allow((f"k{i}",), float(i))
     assert len(lim._last) <= 8
+
+
+def test_openai_sdk_fields_accepted_in_strict_mode() -> None:
+    # The SDK's newer and bookkeeping fields (issue 15): known, never "unknown" even when strict.
+    req, ignored = oai.decode_chat(body(
+        max_completion_tokens=7, user="u-1", metadata={"k": "v"}, service_tier="auto", store=False,
+        stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=20,
+        parallel_tool_calls=True,
+    ), strict=True)
+    assert ignored == ()
+    assert oai.max_tokens_of(req, None) == 7
+    assert req.stream_options is not None and req.stream_options.include_usage
+    assert (req.logprobs, req.top_logprobs) == (True, 20)
+    comp, ignored = oai.decode_completion(
+        json.dumps({"prompt": "x", "logprobs": 5, "user": "u"}).encode(), strict=True
+    )
+    assert (ignored, comp.logprobs) == ((), 5)

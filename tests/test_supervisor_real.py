@@ -110,6 +110,23 @@ def test_extension_fields_through_the_proxy(client: openai.OpenAI) -> None:
     assert len(r.choices[0].model_extra["token_ids"]) == 4  # type: ignore[index]
 
 
+def test_tokenizer_endpoints_through_the_proxy(sup: Supervisor, client: openai.OpenAI) -> None:
+    def post(path: str, body: dict[str, Any]) -> Any:
+        req = urllib.request.Request(
+            sup.base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    prompt = "The capital of France is"
+    tokens = post("/tokenize", {"content": prompt, "add_special": True})["tokens"]
+    assert post("/detokenize", {"tokens": tokens})["content"] == prompt
+    r = client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0)
+    assert r.usage is not None and r.usage.prompt_tokens == len(tokens)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert "Hi" in post("/apply-template", {"messages": messages})["prompt"]
+
+
 def test_streaming_chat(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="any",

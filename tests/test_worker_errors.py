@@ -89,8 +89,13 @@ CASES: list[tuple[str, str, str, bytes | None, int, str | None, str | None]] = [
     ("content-part-unknown-field", "POST", CHAT, raw({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "foo": 1}]}]}), 400, "messages[0].content[0].foo", None),
     ("seed-string", "POST", CHAT, chat(seed="abc"), 400, "seed", None),
     ("seed-huge", "POST", CHAT, chat(seed=2**70), 400, "seed", None),
-    ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "unsupported"),
-    ("logprobs", "POST", CHAT, chat(logprobs=True), 400, "logprobs", "unsupported"),
+    # The default model's template renders no tools (issue 15: tools need a template that does).
+    ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "tools_unsupported"),
+    # logprobs are served since issue 15; their ranges are OpenAI's.
+    ("top-logprobs-without-logprobs", "POST", CHAT, chat(top_logprobs=3), 400, "top_logprobs", "invalid_value"),
+    ("top-logprobs-too-many", "POST", CHAT, chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
+    ("completion-logprobs-too-many", "POST", COMPLETIONS, raw({"prompt": "hi", "logprobs": 6}), 400, "logprobs", None),
+    ("completion-logprobs-bool", "POST", COMPLETIONS, raw({"prompt": "hi", "logprobs": True}), 400, "logprobs", None),
     ("chat-context-exceeded", "POST", CHAT, raw({"messages": [{"role": "user", "content": HUGE_TEXT}]}), 400, "messages", "context_length_exceeded"),
     ("oversized-body", "POST", CHAT, raw({"messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}]}), 413, None, "request_too_large"),
     # Extensions of llama-server and vLLM: as strict as our own fields.

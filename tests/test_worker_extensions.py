@@ -20,8 +20,10 @@ from tests.conftest import (
     WorkerProcess,
     default_model,
     short_tmpdir,
-    sse_events,
     worker_spec,
+)
+from tests.conftest import (
+    stream_json as stream,
 )
 
 pytestmark = pytest.mark.model
@@ -39,15 +41,6 @@ def post(client: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Respons
     r = client.post(path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     assert r.status_code == 200, r.text
     return r
-
-
-def stream(client: httpx.Client, path: str, body: dict[str, Any]) -> list[Any]:
-    with client.stream("POST", path, content=json.dumps({**body, "stream": True}).encode(),
-                       headers={"Content-Type": "application/json"}) as r:
-        assert r.status_code == 200, r.read()
-        events = list(sse_events(r.iter_lines()))
-    assert events[-1] == "[DONE]"
-    return events[:-1]
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,41 @@ class ImagePart(msgspec.Struct, tag="image_url", tag_field="type"):
 ContentPart = TextPart | ImagePart
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+# OpenAI's rule for a function name.
+FunctionName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionDef(msgspec.Struct, forbid_unknown_fields=True):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(msgspec.Struct, forbid_unknown_fields=True):
+    name: FunctionName
+
+
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class CalledFunction(msgspec.Struct):
+    name: str
+    arguments: str = "{}"  # a JSON object as a string (OpenAI's shape)
+
+
+class ToolCall(msgspec.Struct):
+    # Unknown fields tolerated: the SDK's own objects sent back carry more.
+    function: CalledFunction
+    id: str | None = None
+    type: Literal["function"] = "function"
 
 
 class Message(msgspec.Struct):
@@ -80,6 +115,7 @@ class Message(msgspec.Struct):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
 
 
 class _Common(msgspec.Struct, kw_only=True):
@@ -102,7 +138,6 @@ class _Common(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: _Ignored = None
-    logprobs: bool | None = None
     # Extensions of llama-server, vLLM and Hugging Face that their clients send as a matter
     # of course; each has the meaning its home server gives it (README "Request extensions").
     ignore_eos: bool = False
@@ -127,10 +162,11 @@ class ChatRequest(_Common, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: _Ignored = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     store: _Ignored = None
     metadata: _Ignored = None
     service_tier: _Ignored = None
@@ -139,6 +175,8 @@ class ChatRequest(_Common, kw_only=True):
 class CompletionRequest(_Common, kw_only=True):
     # msgspec allows one array type per union: a list of strings or token ids, checked below.
     prompt: str | list[str | int]
+    # OpenAI's range for completions (llama-server allows more).
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     response_format: ResponseFormat | None = None
     echo: bool = False
     suffix: str | None = None
@@ -151,6 +189,71 @@ class _StrictChat(ChatRequest, forbid_unknown_fields=True, kw_only=True):
 
 class _StrictCompletion(CompletionRequest, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+# --- llama-server's tokenizer endpoints -------------------------------------------------
+
+
+class TokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    content: str
+    add_special: bool = False  # llama-server's default: no BOS
+    parse_special: bool = True  # "<|im_end|>" in the text is the special token
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    tokens: list[TokenId]
+
+
+class ApplyTemplateRequest(msgspec.Struct):
+    # Unknown fields tolerated: a client sends the body of its chat request as it is.
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    tools: Annotated[list[Tool], Meta(max_length=128)] | None = None  # rendered as chat does
+
+
+class EmbeddingRequest(msgspec.Struct):
+    # Unknown fields tolerated, as on the other OpenAI endpoints (not named: no header here).
+    input: str | Annotated[list[Any], Meta(min_length=1, max_length=2048)]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: _Ignored = None
+
+
+def embedding_inputs(req: EmbeddingRequest) -> list[str] | list[list[int]]:
+    """OpenAI's input forms: a string, strings, one token array, or token arrays."""
+    if req.dimensions is not None:
+        raise RequestError(
+            "dimensions is not supported: vectors have the model's own size",
+            param="dimensions", code="unsupported",
+        )
+    inp = req.input
+    if isinstance(inp, str):
+        return [inp]
+
+    def is_id(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if all(isinstance(x, str) for x in inp):
+        return list(inp)
+    if all(is_id(x) for x in inp):
+        return [list(inp)]
+    if all(isinstance(x, list) and x and all(is_id(t) for t in x) for x in inp):
+        return [list(x) for x in inp]
+    raise RequestError(
+        "input must be a string, a list of strings, a list of token ids, or a list of "
+        "non-empty lists of token ids", param="input", code="invalid_value",
+    )
+
+
+def decode_as(cls: type[Any], body: bytes) -> Any:
+    """A small endpoint's request (no unknown-field forgiveness: these are not OpenAI's)."""
+    if not body.strip():
+        raise RequestError("the request body is empty: send a JSON object", code="invalid_json")
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise _request_error(e) from None
 
 
 class RequestError(Exception):
@@ -274,8 +377,6 @@ def _check_common(req: _Common) -> None:
             param="stream_options",
             code="invalid_value",
         )
-    if req.logprobs:
-        raise RequestError("logprobs are not supported", param="logprobs", code="unsupported")
     if req.n_predict == 0:
         raise RequestError(
             "n_predict 0 (evaluate the prompt only) is not supported",
@@ -342,11 +443,58 @@ def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[st
     req, ignored = _decode(_chat_decoders, body, strict)
     _check_common(req)
     _check_grammar_can_end(req)
-    if req.tools or req.tool_choice not in (None, "none"):
-        raise RequestError("tools are not supported", param="tools", code="unsupported")
-    if req.top_logprobs is not None:
-        raise RequestError("top_logprobs is not supported", param="top_logprobs", code="unsupported")
-    for i, msg in enumerate(req.messages):
+    _check_tools(req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise RequestError(
+            "top_logprobs requires logprobs to be true", param="top_logprobs", code="invalid_value"
+        )
+    check_messages(req.messages)
+    return req, ignored
+
+
+def _check_tools(req: ChatRequest) -> None:
+    choice = req.tool_choice
+    if choice not in (None, "none", "auto") and not req.tools:
+        raise RequestError(
+            "tool_choice requires tools", param="tool_choice", code="invalid_value"
+        )
+    names = [t.function.name for t in req.tools or ()]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise RequestError(
+                f"two tools are named {name!r}", param=f"tools[{i}].function.name",
+                code="invalid_value",
+            )
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise RequestError(
+            f"tool_choice names {choice.function.name!r}, which is not among the tools",
+            param="tool_choice.function.name", code="invalid_value",
+        )
+    forced = req.tools and choice not in (None, "none", "auto")
+    if forced and not isinstance(req.response_format, (ResponseFormatText, type(None))):
+        raise RequestError(
+            "a forced tool call cannot also follow a JSON response_format",
+            param="response_format", code="invalid_value",
+        )
+
+
+def tool_choice_of(req: ChatRequest) -> str | None:
+    """None (tools off), "auto", "required" or "function:NAME"."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    if isinstance(req.tool_choice, NamedToolChoice):
+        return f"function:{req.tool_choice.function.name}"
+    return req.tool_choice or "auto"
+
+
+def check_messages(messages: list[Message]) -> None:
+    """Only text parts; content required except on an assistant message."""
+    for i, msg in enumerate(messages):
+        if msg.tool_calls and msg.role != "assistant":
+            raise RequestError(
+                "only an assistant message carries tool_calls",
+                param=f"messages[{i}].tool_calls", code="invalid_value",
+            )
         if isinstance(msg.content, list):
             for j, part in enumerate(msg.content):
                 if not isinstance(part, TextPart):
@@ -361,7 +509,6 @@ def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[st
                 param=f"messages[{i}].content",
                 code="invalid_value",
             )
-    return req, ignored
 
 
 def decode_completion(

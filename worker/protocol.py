@@ -92,6 +92,10 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Unknown top-level request fields: a 400 (True) or ignored and named in the
     # X-Ignored-Params response header (False, as llama-server and vLLM do).
     strict_params: bool = False
+    # Serve /v1/embeddings from a second context on the same weights; pooling "mean",
+    # "cls" or "last" (None: the GGUF's, else mean).
+    embeddings: bool = False
+    pooling: str | None = None
 
 
 class AppliedParams(msgspec.Struct, kw_only=True):

@@ -15,7 +15,9 @@ Rules for this module:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import logging
 import os
 import stat
@@ -27,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import numpy as np
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
@@ -39,9 +42,14 @@ from worker.engine import (
     LoadCancelled,
     LoadError,
     OutOfMemory,
+    ParsedCall,
     Prepared,
     PromptTooLong,
     Sampling,
+    StreamSplit,
+    TokenLogprob,
+    ToolRequest,
+    parse_calls,
 )
 from worker.log_limit import LogLimiter
 from worker.protocol import (
@@ -87,16 +95,106 @@ class Usage(msgspec.Struct):
 TokenIds = list[int] | UnsetType
 
 
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
+class TextLogprobs(msgspec.Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def _chat_logprobs(lps: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs([
+        ChatTokenLogprob(
+            _text(lp.piece), lp.logprob, list(lp.piece),
+            [TopLogprob(_text(p), v, list(p)) for p, v in lp.top],
+        )
+        for lp in lps
+    ])
+
+
+def _text_logprobs(lps: list[TokenLogprob], offset: int) -> TextLogprobs:
+    """Completions' shape; ``offset``: characters of the completion before these tokens."""
+    tokens = [_text(lp.piece) for lp in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    tops = []
+    for lp in lps:
+        top: dict[str, float] = {}
+        for p, v in lp.top:
+            top.setdefault(_text(p), v)  # two byte pieces may render alike: keep the likelier
+        tops.append(top)
+    return TextLogprobs(tokens, [lp.logprob for lp in lps], tops, offsets)
+
+
+class FunctionOut(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(msgspec.Struct):
+    id: str
+    function: FunctionOut
+    type: str = "function"
+
+
+class ToolCallDelta(msgspec.Struct):
+    index: int
+    id: str
+    function: FunctionOut
+    type: str = "function"
+
+
 class ChatMessageOut(msgspec.Struct):
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET
+
+
+def _tool_calls(calls: list[ParsedCall]) -> list[ToolCallOut]:
+    return [
+        ToolCallOut(f"call_{uuid.uuid4().hex[:24]}", FunctionOut(c.name, c.arguments))
+        for c in calls
+    ]
+
+
+def _answer(prepared: Prepared, text: str, finish: str) -> tuple[ChatMessageOut, str]:
+    """The assistant message (tool calls parsed out when the request offered tools)."""
+    if prepared.tool_format is not None and finish == "stop":
+        content, calls = parse_calls(prepared.tool_format, text)
+        if calls:
+            return ChatMessageOut("assistant", content, _tool_calls(calls)), "tool_calls"
+    return ChatMessageOut("assistant", text), finish
 
 
 class ChatChoice(msgspec.Struct):
     index: int
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     token_ids: TokenIds = UNSET
 
 
@@ -114,13 +212,14 @@ class ChatCompletion(msgspec.Struct):
 class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     token_ids: TokenIds = UNSET  # the tokens generated since the previous chunk
 
 
@@ -142,7 +241,7 @@ class TextChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     # vLLM puts a completion's prompt tokens on the choice (streamed: the first chunk's).
     prompt_token_ids: TokenIds = UNSET
     token_ids: TokenIds = UNSET
@@ -169,6 +268,24 @@ class TextChunk(msgspec.Struct):
 
 class TextChunkWithUsage(TextChunk):
     usage: Usage | None = None
+
+
+class Embedding(msgspec.Struct):
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32 (OpenAI's)
+    object: str = "embedding"
+
+
+class EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(msgspec.Struct):
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    object: str = "list"
 
 
 class ModelCard(msgspec.Struct):
@@ -250,18 +367,22 @@ def _cut_error() -> bytes:
 class _AsyncSink:
     """Receives a generation's events on the batch loop thread, queues them on the event loop.
 
-    A piece is queued as (text, token ids generated since the previous piece) with
-    ``with_ids`` (return_token_ids), else (text, None). It is called right after the
-    generation appended the piece's tokens, on the loop thread, so the ids match the text;
-    ``sent`` counts those handed out (read by the event loop once the end is queued).
+    A piece is queued as (text, token ids generated since the previous piece, their
+    logprobs), the ids with ``with_ids`` (return_token_ids) and the logprobs when the
+    request asked for them, else None. It is called right after the generation appended
+    the piece's tokens, on the loop thread, so the ids match the text; ``sent`` counts
+    those handed out (read by the event loop once the end is queued).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, gen: Generation, with_ids: bool) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, gen: Generation, with_ids: bool, with_logprobs: bool
+    ) -> None:
         self.queue: asyncio.Queue[object] = asyncio.Queue()
         self._call = loop.call_soon_threadsafe
         self._put = self.queue.put_nowait
         self._gen = gen
         self._with_ids = with_ids
+        self._with_logprobs = with_logprobs
         self.sent = 0
 
     def _send(self, item: object) -> None:
@@ -272,11 +393,16 @@ class _AsyncSink:
         self._send(_STARTED)
 
     def piece(self, text: str) -> None:
-        ids = None
-        if self._with_ids:
-            ids = self._gen.token_ids[self.sent :]
-            self.sent += len(ids)
-        self._send((text, ids))
+        ids = lps = None
+        if self._with_ids or self._with_logprobs:
+            gen, sent = self._gen, self.sent
+            n = len(gen.token_ids)
+            if self._with_ids:
+                ids = gen.token_ids[sent:n]
+            if self._with_logprobs:
+                lps = gen.logprobs[sent:n]
+            self.sent = n
+        self._send((text, ids, lps))
 
     def ended(self) -> None:
         self._send(_END)
@@ -288,6 +414,9 @@ class _GenerationFailed(Exception):
         self.message = gen.error or "generation failed"
         self.status = gen.error_status
 
+
+# A text piece, the token ids generated since the previous one and their logprobs.
+Piece = tuple[str, list[int] | None, list[TokenLogprob] | None]
 
 # --- the application --------------------------------------------------------------------
 
@@ -311,6 +440,10 @@ class WorkerServer:
         app.router.add_get("/v1/models/{model_id}", self.model)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_post("/apply-template", self.apply_template)
         return app
 
     # --- info endpoints ---
@@ -370,18 +503,88 @@ class WorkerServer:
                 type="server_error", code="model_loading", status=503,
             )
 
+    # --- embeddings ---
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        req = oai.decode_as(oai.EmbeddingRequest, await request.read())
+        inputs = oai.embedding_inputs(req)
+        if not self.engine.serves_embeddings:
+            raise oai.RequestError(
+                f"the model {self.engine.model_id!r} is not configured for embeddings: set "
+                "embeddings = true in its [model] section", param="model",
+                code="embeddings_disabled",
+            )
+        vectors, n_tokens = await self._off_loop(lambda: self.engine.embed(inputs))
+        b64 = req.encoding_format == "base64"
+        data = [
+            Embedding(i, base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if b64 else v)
+            for i, v in enumerate(vectors)
+        ]
+        body = EmbeddingList(data, self.engine.model_id, EmbeddingUsage(n_tokens, n_tokens))
+        return _json_response(_enc.encode(body))
+
+    # --- llama-server's tokenizer endpoints (prompt budgeting against n_ctx) ---
+
+    async def _off_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run a tokenizer call in a helper thread; a bad token id is a 400."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
+        except InvalidInput as e:
+            raise oai.RequestError(e.message, param=e.param, code=e.code) from None
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        req = oai.decode_as(oai.TokenizeRequest, await request.read())
+        engine = self.engine
+
+        def run() -> list[Any]:
+            ids = engine.tokenize(req.content, req.add_special, req.parse_special)
+            if not req.with_pieces:
+                return ids
+            out: list[Any] = []
+            for t in ids:
+                raw = engine.piece(t)
+                try:  # llama-server: the piece as text, or its bytes when not valid UTF-8
+                    piece: Any = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    piece = list(raw)
+                out.append({"id": t, "piece": piece})
+            return out
+
+        return _json_response(_enc.encode({"tokens": await self._off_loop(run)}))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        req = oai.decode_as(oai.DetokenizeRequest, await request.read())
+        content = await self._off_loop(lambda: self.engine.detokenize(req.tokens))
+        return _json_response(_enc.encode({"content": content}))
+
+    async def apply_template(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        req = oai.decode_as(oai.ApplyTemplateRequest, await request.read())
+        oai.check_messages(req.messages)
+        messages = _chat_messages(req.messages)
+        tools = [_tool_dict(t) for t in req.tools] if req.tools else None
+        prompt = await self._off_loop(lambda: self.engine.apply_template(messages, tools))
+        return _json_response(_enc.encode({"prompt": prompt}))
+
     # --- generation endpoints ---
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self._require_ready()
         req, ignored = oai.decode_chat(await request.read(), self.spec.strict_params)
         headers = self._ignored_params(request, ignored)
-        messages = [
-            ChatMessage(m.role, oai.message_text(m), m.name, m.tool_call_id) for m in req.messages
-        ]
+        messages = _chat_messages(req.messages)
         sampling = _sampling(req, oai.max_tokens_of(req, None), req.response_format)
+        if req.logprobs:
+            sampling = dataclasses.replace(sampling, logprobs=req.top_logprobs or 0)
+        choice = oai.tool_choice_of(req)
+        tools = None
+        if choice is not None and req.tools:
+            tools = ToolRequest([_tool_dict(t) for t in req.tools], choice, req.parallel_tool_calls)
         prepared = await self._prepare(
-            lambda: self.engine.prepare_chat(messages, sampling), "messages"
+            lambda: self.engine.prepare_chat(messages, sampling, tools), "messages"
         )
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
@@ -393,12 +596,14 @@ class WorkerServer:
         if _cut(gen):
             return _json_response(_cut_error(), 503)
         ids = req.return_token_ids
+        message, finish = _answer(prepared, text, _finish(gen))
         body = ChatCompletion(
             id=cid,
             created=int(time.time()),
             model=self.engine.model_id,
             choices=[ChatChoice(
-                0, ChatMessageOut("assistant", text), _finish(gen),
+                0, message, finish,
+                logprobs=_chat_logprobs(gen.logprobs) if req.logprobs else None,
                 token_ids=gen.token_ids if ids else UNSET,
             )],
             usage=_usage(gen),
@@ -419,6 +624,8 @@ class WorkerServer:
             prompt = req.prompt  # type: ignore[assignment]
         max_tokens = oai.max_tokens_of(req, 16)  # 16: OpenAI's default
         sampling = _sampling(req, max_tokens, req.response_format)
+        if req.logprobs is not None:
+            sampling = dataclasses.replace(sampling, logprobs=req.logprobs)
         prepared = await self._prepare(
             lambda: self.engine.prepare_completion(prompt, sampling), "prompt"
         )
@@ -438,6 +645,7 @@ class WorkerServer:
             model=self.engine.model_id,
             choices=[TextChoice(
                 0, text, _finish(gen),
+                logprobs=_text_logprobs(gen.logprobs, 0) if req.logprobs is not None else None,
                 prompt_token_ids=prepared.tokens if ids else UNSET,
                 token_ids=gen.token_ids if ids else UNSET,
             )],
@@ -478,7 +686,7 @@ class WorkerServer:
         self,
         prepared: Prepared,
         on_start: Callable[[], Awaitable[None]] | None,
-        on_pieces: Callable[[list[tuple[str, list[int] | None]]], Awaitable[None]],
+        on_pieces: Callable[[list[Piece]], Awaitable[None]],
         with_ids: bool = False,
     ) -> tuple[Generation, _AsyncSink]:
         """Queue a generation and follow it to its end; raises _GenerationFailed.
@@ -489,7 +697,9 @@ class WorkerServer:
         cancelled: the batch loop frees its slot at its next step, other slots go on.
         """
         gen = self.engine.generation(prepared, threading.Event())
-        sink = _AsyncSink(asyncio.get_running_loop(), gen, with_ids)
+        sink = _AsyncSink(
+            asyncio.get_running_loop(), gen, with_ids, prepared.sampling.logprobs is not None
+        )
         self.engine.start(gen, sink)
         queue = sink.queue
         try:
@@ -499,7 +709,7 @@ class WorkerServer:
                     if on_start is not None:
                         await on_start()
                     continue
-                out: list[tuple[str, list[int] | None]] = []
+                out: list[Piece] = []
                 while item is not _END:
                     out.append(item)  # type: ignore[arg-type]
                     if queue.empty():
@@ -519,8 +729,8 @@ class WorkerServer:
     async def _complete(self, prepared: Prepared) -> tuple[Generation, str]:
         parts: list[str] = []
 
-        async def collect(pieces: list[tuple[str, list[int] | None]]) -> None:
-            parts.extend(text for text, _ in pieces)
+        async def collect(pieces: list[Piece]) -> None:
+            parts.extend(piece[0] for piece in pieces)
 
         try:
             gen, _ = await self._run(prepared, None, collect)
@@ -535,8 +745,8 @@ class WorkerServer:
         request: web.Request,
         prepared: Prepared,
         first: bytes | None,
-        piece_chunk: Callable[[str, list[int] | None], bytes],
-        final_chunks: Callable[[Generation, list[int] | None], bytes],
+        piece_chunk: Callable[[Piece], bytes],
+        final_chunks: Callable[[Generation, Piece], bytes],
         with_ids: bool,
         headers: dict[str, str],
     ) -> web.StreamResponse:
@@ -544,7 +754,8 @@ class WorkerServer:
 
         With ``with_ids`` (return_token_ids) each piece carries the token ids generated
         since the previous one, and ``final_chunks`` gets those not sent yet (tokens whose
-        text was held back or cut by a stop string), so the chunks' ids add up to all.
+        text was held back or cut by a stop string), so the chunks' ids add up to all;
+        the same for logprobs when the request asked for them.
         """
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
@@ -559,10 +770,10 @@ class WorkerServer:
             if first is not None:
                 await resp.write(first)
 
-        async def write(pieces: list[tuple[str, list[int] | None]]) -> None:
+        async def write(pieces: list[Piece]) -> None:
             if len(times) == 1:
                 times.append(time.monotonic())
-            await resp.write(b"".join(piece_chunk(text, ids) for text, ids in pieces))
+            await resp.write(b"".join(piece_chunk(piece) for piece in pieces))
 
         try:
             gen, sink = await self._run(prepared, start, write, with_ids)
@@ -591,7 +802,11 @@ class WorkerServer:
                 ttft_s=times[1] - times[0] if len(times) > 1 else None,
                 gen_s=(gen.last_token_at or times[-1]) - times[1] if len(times) > 1 else None,
             ))
-            rest = gen.token_ids[sink.sent :] if with_ids else None
+            rest = (
+                "",
+                gen.token_ids[sink.sent :] if with_ids else None,
+                gen.logprobs[sink.sent :] if prepared.sampling.logprobs is not None else None,
+            )
             await resp.write(final_chunks(gen, rest) + trailer + STREAM_DONE)
         await resp.write_eof()
         return resp
@@ -604,12 +819,64 @@ class WorkerServer:
         model = self.engine.model_id
         chunk_cls = ChatChunkWithUsage if include_usage else ChatChunk
 
-        def chunk(delta: Delta, finish: str | None = None, ids: list[int] | None = None) -> bytes:
-            choice = ChatChunkChoice(0, delta, finish, token_ids=UNSET if ids is None else ids)
+        def chunk(delta: Delta, finish: str | None, piece: Piece) -> bytes:
+            _, ids, lps = piece
+            choice = ChatChunkChoice(
+                0, delta, finish, logprobs=None if lps is None else _chat_logprobs(lps),
+                token_ids=UNSET if ids is None else ids,
+            )
             return _sse(chunk_cls(cid, created, model, [choice]))
 
-        def final(gen: Generation, rest: list[int] | None) -> bytes:
-            out = chunk(Delta(), _finish(gen), rest)
+        # With tools, plain text streams as it comes and a call is held from its marker
+        # on, then parsed at the end and sent as delta.tool_calls (tools.StreamSplit).
+        split = StreamSplit(prepared.tool_format) if prepared.tool_format is not None else None
+        held_ids: list[int] = []
+        held_lps: list[TokenLogprob] = []
+
+        def take(ids: list[int] | None, lps: list[TokenLogprob] | None) -> Piece:
+            """The ids/logprobs not sent yet, these included, for the next chunk."""
+            held_ids.extend(ids or ())
+            held_lps.extend(lps or ())
+            out = ("", None if ids is None else held_ids[:], None if lps is None else held_lps[:])
+            held_ids.clear()
+            held_lps.clear()
+            return out
+
+        def piece_chunk(piece: Piece) -> bytes:
+            if split is None:
+                return chunk(Delta(content=piece[0]), None, piece)
+            text, ids, lps = piece
+            now = split.feed(text)
+            if not now:
+                held_ids.extend(ids or ())
+                held_lps.extend(lps or ())
+                return b""
+            return chunk(Delta(content=now), None, take(ids, lps))
+
+        def final(gen: Generation, rest: Piece) -> bytes:
+            out = b""
+            finish = _finish(gen)
+            if split is not None:
+                assert prepared.tool_format is not None
+                content: str | None = split.held
+                calls: list[ParsedCall] = []
+                if split.holding and finish == "stop":
+                    content, calls = parse_calls(prepared.tool_format, split.held)
+                _, ids, lps = rest
+                if content:
+                    out += chunk(Delta(content=content), None, take(ids, lps))
+                    ids = [] if ids is not None else None
+                    lps = [] if lps is not None else None
+                if calls:
+                    finish = "tool_calls"
+                    deltas = [
+                        ToolCallDelta(i, c.id, c.function) for i, c in enumerate(_tool_calls(calls))
+                    ]
+                    out += chunk(Delta(tool_calls=deltas), None, take(ids, lps))
+                    ids = [] if ids is not None else None
+                    lps = [] if lps is not None else None
+                rest = take(ids, lps)
+            out += chunk(Delta(), finish, rest)
             if include_usage:
                 out += _sse(ChatChunkWithUsage(cid, created, model, [], usage=_usage(gen)))
             return out
@@ -621,8 +888,7 @@ class WorkerServer:
             cid, created, model, [role], prompt_token_ids=prepared.tokens if with_ids else UNSET
         ))
         return await self._stream(
-            request, prepared, first, lambda text, ids: chunk(Delta(content=text), None, ids),
-            final, with_ids, headers,
+            request, prepared, first, piece_chunk, final, with_ids, headers,
         )
 
     async def _stream_text(
@@ -632,13 +898,21 @@ class WorkerServer:
         created = int(time.time())
         model = self.engine.model_id
         chunk_cls = TextChunkWithUsage if include_usage else TextChunk
+        offset = [0]  # characters of the tokens whose logprobs were sent (text_offset)
 
-        def chunk(text: str, finish: str | None = None, ids: list[int] | None = None) -> bytes:
-            choice = TextChoice(0, text, finish, token_ids=UNSET if ids is None else ids)
+        def chunk(finish: str | None, piece: Piece) -> bytes:
+            text, ids, lps = piece
+            logprobs = None
+            if lps is not None:
+                logprobs = _text_logprobs(lps, offset[0])
+                offset[0] += sum(len(t) for t in logprobs.tokens)
+            choice = TextChoice(
+                0, text, finish, logprobs=logprobs, token_ids=UNSET if ids is None else ids
+            )
             return _sse(chunk_cls(cid, created, model, [choice]))
 
-        def final(gen: Generation, rest: list[int] | None) -> bytes:
-            out = chunk("", _finish(gen), rest)
+        def final(gen: Generation, rest: Piece) -> bytes:
+            out = chunk(_finish(gen), rest)
             if include_usage:
                 out += _sse(TextChunkWithUsage(cid, created, model, [], usage=_usage(gen)))
             return out
@@ -648,9 +922,24 @@ class WorkerServer:
             choice = TextChoice(0, "", None, prompt_token_ids=prepared.tokens, token_ids=[])
             first = _sse(chunk_cls(cid, created, model, [choice]))
         return await self._stream(
-            request, prepared, first, lambda text, ids: chunk(text, None, ids), final,
-            with_ids, headers,
+            request, prepared, first, lambda piece: chunk(None, piece), final, with_ids, headers,
         )
+
+
+def _chat_messages(messages: list[oai.Message]) -> list[ChatMessage]:
+    return [
+        ChatMessage(
+            m.role, oai.message_text(m), m.name, m.tool_call_id,
+            [msgspec.to_builtins(c) for c in m.tool_calls] if m.tool_calls else None,
+        )
+        for m in messages
+    ]
+
+
+def _tool_dict(tool: oai.Tool) -> dict[str, Any]:
+    """A tool as the chat template gets it (Hugging Face's shape, unset fields left out)."""
+    fn = {k: v for k, v in msgspec.structs.asdict(tool.function).items() if v is not None}
+    return {"type": "function", "function": fn}
 
 
 def _sampling(req: Any, max_tokens: int | None, fmt: Any) -> Sampling:

@@ -7,22 +7,23 @@ Rules for this package:
   does not go through its Python loop: the batch loop calls llama.cpp's C API directly
   (``llama_decode`` on one reused ``llama_batch``, a ``llama_sampler`` chain per request,
   ``llama_token_to_piece`` once per vocabulary entry) so the per-token Python work is a
-  few calls and no copy of the logits.
+  few calls and no copy of the logits (only a request asking for logprobs reads its row).
 - Threads: ``load()`` runs in a loader thread; ``prepare_*()`` in helper threads (they
   read the vocabulary, never the context); ONE batch-loop thread owns the context and
   runs every generation (``batch.py``).
 
 The seams, one module each: ``load`` (llama.cpp log, model and context), ``prompt``
 (template, tokens, request validation), ``chains`` (sampler chains), ``stops`` (stop
-strings), ``generation`` (one request's per-token processing), ``slots`` (sequences and
+strings), ``generation`` (one request's per-token processing), ``tools`` (tool-call formats), ``slots`` (sequences and
 their cached prompts), ``batch`` (the decode loop and admission), ``core`` (``Engine``).
 """
 
 from worker.engine.core import Engine
-from worker.engine.generation import Generation, Sink
+from worker.engine.generation import Generation, Sink, TokenLogprob
 from worker.engine.load import LlamaLog, LoadCancelled, LoadError, OutOfMemory
 from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, PromptTooLong, Sampling
 from worker.engine.stops import _held_back, _stop_at
+from worker.engine.tools import ParsedCall, StreamSplit, ToolRequest, parse_calls
 
 __all__ = [
     "ChatMessage",
@@ -37,6 +38,11 @@ __all__ = [
     "PromptTooLong",
     "Sampling",
     "Sink",
+    "StreamSplit",
+    "ParsedCall",
+    "TokenLogprob",
+    "ToolRequest",
     "_held_back",
     "_stop_at",
+    "parse_calls",
 ]

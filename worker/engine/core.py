@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 
 from worker.engine.batch import BatchLoop
+from worker.engine.embed import Embedder, pooling_of
 from worker.engine.generation import Generation, Pieces, Sink
 from worker.engine.load import LlamaLog, load_llama
-from worker.engine.prompt import ChatMessage, Prepared, Preparer, Sampling
+from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, Preparer, Sampling
+from worker.engine.tools import ToolRequest
 from worker.protocol import AppliedParams, LaunchSpec
 
 
@@ -27,6 +30,7 @@ class Engine:
         self._preparer: Preparer | None = None
         self._pieces: Pieces | None = None
         self.loop: BatchLoop | None = None  # the scheduler; None until loaded
+        self._embedder: Embedder | None = None  # with spec.embeddings, once loaded
         self._abort_load = threading.Event()
         self.n_ctx = 0  # one slot's context once loaded
 
@@ -54,6 +58,11 @@ class Engine:
             prefill_chunk=self.spec.prefill_chunk,
             cache_ram_bytes=self.spec.cache_ram_mib * 2**20,
         )
+        if self.spec.embeddings:
+            self._embedder = Embedder(
+                llama, int(llama_lib.llama_n_batch(ctx)), pooling_of(llama, self.spec.pooling),
+                llama.n_threads,
+            )
         progress(1.0)
 
     def applied_params(self) -> AppliedParams:
@@ -81,6 +90,9 @@ class Engine:
         if self.loop is not None:
             self.loop.close()
             self.loop = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self._llama is not None:
             self._llama.close()
             self._llama = None
@@ -92,15 +104,65 @@ class Engine:
 
     # --- preparing requests (any thread) ----------------------------------------------
 
-    def prepare_chat(self, messages: list[ChatMessage], sampling: Sampling) -> Prepared:
+    def prepare_chat(
+        self, messages: list[ChatMessage], sampling: Sampling, tools: ToolRequest | None = None
+    ) -> Prepared:
         self._require()
         assert self._preparer is not None
-        return self._preparer.prepare_chat(messages, sampling)
+        return self._preparer.prepare_chat(messages, sampling, tools)
 
     def prepare_completion(self, prompt: str | list[int], sampling: Sampling) -> Prepared:
         self._require()
         assert self._preparer is not None
         return self._preparer.prepare_completion(prompt, sampling)
+
+    def apply_template(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        self._require()
+        assert self._preparer is not None
+        return self._preparer.apply_template(messages, tools)
+
+    def tokenize(self, content: str, add_special: bool, parse_special: bool) -> list[int]:
+        self._require()
+        assert self._preparer is not None
+        return self._preparer.tokenize(content, add_special, parse_special)
+
+    def piece(self, token: int) -> bytes:
+        self._require()
+        assert self._preparer is not None
+        return self._preparer.piece(token)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        self._require()
+        assert self._preparer is not None
+        return self._preparer.detokenize(tokens)
+
+    # --- embeddings (any thread; one request at a time) ------------------------------
+
+    @property
+    def serves_embeddings(self) -> bool:
+        return self._embedder is not None
+
+    def embed(self, inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+        """Normalized vectors, one per input, and the number of input tokens."""
+        llama = self._require()
+        assert self._embedder is not None and self._preparer is not None
+        tokens: list[list[int]] = []
+        n_vocab = llama.n_vocab()
+        items: list[str | list[int]] = list(inputs)
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                tokens.append(self._preparer.tokenize(item, True, True))
+            else:
+                for j, t in enumerate(item):
+                    if not 0 <= t < n_vocab:
+                        raise InvalidInput(
+                            f"token id {t} is outside the vocabulary (0..{n_vocab - 1})",
+                            f"input[{i}][{j}]",
+                        )
+                tokens.append(list(item))
+        return self._embedder.embed(tokens), sum(map(len, tokens))
 
     # --- generating --------------------------------------------------------------------
 

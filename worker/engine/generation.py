@@ -22,13 +22,33 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import llama_cpp.llama_cpp as llama_lib
+import numpy as np
 
 from worker.engine.chains import sampler_chain
 from worker.engine.prompt import Prepared
 from worker.engine.stops import _held_back, _stop_at, _stop_end
+
+# OpenAI's floor for a log-probability (JSON has no -Infinity).
+_MIN_LOGPROB = -9999.0
+
+
+class TokenLogprob(NamedTuple):
+    """A sampled token's log-probability and the top alternatives (bytes, logprob)."""
+
+    piece: bytes
+    logprob: float
+    top: list[tuple[bytes, float]]
+
+
+def log_softmax_row(ctx: Any, row: int, n_vocab: int) -> Any:
+    """The log-softmax of batch row ``row``'s raw logits (before any sampler), as float64."""
+    logits = np.ctypeslib.as_array(llama_lib.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
+    x = logits.astype(np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
 
 
 class Sink(Protocol):
@@ -116,6 +136,7 @@ class Generation:
         self.prompt_evaluated = 0
         self.completion_tokens = 0
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # one per token_ids entry, when asked
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_status = 500  # HTTP status the server gives ``error``
@@ -170,17 +191,23 @@ class Generation:
         token: int = llama_lib.llama_sampler_sample(self._chain, ctx, row)
         self.last_token_at = time.monotonic()
         s = self.prepared.sampling
+        # Sampling reads the row without changing it: these are the raw logits' values.
+        lp = self._logprob(ctx, row, token, s.logprobs) if s.logprobs is not None else None
         sink = self.sink
         if token in self._stop_ids or llama_lib.llama_vocab_is_eog(self._pieces.vocab, token):
             if s.include_stop_str_in_output and token in self._stop_ids:
                 # The stop token is kept and counted; end() flushes its text.
                 self.completion_tokens += 1
                 self.token_ids.append(token)
+                if lp is not None:
+                    self.logprobs.append(lp)
                 self._pending += self._utf8(self._pieces.piece(token, self._special))
             self.finish_reason = "stop"
             return None
         n = self.completion_tokens = self.completion_tokens + 1
         self.token_ids.append(token)
+        if lp is not None:
+            self.logprobs.append(lp)
         if n == s.min_tokens:
             # min_tokens reached: drop the ban at the head of the chain (chains.py).
             llama_lib.llama_sampler_free(llama_lib.llama_sampler_chain_remove(self._chain, 0))
@@ -209,6 +236,17 @@ class Generation:
             self.finish_reason = "length"
             return None
         return token
+
+    def _logprob(self, ctx: Any, row: int, token: int, top: int) -> TokenLogprob:
+        """Only for requests that ask: the others never pay for the row's log-softmax."""
+        lsm = log_softmax_row(ctx, row, self._pieces.n_vocab)
+        piece = self._pieces.piece
+        best: list[tuple[bytes, float]] = []
+        if top:
+            ids = np.argpartition(-lsm, top)[:top]
+            ids = ids[np.argsort(-lsm[ids], kind="stable")]
+            best = [(piece(int(t), True), max(float(lsm[t]), _MIN_LOGPROB)) for t in ids]
+        return TokenLogprob(piece(token, True), max(float(lsm[token]), _MIN_LOGPROB), best)
 
     def end(self, reason: str | None = None, error: str | None = None, status: int = 500) -> None:
         """Finish (once): flush held-back text if the stream ended on its own, tell the sink."""

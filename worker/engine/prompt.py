@@ -9,6 +9,7 @@ knows about HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, cast
@@ -17,6 +18,8 @@ import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 from llama_cpp import llama_chat_format
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+from worker.engine.tools import ToolRequest, call_grammar, detect_format
 
 
 class InvalidInput(Exception):
@@ -61,6 +64,9 @@ class Sampling:
     include_stop_str_in_output: bool = False  # the matched stop string / stop token is kept
     skip_special_tokens: bool = True  # False: special tokens' text is part of the output
     cache_prompt: bool = True  # False: reuse no cached prefix for this request
+    # Log-probabilities of each sampled token plus this many top alternatives (0..20);
+    # None: not asked, nothing is computed.
+    logprobs: int | None = None
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Prepared:
     grammar: LlamaGrammar | None
     logit_bias: dict[int, float] | None
     eog_tokens: tuple[int, ...] = ()  # every end-of-generation token; only for ignore_eos/min_tokens
+    tool_format: str | None = None  # the request offered tools: parse the output in this format
 
 
 @dataclass
@@ -82,6 +89,7 @@ class ChatMessage:
     content: str
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls (OpenAI's shape)
 
 
 class _Captured(Exception):
@@ -111,6 +119,19 @@ class _CaptureLlama:
         raise _Captured(kwargs)
 
 
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An earlier call for the template: templates (Qwen's, Llama's) write the arguments
+    with ``tojson``, so they get the object, not OpenAI's JSON string."""
+    fn = dict(call.get("function") or {})
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args)
+        except ValueError:
+            pass  # not JSON: the template gets the string as sent
+    return {**call, "type": "function", "function": fn}
+
+
 class Preparer:
     """Turns requests into ``Prepared`` for one loaded model (thread-safe: reads only)."""
 
@@ -118,8 +139,15 @@ class Preparer:
         self._llama = llama
         self._n_ctx = n_ctx  # one slot's context (each sequence has its own cells)
         self._eog: tuple[int, ...] | None = None  # end-of-generation token ids, once needed
+        # The GGUF's own Jinja template (not a named chat_format) says how tools are called.
+        template = llama.metadata.get("tokenizer.chat_template")
+        jinja = llama.chat_handler is None and (llama.chat_format or "").startswith("chat_template.")
+        self.tool_format = detect_format(template) if jinja else None
 
-    def prepare_chat(self, messages: list[ChatMessage], sampling: Sampling) -> Prepared:
+    def _render_chat(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], list[str]]:
+        """The chat template's prompt tokens and the format's stop strings."""
         llama = self._llama
         handler = (
             llama.chat_handler
@@ -136,9 +164,16 @@ class Preparer:
                 d["name"] = m.name
             if m.tool_call_id is not None:
                 d["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                d["tool_calls"] = [_template_call(c) for c in m.tool_calls]
             dicts.append(d)
+        # Tools reach the template as Hugging Face's apply_chat_template passes them.
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
         try:
-            handler(llama=cast(Any, _CaptureLlama(llama)), messages=cast(Any, dicts), stream=False)
+            handler(
+                llama=cast(Any, _CaptureLlama(llama)), messages=cast(Any, dicts), stream=False,
+                **extra,
+            )
         except _Captured as c:
             captured = c.kwargs
         except Exception as e:  # the template rejected the conversation (jinja raise_exception)
@@ -151,8 +186,64 @@ class Preparer:
         fmt_stop = captured.get("stop") or []
         if isinstance(fmt_stop, str):
             fmt_stop = [fmt_stop]
+        return list(prompt), list(fmt_stop)
+
+    def prepare_chat(
+        self, messages: list[ChatMessage], sampling: Sampling, tools: ToolRequest | None = None
+    ) -> Prepared:
+        fmt = self.tool_format
+        if tools is not None and fmt is None:
+            raise InvalidInput(
+                "this model's chat template has no tool support (it renders no tools, or in "
+                "a format vram-llm does not parse: README \"Tool calling\"); send "
+                "tool_choice \"none\" or no tools", "tools", code="tools_unsupported",
+            )
+        tokens, fmt_stop = self._render_chat(messages, tools.tools if tools else None)
         stop = tuple(dict.fromkeys([*sampling.stop, *fmt_stop]))
-        return self._prepare(list(prompt), sampling, stop, "messages")
+        tool_grammar = None
+        if tools is not None:
+            assert fmt is not None
+            # Markers such as <|python_tag|> or [TOOL_CALLS] may be special tokens: keep
+            # their text, the parser needs it.
+            sampling = dataclasses.replace(sampling, skip_special_tokens=False)
+            if tools.choice != "auto":
+                tool_grammar = call_grammar(fmt, tools)
+        prepared = self._prepare(tokens, sampling, stop, "messages", tool_grammar)
+        if tools is not None:
+            prepared.tool_format = fmt
+        return prepared
+
+    # --- llama-server's /tokenize, /detokenize, /apply-template -------------------------
+
+    def apply_template(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt a chat request with these messages (and tools) evaluates, as text
+        (special tokens rendered, a BOS the template did not write included)."""
+        if tools and self.tool_format is None:
+            raise InvalidInput(
+                "this model's chat template has no tool support", "tools", code="tools_unsupported"
+            )
+        tokens, _ = self._render_chat(messages, tools)
+        return self.detokenize(tokens)
+
+    def tokenize(self, content: str, add_special: bool, parse_special: bool) -> list[int]:
+        return list(self._llama.tokenize(
+            content.encode("utf-8"), add_bos=add_special, special=parse_special
+        ))
+
+    def piece(self, token: int) -> bytes:
+        """A token's bytes, special tokens rendered (may be part of a UTF-8 character)."""
+        return bytes(self._llama.detokenize([token], special=True))
+
+    def detokenize(self, tokens: list[int], param: str = "tokens") -> str:
+        n_vocab = self._llama.n_vocab()
+        for i, t in enumerate(tokens):
+            if not 0 <= t < n_vocab:
+                raise InvalidInput(
+                    f"token id {t} is outside the vocabulary (0..{n_vocab - 1})", f"{param}[{i}]"
+                )
+        return bytes(self._llama.detokenize(tokens, special=True)).decode("utf-8", errors="replace")
 
     def prepare_completion(self, prompt: str | list[int], sampling: Sampling) -> Prepared:
         llama = self._llama
@@ -169,7 +260,8 @@ class Preparer:
         return self._prepare(tokens, sampling, sampling.stop, "prompt")
 
     def _prepare(
-        self, tokens: list[int], sampling: Sampling, stop: tuple[str, ...], what: str
+        self, tokens: list[int], sampling: Sampling, stop: tuple[str, ...], what: str,
+        tool_grammar: str | None = None,
     ) -> Prepared:
         llama = self._llama
         n_ctx = self._n_ctx
@@ -198,7 +290,7 @@ class Preparer:
                     f"token id {tid} is outside the vocabulary (0..{llama.n_vocab() - 1})",
                     f"stop_token_ids[{i}]",
                 )
-        grammar = self._grammar(sampling)
+        grammar = self._grammar(sampling, tool_grammar)
         # ignore_eos and min_tokens ban every end-of-generation token (listed once per worker).
         eog = self._eog_tokens() if sampling.ignore_eos or sampling.min_tokens else ()
         return Prepared(tokens, sampling, max_tokens, stop, grammar, bias, eog)
@@ -210,8 +302,14 @@ class Preparer:
             self._eog = tuple(t for t in range(n_vocab) if llama_lib.llama_vocab_is_eog(vocab, t))
         return self._eog
 
-    def _grammar(self, sampling: Sampling) -> LlamaGrammar | None:
-        if sampling.json_schema is not None:
+    def _grammar(self, sampling: Sampling, tool_grammar: str | None = None) -> LlamaGrammar | None:
+        if tool_grammar is not None:
+            param = "tools"
+            try:
+                grammar = LlamaGrammar.from_string(tool_grammar, verbose=False)
+            except Exception as e:
+                raise InvalidInput(f"no grammar for these tools' JSON schemas: {e}", param) from None
+        elif sampling.json_schema is not None:
             param = "response_format.json_schema.schema"
             try:
                 grammar = LlamaGrammar.from_json_schema(json.dumps(sampling.json_schema), verbose=False)

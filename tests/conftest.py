@@ -7,6 +7,8 @@ Rules:
   and reaped; every temp dir and socket is removed.
 - The real model is loaded once per session (``worker``); tests that need a worker of
   their own (bad model, exit codes) use ``WorkerProcess`` directly.
+- Loadable random-weight models (tests/gguf_factory.py ``write_loadable``) are written once
+  per session and shape (``loadable_model``).
 """
 
 from __future__ import annotations
@@ -178,6 +180,27 @@ def worker() -> Iterator[WorkerProcess]:
         leftover = proc.socket_path is not None and os.path.exists(proc.socket_path)
         shutil.rmtree(workdir, ignore_errors=True)
         assert not leftover, "the worker left its socket file behind"
+
+
+LoadableModel = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def loadable_model(tmp_path_factory: pytest.TempPathFactory) -> LoadableModel:
+    """``loadable_model(n_layers=2, n_embd=64, ...)``: the path of a real llama GGUF with
+    SmolLM2's tokenizer and random weights, written on first use of those arguments."""
+    from tests.gguf_factory import write_loadable
+
+    written: dict[tuple[tuple[str, Any], ...], Path] = {}
+
+    def get(**shape: Any) -> Path:
+        key = tuple(sorted(shape.items()))
+        if key not in written:
+            stem = "-".join(f"{k}{v}" for k, v in key) or "default"
+            written[key] = write_loadable(tmp_path_factory.mktemp("loadable") / f"{stem}.gguf", **shape)
+        return written[key]
+
+    return get
 
 
 @pytest.fixture

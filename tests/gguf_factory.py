@@ -1,18 +1,25 @@
-"""Write GGUF files of given shapes with the ``gguf`` package, for planner tests.
+"""Write GGUF files of given shapes with the ``gguf`` package, for planner and fleet tests.
 
-Only the header is real: tensor infos carry true shapes, types and offsets, and the file
-is then extended sparsely to its full size (``truncate``), so a "40 GB" model costs no disk
-and proves the reader never touches tensor data.
+``write_model``: only the header is real: tensor infos carry true shapes, types and offsets,
+and the file is then extended sparsely to its full size (``truncate``), so a "40 GB" model
+costs no disk and proves the reader never touches tensor data.
+
+``write_loadable``: a model llama.cpp really loads and runs: the llama architecture with
+SmolLM2's tokenizer (vocabulary, merges, special ids, chat template) copied from the
+embedded model's metadata and random weights, a few MB, so models of different sizes load
+in well under a second. The text it writes is garbage; its tokens are real.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import quantize
 
 ALIGN = 32
 
@@ -69,8 +76,7 @@ def tensors_of(s: Shape) -> list[tuple[str, tuple[int, ...], GGMLQuantizationTyp
     return out
 
 
-def write_model(path: Path, s: Shape = Shape()) -> Path:
-    w = GGUFWriter(path, s.arch)
+def add_hparams(w: GGUFWriter, s: Shape) -> None:
     w.add_name(s.name)
     w.add_block_count(s.n_layers)
     w.add_context_length(s.n_ctx_train)
@@ -82,6 +88,11 @@ def write_model(path: Path, s: Shape = Shape()) -> Path:
         w.add_key_length(s.head_dim)
         w.add_value_length(s.head_dim)
     w.add_vocab_size(s.vocab)
+
+
+def write_model(path: Path, s: Shape = Shape()) -> Path:
+    w = GGUFWriter(path, s.arch)
+    add_hparams(w, s)
     if s.write_tokens:
         w.add_tokenizer_model("gpt2")
         w.add_token_list([f"t{i}" for i in range(s.vocab)])
@@ -100,4 +111,72 @@ def write_model(path: Path, s: Shape = Shape()) -> Path:
     # Sparse: the data region exists (the reader checks the size) but holds no blocks.
     with open(path, "r+b") as f:
         f.truncate(GGUFWriter.ggml_pad(header, ALIGN) + total)
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_fields(source: Path) -> tuple[tuple[str, object, GGUFValueType, GGUFValueType | None], ...]:
+    """Every ``tokenizer.*`` key of a GGUF file as (key, value, type, array item type).
+
+    Cached: GGUFReader takes ~2 s to decode SmolLM2's 49152 tokens and 48900 merges."""
+    out: list[tuple[str, object, GGUFValueType, GGUFValueType | None]] = []
+    for key, field in GGUFReader(source).fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        out.append((key, field.contents(), vtype, sub))
+    return tuple(out)
+
+
+def write_loadable(
+    path: Path,
+    n_layers: int = 2,
+    n_embd: int = 64,
+    n_ff: int | None = None,
+    n_head: int = 2,
+    n_head_kv: int = 1,
+    ttype: GGMLQuantizationType = GGMLQuantizationType.Q8_0,
+    name: str = "factory loadable",
+    tokenizer_from: Path | None = None,
+    seed: int = 0,
+) -> Path:
+    """A real llama GGUF with random weights and SmolLM2's tokenizer (see the module doc).
+
+    Tied embeddings (no output.weight): the 49152-row token_embd dominates the weights, so
+    the default (n_embd 64, Q8_0) is ~5 MB, of which ~2 MB is the tokenizer; n_layers 4 and
+    n_embd 128 is ~9.5 MB. Sizes (and the planner's footprints) grow with both. Writing
+    costs ~0.5 s after the first call (which reads the tokenizer, ~2 s).
+    """
+    if tokenizer_from is None:
+        from supervisor.default_model import default_model_path
+
+        tokenizer_from = default_model_path()
+    fields = tokenizer_fields(tokenizer_from)
+    vocab = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))  # type: ignore[arg-type]
+    s = Shape(name=name, n_layers=n_layers, n_embd=n_embd, n_ff=n_ff or 4 * n_embd, n_head=n_head,
+              n_head_kv=n_head_kv, vocab=vocab, n_ctx_train=8192, ttype=ttype, tied=True)
+    w = GGUFWriter(path, s.arch)
+    add_hparams(w, s)
+    w.add_rope_dimension_count(s.n_embd // s.n_head)
+    w.add_rope_freq_base(100000.0)  # SmolLM2's
+    w.add_layer_norm_rms_eps(1e-5)
+    for key, value, vtype, sub in fields:
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    rng = np.random.default_rng(seed)
+    for tname, shape, tt in tensors_of(s):
+        if tname.endswith("norm.weight"):
+            data = np.ones(shape, dtype=np.float32)
+        else:
+            data = rng.normal(0.0, 0.05, size=shape).astype(np.float32)
+        if tt == GGMLQuantizationType.F32:
+            w.add_tensor(tname, data)
+        elif tt == GGMLQuantizationType.F16:
+            w.add_tensor(tname, data.astype(np.float16))
+        else:
+            w.add_tensor(tname, quantize(data, tt), raw_dtype=tt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return path

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from supervisor.default_model import default_model_path
-from tests.supervisor_harness import FAKE_WORKER, REPO, Supervisor, poll
+from tests.supervisor_harness import FAKE_WORKER, PER_MODEL_SERIES, REPO, Supervisor, models_by_series, poll, scrape, total
 
 ROOM_FOR_ONE = 2618
 ROOM_FOR_TWO = 4200
@@ -131,11 +131,14 @@ def test_room_for_both_both_stay_loaded(fleet: Any) -> None:
     rows = status_models(s)
     assert rows["a"]["loaded"] and rows["b"]["loaded"]
     assert rows["a"]["restarts"] == 0 and rows["b"]["restarts"] == 0 and rows["a"]["swaps_in"] == 0
-    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
-        metrics = r.read().decode()
-    for m in ("a", "b"):
-        assert f'vram_llm_slots_busy{{model="{m}"}}' in metrics
-        assert f'vram_llm_completion_tokens_total{{model="{m}"}}' in metrics
+    # /metrics: every series but the per-GPU ones has a sample set for each model.
+    m = scrape(s)
+    have = models_by_series(m)
+    assert {name: have.get(name) for name in PER_MODEL_SERIES} == {name: {"a", "b"} for name in PER_MODEL_SERIES}
+    for mid in ("a", "b"):
+        assert total(m, "vram_llm_worker_state", model=mid, state="ready") == 1
+        assert total(m, "vram_llm_requests_served_total", model=mid) == 3
+        assert total(m, "vram_llm_completion_tokens_total", model=mid) == 9
 
 
 def test_room_for_one_alternating_clients_are_all_answered_by_swaps(fleet: Any) -> None:

@@ -36,7 +36,7 @@ from supervisor.proxy import Proxy, openai_error
 from supervisor.router import Router, model_not_found
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
-from supervisor.status import GpuNow, ModelRow, SupervisorInfo
+from supervisor.status import GpuNow, HealthVerdict, ModelRow, SupervisorInfo
 from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm")
@@ -48,20 +48,28 @@ REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegist
 SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
 
 
-async def _health(request: web.Request) -> web.Response:
-    fleet = request.app.get(FLEET)
+def health_of(app: web.Application) -> HealthVerdict:
+    """The one /health rule, also in /status (`vram-llm status` exits by it): ready when
+    every model loaded at start is (the first, every pinned or preloaded one)."""
+    fleet = app.get(FLEET)
     if fleet is not None and len(fleet.ids) > 1:
-        # Several models: 200 when every pinned or preloaded model (else the first) is ready.
         ok, why = fleet.ready_for_health()
-        if ok:
-            return web.json_response({"status": "ok"})
-        return web.json_response({"status": "loading", "reason": why}, status=503, headers={"Retry-After": "5"})
-    mgr = request.app[MANAGER]
+        return HealthVerdict(ok=ok, status="ok" if ok else "loading", reason="" if ok else why,
+                             retry_after_s=None if ok else 5)
+    mgr = app[MANAGER]
     if mgr.state is WorkerState.READY:
-        return web.json_response({"status": "ok"})
+        return HealthVerdict(ok=True, status="ok")
     # While a restart is scheduled, tell load balancers when it comes.
-    headers = None if mgr.next_attempt_in_s() is None else {"Retry-After": str(mgr.retry_after_s())}
-    return web.json_response({"status": mgr.state.value, "reason": mgr.reason}, status=503, headers=headers)
+    retry = None if mgr.next_attempt_in_s() is None else mgr.retry_after_s()
+    return HealthVerdict(ok=False, status=mgr.state.value, reason=mgr.reason, retry_after_s=retry)
+
+
+async def _health(request: web.Request) -> web.Response:
+    h = health_of(request.app)
+    if h.ok:
+        return web.json_response({"status": "ok"})
+    headers = None if h.retry_after_s is None else {"Retry-After": str(h.retry_after_s)}
+    return web.json_response({"status": h.status, "reason": h.reason}, status=503, headers=headers)
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -71,6 +79,7 @@ async def _status(request: web.Request) -> web.Response:
     snap.supervisor = SupervisorInfo(
         pid=os.getpid(), uptime_s=round(time.time() - mgr.started_wall, 3), model=str(prep.model_path)
     )
+    snap.health = health_of(request.app)
     worker = snap.worker
     rows = await prep.gpus_now(worker_pids_of(worker.pid) if worker else ())
     snap.gpus_now = msgspec.convert(rows, list[GpuNow])

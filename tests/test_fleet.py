@@ -300,6 +300,30 @@ def test_models_of_different_sizes_share_or_swap_by_their_plans(fleet: Any, tmp_
     assert models_state(s) == {"s1": "unloaded", "s2": "ready", "big": "unloaded"} and s.status()["swaps"] == 3
 
 
+def test_status_exits_by_the_health_rule(fleet: Any, tmp_path: Path) -> None:
+    """`vram-llm status` exits 0 exactly when /health is 200: a preloaded model that does not
+    come up makes it 1 although the first model is ready; once it is up, 0."""
+    healthy = tmp_path / "b-healthy"
+    s = fleet(ROOM_FOR_TWO, [{"id": "a"}, {"id": "b", "preload": True}, {"id": "c"}],
+              env={"FAKE_WORKER_HEALTHY_FILE": str(healthy), "FAKE_WORKER_FAIL_ONLY": "b"},
+              sections={"restart": {"backoff_initial_s": 0.2, "backoff_max_s": 1.0}})
+    poll(lambda: status_models(s)["a"]["state"] == "ready" and status_models(s)["b"]["restarts"] >= 1, 60,
+         "a ready and b failing")
+    code, health = s.get("/health")
+    assert code == 503 and "model b" in health["reason"]
+    out = cli(s, "status")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "health:  not ready: model b" in out.stdout
+    st = json.loads(cli(s, "status", "--json").stdout)
+    assert st["health"]["ok"] is False and st["state"] == "ready"  # the first model alone would say 0
+    healthy.touch()
+    poll(lambda: s.get("/health")[0] == 200, 60, "/health 200 once b is up")
+    remember_pids(s)
+    out = cli(s, "status")
+    assert out.returncode == 0 and "health:  ok" in out.stdout, out.stdout + out.stderr
+    assert s.status()["health"] == {"ok": True, "status": "ok"}
+
+
 def test_health_waits_for_every_preloaded_model(fleet: Any) -> None:
     s = fleet(ROOM_FOR_TWO, [{"id": "a"}, {"id": "b", "preload": True}, {"id": "c"}], env={"FAKE_WORKER_LOAD_S": "1.0"})
     code, body = s.get("/health")

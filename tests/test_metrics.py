@@ -84,7 +84,7 @@ def test_token_counters_equal_the_sum_of_usage(tmp_path: Path) -> None:
 
 def test_one_model_every_series_carries_its_name(tmp_path: Path) -> None:
     """One model: the worker-lifecycle series carry the same model label as the token
-    counters (its alias, else the file stem)."""
+    counters (its alias, else the file stem); /status's health verdict is /health's."""
     s = Supervisor(tmp_path, FAST, fake_worker=True)
     try:
         s.wait_ready(60)
@@ -95,6 +95,7 @@ def test_one_model_every_series_carries_its_name(tmp_path: Path) -> None:
         have = models_by_series(m)
         assert {name: have.get(name) for name in PER_MODEL_SERIES} == {name: {ans["model"]} for name in PER_MODEL_SERIES}
         assert total(m, "vram_llm_worker_state", model=ans["model"], state="ready") == 1
+        assert s.status()["health"] == {"ok": True, "status": "ok"}
         assert s.stop() == 0
     finally:
         s.kill_hard()

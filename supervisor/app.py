@@ -17,16 +17,12 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
-import psutil
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from supervisor.access_log import RequestLog
 from supervisor.auth import WORKER_ROOT_PATHS, KeyStore
@@ -35,12 +31,12 @@ from supervisor.fleet import Fleet, status_rows
 from supervisor.gpus import make_probe
 from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
 from supervisor.launch import Preparer, default_entry_path
-from supervisor.metrics import ServingMetrics
+from supervisor.metrics import ServingMetrics, worker_pids_of
 from supervisor.proxy import Proxy, openai_error
 from supervisor.router import Router, model_not_found
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
-from supervisor.status import GpuNow, ModelRow, SupervisorInfo
+from supervisor.status import GpuNow, HealthVerdict, ModelRow, SupervisorInfo
 from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm")
@@ -52,78 +48,28 @@ REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegist
 SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
 
 
-def worker_pids_of(pid: int) -> list[int]:
-    """The worker and its descendants (NVML lists GPU memory per process)."""
-    try:
-        p = psutil.Process(pid)
-        return [pid, *(c.pid for c in p.children(recursive=True))]
-    except psutil.Error:
-        return [pid]
-
-
-class _ManagerCollector(Collector):
-    def __init__(self, mgr: WorkerManager) -> None:
-        self._mgr = mgr
-
-    def collect(self) -> Iterator[Any]:
-        mgr = self._mgr
-        g = GaugeMetricFamily("vram_llm_worker_state", "Worker state (1 for the current one)", labels=["state"])
-        for s in WorkerState:
-            g.add_metric([s.value], 1.0 if mgr.state is s else 0.0)
-        yield g
-        yield GaugeMetricFamily("vram_llm_requests_in_flight", "Requests being proxied", value=mgr.counters.in_flight)
-        yield GaugeMetricFamily(
-            "vram_llm_requests_waiting", "Requests waiting for a ready worker", value=mgr.counters.waiting
-        )
-        yield CounterMetricFamily("vram_llm_requests_served", "Requests answered by the worker", value=mgr.counters.served)
-        c = CounterMetricFamily("vram_llm_worker_restarts", "Worker failures that led to a restart", labels=["kind"])
-        for kind, n in sorted(mgr.counters.restarts_by_kind.items()):
-            c.add_metric([kind], n)
-        yield c
-        yield GaugeMetricFamily(
-            "vram_llm_worker_failure_streak",
-            "Worker failures in the current streak (within restart.failure_window_s, since a stable run)",
-            value=mgr.failure_streak(),
-        )
-        yield GaugeMetricFamily(
-            "vram_llm_worker_crash_loop",
-            "1 while waiting out restart.backoff_max_s because more than restart.max_failures failed",
-            value=1.0 if mgr.crash_loop else 0.0,
-        )
-        yield GaugeMetricFamily(
-            "vram_llm_worker_next_attempt_seconds",
-            "Seconds until the next worker start attempt (0 when none is scheduled)",
-            value=mgr.next_attempt_in_s() or 0.0,
-        )
-        last = mgr.last_health()
-        if last is not None:  # the worker's prompt caches (counters restart with the worker)
-            h = last[1]
-            for name, doc, value, kind in (
-                ("prompt_cache_hits", "Requests that reused a slot's cached prompt", h.cache_hits, "c"),
-                ("prompt_cache_tokens_reused", "Prompt tokens reused from slots", h.cache_tokens_reused, "c"),
-                ("ram_cache_entries", "KV snapshots in the host-RAM cache", h.ram_cache_entries, "g"),
-                ("ram_cache_bytes", "Bytes of KV snapshots in the host-RAM cache", h.ram_cache_bytes, "g"),
-                ("ram_cache_hits", "Requests restored from the host-RAM cache", h.ram_cache_hits, "c"),
-                ("ram_cache_tokens_saved", "Prompt tokens restored from RAM", h.ram_cache_tokens_saved, "c"),
-            ):
-                family = CounterMetricFamily if kind == "c" else GaugeMetricFamily
-                yield family(f"vram_llm_{name}", doc, value=value)
+def health_of(app: web.Application) -> HealthVerdict:
+    """The one /health rule, also in /status (`vram-llm status` exits by it): ready when
+    every model loaded at start is (the first, every pinned or preloaded one)."""
+    fleet = app.get(FLEET)
+    if fleet is not None and len(fleet.ids) > 1:
+        ok, why = fleet.ready_for_health()
+        return HealthVerdict(ok=ok, status="ok" if ok else "loading", reason="" if ok else why,
+                             retry_after_s=None if ok else 5)
+    mgr = app[MANAGER]
+    if mgr.state is WorkerState.READY:
+        return HealthVerdict(ok=True, status="ok")
+    # While a restart is scheduled, tell load balancers when it comes.
+    retry = None if mgr.next_attempt_in_s() is None else mgr.retry_after_s()
+    return HealthVerdict(ok=False, status=mgr.state.value, reason=mgr.reason, retry_after_s=retry)
 
 
 async def _health(request: web.Request) -> web.Response:
-    fleet = request.app.get(FLEET)
-    if fleet is not None and len(fleet.ids) > 1:
-        # Several models: 200 when every pinned or preloaded model (else the first) is ready.
-        ok, why = fleet.ready_for_health()
-        if ok:
-            return web.json_response({"status": "ok"})
-        return web.json_response({"status": "loading", "reason": why}, status=503, headers={"Retry-After": "5"})
-    mgr = request.app[MANAGER]
-    if mgr.state is WorkerState.READY:
+    h = health_of(request.app)
+    if h.ok:
         return web.json_response({"status": "ok"})
-    # While a restart is scheduled, tell load balancers when it comes.
-    headers = None if mgr.next_attempt_in_s() is None else {"Retry-After": str(mgr.retry_after_s())}
-    return web.json_response({"status": mgr.state.value, "reason": mgr.reason}, status=503, headers=headers)
+    headers = None if h.retry_after_s is None else {"Retry-After": str(h.retry_after_s)}
+    return web.json_response({"status": h.status, "reason": h.reason}, status=503, headers=headers)
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -133,6 +79,7 @@ async def _status(request: web.Request) -> web.Response:
     snap.supervisor = SupervisorInfo(
         pid=os.getpid(), uptime_s=round(time.time() - mgr.started_wall, 3), model=str(prep.model_path)
     )
+    snap.health = health_of(request.app)
     worker = snap.worker
     rows = await prep.gpus_now(worker_pids_of(worker.pid) if worker else ())
     snap.gpus_now = msgspec.convert(rows, list[GpuNow])
@@ -145,8 +92,7 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    h = request.app[MANAGER].last_health()
-    await request.app[SERVING].refresh(worker_pids_of(h[0]) if h else [])
+    await request.app[SERVING].refresh()
     return web.Response(body=generate_latest(request.app[REGISTRY]), content_type="text/plain")
 
 
@@ -175,7 +121,6 @@ def build_app(
     if fleet is not None:
         app[FLEET] = fleet
     reg = CollectorRegistry()
-    reg.register(_ManagerCollector(mgr))
     several = fleet is not None and len(fleet.ids) > 1
     app[SERVING] = ServingMetrics(
         reg, mgr, preparer, (lambda: list(fleet.managers.items())) if fleet is not None and several else None

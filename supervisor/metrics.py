@@ -3,17 +3,22 @@
 Rules of this module:
 - Per-request series are fed once per ended request by the access log middleware
   (``ServingMetrics.observe``); nothing on the per-chunk relay path touches them.
-- Point-in-time gauges (queue, busy slots, worker RSS, GPU memory) are read at scrape
-  time from what the manager already knows and from the cached inventory read that
-  /status uses (``refresh`` before each scrape: NVML is not asked more than once a second).
+- Point-in-time gauges (worker lifecycle, queue, busy slots, worker RSS and GPU memory)
+  are read at scrape time from what each model's manager already knows and from the
+  cached inventory read that /status uses (``refresh`` before each scrape: NVML's
+  inventory is not asked more than once a second).
 - Names follow Prometheus conventions: ``vram_llm_`` prefix, base units (seconds, bytes),
   ``_total`` on counters (the client library adds it). The README maps each series to the
   llama-server metric it corresponds to.
-- Every series carries a ``model`` label, so several models can share one scrape later.
+- Every series carries a ``model`` label, with one sample set per model of the fleet (one
+  model: its alias or file stem, as its answers name it; several: the model ids). The
+  exceptions are the per-GPU memory series: a GPU is shared by models, so they are labelled
+  by GPU; ``vram_llm_worker_gpu_memory_bytes{model,gpu,uuid}`` says who holds what.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
@@ -21,12 +26,14 @@ from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor.access_log import Finished
 from supervisor.gpus import GpuProbeError
 from supervisor.launch import Preparer
+from supervisor.nvml import process_gpu_memory
+from supervisor.states import WorkerState
 from supervisor.worker_process import WorkerManager
 
 # Latency buckets from 10 ms (a cached short prompt) to 5 minutes (a long generation).
@@ -36,6 +43,15 @@ _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0
 _MIB = 2**20
 
 log = logging.getLogger("vram_llm.metrics")
+
+
+def worker_pids_of(pid: int) -> list[int]:
+    """The worker and its descendants (NVML lists GPU memory per process)."""
+    try:
+        p = psutil.Process(pid)
+        return [pid, *(c.pid for c in p.children(recursive=True))]
+    except psutil.Error:
+        return [pid]
 
 
 class ServingMetrics(Collector):
@@ -51,6 +67,7 @@ class ServingMetrics(Collector):
         # Several models: (id, manager) of each, for the per-model gauges; None: the one model.
         self._models = models
         self._gpus: list[dict[str, Any]] = []
+        self._worker_gpus: dict[str, dict[str, int]] = {}  # model -> GPU UUID -> MiB (NVML)
         self.prompt_tokens = Counter(
             "vram_llm_prompt_tokens", "Prompt tokens processed", ["model"], registry=registry
         )
@@ -76,11 +93,16 @@ class ServingMetrics(Collector):
     def _model(self) -> str:
         return self._prep.config.model.alias or self._prep.model_path.stem
 
+    def _pairs(self) -> list[tuple[str, WorkerManager]]:
+        """(model label, manager) of every model; the first answers requests without "model"."""
+        return self._models() if self._models is not None else [(self._model(), self._mgr)]
+
     def observe(self, done: Finished) -> None:
         """One ended request (called by the access log middleware)."""
         rec = done.record
         api = done.path.startswith("/v1/")
-        model = rec.model or self._model()
+        # Requests no model answers (/health, /metrics, an unknown id) count under the first.
+        model = rec.model or self._pairs()[0][0]
         self.requests.labels(model, "/v1" if api else done.path if done.path in ("/health", "/status", "/metrics") else "other",
                              str(done.status)).inc()
         if not api:
@@ -97,18 +119,29 @@ class ServingMetrics(Collector):
         if rec.inter_token_s is not None:
             self.itl.labels(model).observe(rec.inter_token_s)
 
-    async def refresh(self, worker_pids: list[int]) -> None:
-        """Before a scrape: the GPU rows (the cached read /status uses)."""
+    async def refresh(self) -> None:
+        """Before a scrape: the GPU rows (the cached read /status uses) and what each model's
+        worker processes hold on each GPU."""
+        pairs = self._pairs()
+        pids = {m: worker_pids_of(h[0]) for m, mgr in pairs if (h := mgr.last_health()) is not None}
+        first = pairs[0][0]
         try:
-            self._gpus = await self._prep.gpus_now(worker_pids)
+            self._gpus = await self._prep.gpus_now(pids.get(first, []))
         except GpuProbeError as e:
             # The rest of the scrape is still worth having; the GPU series go missing,
             # which an alert on absent() sees.
             log.warning("metrics: cannot read the GPU inventory: %s", e)
             self._gpus = []
+        # The first model's reading came with the rows; the others' are read here.
+        held = {first: {g["uuid"]: g["worker_mib"] for g in self._gpus if g.get("worker_mib")}}
+        others = {m: p for m, p in pids.items() if m != first}
+        if others:
+            held.update(await asyncio.to_thread(lambda: {m: process_gpu_memory(p) for m, p in others.items()}))
+        self._worker_gpus = held
 
     def collect(self) -> Iterator[Any]:
-        models = self._models() if self._models is not None else [(self._model(), self._mgr)]
+        models = self._pairs()
+        yield from _lifecycle(models)
         waiting = GaugeMetricFamily("vram_llm_queue_depth", "Requests waiting for a ready worker or a slot",
                                     labels=["model", "where"])
         busy = GaugeMetricFamily("vram_llm_slots_busy", "Generation slots in use (worker /health active)",
@@ -124,6 +157,13 @@ class ServingMetrics(Collector):
         yield waiting
         yield busy
         yield rss
+        index = {str(g.get("uuid")): str(g.get("index")) for g in self._gpus}
+        held = GaugeMetricFamily("vram_llm_worker_gpu_memory_bytes",
+                                 "GPU memory the model's worker processes use (NVML)", labels=["model", "gpu", "uuid"])
+        for model, _ in models:
+            for uuid, mib in sorted(self._worker_gpus.get(model, {}).items()):
+                held.add_metric([model, index.get(uuid, ""), uuid], mib * _MIB)
+        yield held
         used = GaugeMetricFamily("vram_llm_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu", "uuid"])
         free = GaugeMetricFamily("vram_llm_gpu_memory_free_bytes", "GPU memory free (NVML)", labels=["gpu", "uuid"])
         for g in self._gpus:
@@ -145,3 +185,58 @@ class ServingMetrics(Collector):
             with contextlib.suppress(psutil.Error):
                 out["rss"] = psutil.Process(pid).memory_info().rss
         return out
+
+
+# The worker's prompt caches, from its last /health (counters restart with the worker).
+_CACHES = (
+    ("prompt_cache_hits", "Requests that reused a slot's cached prompt", "cache_hits", CounterMetricFamily),
+    ("prompt_cache_tokens_reused", "Prompt tokens reused from slots", "cache_tokens_reused", CounterMetricFamily),
+    ("ram_cache_entries", "KV snapshots in the host-RAM cache", "ram_cache_entries", GaugeMetricFamily),
+    ("ram_cache_bytes", "Bytes of KV snapshots in the host-RAM cache", "ram_cache_bytes", GaugeMetricFamily),
+    ("ram_cache_hits", "Requests restored from the host-RAM cache", "ram_cache_hits", CounterMetricFamily),
+    ("ram_cache_tokens_saved", "Prompt tokens restored from RAM", "ram_cache_tokens_saved", CounterMetricFamily),
+)
+
+
+def _lifecycle(models: list[tuple[str, WorkerManager]]) -> Iterator[Any]:
+    """Each model's worker lifecycle: state, requests, restarts, backoff, prompt caches."""
+    state = GaugeMetricFamily("vram_llm_worker_state", "Worker state (1 for the current one)",
+                              labels=["model", "state"])
+    in_flight = GaugeMetricFamily("vram_llm_requests_in_flight", "Requests being proxied", labels=["model"])
+    waiting = GaugeMetricFamily("vram_llm_requests_waiting", "Requests waiting for a ready worker", labels=["model"])
+    served = CounterMetricFamily("vram_llm_requests_served", "Requests answered by the worker", labels=["model"])
+    restarts = CounterMetricFamily("vram_llm_worker_restarts", "Worker failures that led to a restart",
+                                   labels=["model", "kind"])
+    streak = GaugeMetricFamily(
+        "vram_llm_worker_failure_streak",
+        "Worker failures in the current streak (within restart.failure_window_s, since a stable run)",
+        labels=["model"],
+    )
+    crash_loop = GaugeMetricFamily(
+        "vram_llm_worker_crash_loop",
+        "1 while waiting out restart.backoff_max_s because more than restart.max_failures failed",
+        labels=["model"],
+    )
+    next_attempt = GaugeMetricFamily(
+        "vram_llm_worker_next_attempt_seconds",
+        "Seconds until the next worker start attempt (0 when none is scheduled)",
+        labels=["model"],
+    )
+    caches = [(family(f"vram_llm_{name}", doc, labels=["model"]), field) for name, doc, field, family in _CACHES]
+    for model, mgr in models:
+        for s in WorkerState:
+            state.add_metric([model, s.value], 1.0 if mgr.state is s else 0.0)
+        in_flight.add_metric([model], mgr.counters.in_flight)
+        waiting.add_metric([model], mgr.counters.waiting)
+        served.add_metric([model], mgr.counters.served)
+        for kind, n in sorted(mgr.counters.restarts_by_kind.items()):
+            restarts.add_metric([model, kind], n)
+        streak.add_metric([model], mgr.failure_streak())
+        crash_loop.add_metric([model], 1.0 if mgr.crash_loop else 0.0)
+        next_attempt.add_metric([model], mgr.next_attempt_in_s() or 0.0)
+        last = mgr.last_health()
+        if last is not None:
+            for fam, field in caches:
+                fam.add_metric([model], getattr(last[1], field))
+    yield from (state, in_flight, waiting, served, restarts, streak, crash_loop, next_attempt)
+    yield from (fam for fam, _ in caches)

@@ -81,6 +81,15 @@ class GpuNow(_S):
     worker_mib: int | None = None  # what the worker's processes use on it (NVML)
 
 
+class HealthVerdict(_S, omit_defaults=True):
+    """What /health answers (200 when ``ok``); `vram-llm status` exits 0 only when ``ok``."""
+
+    ok: bool
+    status: str  # "ok", else the first model's state, or "loading" with several models
+    reason: str = ""  # why not ok (with several models it names the model)
+    retry_after_s: int | None = None  # /health's Retry-After when not ok
+
+
 class ModelRow(_S):
     """One model of several (absent with a single model)."""
 
@@ -113,6 +122,7 @@ class Status(_S):
     oom_adjustment: str | None = None
     requests: RequestCounts = msgspec.field(default_factory=RequestCounts)
     supervisor: SupervisorInfo | None = None  # added by the endpoint
+    health: HealthVerdict | None = None  # added by the endpoint: /health's answer now
     gpus_now: list[GpuNow] = msgspec.field(default_factory=list)  # added by the endpoint
     # Several models: every model (the fields above describe the first) and the evictions
     # made to load another model.

@@ -1,8 +1,9 @@
 """`vram-llm status`: read the supervisor's /status and print it for a person.
 
-Exit code 0 only when the worker is ready, so `vram-llm status && ...` works in shell
-checks; 1 when the supervisor answers but the worker is not ready; 2 when the supervisor
-cannot be reached.
+Exit code 0 exactly when /health would answer 200 (the supervisor's own verdict, the
+``health`` field of /status: every model loaded at start is ready), so
+`vram-llm status && ...` works in shell checks; 1 when the supervisor answers but is not
+healthy; 2 when the supervisor cannot be reached.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
     several = f"  (the first of {len(st.models)} models; each is listed below)" if st.models else ""
     out.append(f"model:   {sup.model if sup else None}{several}")
     out.append(f"state:   {st.state.upper()}  - {st.reason}")
+    if st.models and st.health is not None:
+        out.append(f"health:  {'ok' if st.health.ok else 'not ready: ' + st.health.reason}")
     w = st.worker
     if w:
         line = f"worker:  pid {w.pid}, generation {w.generation}, up {_dur(w.uptime_s)}"
@@ -244,4 +247,11 @@ def run(config: Config, args: argparse.Namespace) -> int:
         print(json.dumps(msgspec.to_builtins(st), indent=2))
     else:
         print(render(st, url))
-    return 0 if st.state == "ready" else 1
+    return exit_code(st)
+
+
+def exit_code(st: Status) -> int:
+    """0 when /health answers 200 now; 1 otherwise. A supervisor too old to say (no
+    ``health`` field) is judged by its first model's state."""
+    ok = st.health.ok if st.health is not None else st.state == "ready"
+    return 0 if ok else 1

@@ -25,6 +25,8 @@ the worker, so a test sets them on the supervisor process):
   FAKE_WORKER_OOM_ABOVE_LAYERS=n    if spec.n_gpu_layers is -1 or > n: print llama.cpp's CUDA
                                     out-of-memory lines to stderr halfway through the load and
                                     exit 5 (ExitCode.OOM)
+  FAKE_WORKER_FAIL_ONLY=a,b         the load failures above apply only to workers of these
+                                    models (their ids, spec.model_alias); the others behave
   FAKE_WORKER_IGNORE_SIGTERM=1      ignore SIGTERM (only SIGKILL stops it)
   FAKE_WORKER_HANG_AFTER_READY_S=x  x seconds after becoming ready, block the event loop for
                                     good: nothing answers any more (SIGTERM included)
@@ -142,6 +144,9 @@ class FakeWorker:
 
     def _load_failure(self) -> tuple[int, list[str]] | None:
         """(exit code, stderr lines) if this start must fail during the load."""
+        only = os.environ.get("FAKE_WORKER_FAIL_ONLY")
+        if only and self.alias not in only.split(","):
+            return None
         oom_above = _env_int("FAKE_WORKER_OOM_ABOVE_LAYERS", None)
         layers = self.spec.n_gpu_layers
         if oom_above is not None and (layers == -1 or layers > oom_above):

@@ -53,6 +53,54 @@ def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: floa
         time.sleep(interval)
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(s: Supervisor) -> Samples:
+    """/metrics parsed: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+        for fam in text_string_to_metric_families(text)
+        for smp in fam.samples
+    }
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples named ``name`` whose labels include ``labels``."""
+    return sum(v for (n, lbl), v in samples.items() if n == name and labels.items() <= dict(lbl).items())
+
+
+# Series with a sample for every model that has a worker up and answered a request.
+PER_MODEL_SERIES = (
+    "vram_llm_worker_state", "vram_llm_requests_in_flight", "vram_llm_requests_waiting",
+    "vram_llm_requests_served_total", "vram_llm_worker_failure_streak", "vram_llm_worker_crash_loop",
+    "vram_llm_worker_next_attempt_seconds", "vram_llm_prompt_cache_hits_total",
+    "vram_llm_prompt_cache_tokens_reused_total", "vram_llm_ram_cache_entries", "vram_llm_ram_cache_bytes",
+    "vram_llm_ram_cache_hits_total", "vram_llm_ram_cache_tokens_saved_total", "vram_llm_queue_depth",
+    "vram_llm_slots_busy", "vram_llm_worker_resident_memory_bytes", "vram_llm_prompt_tokens_total",
+    "vram_llm_completion_tokens_total", "vram_llm_request_duration_seconds_count",
+    "vram_llm_queue_wait_seconds_count", "vram_llm_http_requests_total",
+)
+PER_GPU_SERIES = ("vram_llm_gpu_memory_used_bytes", "vram_llm_gpu_memory_free_bytes")
+
+
+def models_by_series(samples: Samples) -> dict[str, set[str]]:
+    """Sample name -> the ``model`` labels it has; a vram_llm_ sample without one (other than
+    the per-GPU series) fails the test."""
+    out: dict[str, set[str]] = {}
+    for name, lbl in samples:
+        if not name.startswith("vram_llm_") or name in PER_GPU_SERIES:
+            continue
+        labels = dict(lbl)
+        assert "model" in labels, f"{name}{labels} has no model label"
+        out.setdefault(name, set()).add(labels["model"])
+    return out
+
+
 def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

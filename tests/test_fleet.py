@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from supervisor.default_model import default_model_path
-from tests.supervisor_harness import FAKE_WORKER, REPO, Supervisor, poll
+from tests.supervisor_harness import FAKE_WORKER, PER_MODEL_SERIES, REPO, Supervisor, models_by_series, poll, scrape, total
 
 ROOM_FOR_ONE = 2618
 ROOM_FOR_TWO = 4200
@@ -131,11 +131,14 @@ def test_room_for_both_both_stay_loaded(fleet: Any) -> None:
     rows = status_models(s)
     assert rows["a"]["loaded"] and rows["b"]["loaded"]
     assert rows["a"]["restarts"] == 0 and rows["b"]["restarts"] == 0 and rows["a"]["swaps_in"] == 0
-    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
-        metrics = r.read().decode()
-    for m in ("a", "b"):
-        assert f'vram_llm_slots_busy{{model="{m}"}}' in metrics
-        assert f'vram_llm_completion_tokens_total{{model="{m}"}}' in metrics
+    # /metrics: every series but the per-GPU ones has a sample set for each model.
+    m = scrape(s)
+    have = models_by_series(m)
+    assert {name: have.get(name) for name in PER_MODEL_SERIES} == {name: {"a", "b"} for name in PER_MODEL_SERIES}
+    for mid in ("a", "b"):
+        assert total(m, "vram_llm_worker_state", model=mid, state="ready") == 1
+        assert total(m, "vram_llm_requests_served_total", model=mid) == 3
+        assert total(m, "vram_llm_completion_tokens_total", model=mid) == 9
 
 
 def test_room_for_one_alternating_clients_are_all_answered_by_swaps(fleet: Any) -> None:
@@ -295,6 +298,30 @@ def test_models_of_different_sizes_share_or_swap_by_their_plans(fleet: Any, tmp_
     assert chat(s, "s2")[0] == 200
     remember_pids(s)
     assert models_state(s) == {"s1": "unloaded", "s2": "ready", "big": "unloaded"} and s.status()["swaps"] == 3
+
+
+def test_status_exits_by_the_health_rule(fleet: Any, tmp_path: Path) -> None:
+    """`vram-llm status` exits 0 exactly when /health is 200: a preloaded model that does not
+    come up makes it 1 although the first model is ready; once it is up, 0."""
+    healthy = tmp_path / "b-healthy"
+    s = fleet(ROOM_FOR_TWO, [{"id": "a"}, {"id": "b", "preload": True}, {"id": "c"}],
+              env={"FAKE_WORKER_HEALTHY_FILE": str(healthy), "FAKE_WORKER_FAIL_ONLY": "b"},
+              sections={"restart": {"backoff_initial_s": 0.2, "backoff_max_s": 1.0}})
+    poll(lambda: status_models(s)["a"]["state"] == "ready" and status_models(s)["b"]["restarts"] >= 1, 60,
+         "a ready and b failing")
+    code, health = s.get("/health")
+    assert code == 503 and "model b" in health["reason"]
+    out = cli(s, "status")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "health:  not ready: model b" in out.stdout
+    st = json.loads(cli(s, "status", "--json").stdout)
+    assert st["health"]["ok"] is False and st["state"] == "ready"  # the first model alone would say 0
+    healthy.touch()
+    poll(lambda: s.get("/health")[0] == 200, 60, "/health 200 once b is up")
+    remember_pids(s)
+    out = cli(s, "status")
+    assert out.returncode == 0 and "health:  ok" in out.stdout, out.stdout + out.stderr
+    assert s.status()["health"] == {"ok": True, "status": "ok"}
 
 
 def test_health_waits_for_every_preloaded_model(fleet: Any) -> None:

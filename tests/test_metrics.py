@@ -14,27 +14,12 @@ from typing import Any
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.supervisor_harness import Supervisor, free_port, poll
+from tests.supervisor_harness import PER_MODEL_SERIES, Supervisor, free_port, models_by_series, poll, scrape, total
 
 FAST = {"worker": {"health_interval_s": 0.2, "health_timeout_s": 1.0, "stop_timeout_s": 3.0}}
 SIM = [{"index": 0, "uuid": "GPU-12345678-aaaa-bbbb-cccc-000000000000", "name": "Sim", "total_mib": 8192,
         "free_mib": 8000}]
-
-
-def scrape(s: Supervisor) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {
-        (smp.name, tuple(sorted(smp.labels.items()))): smp.value
-        for fam in text_string_to_metric_families(text)
-        for smp in fam.samples
-    }
-
-
-def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
-    return sum(v for (n, _), v in samples.items() if n == name)
 
 
 @pytest.mark.model
@@ -92,6 +77,25 @@ def test_token_counters_equal_the_sum_of_usage(tmp_path: Path) -> None:
         # Busy slots come from the worker's last /health (read every 0.2 s here).
         poll(lambda: total(scrape(s), "vram_llm_slots_busy") == 0, 10, "no busy slot")
         assert ("vram_llm_gpu_memory_free_bytes", (("gpu", "0"), ("uuid", SIM[0]["uuid"]))) in m
+        assert s.stop() == 0
+    finally:
+        s.kill_hard()
+
+
+def test_one_model_every_series_carries_its_name(tmp_path: Path) -> None:
+    """One model: the worker-lifecycle series carry the same model label as the token
+    counters (its alias, else the file stem); /status's health verdict is /health's."""
+    s = Supervisor(tmp_path, FAST, fake_worker=True)
+    try:
+        s.wait_ready(60)
+        code, ans = s.post("/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "hi"}],
+                                                    "max_tokens": 4})
+        assert code == 200
+        m = poll(lambda: (m := scrape(s)) and total(m, "vram_llm_requests_served_total") == 1 and m, 10, "1 served")
+        have = models_by_series(m)
+        assert {name: have.get(name) for name in PER_MODEL_SERIES} == {name: {ans["model"]} for name in PER_MODEL_SERIES}
+        assert total(m, "vram_llm_worker_state", model=ans["model"], state="ready") == 1
+        assert s.status()["health"] == {"ok": True, "status": "ok"}
         assert s.stop() == 0
     finally:
         s.kill_hard()

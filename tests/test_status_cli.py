@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from supervisor.status_cli import collapse_history, render
+from supervisor.status import decode_status
+from supervisor.status_cli import collapse_history, exit_code, render
 
 
 def failure(at: float, pid: int, kind: str = "crash", what: str = "exit code 1 (FAILURE)") -> dict[str, Any]:
@@ -56,3 +58,16 @@ def test_render_shows_the_prompt_caches() -> None:
     lines = render(st, "http://127.0.0.1:8080/status").splitlines()
     assert ("         prompt cache: 3 hits, 1200 tokens reused; RAM: 2 snapshots, 50 MiB, 1 hits, "
             "600 tokens saved") in lines
+
+
+def test_exit_code_follows_the_health_verdict() -> None:
+    def code(doc: dict[str, Any]) -> int:
+        return exit_code(decode_status(json.dumps(doc).encode()))
+
+    # Several models: the first is ready, a preloaded one is not: /health is 503, so is the exit.
+    assert code({"state": "ready", "health": {"ok": False, "status": "loading", "reason": "model b: backoff"}}) == 1
+    assert code({"state": "ready", "health": {"ok": True, "status": "ok"}}) == 0
+    # One model: the verdict is its state.
+    assert code({"state": "starting", "health": {"ok": False, "status": "starting", "reason": "loading"}}) == 1
+    # A supervisor without the field: the first model's state decides, as before.
+    assert code({"state": "ready"}) == 0 and code({"state": "backoff"}) == 1

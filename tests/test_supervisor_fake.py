@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.supervisor_harness import REPO, Supervisor, poll
+from tests.supervisor_harness import REPO, Supervisor, poll, scrape, total
 
 SIM_2GPU = [
     {"index": 0, "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000000", "name": "Small", "total_mib": 12288, "free_mib": 11000},
@@ -135,10 +135,9 @@ def test_kill9_while_idle_restarts_and_counts(start_supervisor: Any) -> None:
     assert "SIGKILL" in st["last_exit"]["description"]
     code, _ = chat(s)
     assert code == 200
-    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
-        metrics = r.read().decode()
-    assert 'vram_llm_worker_restarts_total{kind="crash"} 1.0' in metrics
-    assert 'vram_llm_worker_state{state="ready"} 1.0' in metrics
+    m = scrape(s)
+    assert total(m, "vram_llm_worker_restarts_total", kind="crash") == 1
+    assert total(m, "vram_llm_worker_state", state="ready") == 1
     # `vram-llm status` shows it, and exits 0 because the worker is ready.
     out = subprocess.run(
         [sys.executable, "-m", "supervisor", "status", "--config", str(s.config_path)],
@@ -277,9 +276,8 @@ def test_crash_loop_keeps_retrying_at_the_cap_and_recovers_without_sighup(
     code, headers, body = poll(lambda: (r := http(s, "/health"))[2]["status"] == "backoff" and r, 30, "/health in backoff")
     assert code == 503 and body["reason"].startswith("crash loop: ")
     assert 1 <= int(headers["Retry-After"]) <= math.ceil(cap)
-    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
-        metrics = r.read().decode()
-    assert "vram_llm_worker_failure_streak " in metrics and "vram_llm_worker_crash_loop " in metrics
+    m = scrape(s)
+    assert {"vram_llm_worker_failure_streak", "vram_llm_worker_crash_loop"} <= {n for n, _ in m}
     # The cause goes away: the next attempt serves, no SIGHUP needed.
     healthy.touch()
     n = len(starts(state_dir))
@@ -289,9 +287,9 @@ def test_crash_loop_keeps_retrying_at_the_cap_and_recovers_without_sighup(
     # Up for stable_after_s: the streak is over.
     st = poll(lambda: (st := s.status())["failure_streak"] == 0 and st, 30, "the streak to reset")
     assert st["crash_loop"] is False and st["restarts"] >= 5
-    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
-        metrics = r.read().decode()
-    assert "vram_llm_worker_failure_streak 0.0" in metrics and "vram_llm_worker_crash_loop 0.0" in metrics
+    m = scrape(s)
+    assert {n: v for (n, _), v in m.items() if n in ("vram_llm_worker_failure_streak", "vram_llm_worker_crash_loop")} == {
+        "vram_llm_worker_failure_streak": 0, "vram_llm_worker_crash_loop": 0}
 
 
 def test_bad_model_exit_is_not_retried(start_supervisor: Any, state_dir: Path) -> None:

@@ -195,6 +195,8 @@ _CACHES = (
     ("ram_cache_bytes", "Bytes of KV snapshots in the host-RAM cache", "ram_cache_bytes", GaugeMetricFamily),
     ("ram_cache_hits", "Requests restored from the host-RAM cache", "ram_cache_hits", CounterMetricFamily),
     ("ram_cache_tokens_saved", "Prompt tokens restored from RAM", "ram_cache_tokens_saved", CounterMetricFamily),
+    ("kv_cache_tokens", "Tokens held in the slots' KV cache (running and cached prompts)", "kv_tokens",
+     GaugeMetricFamily),
 )
 
 
@@ -223,6 +225,8 @@ def _lifecycle(models: list[tuple[str, WorkerManager]]) -> Iterator[Any]:
         labels=["model"],
     )
     caches = [(family(f"vram_llm_{name}", doc, labels=["model"]), field) for name, doc, field, family in _CACHES]
+    kv_ratio = GaugeMetricFamily("vram_llm_kv_cache_usage_ratio",
+                                 "Share of the KV cache's cells in use (0..1)", labels=["model"])
     for model, mgr in models:
         for s in WorkerState:
             state.add_metric([model, s.value], 1.0 if mgr.state is s else 0.0)
@@ -238,5 +242,8 @@ def _lifecycle(models: list[tuple[str, WorkerManager]]) -> Iterator[Any]:
         if last is not None:
             for fam, field in caches:
                 fam.add_metric([model], getattr(last[1], field))
+            if last[1].kv_capacity:
+                kv_ratio.add_metric([model], last[1].kv_tokens / last[1].kv_capacity)
     yield from (state, in_flight, waiting, served, restarts, streak, crash_loop, next_attempt)
     yield from (fam for fam, _ in caches)
+    yield kv_ratio

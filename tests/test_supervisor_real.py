@@ -20,7 +20,7 @@ import openai
 import psutil
 import pytest
 
-from tests.supervisor_harness import Supervisor, poll, scrape
+from tests.supervisor_harness import Supervisor, poll, scrape, total
 
 pytestmark = pytest.mark.model
 
@@ -203,8 +203,12 @@ def test_prompt_cache_counters_in_status_and_metrics(sup: Supervisor, client: op
                   "the worker's cache counters in /status")
     assert worker["cache_tokens_reused"] > 0
     assert set(worker["ram_cache"]) == {"entries", "bytes", "hits", "tokens_saved"}
-    names = {name for name, _ in scrape(sup)}
+    samples = scrape(sup)
+    names = {name for name, _ in samples}
     assert {"vram_llm_prompt_cache_hits_total", "vram_llm_ram_cache_bytes"} <= names
+    # The slots keep the prompt cached: the KV cache holds its tokens.
+    assert total(samples, "vram_llm_kv_cache_tokens") > 0
+    assert 0 < total(samples, "vram_llm_kv_cache_usage_ratio") <= 1
 
 
 def test_client_disconnect_stops_the_generation(sup: Supervisor, client: openai.OpenAI) -> None:

@@ -143,6 +143,10 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     ram_cache_bytes: int = 0
     ram_cache_hits: int = 0
     ram_cache_tokens_saved: int = 0
+    # The slots' KV cache: tokens it holds now (running and cached prompts alike) and how
+    # many it can hold (n_ctx per slot x slots), as llama-server's kv_cache_usage_ratio.
+    kv_tokens: int = 0
+    kv_capacity: int = 0
 
 
 health_decoder = msgspec.json.Decoder(Health)

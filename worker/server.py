@@ -459,6 +459,8 @@ class WorkerServer:
                 requests_served=loop.served,
                 cache_hits=loop.stats.hits,
                 cache_tokens_reused=loop.stats.tokens_reused,
+                kv_tokens=loop.kv_tokens(),
+                kv_capacity=loop.n_ctx * len(loop.slots),
             )
             if loop.ram is not None:
                 ram = loop.ram.stats

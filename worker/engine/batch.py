@@ -95,6 +95,10 @@ class BatchLoop:
     def queued(self) -> int:
         return len(self._waiting)
 
+    def kv_tokens(self) -> int:
+        """Tokens the slots hold in the KV cache (read from another thread: a snapshot)."""
+        return sum(len(s.tokens) for s in self.slots)
+
     def seconds_since_token(self) -> float | None:
         """Seconds since ANY active slot made progress (a token or a prompt chunk)."""
         if self.active == 0:

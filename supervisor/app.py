@@ -61,12 +61,21 @@ def worker_pids_of(pid: int) -> list[int]:
         return [pid]
 
 
+def _first(app: web.Application) -> tuple[WorkerManager, Preparer]:
+    """The first model's manager and preparer (the one that answers requests without a
+    "model" field): with a fleet, SIGHUP may change which model that is."""
+    fleet = app.get(FLEET)
+    if fleet is None:
+        return app[MANAGER], app[PREPARER]
+    return fleet.managers[fleet.first], fleet.preparers[fleet.first]
+
+
 class _ManagerCollector(Collector):
-    def __init__(self, mgr: WorkerManager) -> None:
+    def __init__(self, mgr: Callable[[], WorkerManager]) -> None:
         self._mgr = mgr
 
     def collect(self) -> Iterator[Any]:
-        mgr = self._mgr
+        mgr = self._mgr()
         g = GaugeMetricFamily("vram_llm_worker_state", "Worker state (1 for the current one)", labels=["state"])
         for s in WorkerState:
             g.add_metric([s.value], 1.0 if mgr.state is s else 0.0)
@@ -118,7 +127,7 @@ async def _health(request: web.Request) -> web.Response:
         if ok:
             return web.json_response({"status": "ok"})
         return web.json_response({"status": "loading", "reason": why}, status=503, headers={"Retry-After": "5"})
-    mgr = request.app[MANAGER]
+    mgr = _first(request.app)[0]
     if mgr.state is WorkerState.READY:
         return web.json_response({"status": "ok"})
     # While a restart is scheduled, tell load balancers when it comes.
@@ -127,8 +136,7 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _status(request: web.Request) -> web.Response:
-    mgr = request.app[MANAGER]
-    prep = request.app[PREPARER]
+    mgr, prep = _first(request.app)
     snap = mgr.snapshot()
     snap.supervisor = SupervisorInfo(
         pid=os.getpid(), uptime_s=round(time.time() - mgr.started_wall, 3), model=str(prep.model_path)
@@ -137,7 +145,7 @@ async def _status(request: web.Request) -> web.Response:
     rows = await prep.gpus_now(worker_pids_of(worker.pid) if worker else ())
     snap.gpus_now = msgspec.convert(rows, list[GpuNow])
     fleet = request.app.get(FLEET)
-    if fleet is not None and len(fleet.ids) > 1:
+    if fleet is not None and len(fleet.all_ids) > 1:
         snap.models = msgspec.convert(status_rows(fleet), list[ModelRow])
         snap.swaps = fleet.swaps
         snap.gpus_now = msgspec.convert(await prep.gpus_now(()), list[GpuNow])
@@ -145,7 +153,7 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    h = request.app[MANAGER].last_health()
+    h = _first(request.app)[0].last_health()
     await request.app[SERVING].refresh(worker_pids_of(h[0]) if h else [])
     return web.Response(body=generate_latest(request.app[REGISTRY]), content_type="text/plain")
 
@@ -175,10 +183,11 @@ def build_app(
     if fleet is not None:
         app[FLEET] = fleet
     reg = CollectorRegistry()
-    reg.register(_ManagerCollector(mgr))
-    several = fleet is not None and len(fleet.ids) > 1
+    reg.register(_ManagerCollector(lambda: _first(app)[0]))
+    # Every model with a manager (SIGHUP may add and remove them); one model is labelled with
+    # its id, which is [model]'s alias or file stem, as before.
     app[SERVING] = ServingMetrics(
-        reg, mgr, preparer, (lambda: list(fleet.managers.items())) if fleet is not None and several else None
+        reg, mgr, preparer, None if fleet is None else lambda: [(m, fleet.managers[m]) for m in fleet.all_ids]
     )
     RequestLog(app[SERVING].observe).install(app)  # outermost: ids and log lines for refusals too
     app[REGISTRY] = reg
@@ -190,13 +199,14 @@ def build_app(
     app.router.add_get("/metrics", _metrics)
     # llama-server's tokenizer endpoints live at the root; the worker answers them (with
     # several models, the request's "model" field picks the worker, else the first model).
-    if fleet is not None and len(fleet.ids) > 1:
+    # The router serves one model as the proxy did (SIGHUP may turn one model into several).
+    if fleet is not None:
         router = Router(fleet, preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s)
         app.router.add_get("/v1/models", router.models)
         app.router.add_get("/v1/models/{id}", router.model)
-        app.router.add_route("*", "/v1/{tail:.*}", router.handle)
+        app.router.add_route("*", "/v1/{tail:.*}", router.handle, expect_handler=router.expect_handler)
         for path in WORKER_ROOT_PATHS:
-            app.router.add_route("*", path, router.handle)
+            app.router.add_route("*", path, router.handle, expect_handler=router.expect_handler)
     else:
         app.router.add_route("*", "/v1/{tail:.*}", proxy.handle, expect_handler=proxy.expect_handler)
         for path in WORKER_ROOT_PATHS:
@@ -285,10 +295,10 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         )
 
         def on_reload() -> None:
-            log.warning("SIGHUP: re-reading the configuration and restarting the worker")
+            log.warning("SIGHUP: re-reading the configuration")
             notify.reloading()
-            fleet.request_reload()  # a bad new config keeps the old one (logged)
-            keys.reload(preparer.config)  # a revoked key stops working now, whatever else failed
+            read = fleet.request_reload()  # a bad new config keeps the old one (logged)
+            keys.reload(read or fleet.config)  # a revoked key stops working now, whatever else failed
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -299,6 +299,8 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
             notify.reloading()
             read = fleet.request_reload()  # a bad new config keeps the old one (logged)
             keys.reload(read or fleet.config)  # a revoked key stops working now, whatever else failed
+            if sent_ready:  # systemd ends the reload job on READY=1 (sd_notify(3)), else times out
+                notify.ready()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

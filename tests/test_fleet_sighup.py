@@ -16,15 +16,11 @@ from typing import Any
 
 import psutil
 
-from tests.supervisor_harness import Supervisor, poll
-from tests.test_fleet import (  # noqa: F401 - the fleet fixture is used by name
-    ROOM_FOR_TWO,
-    chat,
-    fleet,
-    models_state,
-    models_toml,
-    remember_pids,
-)
+from tests import test_fleet
+from tests.supervisor_harness import Supervisor, notify_listener, poll
+from tests.test_fleet import ROOM_FOR_TWO, chat, models_state, models_toml, remember_pids
+
+fleet = test_fleet.fleet  # the fixture (tests/test_fleet.py), used by name
 
 
 def sighup_with_models(s: Supervisor, models: list[Any]) -> None:
@@ -221,3 +217,19 @@ def test_a_model_listed_again_while_it_drains_comes_back_after(fleet: Any) -> No
     remember_pids(s)
     assert old_b is not None and not old_b.is_running()
     assert worker_of(s, "b") not in (None, old_b)
+
+
+def test_sighup_ends_with_ready_for_systemd(fleet: Any, tmp_path: Path) -> None:
+    """RELOADING=1 must be followed by READY=1, or `systemctl reload` waits for its timeout."""
+    path = str(tmp_path / "notify.sock")
+    with notify_listener(path) as msgs:
+        s = fleet(ROOM_FOR_TWO, ["a"], env={"NOTIFY_SOCKET": path})
+        poll(lambda: any("READY=1" in m for m in msgs), 60, "READY=1 at start")
+        sighup_with_models(s, ["a", "b"])
+        poll(lambda: model_ids(s) == ["a", "b"], 30, "b listed")
+
+        def ready_after_reloading() -> bool:
+            seen = [m for m in list(msgs) if "READY=1" in m or "RELOADING=1" in m]
+            return any("RELOADING=1" in m for m in seen) and "READY=1" in seen[-1]
+
+        poll(ready_after_reloading, 10, "READY=1 after RELOADING=1")

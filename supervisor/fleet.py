@@ -14,6 +14,11 @@ Rules of this module:
 - Free VRAM is what the probe reads minus what loads in progress will take
   (``AccountedProbe``). With simulated GPUs nothing real is allocated, so the planned
   footprint of every worker we run is subtracted while it lives: swaps happen in tests.
+- SIGHUP changes the model list (``request_reload``): the configuration is read once and
+  every model of it staged before anything changes (a bad one changes nothing). ``ids`` is
+  what requests may name; a removed model leaves it at once but keeps its manager (in
+  ``managers``, ``all_ids``) until its requests finished and its worker is gone; which
+  models restart is the pure ``list_change``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +61,39 @@ def planned_mib(launch: Launch | None) -> dict[str, int]:
         if g.get("cuda_index") is not None and not g.get("excluded_reason") and g.get("planned_mib"):
             out[g["uuid"]] = int(g["planned_mib"])
     return out
+
+
+@dataclass(frozen=True)
+class ListChange:
+    """What a SIGHUP does to the model list."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    restart: tuple[str, ...]  # loaded models that restart (drained first) with the new settings
+
+
+def list_change(
+    old: Mapping[str, ModelEntry],
+    new: Mapping[str, ModelEntry],
+    *,
+    shared_same: bool,
+    loaded: Collection[str],
+    failed: Collection[str] = (),
+) -> ListChange:
+    """PURE: the models of ``new`` that are not in ``old`` are added, those of ``old`` not in
+    ``new`` removed. A SIGHUP that leaves the list alone restarts every loaded model, as
+    before the list existed (it is also how a model file replaced in place is picked up);
+    one that adds or removes models restarts only the loaded models whose entry or the
+    shared settings changed, and failed ones (SIGHUP is how a failed model is retried)."""
+    added = tuple(m for m in new if m not in old)
+    removed = tuple(m for m in old if m not in new)
+    same_list = not (added or removed)
+    restart = tuple(
+        m
+        for m in new
+        if m in old and m in loaded and (same_list or not shared_same or old[m] != new[m] or m in failed)
+    )
+    return ListChange(added, removed, restart)
 
 
 def _shared(cfg: Config) -> Config:
@@ -260,41 +298,33 @@ class Fleet:
         return config
 
     def _apply(self, config: Config, staged: dict[str, Preparer]) -> None:
-        old_config, old_ids = self.config, list(self.ids)
-        new_ids = list(staged)
-        added = [m for m in new_ids if m not in old_ids]
-        removed = [m for m in old_ids if m not in new_ids]
+        old_ids = list(self.ids)
+        change = list_change(
+            {m: self.preparers[m].entry for m in old_ids if m not in self._readd},
+            {m: p.entry for m, p in staged.items()},
+            shared_same=_shared(self.config) == _shared(config),
+            loaded={m for m in old_ids if m not in self._readd and not self.managers[m].parked},
+            failed={m for m in old_ids if m not in self._readd and self.managers[m].state is WorkerState.FAILED},
+        )
         self.config = config
-        self.ids = new_ids
-        self.first = new_ids[0]
-        # A model that changes nothing but the list keeps its worker when others come or go;
-        # a SIGHUP that leaves the list alone restarts every loaded model, as before (it is
-        # also how a model file replaced in place is picked up).
-        shared_same = _shared(old_config) == _shared(config)
-        reloaded: list[str] = []
-        for mid in new_ids:
-            if mid not in old_ids:
-                continue
+        self.ids = list(staged)
+        self.first = self.ids[0]
+        for mid in self.ids:
             if mid in self._readd:  # its previous worker still drains: added later, as now configured
                 self._readd[mid] = staged[mid]
-                continue
-            prep, mgr = self.preparers[mid], self.managers[mid]
-            same = shared_same and prep.entry == staged[mid].entry
-            try:
-                prep.reload(config)
-            except Exception as e:  # noqa: BLE001 - its file changed since it was staged
-                log.error("SIGHUP: model %s keeps its previous configuration: %s", mid, e)
-            if mgr.parked:
-                continue
-            if not (added or removed) or not same or mgr.state is WorkerState.FAILED:
-                mgr.request_reload()
-                reloaded.append(mid)
+            elif mid in old_ids:
+                try:
+                    self.preparers[mid].reload(config)
+                except Exception as e:  # noqa: BLE001 - its file changed since it was staged
+                    log.error("SIGHUP: model %s keeps its previous configuration: %s", mid, e)
+        for mid in change.restart:
+            self.managers[mid].request_reload()
         draining = []
-        for mid in removed:
+        for mid in change.removed:
             n = self.managers[mid].active
             draining.append(f"{mid} (draining {n} request(s))" if n else mid)
             self._retire(mid)
-        for mid in added:
+        for mid in change.added:
             if mid in self.managers:  # removed earlier and still draining: added once it is gone
                 log.warning("SIGHUP: model %s is added again once its previous worker has stopped", mid)
                 self._readd[mid] = staged[mid]
@@ -304,9 +334,9 @@ class Fleet:
             self.managers[self.first].request_load()  # the first is loaded, as at start
         log.warning(
             "SIGHUP: models added: %s; removed: %s; restarting: %s; first (no \"model\" field): %s",
-            ", ".join(added) or "none",
+            ", ".join(change.added) or "none",
             ", ".join(draining) or "none",
-            ", ".join(reloaded) or "none",
+            ", ".join(change.restart) or "none",
             self.first,
         )
 
@@ -551,7 +581,8 @@ class Fleet:
                 return False
             await asyncio.sleep(POLL_S)
         for m in mids:
-            self.managers[m].hold_new(True)
+            if m in self.managers:
+                self.managers[m].hold_new(True)
         while loop.time() < deadline and not self._stopping:
             if all(gone(m) or self.managers[m].active == 0 for m in mids):
                 return True

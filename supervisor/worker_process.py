@@ -688,10 +688,13 @@ class WorkerManager:
         loop = asyncio.get_running_loop()
         grace = self._config().shutdown.grace_s
         deadline = loop.time() + grace
+        if self._retired:
+            what, then = "removed from the configuration", "new requests are refused"
+        else:
+            what, then = f"{why.value} requested", "new requests wait for the next worker"
         self._move(
             WorkerState.STOPPING,
-            f"{why.value} requested: worker pid {run.proc.pid} finishes {h.in_flight} request(s) first "
-            f"(up to {grace:g}s); new requests wait for the next worker",
+            f"{what}: worker pid {run.proc.pid} finishes {h.in_flight} request(s) first (up to {grace:g}s); {then}",
         )
         while h.in_flight > 0:
             remaining = deadline - loop.time()

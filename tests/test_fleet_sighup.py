@@ -15,12 +15,49 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
+from supervisor.config import ModelEntry
+from supervisor.fleet import ListChange, list_change
 from tests import test_fleet
 from tests.supervisor_harness import Supervisor, notify_listener, poll
 from tests.test_fleet import ROOM_FOR_TWO, chat, models_state, models_toml, remember_pids
 
 fleet = test_fleet.fleet  # the fixture (tests/test_fleet.py), used by name
+
+
+def entries(*specs: str) -> dict[str, ModelEntry]:
+    """"a" or "a:2048" (id, ctx_size) -> entries in that order."""
+    out = {}
+    for spec in specs:
+        mid, _, ctx = spec.partition(":")
+        out[mid] = ModelEntry(id=mid, path=f"/m/{mid}.gguf", ctx_size=int(ctx or 4096))
+    return out
+
+
+# old list, new list, shared settings unchanged, loaded, failed -> added, removed, restarted
+LIST_CHANGES = [
+    # The list unchanged: every loaded model restarts, as a SIGHUP always did.
+    (("a", "b"), ("a", "b"), True, {"a", "b"}, set(), ((), (), ("a", "b"))),
+    (("a", "b"), ("a", "b:2048"), True, {"a"}, set(), ((), (), ("a",))),  # b parked: loads with it later
+    # Models come or go: only the loaded ones whose settings changed restart.
+    (("a",), ("a", "b"), True, {"a"}, set(), (("b",), (), ())),
+    (("a", "b"), ("a",), True, {"a", "b"}, set(), ((), ("b",), ())),
+    (("a", "b"), ("a:2048", "c"), True, {"a", "b"}, set(), (("c",), ("b",), ("a",))),
+    (("a", "b"), ("b", "a", "c"), True, {"a", "b"}, set(), (("c",), (), ())),  # order alone changes nothing
+    (("a", "b"), ("a", "b", "c"), False, {"a", "b"}, set(), (("c",), (), ("a", "b"))),  # shared settings
+    (("a", "b"), ("a", "b", "c"), True, {"a", "b"}, {"b"}, (("c",), (), ("b",))),  # a failed one is retried
+    (("a",), ("b",), True, {"a"}, set(), (("b",), ("a",), ())),  # one model replaced by another
+]
+
+
+@pytest.mark.parametrize(("old", "new", "shared_same", "loaded", "failed", "want"), LIST_CHANGES)
+def test_list_change(
+    old: tuple[str, ...], new: tuple[str, ...], shared_same: bool, loaded: set[str], failed: set[str],
+    want: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
+) -> None:
+    got = list_change(entries(*old), entries(*new), shared_same=shared_same, loaded=loaded, failed=failed)
+    assert got == ListChange(*want)
 
 
 def sighup_with_models(s: Supervisor, models: list[Any]) -> None:
@@ -89,7 +126,7 @@ def test_sighup_adds_a_model_to_a_single_model_server(fleet: Any) -> None:
 
 
 def test_sighup_removes_a_model_while_it_streams(fleet: Any) -> None:
-    s = fleet(ROOM_FOR_TWO, ["a", "b", "c"], env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.03"})
+    s = fleet(ROOM_FOR_TWO, ["a", "b", "c"], env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
     assert chat(s, "b")[0] == 200
     remember_pids(s)
     worker_b = worker_of(s, "b")
@@ -200,7 +237,7 @@ def status_ctx(s: Supervisor, model: str) -> int | None:
 
 
 def test_a_model_listed_again_while_it_drains_comes_back_after(fleet: Any) -> None:
-    s = fleet(ROOM_FOR_TWO, ["a", "b", "c"], env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.03"})
+    s = fleet(ROOM_FOR_TWO, ["a", "b", "c"], env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"})
     assert chat(s, "b")[0] == 200
     remember_pids(s)
     old_b = worker_of(s, "b")

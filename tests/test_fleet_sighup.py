@@ -270,3 +270,30 @@ def test_sighup_ends_with_ready_for_systemd(fleet: Any, tmp_path: Path) -> None:
             return any("RELOADING=1" in m for m in seen) and "READY=1" in seen[-1]
 
         poll(ready_after_reloading, 10, "READY=1 after RELOADING=1")
+
+
+def test_sighup_with_a_new_model_path_serves_the_new_file(tmp_path: Path) -> None:
+    """One [model] whose path changes: its id (the file stem) changes with it, so the old
+    model drains and goes and the new one is served, from the same runtime dir."""
+    from supervisor.default_model import default_model_path
+
+    other = tmp_path / "other.gguf"
+    other.symlink_to(default_model_path())
+    s = Supervisor(tmp_path, {"model": {"path": str(default_model_path())}}, fake_worker=True,
+                   env={"FAKE_WORKER_LOAD_S": "0.2"})
+    try:
+        old = s.wait_ready(60)["worker"]["pid"]
+        text = s.config_path.read_text().replace(json.dumps(str(default_model_path())), json.dumps(str(other)))
+        s.config_path.write_text(text)
+        s.proc.send_signal(signal.SIGHUP)
+        st = s.wait_state("ready", 60, lambda st: st["supervisor"]["model"] == str(other))
+        assert st["worker"]["pid"] != old
+        code, body = chat(s, None)
+        assert code == 200 and body["model"] == "other"
+        poll(lambda: not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE, 30,
+             "the old worker gone")
+        (rt,) = [p for p in s.runtime.iterdir() if p.is_dir()]
+        poll(lambda: not list(rt.glob("worker-*")), 30, "the old worker's socket and spec removed")
+        assert s.stop() == 0
+    finally:
+        s.kill_hard()

@@ -297,3 +297,16 @@ def test_sighup_with_a_new_model_path_serves_the_new_file(tmp_path: Path) -> Non
         assert s.stop() == 0
     finally:
         s.kill_hard()
+
+
+def test_a_request_waiting_for_a_removed_model_is_answered_at_once(fleet: Any) -> None:
+    s = fleet(ROOM_FOR_TWO, ["a", "b", "c"], env={"FAKE_WORKER_LOAD_S": "3"})
+    got: list[tuple[int, Any]] = []
+    t = threading.Thread(target=lambda: got.append(chat(s, "b")))
+    t.start()
+    poll(lambda: models_state(s)["b"] in ("starting", "loading"), 30, "b loading for the request")
+    sighup_with_models(s, ["a", "c"])
+    t.join(10)  # well before b's load would have ended
+    assert got and got[0][0] == 503 and "removed from the configuration" in got[0][1]["error"]["message"], got
+    remember_pids(s)
+    poll(lambda: worker_of(s, "b") is None and "b" not in model_dirs(s), 30, "b's worker and sockets gone")

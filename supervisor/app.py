@@ -48,6 +48,15 @@ REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegist
 SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
 
 
+def _first(app: web.Application) -> tuple[WorkerManager, Preparer]:
+    """The first model's manager and preparer (the one that answers requests without a
+    "model" field): with a fleet, SIGHUP may change which model that is."""
+    fleet = app.get(FLEET)
+    if fleet is None:
+        return app[MANAGER], app[PREPARER]
+    return fleet.managers[fleet.first], fleet.preparers[fleet.first]
+
+
 def health_of(app: web.Application) -> HealthVerdict:
     """The one /health rule, also in /status (`vram-llm status` exits by it): ready when
     every model loaded at start is (the first, every pinned or preloaded one)."""
@@ -56,7 +65,7 @@ def health_of(app: web.Application) -> HealthVerdict:
         ok, why = fleet.ready_for_health()
         return HealthVerdict(ok=ok, status="ok" if ok else "loading", reason="" if ok else why,
                              retry_after_s=None if ok else 5)
-    mgr = app[MANAGER]
+    mgr = _first(app)[0]
     if mgr.state is WorkerState.READY:
         return HealthVerdict(ok=True, status="ok")
     # While a restart is scheduled, tell load balancers when it comes.
@@ -73,8 +82,7 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _status(request: web.Request) -> web.Response:
-    mgr = request.app[MANAGER]
-    prep = request.app[PREPARER]
+    mgr, prep = _first(request.app)
     snap = mgr.snapshot()
     snap.supervisor = SupervisorInfo(
         pid=os.getpid(), uptime_s=round(time.time() - mgr.started_wall, 3), model=str(prep.model_path)
@@ -84,7 +92,7 @@ async def _status(request: web.Request) -> web.Response:
     rows = await prep.gpus_now(worker_pids_of(worker.pid) if worker else ())
     snap.gpus_now = msgspec.convert(rows, list[GpuNow])
     fleet = request.app.get(FLEET)
-    if fleet is not None and len(fleet.ids) > 1:
+    if fleet is not None and len(fleet.all_ids) > 1:
         snap.models = msgspec.convert(status_rows(fleet), list[ModelRow])
         snap.swaps = fleet.swaps
         snap.gpus_now = msgspec.convert(await prep.gpus_now(()), list[GpuNow])
@@ -121,9 +129,10 @@ def build_app(
     if fleet is not None:
         app[FLEET] = fleet
     reg = CollectorRegistry()
-    several = fleet is not None and len(fleet.ids) > 1
+    # Every model with a manager (SIGHUP may add and remove them); one model is labelled with
+    # its id, which is [model]'s alias or file stem, as before.
     app[SERVING] = ServingMetrics(
-        reg, mgr, preparer, (lambda: list(fleet.managers.items())) if fleet is not None and several else None
+        reg, mgr, preparer, None if fleet is None else lambda: [(m, fleet.managers[m]) for m in fleet.all_ids]
     )
     RequestLog(app[SERVING].observe).install(app)  # outermost: ids and log lines for refusals too
     app[REGISTRY] = reg
@@ -135,13 +144,14 @@ def build_app(
     app.router.add_get("/metrics", _metrics)
     # llama-server's tokenizer endpoints live at the root; the worker answers them (with
     # several models, the request's "model" field picks the worker, else the first model).
-    if fleet is not None and len(fleet.ids) > 1:
+    # The router serves one model as the proxy did (SIGHUP may turn one model into several).
+    if fleet is not None:
         router = Router(fleet, preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s)
         app.router.add_get("/v1/models", router.models)
         app.router.add_get("/v1/models/{id}", router.model)
-        app.router.add_route("*", "/v1/{tail:.*}", router.handle)
+        app.router.add_route("*", "/v1/{tail:.*}", router.handle, expect_handler=router.expect_handler)
         for path in WORKER_ROOT_PATHS:
-            app.router.add_route("*", path, router.handle)
+            app.router.add_route("*", path, router.handle, expect_handler=router.expect_handler)
     else:
         app.router.add_route("*", "/v1/{tail:.*}", proxy.handle, expect_handler=proxy.expect_handler)
         for path in WORKER_ROOT_PATHS:
@@ -230,10 +240,12 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         )
 
         def on_reload() -> None:
-            log.warning("SIGHUP: re-reading the configuration and restarting the worker")
+            log.warning("SIGHUP: re-reading the configuration")
             notify.reloading()
-            fleet.request_reload()  # a bad new config keeps the old one (logged)
-            keys.reload(preparer.config)  # a revoked key stops working now, whatever else failed
+            read = fleet.request_reload()  # a bad new config keeps the old one (logged)
+            keys.reload(read or fleet.config)  # a revoked key stops working now, whatever else failed
+            if sent_ready:  # systemd ends the reload job on READY=1 (sd_notify(3)), else times out
+                notify.ready()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -14,6 +14,11 @@ Rules of this module:
 - Free VRAM is what the probe reads minus what loads in progress will take
   (``AccountedProbe``). With simulated GPUs nothing real is allocated, so the planned
   footprint of every worker we run is subtracted while it lives: swaps happen in tests.
+- SIGHUP changes the model list (``request_reload``): the configuration is read once and
+  every model of it staged before anything changes (a bad one changes nothing). ``ids`` is
+  what requests may name; a removed model leaves it at once but keeps its manager (in
+  ``managers``, ``all_ids``) until its requests finished and its worker is gone; which
+  models restart is the pure ``list_change``.
 """
 
 from __future__ import annotations
@@ -22,14 +27,17 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor.config import Config, ModelEntry
+import msgspec
+
+from supervisor.config import Config, ModelEntry, ModelSection, resolved_models
 from supervisor.inventory import GpuProbe, Inventory
-from supervisor.launch import Preparer
+from supervisor.launch import Preparer, default_entry_path
 from supervisor.nvml import process_gpu_memory
 from supervisor.placement import ModelInfo, Resident, place
 from supervisor.planning import plan_settings
@@ -53,6 +61,45 @@ def planned_mib(launch: Launch | None) -> dict[str, int]:
         if g.get("cuda_index") is not None and not g.get("excluded_reason") and g.get("planned_mib"):
             out[g["uuid"]] = int(g["planned_mib"])
     return out
+
+
+@dataclass(frozen=True)
+class ListChange:
+    """What a SIGHUP does to the model list."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    restart: tuple[str, ...]  # loaded models that restart (drained first) with the new settings
+
+
+def list_change(
+    old: Mapping[str, ModelEntry],
+    new: Mapping[str, ModelEntry],
+    *,
+    shared_same: bool,
+    loaded: Collection[str],
+    failed: Collection[str] = (),
+) -> ListChange:
+    """PURE: the models of ``new`` that are not in ``old`` are added, those of ``old`` not in
+    ``new`` removed. A SIGHUP that leaves the list alone restarts every loaded model, as
+    before the list existed (it is also how a model file replaced in place is picked up);
+    one that adds or removes models restarts only the loaded models whose entry or the
+    shared settings changed, and failed ones (SIGHUP is how a failed model is retried)."""
+    added = tuple(m for m in new if m not in old)
+    removed = tuple(m for m in old if m not in new)
+    same_list = not (added or removed)
+    restart = tuple(
+        m
+        for m in new
+        if m in old and m in loaded and (same_list or not shared_same or old[m] != new[m] or m in failed)
+    )
+    return ListChange(added, removed, restart)
+
+
+def _shared(cfg: Config) -> Config:
+    """The settings every model shares (the model list left out): when they change on
+    SIGHUP, every loaded model restarts."""
+    return msgspec.structs.replace(cfg, models=[], models_dir="", model=ModelSection())
 
 
 class AccountedProbe:
@@ -109,43 +156,78 @@ class Fleet:
         on_state: Callable[[str, WorkerState, str], None] | None = None,
         on_progress: Callable[[float], None] | None = None,
     ) -> None:
-        self.ids = [e.id for e in entries]
+        self.config = config  # the configuration in force (SIGHUP replaces it only when valid)
+        self.ids = [e.id for e in entries]  # the models requests may name, in config order
         self.first = self.ids[0]
         self.probe = AccountedProbe(base_probe, self, simulated=bool(config.gpu.simulate_gpus))
         self.preparers: dict[str, Preparer] = {}
-        self.managers: dict[str, WorkerManager] = {}
+        self.managers: dict[str, WorkerManager] = {}  # every model with a manager, removed ones draining too
+        self._runtime_dir = runtime_dir
+        self._reload_config = reload_config
+        self._on_state = on_state
+        self._on_progress = on_progress
+        self._dirs: dict[str, Path] = {}  # model -> the directory of its sockets
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # model -> its manager's run() (once running)
+        self._tasks_changed = asyncio.Event()
+        self._running = False
+        self._retiring: dict[str, asyncio.Task[None]] = {}  # removed by SIGHUP, its worker not gone yet
+        self._readd: dict[str, Preparer] = {}  # retiring, but listed again: added once gone
         self._planned: dict[str, dict[str, int]] = {}  # model -> GPU UUID -> MiB of its current start
         self._measured: dict[str, dict[str, int]] = {}  # model -> GPU UUID -> MiB NVML measured
         self._starting: set[str] = set()  # a Launch handed out, the worker not started yet
         self._asks: asyncio.Queue[_Ask] = asyncio.Queue()
-        self._waiting: set[asyncio.Future[Launch]] = set()  # asks not answered yet
+        self._waiting: dict[asyncio.Future[Launch], str] = {}  # asks not answered yet -> their model
         self._stopping = False
         self.swaps = 0  # evictions made to load another model
         several = len(entries) > 1
         for e in entries:
-            prep = Preparer(config, reload_config, model_id=e.id, probe=self.probe)
-            self.preparers[e.id] = prep
-            mdir = runtime_dir / e.id if several else runtime_dir
-            mdir.mkdir(mode=0o700, exist_ok=True)
-
-            def state_cb(state: WorkerState, reason: str, mid: str = e.id) -> None:
-                if state is not WorkerState.STOPPED:
-                    self._starting.discard(mid)
-                if on_state is not None:
-                    on_state(mid, state, reason)
-
-            self.managers[e.id] = WorkerManager(
-                config=lambda p=prep: p.config,  # type: ignore[misc]
-                prepare=_FleetPreparer(self, e.id),
-                runtime_dir=mdir,
-                on_state=state_cb,
-                on_progress=on_progress,
+            # One model keeps its sockets in the runtime dir itself, as before several existed.
+            self._add(
+                Preparer(config, reload_config, model_id=e.id, probe=self.probe),
+                runtime_dir / e.id if several else runtime_dir,
                 # The first model, pinned and preloaded ones start at once; the others on demand.
                 parked=several and not (e.preload or e.pinned) and e.id != self.first,
-                name=f"model {e.id}",
             )
 
+    def _add(self, prep: Preparer, mdir: Path, parked: bool) -> None:
+        mid = prep.entry.id
+        mdir.mkdir(mode=0o700, exist_ok=True)
+        on_state = self._on_state
+
+        def state_cb(state: WorkerState, reason: str) -> None:
+            if state is not WorkerState.STOPPED:
+                self._starting.discard(mid)
+            if on_state is not None:
+                on_state(mid, state, reason)
+
+        self.preparers[mid] = prep
+        self._dirs[mid] = mdir
+        self.managers[mid] = WorkerManager(
+            config=lambda: prep.config,
+            prepare=_FleetPreparer(self, mid),
+            runtime_dir=mdir,
+            on_state=state_cb,
+            on_progress=self._on_progress,
+            parked=parked,
+            name=f"model {mid}",
+        )
+        if self._running:
+            self._start_task(mid)
+
+    def _parks_when_added(self, entry: ModelEntry) -> bool:
+        """A model added by SIGHUP loads on demand unless it would have loaded at start."""
+        return not (entry.preload or entry.pinned or entry.id == self.first)
+
+    def _start_task(self, mid: str) -> None:
+        self._tasks[mid] = asyncio.create_task(self.managers[mid].run(), name=f"worker-manager {mid}")
+        self._tasks_changed.set()
+
     # ---- read side -------------------------------------------------------------
+
+    @property
+    def all_ids(self) -> list[str]:
+        """Every model with a manager: the configured ones, then removed ones still draining."""
+        return [*self.ids, *(m for m in self._retiring if m not in self.ids)]
 
     def entry(self, mid: str) -> ModelEntry:
         return self.preparers[mid].entry
@@ -192,15 +274,113 @@ class Fleet:
     def unload(self, mid: str) -> None:
         self.managers[mid].request_unload()
 
-    def request_reload(self) -> None:
-        for prep in self.preparers.values():
-            try:
-                prep.reload()
-            except Exception as e:  # noqa: BLE001 - a bad new config keeps the old one
-                log.error("reload: keeping the previous configuration: %s", e)
-        for mgr in self.managers.values():
-            if not mgr.parked:
-                mgr.request_reload()
+    def request_reload(self) -> Config | None:
+        """SIGHUP: read the configuration once and apply it to the model list. A bad one
+        (unreadable, invalid, a model file that cannot be read) changes nothing: the loaded
+        models restart with the configuration they had, as before the list existed.
+        Returns the configuration read when it was valid, even if a model of it was not (the
+        API keys follow it: a revoked key must stop working whatever else failed)."""
+        config: Config | None = None
+        try:
+            if self._reload_config is None:
+                raise ValueError("no configuration to re-read")
+            config = self._reload_config()
+            entries = resolved_models(config, default_entry_path)
+            # Every model of the new list must be plannable before anything changes.
+            staged = {e.id: Preparer(config, self._reload_config, model_id=e.id, probe=self.probe) for e in entries}
+        except Exception as e:  # noqa: BLE001 - a bad new config keeps the old one
+            log.error("SIGHUP: keeping the previous configuration: %s", e)
+            for mid in self.ids:
+                if not self.managers[mid].parked:
+                    self.managers[mid].request_reload()
+            return config
+        self._apply(config, staged)
+        return config
+
+    def _apply(self, config: Config, staged: dict[str, Preparer]) -> None:
+        old_ids = list(self.ids)
+        change = list_change(
+            {m: self.preparers[m].entry for m in old_ids if m not in self._readd},
+            {m: p.entry for m, p in staged.items()},
+            shared_same=_shared(self.config) == _shared(config),
+            loaded={m for m in old_ids if m not in self._readd and not self.managers[m].parked},
+            failed={m for m in old_ids if m not in self._readd and self.managers[m].state is WorkerState.FAILED},
+        )
+        self.config = config
+        self.ids = list(staged)
+        self.first = self.ids[0]
+        for mid in self.ids:
+            if mid in self._readd:  # its previous worker still drains: added later, as now configured
+                self._readd[mid] = staged[mid]
+            elif mid in old_ids:
+                try:
+                    self.preparers[mid].reload(config)
+                except Exception as e:  # noqa: BLE001 - its file changed since it was staged
+                    log.error("SIGHUP: model %s keeps its previous configuration: %s", mid, e)
+        for mid in change.restart:
+            self.managers[mid].request_reload()
+        draining = []
+        for mid in change.removed:
+            n = self.managers[mid].active
+            draining.append(f"{mid} (draining {n} request(s))" if n else mid)
+            self._retire(mid)
+        for mid in change.added:
+            if mid in self.managers:  # removed earlier and still draining: added once it is gone
+                log.warning("SIGHUP: model %s is added again once its previous worker has stopped", mid)
+                self._readd[mid] = staged[mid]
+                continue
+            self._add(staged[mid], self._runtime_dir / mid, parked=self._parks_when_added(staged[mid].entry))
+        if self.first != old_ids[0] and self.managers[self.first].parked:
+            self.managers[self.first].request_load()  # the first is loaded, as at start
+        log.warning(
+            "SIGHUP: models added: %s; removed: %s; restarting: %s; first (no \"model\" field): %s",
+            ", ".join(change.added) or "none",
+            ", ".join(draining) or "none",
+            ", ".join(change.restart) or "none",
+            self.first,
+        )
+
+    def _retire(self, mid: str) -> None:
+        """A model removed by SIGHUP: new requests are not routed to it (it left ``ids``),
+        those waiting for it are refused, its load (if one waits for room) is called off,
+        and the ones it answers finish before its worker stops."""
+        reason = f"model {mid!r} was removed from the configuration"
+        self.managers[mid].retire(reason)
+        for fut, m in list(self._waiting.items()):
+            if m == mid and not fut.done():
+                fut.set_exception(NoRoom(reason))
+        self._retiring[mid] = asyncio.create_task(self._retired(mid), name=f"retire {mid}")
+
+    async def _retired(self, mid: str) -> None:
+        """Wait for the removed model's manager to park (its drain is bounded by
+        shutdown.grace_s, its stop by worker.stop_timeout_s), end it, forget it."""
+        mgr, cfg = self.managers[mid], self.preparers[mid].config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.shutdown.grace_s + 2 * cfg.worker.stop_timeout_s + 5
+        while not mgr.parked and loop.time() < deadline and not self._stopping:
+            await asyncio.sleep(POLL_S)
+        mgr.request_shutdown()
+        task = self._tasks.get(mid)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
+        # No await from here to the re-add below: a request never finds the id without a manager.
+        self.managers.pop(mid)
+        self.preparers.pop(mid)
+        self._tasks.pop(mid, None)
+        self._retiring.pop(mid, None)
+        self._planned.pop(mid, None)
+        self._measured.pop(mid, None)
+        self._starting.discard(mid)
+        mdir = self._dirs.pop(mid)
+        if mdir != self._runtime_dir:  # one model at start: the runtime dir is everyone's
+            shutil.rmtree(mdir, ignore_errors=True)
+        self._tasks_changed.set()
+        log.info("model %s removed: its worker is gone and its sockets with it", mid)
+        prep = self._readd.pop(mid, None)
+        if prep is not None and mid in self.ids and not self._stopping:  # added again while it drained
+            self._add(prep, self._runtime_dir / mid, parked=self._parks_when_added(prep.entry))
+            log.info("model %s added again", mid)
 
     def request_shutdown(self) -> None:
         # A start waiting for room (perhaps for another model to go idle) must not hold the
@@ -216,25 +396,41 @@ class Fleet:
         if self._stopping:
             raise NoRoom("the server is shutting down")
         fut: asyncio.Future[Launch] = asyncio.get_running_loop().create_future()
-        self._waiting.add(fut)
-        fut.add_done_callback(self._waiting.discard)
+        self._waiting[fut] = mid
+        fut.add_done_callback(lambda f: self._waiting.pop(f, None))
         await self._asks.put(_Ask(mid, adjust, socket_path, fut))
         return await fut
 
     # ---- the tasks -----------------------------------------------------------------
 
     async def run(self) -> None:
-        """Every manager's lifecycle, the decision task and the idle-TTL sweep. Returns when
-        every manager has stopped (after request_shutdown)."""
-        helpers = [asyncio.create_task(self._decide_loop(), name="fleet-decide")]
-        if len(self.ids) > 1:
-            helpers.append(asyncio.create_task(self._ttl_loop(), name="fleet-ttl"))
+        """Every manager's lifecycle (models added by SIGHUP too), the decision task and the
+        idle-TTL sweep. Returns when every manager has stopped (after request_shutdown)."""
+        helpers = [
+            asyncio.create_task(self._decide_loop(), name="fleet-decide"),
+            asyncio.create_task(self._ttl_loop(), name="fleet-ttl"),
+        ]
+        self._running = True
+        for mid in self.managers:
+            self._start_task(mid)
         try:
-            await asyncio.gather(*(m.run() for m in self.managers.values()))
+            while self._tasks:
+                self._tasks_changed.clear()
+                changed = asyncio.ensure_future(self._tasks_changed.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        {changed, *self._tasks.values()}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    changed.cancel()
+                for mid, t in list(self._tasks.items()):
+                    if t in done:
+                        del self._tasks[mid]
+                        t.result()  # a manager that failed is a bug: say so
         finally:
-            for t in helpers:
+            for t in [*helpers, *self._retiring.values(), *self._tasks.values()]:
                 t.cancel()
-            for t in helpers:
+            for t in [*helpers, *self._retiring.values(), *self._tasks.values()]:
                 with contextlib.suppress(BaseException):
                     await t
 
@@ -256,6 +452,8 @@ class Fleet:
 
     async def _decide(self, ask: _Ask) -> Launch:
         mid = ask.model
+        if self._stopping or ask.done.done():  # shutting down, or the model was removed
+            raise NoRoom("the server is shutting down")
         prep = self.preparers[mid]
         cfg = prep.config
         loop = asyncio.get_running_loop()
@@ -354,7 +552,7 @@ class Fleet:
 
         got = await asyncio.to_thread(read)
         for mid, used in got.items():
-            if used:
+            if used and mid in self.managers:  # not removed meanwhile
                 self._measured[mid] = used
 
     async def _drain(self, mids: tuple[str, ...], deadline: float) -> bool:
@@ -367,11 +565,12 @@ class Fleet:
         targets: dict[str, int] = {}
 
         def gone(m: str) -> bool:
-            return self.managers[m].state not in PROCESS_STATES
+            mgr = self.managers.get(m)  # None: removed by SIGHUP meanwhile
+            return mgr is None or mgr.state not in PROCESS_STATES
 
         def served_its_queue(m: str) -> bool:
-            mgr = self.managers[m]
-            if gone(m):
+            mgr = self.managers.get(m)
+            if mgr is None or gone(m):
                 return True
             if m not in targets and mgr.state is WorkerState.READY:
                 targets[m] = mgr.counters.served + mgr.counters.in_flight
@@ -382,17 +581,21 @@ class Fleet:
                 return False
             await asyncio.sleep(POLL_S)
         for m in mids:
-            self.managers[m].hold_new(True)
+            if m in self.managers:
+                self.managers[m].hold_new(True)
         while loop.time() < deadline and not self._stopping:
             if all(gone(m) or self.managers[m].active == 0 for m in mids):
                 return True
             await asyncio.sleep(POLL_S)
         for m in mids:
-            self.managers[m].hold_new(False)
+            if m in self.managers:
+                self.managers[m].hold_new(False)
         return False
 
     async def _unload_now(self, mid: str) -> None:
-        mgr = self.managers[mid]
+        mgr = self.managers.get(mid)
+        if mgr is None:  # removed by SIGHUP meanwhile: its worker is gone
+            return
         parks = mgr.parks
         mgr.request_unload()
         # The manager drains (nothing is in flight by now) and stops its worker, bounded by
@@ -431,7 +634,7 @@ def status_rows(fleet: Fleet) -> list[dict[str, Any]]:
     """One row per model for /v1/models and /status."""
     rows = []
     now = asyncio.get_running_loop().time()
-    for mid in fleet.ids:
+    for mid in fleet.all_ids:
         mgr = fleet.managers[mid]
         planned, measured = fleet.footprint(mid)
         loaded = mgr.state in PROCESS_STATES

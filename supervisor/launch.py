@@ -126,9 +126,12 @@ class Preparer:
         # (monotonic time of the read, the worker pids asked about, the answer)
         self._gpus_now: tuple[float, tuple[int, ...], list[dict[str, Any]]] | None = None
 
-    def reload(self) -> None:
-        """Re-read the configuration (SIGHUP). Raises and keeps the old one on error."""
-        if self._reload_config is not None:
+    def reload(self, config: Config | None = None) -> None:
+        """Re-read the configuration (SIGHUP), or take ``config`` (read once by the fleet
+        for every model). Raises and keeps the old one on error."""
+        if config is not None:
+            self._set(config)
+        elif self._reload_config is not None:
             self._set(self._reload_config())
 
     async def __call__(self, adjust: PlanAdjust | None, socket_path: str) -> Launch:

@@ -8,7 +8,9 @@ Rules of this module:
   or not, and where it is.
 - A request for a model that is not loaded asks for it to be loaded and then waits like
   any request waiting for a worker (admission.wait_timeout_s, admission.queue_size).
-- With a single model none of this runs: the proxy serves /v1 directly, as before.
+- With a single model none of this runs: its proxy serves /v1 directly, as before (any
+  "model" is accepted). The model list may change on SIGHUP (supervisor/fleet.py), so
+  every request asks the fleet which models there are now.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from aiohttp import web
 from supervisor.access_log import record
 from supervisor.fleet import Fleet, status_rows
 from supervisor.proxy import Proxy, openai_error
+from supervisor.worker_process import WorkerManager
 from worker.protocol import LaunchSpec
 
 # Bodies are read whole to find "model"; larger ones are refused before reading (the
@@ -47,20 +50,42 @@ class Router:
         self._fleet = fleet
         self._body_timeout_s = body_timeout_s
         self._created = int(time.time())
-        self.proxies = {
-            mid: Proxy(mgr, lambda p=fleet.preparers[mid]: p.config.admission.wait_timeout_s, body_timeout_s)  # type: ignore[misc]
-            for mid, mgr in fleet.managers.items()
-        }
+        # model -> (its manager, the proxy to it); a model added by SIGHUP gets one when first
+        # asked for, one removed loses it then.
+        self._proxies: dict[str, tuple[WorkerManager, Proxy]] = {}
 
-    async def model(self, request: web.Request) -> web.Response:
+    def proxy(self, mid: str) -> Proxy:
+        """The proxy to model ``mid``'s manager now (which must exist)."""
+        mgr = self._fleet.managers[mid]
+        got = self._proxies.get(mid)
+        if got is None or got[0] is not mgr:
+            if len(self._proxies) > len(self._fleet.managers):
+                for gone in [m for m in self._proxies if m not in self._fleet.managers]:
+                    del self._proxies[gone]
+            prep = self._fleet.preparers[mid]
+            got = (mgr, Proxy(mgr, lambda: prep.config.admission.wait_timeout_s, self._body_timeout_s))
+            self._proxies[mid] = got
+        return got[1]
+
+    def single(self) -> bool:
+        return len(self._fleet.ids) == 1
+
+    async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
+        return await self.proxy(self._fleet.first).expect_handler(request)
+
+    async def model(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models/{id}: one card, or 404 model_not_found."""
+        if self.single():
+            return await self.proxy(self._fleet.first).handle(request)
         mid = request.match_info["id"]
         card = next((c for c in self._cards() if c["id"] == mid), None)
         if card is None:
             return model_not_found(mid)
         return web.Response(body=msgspec.json.encode(card), content_type="application/json")
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        if self.single():  # one model: its worker answers, as before
+            return await self.proxy(self._fleet.first).handle(request)
         return web.Response(
             body=msgspec.json.encode({"object": "list", "data": self._cards()}), content_type="application/json"
         )
@@ -68,6 +93,8 @@ class Router:
     def _cards(self) -> list[dict[str, object]]:
         data: list[dict[str, object]] = []
         for row in status_rows(self._fleet):
+            if row["id"] not in self._fleet.ids:
+                continue  # removed by SIGHUP, finishing its requests: not servable any more
             gpus = sorted(set(row["measured_mib"]) | set(row["planned_mib"]))
             data.append(
                 {
@@ -101,6 +128,8 @@ class Router:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mid = self._fleet.first
+        if self.single():
+            return await self.proxy(mid).handle(request)
         raw: bytes | None = None
         if request.body_exists:
             length = request.content_length
@@ -135,8 +164,8 @@ class Router:
                 named = None  # not JSON, or "model" not a string: the worker explains
             if named:
                 mid = named
-        if mid not in self._fleet.managers:
+        if mid not in self._fleet.ids:
             return model_not_found(mid)
         record(request).model = mid
         self._fleet.load(mid)  # a no-op when loaded; otherwise the request waits for the load
-        return await self.proxies[mid].handle(request, prebody=raw)
+        return await self.proxy(mid).handle(request, prebody=raw)

@@ -248,6 +248,7 @@ class WorkerManager:
         self._hold = False
         self._refused: NoRoom | None = None
         self._load_queued = False
+        self._retired = False  # removed from the configuration: nothing loads it again
         self.name = name
         self.swaps_in = 0  # loads after the first (a model swapped back in)
         self.parks = 0  # times it was unloaded (the fleet waits for this to move)
@@ -475,6 +476,8 @@ class WorkerManager:
     def request_load(self) -> None:
         """Start a parked model (a no-op for a loaded one). Clears a previous refusal so
         the requests that asked for it wait for the load."""
+        if self._retired:
+            return
         self._refused = None
         if self._parked and not self._load_queued:
             self._load_queued = True
@@ -482,6 +485,15 @@ class WorkerManager:
 
     def request_unload(self) -> None:
         self._commands.put_nowait(_Command.UNLOAD)
+
+    def retire(self, reason: str) -> None:
+        """The model was removed from the configuration (SIGHUP): requests waiting for a
+        worker get ``reason`` at once, nothing loads it again, and the worker stops once the
+        requests it is answering finish (the unload drain, bounded by shutdown.grace_s)."""
+        self._retired = True
+        self._refused = NoRoom(reason, 5)
+        self._signal_change()
+        self.request_unload()
 
     def hold_new(self, on: bool) -> None:
         """While on, new requests wait (the fleet is draining this model to evict it)."""
@@ -676,10 +688,13 @@ class WorkerManager:
         loop = asyncio.get_running_loop()
         grace = self._config().shutdown.grace_s
         deadline = loop.time() + grace
+        if self._retired:
+            what, then = "removed from the configuration", "new requests are refused"
+        else:
+            what, then = f"{why.value} requested", "new requests wait for the next worker"
         self._move(
             WorkerState.STOPPING,
-            f"{why.value} requested: worker pid {run.proc.pid} finishes {h.in_flight} request(s) first "
-            f"(up to {grace:g}s); new requests wait for the next worker",
+            f"{what}: worker pid {run.proc.pid} finishes {h.in_flight} request(s) first (up to {grace:g}s); {then}",
         )
         while h.in_flight > 0:
             remaining = deadline - loop.time()

@@ -6,17 +6,19 @@ code, that no worker process survived (psutil) and that the runtime dir is gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psutil
 
@@ -100,6 +102,33 @@ def models_by_series(samples: Samples) -> dict[str, set[str]]:
         assert "model" in labels, f"{name}{labels} has no model label"
         out.setdefault(name, set()).add(labels["model"])
     return out
+
+@contextlib.contextmanager
+def notify_listener(path: str) -> Iterator[list[str]]:
+    """A NOTIFY_SOCKET at ``path``: yields the list of datagrams received so far. Read
+    continuously, as systemd does: a Unix datagram queue holds only a few messages, and a
+    sender finding it full drops the message (the watchdog pings would fill it)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.1)
+    msgs: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                msgs.append(sock.recv(4096).decode())
+            except socket.timeout:
+                continue
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        yield msgs
+    finally:
+        done.set()
+        t.join(5)
+        sock.close()
 
 
 def toml_value(v: Any) -> str:

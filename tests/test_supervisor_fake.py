@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.supervisor_harness import REPO, Supervisor, poll, scrape, total
+from tests.supervisor_harness import REPO, Supervisor, notify_listener, poll, scrape, total
 
 SIM_2GPU = [
     {"index": 0, "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000000", "name": "Small", "total_mib": 12288, "free_mib": 11000},
@@ -368,24 +368,7 @@ def test_sighup_with_a_broken_config_keeps_serving(start_supervisor: Any) -> Non
 
 def test_sd_notify_messages(start_supervisor: Any, tmp_path: Path) -> None:
     path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(0.1)
-    msgs: list[str] = []
-    done = threading.Event()
-
-    # Read continuously, as systemd does: a Unix datagram queue holds only a few messages,
-    # and a sender finding it full drops the message (the watchdog pings would fill it).
-    def reader() -> None:
-        while not done.is_set():
-            try:
-                msgs.append(sock.recv(4096).decode())
-            except socket.timeout:
-                continue
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    try:
+    with notify_listener(path) as msgs:
         s = start_supervisor(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
         s.wait_ready(60)
         poll(lambda: any("READY=1" in m for m in msgs), 10, "READY=1")
@@ -393,10 +376,6 @@ def test_sd_notify_messages(start_supervisor: Any, tmp_path: Path) -> None:
         poll(lambda: sum("WATCHDOG=1" in m for m in msgs) >= 2, 10, "watchdog pings")
         assert s.stop() == 0
         poll(lambda: any("STOPPING=1" in m for m in msgs), 10, "STOPPING=1")
-    finally:
-        done.set()
-        t.join(5)
-        sock.close()
 
 
 def test_sigterm_exits_zero_and_leaves_nothing(start_supervisor: Any) -> None:

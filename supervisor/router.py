@@ -4,11 +4,14 @@ Rules of this module:
 - OpenAI semantics: the JSON body's ``model`` picks the model; no ``model`` (or a request
   without a JSON body, e.g. a GET) goes to the first model of the list; an unknown id is a
   404 ``model_not_found`` in OpenAI's error shape, answered without touching any worker.
-- ``GET /v1/models`` is answered here: the supervisor knows every configured model, loaded
-  or not, and where it is.
+- ``GET /v1/models`` is answered here (``ModelCards``), with one model as with several: the
+  supervisor knows every configured model, loaded or not, and where it is, so the list
+  answers at once, while a worker loads or restarts too (``state`` says so), without a
+  round trip to a worker. A card is the worker's own (id: the alias or file stem; OpenAI's
+  fields) plus where the model is.
 - A request for a model that is not loaded asks for it to be loaded and then waits like
   any request waiting for a worker (admission.wait_timeout_s, admission.queue_size).
-- With a single model none of this runs: the proxy serves /v1 directly, as before.
+- With a single model the rest of /v1 does not come here: the proxy serves it directly.
 """
 
 from __future__ import annotations
@@ -46,44 +49,10 @@ class Router:
     def __init__(self, fleet: Fleet, wait_timeout_s: float, body_timeout_s: float) -> None:
         self._fleet = fleet
         self._body_timeout_s = body_timeout_s
-        self._created = int(time.time())
         self.proxies = {
             mid: Proxy(mgr, lambda p=fleet.preparers[mid]: p.config.admission.wait_timeout_s, body_timeout_s)  # type: ignore[misc]
             for mid, mgr in fleet.managers.items()
         }
-
-    async def model(self, request: web.Request) -> web.Response:
-        """GET /v1/models/{id}: one card, or 404 model_not_found."""
-        mid = request.match_info["id"]
-        card = next((c for c in self._cards() if c["id"] == mid), None)
-        if card is None:
-            return model_not_found(mid)
-        return web.Response(body=msgspec.json.encode(card), content_type="application/json")
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=msgspec.json.encode({"object": "list", "data": self._cards()}), content_type="application/json"
-        )
-
-    def _cards(self) -> list[dict[str, object]]:
-        data: list[dict[str, object]] = []
-        for row in status_rows(self._fleet):
-            gpus = sorted(set(row["measured_mib"]) | set(row["planned_mib"]))
-            data.append(
-                {
-                    "id": row["id"],
-                    "object": "model",
-                    "created": self._created,
-                    "owned_by": "vram-llm",
-                    # Beyond OpenAI's shape: where the model is and what it holds.
-                    "loaded": row["loaded"],
-                    "state": row["state"],
-                    "gpus": gpus,
-                    "mib": sum((row["measured_mib"] or row["planned_mib"]).values()),
-                    "pinned": row["pinned"],
-                }
-            )
-        return data
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, at most MAX_BODY bytes (ValueError beyond), with no gap between
@@ -140,3 +109,44 @@ class Router:
         record(request).model = mid
         self._fleet.load(mid)  # a no-op when loaded; otherwise the request waits for the load
         return await self.proxies[mid].handle(request, prebody=raw)
+
+
+class ModelCards:
+    """GET /v1/models and GET /v1/models/{id}, from the fleet's state: no worker, no NVML."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        self._created = int(time.time())
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: one card, or 404 model_not_found."""
+        mid = request.match_info["id"]
+        card = next((c for c in self._cards() if c["id"] == mid), None)
+        if card is None:
+            return model_not_found(mid)
+        return web.Response(body=msgspec.json.encode(card), content_type="application/json")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=msgspec.json.encode({"object": "list", "data": self._cards()}), content_type="application/json"
+        )
+
+    def _cards(self) -> list[dict[str, object]]:
+        data: list[dict[str, object]] = []
+        for row in status_rows(self._fleet):
+            gpus = sorted(set(row["measured_mib"]) | set(row["planned_mib"]))
+            data.append(
+                {
+                    "id": row["id"],  # the worker's id: the alias or the file stem, or the [[models]] id
+                    "object": "model",
+                    "created": self._created,
+                    "owned_by": "vram-llm",
+                    # Beyond OpenAI's shape: where the model is and what it holds.
+                    "loaded": row["loaded"],
+                    "state": row["state"],
+                    "gpus": gpus,
+                    "mib": sum((row["measured_mib"] or row["planned_mib"]).values()),
+                    "pinned": row["pinned"],
+                }
+            )
+        return data

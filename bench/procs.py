@@ -238,7 +238,7 @@ class Supervisor:
         return int(w["pid"]) if w else None
 
 
-def start_supervisor(procs: Procs, model: str, threads: int, n_ctx: int) -> Supervisor:
+def start_supervisor(procs: Procs, model: str, threads: int, n_ctx: int, log_level: str = "WARNING") -> Supervisor:
     port = free_port()
     runtime = procs.tmp / "run"
     runtime.mkdir(exist_ok=True)
@@ -257,7 +257,7 @@ def start_supervisor(procs: Procs, model: str, threads: int, n_ctx: int) -> Supe
         lines.extend(f"{k} = {toml_value(v)}" for k, v in kv.items())
     cfg = procs.tmp / "supervisor.toml"
     cfg.write_text("\n".join(lines) + "\n")
-    s = procs.start("supervisor", [sys.executable, "-m", "supervisor", "serve", "--config", str(cfg), "--log-level", "WARNING"])
+    s = procs.start("supervisor", [sys.executable, "-m", "supervisor", "serve", "--config", str(cfg), "--log-level", log_level])
     sup = Supervisor(s, f"http://127.0.0.1:{port}", runtime)
     wait_http_ok(procs, s, sup.base + "/health", 300.0)
     procs.note_children()

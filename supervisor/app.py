@@ -33,7 +33,7 @@ from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLo
 from supervisor.launch import Preparer, default_entry_path
 from supervisor.metrics import ServingMetrics, worker_pids_of
 from supervisor.proxy import Proxy, openai_error
-from supervisor.router import Router, model_not_found
+from supervisor.router import ModelCards, Router, model_not_found
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
 from supervisor.status import GpuNow, HealthVerdict, ModelRow, SupervisorInfo
@@ -142,13 +142,17 @@ def build_app(
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
+    if fleet is not None:
+        # The supervisor lists the models itself, one or several (no worker round trip; it
+        # answers while a worker loads). Other methods on these paths fall through below.
+        cards = ModelCards(fleet)
+        app.router.add_get("/v1/models", cards.models)
+        app.router.add_get("/v1/models/{id}", cards.model)
     # llama-server's tokenizer endpoints live at the root; the worker answers them (with
     # several models, the request's "model" field picks the worker, else the first model).
     # The router serves one model as the proxy did (SIGHUP may turn one model into several).
     if fleet is not None:
         router = Router(fleet, preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s)
-        app.router.add_get("/v1/models", router.models)
-        app.router.add_get("/v1/models/{id}", router.model)
         app.router.add_route("*", "/v1/{tail:.*}", router.handle, expect_handler=router.expect_handler)
         for path in WORKER_ROOT_PATHS:
             app.router.add_route("*", path, router.handle, expect_handler=router.expect_handler)

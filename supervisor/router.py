@@ -4,12 +4,15 @@ Rules of this module:
 - OpenAI semantics: the JSON body's ``model`` picks the model; no ``model`` (or a request
   without a JSON body, e.g. a GET) goes to the first model of the list; an unknown id is a
   404 ``model_not_found`` in OpenAI's error shape, answered without touching any worker.
-- ``GET /v1/models`` is answered here: the supervisor knows every configured model, loaded
-  or not, and where it is.
+- ``GET /v1/models`` is answered here (``ModelCards``), with one model as with several: the
+  supervisor knows every configured model, loaded or not, and where it is, so the list
+  answers at once, while a worker loads or restarts too (``state`` says so), without a
+  round trip to a worker. A card is the worker's own (id: the alias or file stem; OpenAI's
+  fields) plus where the model is.
 - A request for a model that is not loaded asks for it to be loaded and then waits like
   any request waiting for a worker (admission.wait_timeout_s, admission.queue_size).
-- With a single model none of this runs: its proxy serves /v1 directly, as before (any
-  "model" is accepted). The model list may change on SIGHUP (supervisor/fleet.py), so
+- With a single model the router passes /v1 straight to its proxy (any "model" is
+  accepted, as before). The model list may change on SIGHUP (supervisor/fleet.py), so
   every request asks the fleet which models there are now.
 """
 
@@ -49,7 +52,6 @@ class Router:
     def __init__(self, fleet: Fleet, wait_timeout_s: float, body_timeout_s: float) -> None:
         self._fleet = fleet
         self._body_timeout_s = body_timeout_s
-        self._created = int(time.time())
         # model -> (its manager, the proxy to it); a model added by SIGHUP gets one when first
         # asked for, one removed loses it then.
         self._proxies: dict[str, tuple[WorkerManager, Proxy]] = {}
@@ -72,45 +74,6 @@ class Router:
 
     async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
         return await self.proxy(self._fleet.first).expect_handler(request)
-
-    async def model(self, request: web.Request) -> web.StreamResponse:
-        """GET /v1/models/{id}: one card, or 404 model_not_found."""
-        if self.single():
-            return await self.proxy(self._fleet.first).handle(request)
-        mid = request.match_info["id"]
-        card = next((c for c in self._cards() if c["id"] == mid), None)
-        if card is None:
-            return model_not_found(mid)
-        return web.Response(body=msgspec.json.encode(card), content_type="application/json")
-
-    async def models(self, request: web.Request) -> web.StreamResponse:
-        if self.single():  # one model: its worker answers, as before
-            return await self.proxy(self._fleet.first).handle(request)
-        return web.Response(
-            body=msgspec.json.encode({"object": "list", "data": self._cards()}), content_type="application/json"
-        )
-
-    def _cards(self) -> list[dict[str, object]]:
-        data: list[dict[str, object]] = []
-        for row in status_rows(self._fleet):
-            if row["id"] not in self._fleet.ids:
-                continue  # removed by SIGHUP, finishing its requests: not servable any more
-            gpus = sorted(set(row["measured_mib"]) | set(row["planned_mib"]))
-            data.append(
-                {
-                    "id": row["id"],
-                    "object": "model",
-                    "created": self._created,
-                    "owned_by": "vram-llm",
-                    # Beyond OpenAI's shape: where the model is and what it holds.
-                    "loaded": row["loaded"],
-                    "state": row["state"],
-                    "gpus": gpus,
-                    "mib": sum((row["measured_mib"] or row["planned_mib"]).values()),
-                    "pinned": row["pinned"],
-                }
-            )
-        return data
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, at most MAX_BODY bytes (ValueError beyond), with no gap between
@@ -169,3 +132,46 @@ class Router:
         record(request).model = mid
         self._fleet.load(mid)  # a no-op when loaded; otherwise the request waits for the load
         return await self.proxy(mid).handle(request, prebody=raw)
+
+
+class ModelCards:
+    """GET /v1/models and GET /v1/models/{id}, from the fleet's state: no worker, no NVML."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        self._created = int(time.time())
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: one card, or 404 model_not_found."""
+        mid = request.match_info["id"]
+        card = next((c for c in self._cards() if c["id"] == mid), None)
+        if card is None:
+            return model_not_found(mid)
+        return web.Response(body=msgspec.json.encode(card), content_type="application/json")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=msgspec.json.encode({"object": "list", "data": self._cards()}), content_type="application/json"
+        )
+
+    def _cards(self) -> list[dict[str, object]]:
+        data: list[dict[str, object]] = []
+        for row in status_rows(self._fleet):
+            if row["id"] not in self._fleet.ids:
+                continue  # removed by SIGHUP, finishing its requests: not servable any more
+            gpus = sorted(set(row["measured_mib"]) | set(row["planned_mib"]))
+            data.append(
+                {
+                    "id": row["id"],  # the worker's id: the alias or the file stem, or the [[models]] id
+                    "object": "model",
+                    "created": self._created,
+                    "owned_by": "vram-llm",
+                    # Beyond OpenAI's shape: where the model is and what it holds.
+                    "loaded": row["loaded"],
+                    "state": row["state"],
+                    "gpus": gpus,
+                    "mib": sum((row["measured_mib"] or row["planned_mib"]).values()),
+                    "pinned": row["pinned"],
+                }
+            )
+        return data

@@ -4,7 +4,9 @@ Run as ``python tests/fake_worker.py --spec PATH`` (the real worker's CLI). It r
 ``worker.protocol.LaunchSpec`` and serves the same HTTP API on ``spec.socket_path``:
 GET /health (503 "loading" with progress, then 200 with ``Health`` including ``params``
 that echo the spec and this process's CUDA environment), GET /v1/models, and
-POST /v1/chat/completions and /v1/completions (non-streaming and SSE). It never loads a
+POST /v1/chat/completions and /v1/completions (non-streaming and SSE). GET /v1/fake/read
+answers {} at once: a read the supervisor proxies without a generation slot (it answers
+/v1/models itself), for tests that need many requests at the worker's socket. It never loads a
 model: a completion is the tokens "tok0 tok1 ...", one every FAKE_WORKER_TOKEN_INTERVAL_S,
 ``max_tokens`` of them if the request says so, else FAKE_WORKER_TOKENS. Generations run one
 at a time, like the real worker (``active`` is 0 or 1, the rest are ``queued``).
@@ -362,6 +364,10 @@ class FakeWorker:
         return resp
 
 
+async def _read(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
 def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
@@ -371,6 +377,7 @@ async def serve(spec: LaunchSpec, start_index: int) -> int:
     app = web.Application(client_max_size=spec.max_body_bytes)
     app.router.add_get("/health", fake.handle_health)
     app.router.add_get("/v1/models", fake.handle_models)
+    app.router.add_get("/v1/fake/read", _read)
     app.router.add_post("/v1/chat/completions", fake.handle_chat)
     app.router.add_post("/v1/completions", fake.handle_completions)
 

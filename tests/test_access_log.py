@@ -127,10 +127,14 @@ def test_worker_logs_the_request_id(tmp_path: Path) -> None:
     s = Supervisor(tmp_path, FAST)
     try:
         s.wait_ready(180)
-        req = urllib.request.Request(s.base + "/v1/models", headers={"X-Request-Id": "real-worker-id"})
+        # A proxied route (the supervisor answers /v1/models itself).
+        req = urllib.request.Request(
+            s.base + "/tokenize", data=b'{"content": "hi"}',
+            headers={"X-Request-Id": "real-worker-id", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             assert r.headers["X-Request-Id"] == "real-worker-id"
-        poll(lambda: "request real-worker-id: GET /v1/models -> 200" in s.log(), 10, "the worker's line")
+        poll(lambda: "request real-worker-id: POST /tokenize -> 200" in s.log(), 10, "the worker's line")
         assert s.stop() == 0
     finally:
         s.kill_hard()

@@ -104,3 +104,14 @@ def test_logprobs_bench_runs() -> None:
     proc = run_module("bench.logprobs", "--gen-tokens", "8", "--rounds", "1", "--threads", "1")
     res = json.loads(proc.stdout)["results"]
     assert set(res) == {"off", "logprobs", "top_logprobs=5"} and all(r["median_tok_s"] > 0 for r in res.values())
+
+
+def test_models_latency_bench_runs(tmp_path: Path) -> None:
+    out_json = tmp_path / "models.json"
+    proc = run_module("bench.models_latency", "--smoke", "--llama-server", "", "--threads", "1",
+                      "--json-out", str(out_json))
+    assert "| vram-llm |" in proc.stdout and "| aiohttp floor |" in proc.stdout, proc.stdout
+    res = json.loads(out_json.read_text())
+    assert {c: v["errors"] for c, v in res["columns"].items()} == {"vram-llm": 0, "aiohttp floor": 0}
+    [card] = res["cards"]["vram-llm"]["data"]
+    assert card["state"] == "ready" and card["loaded"] is True

@@ -116,12 +116,43 @@ def test_serve_applies_the_plan_to_the_worker(start_supervisor: Any, sim_gpus: P
     assert start["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     # The bigger free GPU (NVML index 1) is CUDA device 0 in the worker.
     assert plan["env"]["CUDA_VISIBLE_DEVICES"].split(",")[0] == SIM_2GPU[1]["uuid"]
-    # What the worker reports about itself agrees too.
-    code, models = s.get("/v1/models")
-    assert code == 200 and models["data"]
     code, body = chat(s)
     assert code == 200 and body["choices"][0]["message"]["content"]
     assert s.get("/health") == (200, {"status": "ok"})
+
+
+def test_v1_models_is_the_supervisors_answer_while_loading_and_ready(
+    start_supervisor: Any, sim_gpus: Path
+) -> None:
+    """One model: /v1/models is answered by the supervisor, with the worker's card (its id:
+    the alias; OpenAI's fields) plus where the model is, while the worker loads too, and
+    without asking the worker (it answers while the worker is stopped)."""
+    s = start_supervisor(
+        {"gpu": {"simulate_gpus": str(sim_gpus)}, "model": {"alias": "my-model"}}, {"FAKE_WORKER_LOAD_S": "2"}
+    )
+    s.wait_state("loading", 30)
+    code, body = s.get("/v1/models", timeout=5)
+    assert code == 200 and body["object"] == "list", body
+    [card] = body["data"]
+    assert card["id"] == "my-model" and card["state"] in ("loading", "ready"), card
+    assert card["loaded"] is (card["state"] == "ready")
+    st = s.wait_ready(60)
+    code, body = s.get("/v1/models")
+    [card] = body["data"]
+    assert set(card) == {"id", "object", "created", "owned_by", "loaded", "state", "gpus", "mib", "pinned"}
+    assert (card["id"], card["object"], card["owned_by"]) == ("my-model", "model", "vram-llm")
+    assert card["state"] == "ready" and card["loaded"] is True and card["pinned"] is False
+    used = [g for g in st["plan"]["gpus"] if g["cuda_index"] is not None and not g["excluded_reason"]]
+    assert card["gpus"] == sorted(g["uuid"] for g in used) and card["mib"] == sum(g["planned_mib"] for g in used) > 0
+    assert s.get("/v1/models/my-model") == (200, card)
+    code, body = s.get("/v1/models/nope")
+    assert code == 404 and body["error"]["code"] == "model_not_found"
+    os.kill(st["worker"]["pid"], signal.SIGSTOP)
+    try:
+        assert s.get("/v1/models", timeout=5)[1]["data"] == [card]
+    finally:
+        os.kill(st["worker"]["pid"], signal.SIGCONT)
+    assert chat(s)[0] == 200
 
 
 def test_kill9_while_idle_restarts_and_counts(start_supervisor: Any) -> None:
@@ -508,7 +539,9 @@ def test_paused_worker_with_a_full_backlog_is_retried_not_abandoned(start_superv
     done_at: list[float] = []
 
     def one(i: int) -> None:
-        code = s.get("/v1/models", timeout=60)[0] if i % 2 else chat(s)[0]
+        # A read takes no generation slot: it goes to the worker's socket at once (the
+        # supervisor answers /v1/models itself, so the fake worker's read route it is).
+        code = s.get("/v1/fake/read", timeout=60)[0] if i % 2 else chat(s)[0]
         codes.append(code)
         done_at.append(time.monotonic())
 

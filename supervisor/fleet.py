@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import shutil
 from collections.abc import Callable, Collection, Mapping
@@ -50,6 +51,20 @@ log = logging.getLogger("vram_llm.fleet")
 # How often an unload or an idle wait is checked, and the idle-TTL sweep runs.
 POLL_S = 0.05
 TTL_SWEEP_S = 1.0
+
+
+# A worker's socket is <runtime dir>/vram-llm-XXXXXXXX/<model dir>/worker-<gen>.sock and a
+# Unix socket path holds at most 107 bytes (the worker refuses a longer one): a model's
+# directory name is bounded, whatever the length of its id.
+MODEL_DIR_MAX = 24
+
+
+def model_dir_name(mid: str) -> str:
+    """The directory of a model's sockets: its id when short (ids are [A-Za-z0-9._:@+-]),
+    else its head and a hash of the whole, so long ids (a --models-dir file stem) fit."""
+    if len(mid) <= MODEL_DIR_MAX:
+        return mid
+    return f"{mid[:MODEL_DIR_MAX - 9]}-{hashlib.sha1(mid.encode()).hexdigest()[:8]}"
 
 
 def planned_mib(launch: Launch | None) -> dict[str, int]:
@@ -184,7 +199,7 @@ class Fleet:
             # One model keeps its sockets in the runtime dir itself, as before several existed.
             self._add(
                 Preparer(config, reload_config, model_id=e.id, probe=self.probe),
-                runtime_dir / e.id if several else runtime_dir,
+                runtime_dir / model_dir_name(e.id) if several else runtime_dir,
                 # The first model, pinned and preloaded ones start at once; the others on demand.
                 parked=several and not (e.preload or e.pinned) and e.id != self.first,
             )
@@ -329,7 +344,7 @@ class Fleet:
                 log.warning("SIGHUP: model %s is added again once its previous worker has stopped", mid)
                 self._readd[mid] = staged[mid]
                 continue
-            self._add(staged[mid], self._runtime_dir / mid, parked=self._parks_when_added(staged[mid].entry))
+            self._add(staged[mid], self._runtime_dir / model_dir_name(mid), parked=self._parks_when_added(staged[mid].entry))
         if self.first != old_ids[0] and self.managers[self.first].parked:
             self.managers[self.first].request_load()  # the first is loaded, as at start
         log.warning(
@@ -379,7 +394,7 @@ class Fleet:
         log.info("model %s removed: its worker is gone and its sockets with it", mid)
         prep = self._readd.pop(mid, None)
         if prep is not None and mid in self.ids and not self._stopping:  # added again while it drained
-            self._add(prep, self._runtime_dir / mid, parked=self._parks_when_added(prep.entry))
+            self._add(prep, self._runtime_dir / model_dir_name(mid), parked=self._parks_when_added(prep.entry))
             log.info("model %s added again", mid)
 
     def request_shutdown(self) -> None:

@@ -159,3 +159,18 @@ def test_room_for_both_real_models_of_two_sizes_share_the_gpu(
     assert code == 200 and {m["id"]: m["loaded"] for m in body["data"]} == {"small": True, "big": True}
     mib = {m["id"]: m["mib"] for m in body["data"]}
     assert mib["small"] < mib["big"], json.dumps(body)
+
+
+def test_a_long_model_id_still_gets_a_socket_the_worker_accepts(fleet: Any, loadable_model: LoadableModel) -> None:
+    # A --models-dir file stem can be long; the socket path (runtime dir, model dir, socket
+    # name) must stay within the 107 bytes of a Unix socket: the model dir name is bounded.
+    from supervisor.fleet import MODEL_DIR_MAX, model_dir_name
+
+    long_id = "Meta-Llama-3.1-70B-Instruct-abliterated-GGUF-Q4_K_M-imatrix-2026-12-02"
+    assert len(model_dir_name(long_id)) <= MODEL_DIR_MAX and model_dir_name("short") == "short"
+    assert model_dir_name(long_id) != model_dir_name(long_id + "x")
+    small = loadable_model(**SMALL)
+    s = fleet(8192, [{"id": "a", "path": str(small), **SETTINGS},
+                     {"id": long_id, "path": str(small), **SETTINGS}], sections=REAL_WORKER)
+    code, body = chat(s, long_id)
+    assert code == 200 and body["model"] == long_id, body

@@ -44,7 +44,7 @@ from supervisor.placement import ModelInfo, Resident, place
 from supervisor.planning import plan_settings
 from supervisor.restart import PlanAdjust
 from supervisor.states import PROCESS_STATES, WorkerState
-from supervisor.worker_process import Launch, NoRoom, WorkerManager
+from supervisor.worker_process import Launch, NoRoom, PlanFailed, WorkerManager
 
 log = logging.getLogger("vram_llm.fleet")
 
@@ -174,6 +174,7 @@ class Fleet:
         self.config = config  # the configuration in force (SIGHUP replaces it only when valid)
         self.ids = [e.id for e in entries]  # the models requests may name, in config order
         self.first = self.ids[0]
+        self._first_at_start = self.first  # /health: the model loaded at start without preload
         self.probe = AccountedProbe(base_probe, self, simulated=bool(config.gpu.simulate_gpus))
         self.preparers: dict[str, Preparer] = {}
         self.managers: dict[str, WorkerManager] = {}  # every model with a manager, removed ones draining too
@@ -190,6 +191,7 @@ class Fleet:
         self._planned: dict[str, dict[str, int]] = {}  # model -> GPU UUID -> MiB of its current start
         self._measured: dict[str, dict[str, int]] = {}  # model -> GPU UUID -> MiB NVML measured
         self._starting: set[str] = set()  # a Launch handed out, the worker not started yet
+        self._ready_once: set[str] = set()  # models that have been ready at least once (/health)
         self._asks: asyncio.Queue[_Ask] = asyncio.Queue()
         self._waiting: dict[asyncio.Future[Launch], str] = {}  # asks not answered yet -> their model
         self._stopping = False
@@ -212,6 +214,8 @@ class Fleet:
         def state_cb(state: WorkerState, reason: str) -> None:
             if state is not WorkerState.STOPPED:
                 self._starting.discard(mid)
+            if state is WorkerState.READY:
+                self._ready_once.add(mid)
             if on_state is not None:
                 on_state(mid, state, reason)
 
@@ -250,7 +254,9 @@ class Fleet:
     def taken_mib(self, simulated: bool) -> dict[str, int]:
         """GPU UUID -> MiB the probe does not show yet but our workers hold or will hold."""
         out: dict[str, int] = {}
-        for mid, mgr in self.managers.items():
+        # Called from a worker thread (the probe read) while SIGHUP may change the map: a
+        # snapshot (list() of a dict is one step under the GIL) is iterated, not the dict.
+        for mid, mgr in list(self.managers.items()):
             if mgr.state not in PROCESS_STATES and mid not in self._starting:
                 continue
             if not simulated and mgr.state in (WorkerState.READY, WorkerState.STOPPING):
@@ -268,13 +274,20 @@ class Fleet:
         return dict(self._planned.get(mid, {})), dict(self._measured.get(mid, {}))
 
     def ready_for_health(self) -> tuple[bool, str]:
-        """/health: every model loaded at start is ready: the first one (it answers requests
-        without "model") and every pinned or preloaded one; the reason names one that is not."""
-        must = [m for m in self.ids if m == self.first or self.entry(m).pinned or self.entry(m).preload]
-        for m in must:
-            mgr = self.managers[m]
-            if mgr.state is not WorkerState.READY:
-                return False, f"model {m}: {mgr.state.value}: {mgr.reason}"
+        """/health with several models: the supervisor serves, every pinned model is ready
+        now (pinned models are never unloaded, so one that is not ready is down), and every
+        model loaded at start (the first of the list at start, every preloaded one) has been
+        ready once: after that, one unloaded to make room or by its ttl_s is loaded again on
+        demand, which is normal service, not a reason to leave a load balancer's rotation.
+        The reason names a model that is not."""
+        for m in list(self.ids):
+            mgr, e = self.managers.get(m), self.entry(m) if m in self.preparers else None
+            if mgr is None or e is None:
+                continue  # re-listed while its previous worker drains: added once it is gone
+            if e.pinned and mgr.state is not WorkerState.READY:
+                return False, f"model {m} (pinned): {mgr.state.value}: {mgr.reason}"
+            if (e.preload or m == self._first_at_start) and m not in self._ready_once:
+                return False, f"model {m} (loaded at start): {mgr.state.value}: {mgr.reason}"
         return True, "ok"
 
     @property
@@ -296,6 +309,9 @@ class Fleet:
         Returns the configuration read when it was valid, even if a model of it was not (the
         API keys follow it: a revoked key must stop working whatever else failed)."""
         config: Config | None = None
+        if self._stopping:
+            log.warning("SIGHUP: ignored, the server is shutting down")
+            return None
         try:
             if self._reload_config is None:
                 raise ValueError("no configuration to re-read")
@@ -393,9 +409,14 @@ class Fleet:
         self._tasks_changed.set()
         log.info("model %s removed: its worker is gone and its sockets with it", mid)
         prep = self._readd.pop(mid, None)
-        if prep is not None and mid in self.ids and not self._stopping:  # added again while it drained
-            self._add(prep, self._runtime_dir / model_dir_name(mid), parked=self._parks_when_added(prep.entry))
-            log.info("model %s added again", mid)
+        if prep is not None and mid in self.ids:  # added again while it drained
+            # Even while shutting down: a listed id always has a manager (routing, /status).
+            self._add(prep, self._runtime_dir / model_dir_name(mid),
+                      parked=self._stopping or self._parks_when_added(prep.entry))
+            if self._stopping:
+                self.managers[mid].request_shutdown()
+            else:
+                log.info("model %s added again", mid)
 
     def request_shutdown(self) -> None:
         # A start waiting for room (perhaps for another model to go idle) must not hold the
@@ -455,6 +476,13 @@ class Fleet:
             try:
                 launch = await self._decide(ask)
             except BaseException as e:
+                if isinstance(e, Exception) and not isinstance(e, (NoRoom, PlanFailed)):
+                    # A GPU probe that fails (a bad simulated inventory, an NVML error) fails
+                    # this start as a plan failure would; it must not end the manager, or
+                    # the decision task that every later load waits for.
+                    log.error("model %s: cannot plan its start: %r", ask.model, e, exc_info=e)
+                    e = PlanFailed(f"cannot plan the start: {e}")
+                self._starting.discard(ask.model)
                 if not ask.done.done():
                     ask.done.set_exception(e)
                 if not isinstance(e, Exception):
@@ -469,6 +497,8 @@ class Fleet:
         mid = ask.model
         if self._stopping or ask.done.done():  # shutting down, or the model was removed
             raise NoRoom("the server is shutting down")
+        if mid not in self.ids:  # removed by SIGHUP while its start waited in line
+            raise NoRoom(f"model {mid!r} was removed from the configuration", 5)
         prep = self.preparers[mid]
         cfg = prep.config
         loop = asyncio.get_running_loop()
@@ -495,8 +525,11 @@ class Fleet:
             if d.evict:
                 log.info("to load model %s: unloading idle model(s) %s", mid, ", ".join(d.evict))
                 for e in d.evict:
-                    await self._unload_now(e)
-                    self.swaps += 1
+                    victim = self.managers.get(e)
+                    if victim is not None and victim.counters.in_flight > 0:
+                        break  # a request reached it while an earlier one stopped: place again
+                    if await self._unload_now(e):
+                        self.swaps += 1
                 continue
             if d.wait_for:
                 left = deadline - loop.time()
@@ -504,16 +537,22 @@ class Fleet:
                 if left <= 0:
                     raise NoRoom(f"model {mid!r} needs the GPU memory of {names}, which stayed busy", 5)
                 log.info("to load model %s: waiting (up to %.0fs) for %s to finish its requests", mid, left, names)
-                idle = await self._drain(d.wait_for, deadline)
-                if not idle:
-                    raise NoRoom(
-                        f"model {mid!r} needs the GPU memory of {names}, still busy after "
-                        f"{cfg.admission.wait_timeout_s:g}s",
-                        5,
-                    )
-                for e in d.wait_for:
-                    await self._unload_now(e)
-                    self.swaps += 1
+                try:
+                    idle = await self._drain(d.wait_for, deadline)
+                    if not idle:
+                        raise NoRoom(
+                            f"model {mid!r} needs the GPU memory of {names}, still busy after "
+                            f"{cfg.admission.wait_timeout_s:g}s",
+                            5,
+                        )
+                    for e in d.wait_for:
+                        if await self._unload_now(e):
+                            self.swaps += 1
+                finally:
+                    # Whatever happened, no model stays held back (parking lifts it too).
+                    for e in d.wait_for:
+                        if e in self.managers:
+                            self.managers[e].hold_new(False)
                 continue
             # Room: plan the start itself with the model's preparer (llama-fit-params,
             # the OOM ladder, the logged plan) on the accounted inventory.
@@ -596,7 +635,7 @@ class Fleet:
                 return False
             await asyncio.sleep(POLL_S)
         for m in mids:
-            if m in self.managers:
+            if not gone(m):  # a model already gone has nothing to drain: never hold it
                 self.managers[m].hold_new(True)
         while loop.time() < deadline and not self._stopping:
             if all(gone(m) or self.managers[m].active == 0 for m in mids):
@@ -607,10 +646,18 @@ class Fleet:
                 self.managers[m].hold_new(False)
         return False
 
-    async def _unload_now(self, mid: str) -> None:
+    async def _unload_now(self, mid: str) -> bool:
+        """Unload ``mid`` and wait until it is parked; False when there was nothing to
+        unload (removed, already parked, or no worker and none starting)."""
         mgr = self.managers.get(mid)
         if mgr is None:  # removed by SIGHUP meanwhile: its worker is gone
-            return
+            return False
+        if mgr.parked or (mgr.state not in PROCESS_STATES and mid not in self._starting):
+            # Already unloaded (an operator's unload, an idle TTL, a drain that ended): its
+            # memory is free and a parked manager would ignore the command.
+            self._planned.pop(mid, None)
+            self._measured.pop(mid, None)
+            return False
         parks = mgr.parks
         mgr.request_unload()
         # The manager drains (nothing is in flight by now) and stops its worker, bounded by
@@ -626,6 +673,7 @@ class Fleet:
             await asyncio.sleep(POLL_S)
         self._planned.pop(mid, None)
         self._measured.pop(mid, None)
+        return True
 
     async def _ttl_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -92,6 +92,9 @@ class Router:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mid = self._fleet.first
         if self.single():
+            # As with several: a request asks for the load (clearing an earlier "no room"
+            # refusal, which would otherwise answer 503 until an operator's load).
+            self._fleet.load(mid)
             return await self.proxy(mid).handle(request)
         raw: bytes | None = None
         if request.body_exists:

@@ -443,6 +443,9 @@ class WorkerManager:
         handle.in_flight -= 1
         if slot:
             handle.generating -= 1
+        # Idle since the END of its last request: a 10-minute stream is not 10 minutes idle
+        # to the idle TTL and the least-recently-used eviction.
+        self.last_used = asyncio.get_running_loop().time()
         # Wakes a request waiting for the slot, and a reload draining this worker.
         self._signal_change()
 
@@ -479,6 +482,8 @@ class WorkerManager:
         if self._retired:
             return
         self._refused = None
+        if self._parked:
+            self._hold = False  # no worker to drain: nothing may hold requests back any more
         if self._parked and not self._load_queued:
             self._load_queued = True
             self._commands.put_nowait(_Command.LOAD)
@@ -717,6 +722,8 @@ class WorkerManager:
                 cmd_task = asyncio.ensure_future(self._next_command())
                 if cmd is _Command.SHUTDOWN:
                     return _Outcome.SHUTDOWN, cmd_task
+                if cmd is _Command.UNLOAD:
+                    why = _Outcome.UNLOAD  # an unload (or removal) while a reload drains: park after
                 # Another reload while draining: the next start reads the newest config anyway.
             if run.exit_task in done:
                 break

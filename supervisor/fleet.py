@@ -38,7 +38,7 @@ import msgspec
 
 from supervisor.config import Config, ModelEntry, ModelSection, resolved_models
 from supervisor.inventory import GpuProbe, Inventory
-from supervisor.launch import Preparer, default_entry_path
+from supervisor.launch import SETTLE_TOLERANCE_MIB, Preparer, default_entry_path
 from supervisor.nvml import process_gpu_memory
 from supervisor.placement import ModelInfo, Resident, place
 from supervisor.planning import plan_settings
@@ -51,6 +51,7 @@ log = logging.getLogger("vram_llm.fleet")
 # How often an unload or an idle wait is checked, and the idle-TTL sweep runs.
 POLL_S = 0.05
 TTL_SWEEP_S = 1.0
+FREED_POLL_S = 0.1  # how often NVML is read while an unloaded model's memory comes back
 
 
 # A worker's socket is <runtime dir>/vram-llm-XXXXXXXX/<model dir>/worker-<gen>.sock and a
@@ -123,6 +124,7 @@ class AccountedProbe:
 
     def __init__(self, base: GpuProbe, fleet: Fleet, simulated: bool) -> None:
         self._base = base
+        self.base = base  # the probe's own reading, without the accounting
         self._fleet = fleet
         self._simulated = simulated
 
@@ -659,6 +661,9 @@ class Fleet:
             self._measured.pop(mid, None)
             return False
         parks = mgr.parks
+        planned, measured = self._planned.get(mid, {}), self._measured.get(mid, {})
+        held = measured or planned
+        before = None if self.probe._simulated or not held else await asyncio.to_thread(self.probe.base.read)
         mgr.request_unload()
         # The manager drains (nothing is in flight by now) and stops its worker, bounded by
         # worker.stop_timeout_s (then killed); wait for it to say it is parked.
@@ -673,7 +678,26 @@ class Fleet:
             await asyncio.sleep(POLL_S)
         self._planned.pop(mid, None)
         self._measured.pop(mid, None)
+        if before is not None:
+            await self._wait_freed(mid, held, before, cfg.restart.oom_settle_timeout_s)
         return True
+
+    async def _wait_freed(self, mid: str, held: Mapping[str, int], before: Inventory, timeout_s: float) -> None:
+        """Real GPUs: the driver hands a stopped worker's memory back shortly after it exits.
+        Until NVML's free shows it, the next placement would take it for memory someone else
+        holds and unload more models (or offload partially): wait for it, bounded."""
+        was = {g.uuid: g.free_mib for g in before.gpus}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            now = {g.uuid: g.free_mib for g in (await asyncio.to_thread(self.probe.base.read)).gpus}
+            if all(now.get(u, 0) - was[u] >= mib - SETTLE_TOLERANCE_MIB for u, mib in held.items() if u in was):
+                return
+            if loop.time() >= deadline or self._stopping:
+                log.warning("model %s unloaded, but NVML does not show its memory free after %.0fs; "
+                            "placing with what is free now", mid, timeout_s)
+                return
+            await asyncio.sleep(FREED_POLL_S)
 
     async def _ttl_loop(self) -> None:
         loop = asyncio.get_running_loop()

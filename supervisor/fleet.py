@@ -629,8 +629,10 @@ class Fleet:
             if mgr is None or gone(m):
                 return True
             if m not in targets and mgr.state is WorkerState.READY:
-                targets[m] = mgr.counters.served + mgr.counters.in_flight
-            return m in targets and (mgr.counters.served >= targets[m] or mgr.counters.in_flight == 0)
+                # Every request here now has left (answered, failed or gone) once ``ended``
+                # reaches this: ``served`` alone would wait forever for one that failed.
+                targets[m] = mgr.counters.ended + mgr.counters.in_flight
+            return m in targets and (mgr.counters.ended >= targets[m] or mgr.counters.in_flight == 0)
 
         while not all(served_its_queue(m) for m in mids):
             if loop.time() >= deadline or self._stopping:

@@ -253,6 +253,7 @@ class Proxy:
             if handle is not None:
                 mgr.release(handle, slot=slot)
             mgr.counters.in_flight -= 1
+            mgr.counters.ended += 1
 
     def _too_big(self, request: web.Request) -> web.Response | None:
         """A 413 for a body announced larger than the worker accepts, before reading it."""

@@ -170,6 +170,7 @@ class Counters:
     in_flight: int = 0
     waiting: int = 0
     served: int = 0
+    ended: int = 0  # requests that left, answered or not (in_flight counts those still here)
     restarts_total: int = 0
     restarts_by_kind: dict[str, int] = field(default_factory=dict)
 

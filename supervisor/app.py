@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from supervisor.access_log import RequestLog
 from supervisor.auth import WORKER_ROOT_PATHS, KeyStore
-from supervisor.config import Config, resolved_models, resolved_runtime_dir
+from supervisor.config import Config, ModelEntry, resolved_models, resolved_runtime_dir
 from supervisor.fleet import Fleet, status_rows
 from supervisor.gpus import make_probe
 from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
@@ -181,7 +181,30 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     keys.warn_if_exposed(config.server.host)
     base = resolved_runtime_dir(config)
     base.mkdir(parents=True, exist_ok=True)
+    # SIGTERM/SIGINT from here on end the server in order (and remove the runtime dir),
+    # even when they come while it is still starting.
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     runtime_dir = Path(tempfile.mkdtemp(prefix="vram-llm-", dir=base))  # mode 0700
+    try:
+        return await _serve_in(config, reload_config, loop, notify, entries, keys, runtime_dir, stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+async def _serve_in(
+    config: Config,
+    reload_config: Callable[[], Config] | None,
+    loop: asyncio.AbstractEventLoop,
+    notify: SdNotify,
+    entries: list[ModelEntry],
+    keys: KeyStore,
+    runtime_dir: Path,
+    stop: asyncio.Event,
+) -> int:
     log.info("vram-llm supervisor pid %d; worker sockets in %s", os.getpid(), runtime_dir)
     sent_ready = False
 
@@ -223,7 +246,6 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         logger=server_logger(RateLimitedLog(logging.getLogger("vram_llm.http"))),
     )
     await runner.setup()
-    stop = asyncio.Event()
     mgr_task: asyncio.Task[None] | None = None
     watchdog_task: asyncio.Task[None] | None = None
     old_exception_handler = loop.get_exception_handler()
@@ -251,8 +273,6 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
             if sent_ready:  # systemd ends the reload job on READY=1 (sd_notify(3)), else times out
                 notify.ready()
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, on_reload)
 
         mgr_task = asyncio.create_task(fleet.run(), name="worker-manager")
@@ -282,8 +302,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         await mgr_task
         return 0
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        loop.remove_signal_handler(signal.SIGHUP)  # SIGTERM/SIGINT: serve() removes them last
         if watchdog_task is not None:
             watchdog_task.cancel()
         if mgr_task is not None and not mgr_task.done() and fleet is not None:

@@ -307,3 +307,17 @@ def test_nvml_probe_never_raises() -> None:
         assert inv.note and "\n" not in inv.note
     assert [g.index for g in inv.gpus] == sorted(g.index for g in inv.gpus)
     assert isinstance(process_gpu_memory({os.getpid()}), dict)
+
+
+def test_serve_with_an_unreadable_model_leaves_no_runtime_dir(tmp_path: Path) -> None:
+    # The model is read after the runtime dir is made: an error there must not leave it.
+    run_dir = tmp_path / "run"
+    r = run("serve", "--model", __file__, "--port", "18999", "--config", str(_runtime_config(tmp_path, run_dir)))
+    assert r.returncode == 2 and "not a GGUF file" in r.stderr, r.stderr
+    assert list(run_dir.iterdir()) == []
+
+
+def _runtime_config(tmp: Path, run_dir: Path) -> Path:
+    cfg = tmp / "c.toml"
+    cfg.write_text(f'[server]\nruntime_dir = "{run_dir}"\n')
+    return cfg

@@ -157,13 +157,18 @@ def is_loopback(host: str) -> bool:
 
 def presented_key(request: web.Request) -> str | None:
     """The key from ``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``; None if neither."""
-    auth = request.headers.get("Authorization")
-    if auth is not None:
-        scheme, _, value = auth.partition(" ")
+    return presented_key_of(request.headers.get("Authorization"), request.headers.get("X-Api-Key"))
+
+
+def presented_key_of(authorization: str | None, x_api_key: str | None) -> str | None:
+    """``presented_key`` from the two header values (None: absent); also used by
+    supervisor/fastpath.py, which reads headers without an aiohttp request."""
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         return None
-    header = request.headers.get("X-Api-Key", "").strip()
+    header = (x_api_key or "").strip()
     return header or None
 
 
@@ -232,16 +237,29 @@ class KeyStore:
                 host,
             )
 
+    def check(self, path: str, secret: str | None) -> tuple[int, ApiKey | None]:
+        """The one access rule: 200 (allowed), 401 (no valid key) or 403 (too small a scope),
+        and the key that matched (None on an open route or with no keys configured)."""
+        need = required_scope(path)
+        if need is None or not self._keys:
+            return 200, None
+        key = None if secret is None else self.match(secret)
+        if key is None:
+            return 401, None
+        if need == "admin" and key.scope != "admin":
+            return 403, key
+        return 200, key
+
     @web.middleware
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        need = required_scope(request.path)
-        if need is None or not self._keys:
+        if not self._keys:
             return await handler(request)
-        secret = presented_key(request)
-        key = None if secret is None else self.match(secret)
-        if key is None:
+        verdict, key = self.check(request.path, presented_key(request))
+        if key is not None:
+            request[KEY_NAME] = key.name
+        if verdict == 401:
             # The same answer for a missing, malformed, unknown or revoked key.
             return _auth_error(
                 401,
@@ -249,8 +267,7 @@ class KeyStore:
                 "invalid_api_key",
                 "invalid_request_error",
             )
-        request[KEY_NAME] = key.name
-        if need == "admin" and key.scope != "admin":
+        if verdict == 403:
             return _auth_error(
                 403, f"this key may not use {request.path}; it needs an admin key", "insufficient_scope",
                 "permission_error",

@@ -144,15 +144,22 @@ class ModelCards:
     async def model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{id}: one card, or 404 model_not_found."""
         mid = request.match_info["id"]
-        card = next((c for c in self._cards() if c["id"] == mid), None)
-        if card is None:
+        body = self.card_body(mid)
+        if body is None:
             return model_not_found(mid)
-        return web.Response(body=msgspec.json.encode(card), content_type="application/json")
+        return web.Response(body=body, content_type="application/json")
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=msgspec.json.encode({"object": "list", "data": self._cards()}), content_type="application/json"
-        )
+        return web.Response(body=self.list_body(), content_type="application/json")
+
+    # The bodies, shared with supervisor/fastpath.py (which answers the same GETs before aiohttp).
+    def list_body(self) -> bytes:
+        return msgspec.json.encode({"object": "list", "data": self._cards()})
+
+    def card_body(self, mid: str) -> bytes | None:
+        """Model ``mid``'s card; None if there is no such model."""
+        card = next((c for c in self._cards() if c["id"] == mid), None)
+        return None if card is None else msgspec.json.encode(card)
 
     def _cards(self) -> list[dict[str, object]]:
         data: list[dict[str, object]] = []

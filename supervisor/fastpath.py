@@ -50,41 +50,43 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import re
 import time
-from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import NamedTuple, Protocol, cast
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from supervisor.access_log import Finished, RequestLog, RequestRecord, request_id_for
-from supervisor.auth import KeyStore, presented_key_of
+from supervisor.auth import KeyStore, key_digest, presented_key_of
 from supervisor.http_guard import ConnectionGuard
 
 MAX_REQUEST_BYTES = 8192
 MAX_HEADER_LINES = 64
+PARSED_CACHE = 256
 LIST_PATH = "/v1/models"
 
 # The request line, whole: an id as config.py's model ids (a dot segment cannot match).
 _REQUEST_LINE = re.compile(rb"GET /v1/models(?:/([A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}))? HTTP/1\.1")
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
-_NOT_VALUE = re.compile(rb"[^\t\x20-\x7e]")  # no control bytes, no obs-text
+# Every header line with its CRLF: an RFC 9110 token, the colon, printable ASCII or HTAB (no
+# control bytes, no obs-text). No two branches can match the same byte, so no backtracking.
+_HEADER_BLOCK = re.compile(
+    rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*\r\n){0," + str(MAX_HEADER_LINES).encode() + rb"}"
+)
 # Headers that announce a body, another protocol or hop-by-hop behaviour: aiohttp's job.
 _PASS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", b"http2-settings"})
 _READ = frozenset({b"host", b"connection", b"authorization", b"x-api-key", b"x-request-id"})
 _CONNECTION = {"close": True, "keep-alive": False}  # value -> close after the answer
 
 
-@dataclass(frozen=True, slots=True)
-class FastRequest:
+class FastRequest(NamedTuple):  # a tuple: the cheapest object to build, once per request
     """One request the fast path may answer: what it needs of the headers."""
 
     model_id: str | None  # None: the list
     close: bool  # Connection: close
     request_id: str | None = None  # X-Request-Id as sent
-    authorization: str | None = None
-    x_api_key: str | None = None
+    key_digest: bytes | None = None  # auth.key_digest of the key presented; never the key
 
 
 def parse(chunk: bytes) -> FastRequest | None:
@@ -94,17 +96,15 @@ def parse(chunk: bytes) -> FastRequest | None:
     end = chunk.find(b"\r\n\r\n")
     if end != len(chunk) - 4:
         return None  # incomplete, or more than one request (or a body) in this read
-    lines = chunk[:end].split(b"\r\n")
-    m = _REQUEST_LINE.fullmatch(lines[0])
-    if m is None or len(lines) - 1 > MAX_HEADER_LINES:
+    first = chunk.find(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(chunk, 0, first)
+    # An obs-fold line starts with a space, which no token holds; a bare CR or LF is in
+    # neither a token nor a value.
+    if m is None or _HEADER_BLOCK.fullmatch(chunk, first + 2, end + 2) is None:
         return None
     seen: dict[bytes, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        # An obs-fold line starts with a space, which no token holds; a bare CR or LF is
-        # neither a token nor a value byte.
-        if not colon or _TOKEN.fullmatch(name) is None or _NOT_VALUE.search(value) is not None:
-            return None
+    for line in chunk[first + 2 : end].split(b"\r\n"):
+        name, _, value = line.partition(b":")
         key = name.lower()
         if key in _PASS:
             return None
@@ -122,12 +122,12 @@ def parse(chunk: bytes) -> FastRequest | None:
             return None  # a list, an upgrade, anything else: aiohttp's rules
         close = got
     mid = m.group(1)
+    secret = presented_key_of(seen.get(b"authorization"), seen.get(b"x-api-key"))
     return FastRequest(
         model_id=None if mid is None else mid.decode("ascii"),
         close=close,
         request_id=seen.get(b"x-request-id"),
-        authorization=seen.get(b"authorization"),
-        x_api_key=seen.get(b"x-api-key"),
+        key_digest=None if secret is None else key_digest(secret),
     )
 
 
@@ -170,6 +170,9 @@ class FastPath:
         self.keepalive_timeout_s = keepalive_timeout_s
         self.stopped = False
         self._date = _HttpDate()
+        # sha256 of a request's bytes -> what parse made of them: a client on a kept-alive
+        # connection sends the same bytes each time. Only digests, as auth.py keeps keys.
+        self._parsed: dict[bytes, FastRequest] = {}
 
     def wrap(self, inner: web.RequestHandler) -> FastConnection:
         """``ConnectionGuard.factory``'s ``wrap``: one accepted connection."""
@@ -179,11 +182,24 @@ class FastPath:
         """Shutdown: every connection passes through from now on."""
         self.stopped = True
 
+    def parse(self, chunk: bytes) -> FastRequest | None:
+        """``parse``, remembered (at most PARSED_CACHE requests, then forgotten at once)."""
+        if len(chunk) > MAX_REQUEST_BYTES or not chunk.startswith(b"GET /v1/models"):
+            return None  # the cheap refusal first: no digest for what is passed through
+        h = hashlib.sha256(chunk).digest()
+        req = self._parsed.get(h)
+        if req is None:
+            req = parse(chunk)
+            if req is not None:
+                if len(self._parsed) >= PARSED_CACHE:
+                    self._parsed.clear()
+                self._parsed[h] = req
+        return req
+
     def answer(self, req: FastRequest, transport: asyncio.Transport, client: str | None, started: float) -> bool:
         """Write the answer to ``req`` (True), or nothing if it is not a 200 (False)."""
         path = LIST_PATH if req.model_id is None else f"{LIST_PATH}/{req.model_id}"
-        secret = presented_key_of(req.authorization, req.x_api_key) if self._keys.enabled else None
-        verdict, key = self._keys.check(path, secret)
+        verdict, key = self._keys.check_digest(path, req.key_digest)
         if verdict != 200:
             return False
         body = self._cards.list_body() if req.model_id is None else self._cards.card_body(req.model_id)
@@ -267,7 +283,7 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         if fast.stopped or self._write_paused or transport is None or transport.is_closing():
             return False
-        req = parse(data)
+        req = fast.parse(data)
         if req is None or not fast.answer(req, transport, self._client, time.monotonic()):
             return False
         fast.guard.answered(self._inner)

@@ -630,6 +630,11 @@ class Fleet:
                     mgr.request_unload()
 
 
+def shown_state(mgr: WorkerManager) -> str:
+    """The state /status and /v1/models show: a parked (unloaded) model is "unloaded"."""
+    return "unloaded" if mgr.parked and mgr.state is WorkerState.STOPPED else mgr.state.value
+
+
 def status_rows(fleet: Fleet) -> list[dict[str, Any]]:
     """One row per model for /v1/models and /status."""
     rows = []
@@ -641,7 +646,7 @@ def status_rows(fleet: Fleet) -> list[dict[str, Any]]:
         rows.append(
             {
                 "id": mid,
-                "state": mgr.state.value if not (mgr.parked and mgr.state is WorkerState.STOPPED) else "unloaded",
+                "state": shown_state(mgr),
                 "reason": mgr.reason,
                 "loaded": mgr.state is WorkerState.READY,
                 "pinned": fleet.entry(mid).pinned,

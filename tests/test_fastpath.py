@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.access_log import Finished, RequestLog
-from supervisor.auth import KeyStore, parse_key_line
+from supervisor.auth import KeyStore, key_digest, parse_key_line
 from supervisor.fastpath import MAX_REQUEST_BYTES, FastPath, FastRequest, parse
 from supervisor.http_guard import ConnectionGuard
 from tests.supervisor_harness import Supervisor, poll, total
@@ -46,9 +46,11 @@ def req(line: bytes = b"GET /v1/models HTTP/1.1", headers: bytes = H, tail: byte
         (req(headers=H + b"connection:Keep-Alive\r\n"), FastRequest(None, False)),
         (
             req(headers=H + b"X-Request-Id:  abc-1 \r\nAUTHORIZATION: Bearer k\tk \r\nx-api-key: z\r\nAccept: */*\r\n"),
-            FastRequest(None, False, request_id="abc-1", authorization="Bearer k\tk", x_api_key="z"),
+            FastRequest(None, False, request_id="abc-1", key_digest=key_digest("k\tk")),  # Authorization first
         ),
         (req(headers=H + b"Accept: a\r\nAccept: b\r\nX-Empty:\r\n"), FastRequest(None, False)),  # not read here
+        (req(headers=H + b"X-Api-Key: z \r\n"), FastRequest(None, False, key_digest=key_digest("z"))),
+        (req(headers=H + b"Authorization: Basic z\r\n"), FastRequest(None, False)),  # no key presented
     ],
 )
 def test_accepted(chunk: bytes, want: FastRequest) -> None:

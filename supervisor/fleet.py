@@ -630,9 +630,9 @@ class Fleet:
                     mgr.request_unload()
 
 
-def shown_state(mgr: WorkerManager) -> str:
+def shown_state(state: WorkerState, parked: bool) -> str:
     """The state /status and /v1/models show: a parked (unloaded) model is "unloaded"."""
-    return "unloaded" if mgr.parked and mgr.state is WorkerState.STOPPED else mgr.state.value
+    return "unloaded" if parked and state is WorkerState.STOPPED else state.value
 
 
 def status_rows(fleet: Fleet) -> list[dict[str, Any]]:
@@ -646,7 +646,7 @@ def status_rows(fleet: Fleet) -> list[dict[str, Any]]:
         rows.append(
             {
                 "id": mid,
-                "state": shown_state(mgr),
+                "state": shown_state(mgr.state, mgr.parked),
                 "reason": mgr.reason,
                 "loaded": mgr.state is WorkerState.READY,
                 "pinned": fleet.entry(mid).pinned,

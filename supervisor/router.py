@@ -180,30 +180,24 @@ class ModelCards:
         """Everything the cards say, per servable model (a model removed by SIGHUP and
         finishing its requests is not servable any more), in the fleet's order."""
         fleet = self._fleet
-        out = []
-        for mid in fleet.ids:
-            mgr = fleet.managers[mid]
-            # Where a model is: only while it has a worker process.
-            planned, measured = fleet.footprint(mid) if mgr.state in PROCESS_STATES else ({}, {})
-            out.append(
-                _Facts(
-                    mid, shown_state(mgr), mgr.state is WorkerState.READY, fleet.entry(mid).pinned,
-                    tuple(sorted(planned.items())), tuple(sorted(measured.items())),
-                )
-            )
-        return tuple(out)
+        return tuple(
+            _Facts(mid, (mgr := fleet.managers[mid]).state, mgr.parked, fleet.entry(mid).pinned, *fleet.footprint(mid))
+            for mid in fleet.ids
+        )
 
     def _card(self, f: _Facts) -> dict[str, object]:
+        # Where a model is: only while it has a worker process.
+        planned, measured = (f.planned_mib, f.measured_mib) if f.state in PROCESS_STATES else ({}, {})
         return {
             "id": f.id,  # the worker's id: the alias or the file stem, or the [[models]] id
             "object": "model",
             "created": self._created,
             "owned_by": "vram-llm",
             # Beyond OpenAI's shape: where the model is and what it holds.
-            "loaded": f.loaded,
-            "state": f.state,
-            "gpus": sorted({u for u, _ in f.measured_mib} | {u for u, _ in f.planned_mib}),
-            "mib": sum(mib for _, mib in (f.measured_mib or f.planned_mib)),
+            "loaded": f.state is WorkerState.READY,
+            "state": shown_state(f.state, f.parked),
+            "gpus": sorted(set(measured) | set(planned)),
+            "mib": sum((measured or planned).values()),
             "pinned": f.pinned,
         }
 
@@ -212,8 +206,8 @@ class _Facts(NamedTuple):
     """One model's card, before it is a card: compared to know whether the cards changed."""
 
     id: str
-    state: str
-    loaded: bool
+    state: WorkerState
+    parked: bool
     pinned: bool
-    planned_mib: tuple[tuple[str, int], ...]  # GPU UUID, MiB
-    measured_mib: tuple[tuple[str, int], ...]
+    planned_mib: dict[str, int]  # GPU UUID -> MiB (fleet.footprint: copies, compared by value)
+    measured_mib: dict[str, int]

@@ -23,9 +23,15 @@ Rules of this module:
   blank line and nothing after it. Anything else (a request split over two reads, two
   pipelined in one read, a lowercase method, HTTP/1.0, a query string) passes through, and
   aiohttp handles it, errors included.
+- What ``parse`` made of a request's bytes is remembered (``FastPath.parse``: at most
+  PARSED_CACHE entries, then all forgotten), keyed by the bytes' sha256 and holding the
+  presented key only as its digest (``auth.key_digest``), as auth.py keeps keys: a kept-alive
+  client repeats the same bytes, and every microsecond before the write costs about two of
+  round trip (docs/benchmarks.md). Only the parse is remembered: the key is checked against
+  the current key set (SIGHUP may revoke it) and the cards are read, on every request.
 - Only 200 answers are made here. An unknown id, or a key the rule refuses
-  (``auth.KeyStore.check``, the rule the middleware applies), passes through: every error
-  body has one code path, aiohttp's.
+  (``auth.KeyStore.check_digest``, the rule the middleware applies), passes through: every
+  error body has one code path, aiohttp's.
 - The answer is the aiohttp route's: the same body (``router.ModelCards.list_body`` /
   ``card_body``), Content-Type, Content-Length, Date, Server and X-Request-Id (the client's
   when sane: ``access_log.request_id_for``), the same access-log line and metrics
@@ -36,7 +42,11 @@ Rules of this module:
   a public call) and this module keeps its own: server.keepalive_timeout_s after the last
   answer an idle connection is closed. After a pass-through that timer still closes a
   connection whose next request never completes (as aiohttp's would); once aiohttp has had
-  a request on it (``ConnectionGuard.requests_of``), aiohttp's own timer governs. A
+  a request on it (``ConnectionGuard.requests_of``: counted when its handler starts),
+  aiohttp's own timer governs. The one difference: between aiohttp parsing a request and
+  its handler starting (a loop iteration, or the 100 Continue of ``Expect`` draining to a
+  client that does not read) the connection counts as idle, so a timer firing just then
+  closes it where aiohttp's would not; a client racing a keep-alive timeout races it anyway. A
   connection that never had a fast answer keeps aiohttp's timers untouched. Each answer
   counts with the connection guard as a request (``ConnectionGuard.answered``), so its
   header timeout and idle eviction see the connection as aiohttp-served ones.
@@ -44,6 +54,7 @@ Rules of this module:
   its answers: aiohttp's flow control takes over), or after ``stop()`` (shutdown: aiohttp
   stops taking new requests then too).
 - Installed by ``app.serve()`` only (a fleet exists there); ``build_app`` alone is unchanged.
+- Everything here runs on the event loop: no locks.
 """
 
 from __future__ import annotations

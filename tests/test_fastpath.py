@@ -111,6 +111,16 @@ def test_passed_through(chunk: bytes) -> None:
     assert parse(chunk) is None
 
 
+def test_parsed_requests_hold_no_key_and_are_remembered_as_parsed() -> None:
+    fast = FastPath(Cards(), KeyStore(), RequestLog(), ConnectionGuard(header_timeout_s=60, max_connections=10), 30)
+    for chunk in (req(headers=H + _auth()), req(headers=H + f"X-Api-Key: {INF}\r\n".encode())):
+        got = parse(chunk)
+        assert got is not None and got.key_digest == key_digest(INF)
+        assert INF not in repr(got) and INF.encode() not in b"".join(x for x in got if isinstance(x, bytes))
+        assert fast.parse(chunk) == got and fast.parse(chunk) == got  # a miss, then a hit
+    assert fast.parse(req(b"GET /v1/models?x=1 HTTP/1.1")) is None
+
+
 def test_key_check_is_the_middlewares_rule() -> None:
     keys = KeyStore((parse_key_line(f"app:{INF}", "x"), parse_key_line(f"ops:{ADMIN} admin", "y")))
     assert keys.check("/v1/models", None) == (401, None)

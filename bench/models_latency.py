@@ -15,11 +15,12 @@ ratios vram-llm / llama-server (below 1: vram-llm is faster).
 vram-llm runs the real worker on the model (``python -m supervisor serve``, log level
 WARNING as in every bench: no access-log line per request; ``--access-log`` runs it at INFO,
 one line per request as a default install writes). Without ``--llama-server`` (or env
-LLAMA_SERVER) only vram-llm runs. The ``aiohttp floor`` column (``--no-floor`` drops it) is
-a bare aiohttp app on uvloop, as the supervisor runs them, answering vram-llm's own bytes
-from a constant: no middleware, no lookup; what is left above it is the supervisor's own
-work (request id, access log, metrics, auth, connection guard, the cards). Everything
-started is stopped (bench/procs.py).
+LLAMA_SERVER) only vram-llm runs. Two floors (``--no-floor`` drops them), each answering
+vram-llm's own body from a constant: the ``aiohttp floor`` is a bare aiohttp app on uvloop,
+as the supervisor runs them (no middleware, no lookup); the ``protocol floor`` is a bare
+``asyncio.Protocol`` on uvloop writing one constant answer (the same headers as vram-llm's)
+per read: the least any Python server on this stack can do, which supervisor/fastpath.py
+approaches. Everything started is stopped (bench/procs.py).
 """
 
 from __future__ import annotations
@@ -97,11 +98,39 @@ def serve_floor(port: int, body_path: str) -> None:
     uvloop.run(main())
 
 
-def start_floor(procs: Procs, body: bytes) -> str:
+def serve_protocol_floor(port: int, body_path: str) -> None:
+    """The ``protocol floor`` server (run in its own process): one constant answer per read."""
+    import asyncio
+
+    import uvloop
+
+    body = Path(body_path).read_bytes()
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Date: Wed, 02 Dec 2026 00:00:00 GMT\r\nServer: Python/3.11 aiohttp/3.14.5\r\n"
+        b"X-Request-Id: 0123456789abcdef0123456789abcdef\r\n\r\n%s" % (len(body), body)
+    )
+
+    class Constant(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(answer)
+
+    async def main() -> None:
+        await asyncio.get_running_loop().create_server(Constant, "127.0.0.1", port)
+        await asyncio.Event().wait()  # until SIGTERM (Procs.stop)
+
+    uvloop.run(main())
+
+
+def start_floor(procs: Procs, body: bytes, kind: str = "aiohttp") -> str:
     port = free_port()
     body_path = procs.tmp / "floor-body.json"
     body_path.write_bytes(body)
-    s = procs.start("aiohttp-floor", [sys.executable, "-m", "bench.models_latency", "--serve-floor", str(port), str(body_path)])
+    flag = "--serve-floor" if kind == "aiohttp" else "--serve-protocol-floor"
+    s = procs.start(f"{kind}-floor", [sys.executable, "-m", "bench.models_latency", flag, str(port), str(body_path)])
     base = f"http://127.0.0.1:{port}"
     wait_http_ok(procs, s, base + PATH, 60.0)
     return base
@@ -174,13 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=3000, help="measured requests per server")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--access-log", action="store_true", help="run vram-llm at log level INFO (one line per request)")
-    ap.add_argument("--no-floor", action="store_true", help="no 'aiohttp floor' column")
+    ap.add_argument("--no-floor", action="store_true", help="no 'aiohttp floor' and 'protocol floor' columns")
     ap.add_argument("--smoke", action="store_true", help="100 requests, 20 warm-up")
     ap.add_argument("--json-out", metavar="PATH")
     ap.add_argument("--serve-floor", nargs=2, metavar=("PORT", "BODY"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve-protocol-floor", nargs=2, metavar=("PORT", "BODY"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.serve_floor:
         serve_floor(int(a.serve_floor[0]), a.serve_floor[1])
+        return 0
+    if a.serve_protocol_floor:
+        serve_protocol_floor(int(a.serve_protocol_floor[0]), a.serve_protocol_floor[1])
         return 0
     if a.smoke:
         a.requests, a.warmup = 100, 20
@@ -205,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.no_floor:
                 conns[0].get()
                 conns.append(Conn("aiohttp floor", start_floor(procs, conns[0].body)))
+                conns.append(Conn("protocol floor", start_floor(procs, conns[0].body, "protocol")))
             if a.llama_server:
                 _s, base = start_llama_server(procs, a.llama_server, model, a.threads, a.ctx_size, 0)
                 conns.append(Conn("llama-server", base))

@@ -22,9 +22,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +48,9 @@ def request_id_for(header: str | None) -> str:
     """The client's id if it is sane (no spaces, quotes or control bytes to forge log lines)."""
     if header is not None and _SANE_ID.fullmatch(header):
         return header
-    return uuid.uuid4().hex
+    # 32 random hex digits, as uuid4().hex but without building a UUID (a tenth of the cost,
+    # on every request that brings no id).
+    return os.urandom(16).hex()
 
 
 @dataclass
@@ -183,21 +185,28 @@ class RequestLog:
         finally:
             if status == 499 and rec.answered is not None:
                 status = rec.answered
-            done = Finished(
+            self.finished(Finished(
                 rec, request.method, request.path, status, time.monotonic() - rec.started,
                 request.get(KEY_NAME), request.remote,
-            )
+            ))
+
+    def finished(self, done: Finished) -> None:
+        """One ended request: its log line, then ``on_finished``. The middleware calls it,
+        and so does supervisor/fastpath.py for the requests it answers before aiohttp."""
+        rec = done.record
+        level = logging.DEBUG if done.path in _QUIET else logging.INFO
+        if access_log.isEnabledFor(level):
             fields = done.fields()
             access_log.log(
-                logging.DEBUG if request.path in _QUIET else logging.INFO,
+                level,
                 "%s %s %s %d model=%s tokens=%s/%s ttft_ms=%s duration_ms=%s key=%s client=%s",
-                rec.request_id, request.method, request.path, status, _dash(rec.model),
+                rec.request_id, done.method, done.path, done.status, _dash(rec.model),
                 _dash(rec.prompt_tokens), _dash(rec.completion_tokens), _dash(fields["ttft_ms"]),
                 fields["duration_ms"], _dash(done.key_name), _dash(done.client),
                 extra={"request": fields},
             )
-            if self._on_finished is not None:
-                self._on_finished(done)
+        if self._on_finished is not None:
+            self._on_finished(done)
 
 
 class JsonFormatter(logging.Formatter):

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from supervisor.access_log import RequestLog
 from supervisor.auth import WORKER_ROOT_PATHS, KeyStore
 from supervisor.config import Config, ModelEntry, resolved_models, resolved_runtime_dir
+from supervisor.fastpath import FastPath
 from supervisor.fleet import Fleet, status_rows
 from supervisor.gpus import make_probe
 from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
@@ -46,6 +47,8 @@ MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
 PREPARER: web.AppKey[Preparer] = web.AppKey("preparer", Preparer)
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
 SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
+REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log", RequestLog)
+CARDS: web.AppKey[ModelCards] = web.AppKey("cards", ModelCards)
 
 
 def _first(app: web.Application) -> tuple[WorkerManager, Preparer]:
@@ -134,7 +137,8 @@ def build_app(
     app[SERVING] = ServingMetrics(
         reg, mgr, preparer, None if fleet is None else lambda: [(m, fleet.managers[m]) for m in fleet.all_ids]
     )
-    RequestLog(app[SERVING].observe).install(app)  # outermost: ids and log lines for refusals too
+    app[REQUEST_LOG] = RequestLog(app[SERVING].observe)
+    app[REQUEST_LOG].install(app)  # outermost: ids and log lines for refusals too
     app[REGISTRY] = reg
     proxy = Proxy(
         mgr, lambda: preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s
@@ -145,7 +149,7 @@ def build_app(
     if fleet is not None:
         # The supervisor lists the models itself, one or several (no worker round trip; it
         # answers while a worker loads). Other methods on these paths fall through below.
-        cards = ModelCards(fleet)
+        cards = app[CARDS] = ModelCards(fleet)
         app.router.add_get("/v1/models", cards.models)
         app.router.add_get("/v1/models/{id}", cards.model)
     # llama-server's tokenizer endpoints live at the root; the worker answers them (with
@@ -246,11 +250,13 @@ async def _serve_in(
         logger=server_logger(RateLimitedLog(logging.getLogger("vram_llm.http"))),
     )
     await runner.setup()
+    # GET /v1/models answered before aiohttp's request machinery (its rules: supervisor/fastpath.py).
+    fast = FastPath(app[CARDS], keys, app[REQUEST_LOG], guard, config.server.keepalive_timeout_s)
     mgr_task: asyncio.Task[None] | None = None
     watchdog_task: asyncio.Task[None] | None = None
     old_exception_handler = loop.get_exception_handler()
     try:
-        site = GuardedTCPSite(runner, config.server.host, config.server.port, guard)
+        site = GuardedTCPSite(runner, config.server.host, config.server.port, guard, fast.wrap)
         try:
             await site.start()
         except OSError as e:
@@ -309,6 +315,7 @@ async def _serve_in(
             fleet.request_shutdown()
             with contextlib.suppress(BaseException):
                 await mgr_task
+        fast.stop()
         await guard.stop()
         await runner.cleanup()
         loop.set_exception_handler(old_exception_handler)

@@ -61,7 +61,8 @@ class ApiKey:
         return f"ApiKey(name={self.name!r}, scope={self.scope!r})"
 
 
-def _digest(secret: str) -> bytes:
+def key_digest(secret: str) -> bytes:
+    """What a key is kept and compared as (supervisor/fastpath.py keeps no key either)."""
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
 
 
@@ -82,7 +83,7 @@ def parse_key_line(line: str, default_name: str, default_scope: Scope = "inferen
         raise ValueError("the name before ':' must be 1-64 of [A-Za-z0-9._-]")
     if len(secret) < MIN_KEY_LEN or not _KEY.fullmatch(secret):
         raise ValueError(f"the key must be at least {MIN_KEY_LEN} printable characters without spaces")
-    return ApiKey(name, scope, _digest(secret))
+    return ApiKey(name, scope, key_digest(secret))
 
 
 def load_keys(config: Config) -> tuple[ApiKey, ...]:
@@ -157,13 +158,18 @@ def is_loopback(host: str) -> bool:
 
 def presented_key(request: web.Request) -> str | None:
     """The key from ``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``; None if neither."""
-    auth = request.headers.get("Authorization")
-    if auth is not None:
-        scheme, _, value = auth.partition(" ")
+    return presented_key_of(request.headers.get("Authorization"), request.headers.get("X-Api-Key"))
+
+
+def presented_key_of(authorization: str | None, x_api_key: str | None) -> str | None:
+    """``presented_key`` from the two header values (None: absent); also used by
+    supervisor/fastpath.py, which reads headers without an aiohttp request."""
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         return None
-    header = request.headers.get("X-Api-Key", "").strip()
+    header = (x_api_key or "").strip()
     return header or None
 
 
@@ -217,7 +223,9 @@ class KeyStore:
         log.info("API keys reloaded: %s", self.describe())
 
     def match(self, secret: str) -> ApiKey | None:
-        digest = _digest(secret)
+        return self.match_digest(key_digest(secret))
+
+    def match_digest(self, digest: bytes) -> ApiKey | None:
         found: ApiKey | None = None
         for k in self._keys:  # no break: every key is compared, whichever matches
             if hmac.compare_digest(digest, k.digest):
@@ -232,16 +240,33 @@ class KeyStore:
                 host,
             )
 
+    def check(self, path: str, secret: str | None) -> tuple[int, ApiKey | None]:
+        """The one access rule: 200 (allowed), 401 (no valid key) or 403 (too small a scope),
+        and the key that matched (None on an open route or with no keys configured)."""
+        return self.check_digest(path, None if secret is None or not self._keys else key_digest(secret))
+
+    def check_digest(self, path: str, digest: bytes | None) -> tuple[int, ApiKey | None]:
+        """``check`` with the presented key's ``key_digest`` (None: no key presented)."""
+        need = required_scope(path)
+        if need is None or not self._keys:
+            return 200, None
+        key = None if digest is None else self.match_digest(digest)
+        if key is None:
+            return 401, None
+        if need == "admin" and key.scope != "admin":
+            return 403, key
+        return 200, key
+
     @web.middleware
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        need = required_scope(request.path)
-        if need is None or not self._keys:
+        if not self._keys:
             return await handler(request)
-        secret = presented_key(request)
-        key = None if secret is None else self.match(secret)
-        if key is None:
+        verdict, key = self.check(request.path, presented_key(request))
+        if key is not None:
+            request[KEY_NAME] = key.name
+        if verdict == 401:
             # The same answer for a missing, malformed, unknown or revoked key.
             return _auth_error(
                 401,
@@ -249,8 +274,7 @@ class KeyStore:
                 "invalid_api_key",
                 "invalid_request_error",
             )
-        request[KEY_NAME] = key.name
-        if need == "admin" and key.scope != "admin":
+        if verdict == 403:
             return _auth_error(
                 403, f"this key may not use {request.path}; it needs an admin key", "insufficient_scope",
                 "permission_error",

@@ -719,6 +719,11 @@ class Fleet:
                     mgr.request_unload()
 
 
+def shown_state(state: WorkerState, parked: bool) -> str:
+    """The state /status and /v1/models show: a parked (unloaded) model is "unloaded"."""
+    return "unloaded" if parked and state is WorkerState.STOPPED else state.value
+
+
 def status_rows(fleet: Fleet) -> list[dict[str, Any]]:
     """One row per model for /v1/models and /status."""
     rows = []
@@ -730,7 +735,7 @@ def status_rows(fleet: Fleet) -> list[dict[str, Any]]:
         rows.append(
             {
                 "id": mid,
-                "state": mgr.state.value if not (mgr.parked and mgr.state is WorkerState.STOPPED) else "unloaded",
+                "state": shown_state(mgr.state, mgr.parked),
                 "reason": mgr.reason,
                 "loaded": mgr.state is WorkerState.READY,
                 "pinned": fleet.entry(mid).pinned,

@@ -12,6 +12,8 @@ Rules of this module:
   make room, so ``/health`` keeps answering through a flood of idle connections.
 - Every line a client can provoke is rate-limited (``RateLimitedLog``): a client must not
   be able to flood the log.
+- A connection answered by supervisor/fastpath.py (GET /v1/models before aiohttp) reports
+  each answer (``answered``): it counts as a request, as one through the middleware does.
 - Everything here runs on the event loop: no locks.
 """
 
@@ -126,16 +128,31 @@ class ConnectionGuard:
 
     # ---- wiring -------------------------------------------------------------------
 
-    def factory(self, server: web.Server) -> Callable[[], web.RequestHandler]:
-        """The protocol factory for the listening socket: every accepted connection."""
+    def factory(
+        self, server: web.Server, wrap: Callable[[web.RequestHandler], asyncio.Protocol] | None = None
+    ) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory for the listening socket: every accepted connection, its
+        aiohttp protocol wrapped by ``wrap`` if given (supervisor/fastpath.py)."""
         self._server = server
 
-        def accept() -> web.RequestHandler:
+        def accept() -> asyncio.Protocol:
             proto = server()
             self._accepted(proto)
-            return proto
+            return proto if wrap is None else wrap(proto)
 
         return accept
+
+    def answered(self, proto: web.RequestHandler) -> None:
+        """A request on this connection was answered without aiohttp (supervisor/fastpath.py)."""
+        conn = self._conns.get(proto)
+        if conn is not None:
+            conn.requests += 1
+            conn.last_active = time.monotonic()
+
+    def requests_of(self, proto: web.RequestHandler) -> int:
+        """Requests this connection has had so far: answered, or handed to a handler."""
+        conn = self._conns.get(proto)
+        return 0 if conn is None else conn.requests
 
     @web.middleware
     async def middleware(
@@ -262,11 +279,19 @@ def _peer(proto: web.RequestHandler) -> str:
 class GuardedTCPSite(web.TCPSite):
     """A TCPSite whose accepted connections go through the ConnectionGuard."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        guard: ConnectionGuard,
+        wrap: Callable[[web.RequestHandler], asyncio.Protocol] | None = None,
+    ) -> None:
         super().__init__(runner, host, port, reuse_address=True)
         self._g_host = host
         self._g_port = port
         self._guard = guard
+        self._wrap = wrap
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with the runner
@@ -274,5 +299,5 @@ class GuardedTCPSite(web.TCPSite):
         assert server is not None
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._guard.factory(server), self._g_host, self._g_port, reuse_address=True, backlog=1024
+            self._guard.factory(server, self._wrap), self._g_host, self._g_port, reuse_address=True, backlog=1024
         )

@@ -88,6 +88,8 @@ class ServingMetrics(Collector):
         self.itl = hist("vram_llm_inter_token_latency_seconds",
                         "Mean gap between generated tokens, one sample per streamed answer", _ITL)
         self.queue_wait = hist("vram_llm_queue_wait_seconds", "Time a request waited for a ready worker", _LATENCY)
+        self._counted: dict[tuple[str, str, str], Any] = {}  # label children: see observe
+        self._timed: dict[str, Any] = {}
         registry.register(self)
 
     def _model(self) -> str:
@@ -103,15 +105,24 @@ class ServingMetrics(Collector):
         api = done.path.startswith("/v1/")
         # Requests no model answers (/health, /metrics, an unknown id) count under the first.
         model = rec.model or self._pairs()[0][0]
-        self.requests.labels(model, "/v1" if api else done.path if done.path in ("/health", "/status", "/metrics") else "other",
-                             str(done.status)).inc()
+        key = (model, "/v1" if api else done.path if done.path in ("/health", "/status", "/metrics") else "other",
+               str(done.status))
+        # The label children, looked up once: labels() costs more than the increment, on
+        # every request (no label set is ever removed, so a kept child stays the exported one).
+        counter = self._counted.get(key)
+        if counter is None:
+            counter = self._counted[key] = self.requests.labels(*key)
+        counter.inc()
         if not api:
             return
         if rec.prompt_tokens:
             self.prompt_tokens.labels(model).inc(rec.prompt_tokens)
         if rec.completion_tokens:
             self.completion_tokens.labels(model).inc(rec.completion_tokens)
-        self.duration.labels(model).observe(done.duration_s)
+        timed = self._timed.get(model)
+        if timed is None:
+            timed = self._timed[model] = self.duration.labels(model)
+        timed.observe(done.duration_s)
         if rec.queue_wait_s is not None:
             self.queue_wait.labels(model).observe(rec.queue_wait_s)
         if rec.ttft_s is not None:

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import NamedTuple
 
 import msgspec
 from aiohttp import web
 
 from supervisor.access_log import record
-from supervisor.fleet import Fleet, status_rows
+from supervisor.fleet import Fleet, shown_state
 from supervisor.proxy import Proxy, openai_error
+from supervisor.states import PROCESS_STATES, WorkerState
 from supervisor.worker_process import WorkerManager
 from worker.protocol import LaunchSpec
 
@@ -138,43 +140,77 @@ class Router:
 
 
 class ModelCards:
-    """GET /v1/models and GET /v1/models/{id}, from the fleet's state: no worker, no NVML."""
+    """GET /v1/models and GET /v1/models/{id}, from the fleet's state: no worker, no NVML.
+
+    A card is made from its model's facts alone (``_facts``); the encoded list is kept until
+    the facts change, so a repeated GET encodes nothing (supervisor/fastpath.py answers it in
+    microseconds)."""
 
     def __init__(self, fleet: Fleet) -> None:
         self._fleet = fleet
         self._created = int(time.time())
+        self._facts_now: tuple[_Facts, ...] | None = None
+        self._cards: list[dict[str, object]] = []
+        self._list = b""
 
     async def model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{id}: one card, or 404 model_not_found."""
         mid = request.match_info["id"]
-        card = next((c for c in self._cards() if c["id"] == mid), None)
-        if card is None:
+        body = self.card_body(mid)
+        if body is None:
             return model_not_found(mid)
-        return web.Response(body=msgspec.json.encode(card), content_type="application/json")
+        return web.Response(body=body, content_type="application/json")
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=msgspec.json.encode({"object": "list", "data": self._cards()}), content_type="application/json"
+        return web.Response(body=self.list_body(), content_type="application/json")
+
+    # The bodies, shared with supervisor/fastpath.py (which answers the same GETs before aiohttp).
+    def list_body(self) -> bytes:
+        facts = self._facts()
+        if facts != self._facts_now:
+            self._cards = [self._card(f) for f in facts]
+            self._list = msgspec.json.encode({"object": "list", "data": self._cards})
+            self._facts_now = facts
+        return self._list
+
+    def card_body(self, mid: str) -> bytes | None:
+        """Model ``mid``'s card; None if there is no such model."""
+        self.list_body()
+        card = next((c for c in self._cards if c["id"] == mid), None)
+        return None if card is None else msgspec.json.encode(card)
+
+    def _facts(self) -> tuple[_Facts, ...]:
+        """Everything the cards say, per servable model (a model removed by SIGHUP and
+        finishing its requests is not servable any more), in the fleet's order."""
+        fleet = self._fleet
+        return tuple(
+            _Facts(mid, (mgr := fleet.managers[mid]).state, mgr.parked, fleet.entry(mid).pinned, *fleet.footprint(mid))
+            for mid in fleet.ids
         )
 
-    def _cards(self) -> list[dict[str, object]]:
-        data: list[dict[str, object]] = []
-        for row in status_rows(self._fleet):
-            if row["id"] not in self._fleet.ids:
-                continue  # removed by SIGHUP, finishing its requests: not servable any more
-            gpus = sorted(set(row["measured_mib"]) | set(row["planned_mib"]))
-            data.append(
-                {
-                    "id": row["id"],  # the worker's id: the alias or the file stem, or the [[models]] id
-                    "object": "model",
-                    "created": self._created,
-                    "owned_by": "vram-llm",
-                    # Beyond OpenAI's shape: where the model is and what it holds.
-                    "loaded": row["loaded"],
-                    "state": row["state"],
-                    "gpus": gpus,
-                    "mib": sum((row["measured_mib"] or row["planned_mib"]).values()),
-                    "pinned": row["pinned"],
-                }
-            )
-        return data
+    def _card(self, f: _Facts) -> dict[str, object]:
+        # Where a model is: only while it has a worker process.
+        planned, measured = (f.planned_mib, f.measured_mib) if f.state in PROCESS_STATES else ({}, {})
+        return {
+            "id": f.id,  # the worker's id: the alias or the file stem, or the [[models]] id
+            "object": "model",
+            "created": self._created,
+            "owned_by": "vram-llm",
+            # Beyond OpenAI's shape: where the model is and what it holds.
+            "loaded": f.state is WorkerState.READY,
+            "state": shown_state(f.state, f.parked),
+            "gpus": sorted(set(measured) | set(planned)),
+            "mib": sum((measured or planned).values()),
+            "pinned": f.pinned,
+        }
+
+
+class _Facts(NamedTuple):
+    """One model's card, before it is a card: compared to know whether the cards changed."""
+
+    id: str
+    state: WorkerState
+    parked: bool
+    pinned: bool
+    planned_mib: dict[str, int]  # GPU UUID -> MiB (fleet.footprint: copies, compared by value)
+    measured_mib: dict[str, int]

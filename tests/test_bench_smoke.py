@@ -112,6 +112,7 @@ def test_models_latency_bench_runs(tmp_path: Path) -> None:
                       "--json-out", str(out_json))
     assert "| vram-llm |" in proc.stdout and "| aiohttp floor |" in proc.stdout, proc.stdout
     res = json.loads(out_json.read_text())
-    assert {c: v["errors"] for c, v in res["columns"].items()} == {"vram-llm": 0, "aiohttp floor": 0}
+    assert {c: v["errors"] for c, v in res["columns"].items()} == {"vram-llm": 0, "aiohttp floor": 0, "protocol floor": 0}
+    assert len({v["body_bytes"] for v in res["columns"].values()}) == 1  # the floors answer vram-llm's body
     [card] = res["cards"]["vram-llm"]["data"]
     assert card["state"] == "ready" and card["loaded"] is True

@@ -62,7 +62,7 @@ def _first(app: web.Application) -> tuple[WorkerManager, Preparer]:
 
 def health_of(app: web.Application) -> HealthVerdict:
     """The one /health rule, also in /status (`vram-llm status` exits by it): ready when
-    every model loaded at start is (the first, every pinned or preloaded one)."""
+    every pinned model is ready and every model loaded at start has been (Fleet.ready_for_health)."""
     fleet = app.get(FLEET)
     if fleet is not None and len(fleet.ids) > 1:
         ok, why = fleet.ready_for_health()
@@ -218,7 +218,7 @@ async def _serve_in(
         nonlocal sent_ready
         several = fleet is not None and len(fleet.ids) > 1
         notify.status(f"{mid}: {state.value}: {reason}" if several else f"{state.value}: {reason}")
-        # READY follows /health: every pinned or preloaded model (else the first) is ready.
+        # READY follows /health (Fleet.ready_for_health).
         if not sent_ready and fleet is not None and fleet.ready_for_health()[0]:
             sent_ready = True
             notify.ready()

@@ -1,8 +1,8 @@
 """`vram-llm status`: read the supervisor's /status and print it for a person.
 
 Exit code 0 exactly when /health would answer 200 (the supervisor's own verdict, the
-``health`` field of /status: every model loaded at start is ready), so
-`vram-llm status && ...` works in shell checks; 1 when the supervisor answers but is not
+``health`` field of /status: every pinned model ready, every model loaded at start ready
+once), so `vram-llm status && ...` works in shell checks; 1 when the supervisor answers but is not
 healthy; 2 when the supervisor cannot be reached.
 """
 

@@ -194,6 +194,7 @@ class Fleet:
         self._measured: dict[str, dict[str, int]] = {}  # model -> GPU UUID -> MiB NVML measured
         self._starting: set[str] = set()  # a Launch handed out, the worker not started yet
         self._ready_once: set[str] = set()  # models that have been ready at least once (/health)
+        self.removed_ids: set[str] = set()  # removed by SIGHUP and not listed again: 404 even with one model left
         self._asks: asyncio.Queue[_Ask] = asyncio.Queue()
         self._waiting: dict[asyncio.Future[Launch], str] = {}  # asks not answered yet -> their model
         self._stopping = False
@@ -342,6 +343,11 @@ class Fleet:
         self.config = config
         self.ids = list(staged)
         self.first = self.ids[0]
+        # Ids a client could have picked among several: still a 404 once one model is left.
+        # (One model whose id changes, a new file for [model], is not "several": any name
+        # is served, as a one-model server always did.)
+        picked = set(old_ids) if len(old_ids) > 1 else set()
+        self.removed_ids = (self.removed_ids | picked) - set(self.ids)
         for mid in self.ids:
             if mid in self._readd:  # its previous worker still drains: added later, as now configured
                 self._readd[mid] = staged[mid]

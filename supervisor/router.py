@@ -93,11 +93,14 @@ class Router:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mid = self._fleet.first
-        if self.single():
+        if self.single() and not self._fleet.removed_ids:
             # As with several: a request asks for the load (clearing an earlier "no room"
             # refusal, which would otherwise answer 503 until an operator's load).
             self._fleet.load(mid)
             return await self.proxy(mid).handle(request)
+        # Several models, or one left by a SIGHUP that removed others: the body names the
+        # model (one model serves any other name, as a one-model server always did, but not
+        # the name of a model that was removed: that one is a 404, not a silent stand-in).
         raw: bytes | None = None
         if request.body_exists:
             length = request.content_length
@@ -132,6 +135,8 @@ class Router:
                 named = None  # not JSON, or "model" not a string: the worker explains
             if named:
                 mid = named
+        if self.single() and mid not in self._fleet.removed_ids:
+            mid = self._fleet.first
         if mid not in self._fleet.ids:
             return model_not_found(mid)
         record(request).model = mid

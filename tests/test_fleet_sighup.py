@@ -163,9 +163,12 @@ def test_sighup_changes_the_first_model_and_drops_to_one(fleet: Any) -> None:
     poll(lambda: chat(s, None)[1]["model"] == "b", 60, "b loaded as the first")
     assert s.get("/health")[0] == 200 and s.status()["state"] == "ready"
     remember_pids(s)
-    # One model left: it answers whatever "model" a request names, as a server started with one.
-    code, body = chat(s, "a")
+    # One model left: it answers whatever "model" a request names, as a server started with
+    # one, except the id of a model that was removed: a 404, not a silent stand-in.
+    code, body = chat(s, "gpt-4o")
     assert code == 200 and body["model"] == "b"
+    code, body = chat(s, "a")
+    assert code == 404 and body["error"]["code"] == "model_not_found", body
     poll(lambda: worker_of(s, "a") is None and "a" not in model_dirs(s), 30, "a's worker and sockets gone")
     # Back to several: the old single one keeps serving, the added one loads on demand.
     sighup_with_models(s, ["b", "a"])

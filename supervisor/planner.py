@@ -15,8 +15,9 @@ Rules for this module:
     k = 1 offloads only it, and k = n_layer + 1 is everything (we then send -1 = all);
   * layer il of the offloaded range goes to the device whose cumulative, normalised
     tensor_split first exceeds (il - i_gpu_start) / act_gpu_layers (std::upper_bound);
-  * split_mode none uses only main_gpu; row splits each matrix by rows across the GPUs
-    and keeps KV cache and scratch buffers on main_gpu.
+  * split_mode none uses only main_gpu; row splits each matrix by rows across the GPUs,
+    while every layer still gets a device by the split as in layer mode (its KV cache,
+    norms and compute buffer live there).
   (llama.cpp as llama-cpp-python 0.3.36 vendors it.)
   All constants of the estimate live in the block below; a GPU check calibrates them.
 - A GPU the placement does not need is not made visible to the worker at all
@@ -277,17 +278,19 @@ def _estimates(
         weights[out_dev] += model.output_bytes
     holds_output = [i == out_dev for i in range(n)]
     if mode == "row":
-        # Matrices are split by rows across all GPUs; KV cache and scratch stay on main_gpu.
+        # Matrices are split by rows across all GPUs (each GPU's split buffer). Everything
+        # else follows the layer's device, which llama.cpp assigns by the split exactly as in
+        # layer mode (llama-model.cpp get_layer_buft_list; the KV cache of layer il lives on
+        # model.dev_layer(il), llama-kv-cache.cpp): the KV cache, the compute buffers and the
+        # output layer's device are spread as in layer mode.
         total_w = sum(weights)
         total_split = sum(split) or 1.0
         weights = [total_w * sp / total_split for sp in split]
-        kv = [sum(kv) if i == main else 0 for i in range(n)]
-        holds_output = [out_dev is not None and i == main for i in range(n)]
     ests: list[Estimate] = []
     for i in range(n):
         in_use = mode != "none" or i == main
         comp = 0
-        if in_use and (mode != "row" or i == main):
+        if in_use and (mode != "row" or layers[i] > 0 or holds_output[i] or i == main):
             comp = compute_bytes(model, n_ctx, s.n_batch, s.flash_attn, holds_output[i])
         ests.append(
             Estimate(
@@ -348,7 +351,7 @@ def _leave_out_unneeded(
 
     The rule, the same for layer and row split: a GPU whose share of the split is worth less
     than one of the offloaded layers (share * act_gpu_layers < 1) is left out (in row mode
-    never main_gpu, which holds the KV cache). Such a GPU gets at most one layer, or only
+    never main_gpu). Such a GPU gets at most one layer, or only
     rows of every matrix adding up to less than one layer, for a CUDA context and a compute
     buffer. The shares of the others are renormalised and the placement redone (``top``:
     search the largest n_gpu_layers again; None: keep n_gpu_layers, as llama-fit-params

@@ -17,7 +17,8 @@ Rules of this module:
   (``parse``): ``GET /v1/models`` or ``GET /v1/models/{id}`` (no query, no percent-encoding),
   ``HTTP/1.1``, at most 8 KiB and 64 header lines; header lines strict (token names, the
   colon right after the name, printable ASCII values, no obs-fold, no bare CR or LF);
-  exactly one Host; at most one of each header read here; no header that announces a body
+  exactly one Host; at most one of each header read here and of each aiohttp refuses twice
+  (its SINGLETON_HEADERS); no header that announces a body
   or another protocol (Content-Length, Transfer-Encoding, Expect, Upgrade, TE, Trailer,
   HTTP2-Settings); Connection only ``close`` or ``keep-alive``; the chunk ends with the one
   blank line and nothing after it. Anything else (a request split over two reads, two
@@ -68,6 +69,7 @@ from typing import NamedTuple, Protocol, cast
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import SINGLETON_HEADERS
 
 from supervisor.access_log import Finished, RequestLog, RequestRecord, request_id_for
 from supervisor.auth import KeyStore, key_digest, presented_key_of
@@ -88,6 +90,9 @@ _HEADER_BLOCK = re.compile(
 # Headers that announce a body, another protocol or hop-by-hop behaviour: aiohttp's job.
 _PASS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", b"http2-settings"})
 _READ = frozenset({b"host", b"connection", b"authorization", b"x-api-key", b"x-request-id"})
+# Headers that may appear once: the ones read here, and those aiohttp's strict parser refuses
+# twice (400 "Duplicate ... header found"): a repeat passes through, so the verdict is aiohttp's.
+_ONCE = _READ | frozenset(str(h).lower().encode("ascii") for h in SINGLETON_HEADERS)
 _CONNECTION = {"close": True, "keep-alive": False}  # value -> close after the answer
 
 
@@ -114,15 +119,18 @@ def parse(chunk: bytes) -> FastRequest | None:
     if m is None or _HEADER_BLOCK.fullmatch(chunk, first + 2, end + 2) is None:
         return None
     seen: dict[bytes, str] = {}
+    once: set[bytes] = set()
     for line in chunk[first + 2 : end].split(b"\r\n"):
         name, _, value = line.partition(b":")
         key = name.lower()
         if key in _PASS:
             return None
-        if key in _READ:
-            if key in seen:
+        if key in _ONCE:
+            if key in once:
                 return None
-            seen[key] = value.strip(b" \t").decode("ascii")
+            once.add(key)
+            if key in _READ:
+                seen[key] = value.strip(b" \t").decode("ascii")
     if not seen.get(b"host"):
         return None
     close = False

@@ -93,6 +93,12 @@ def test_accepted(chunk: bytes, want: FastRequest) -> None:
         req(headers=H + b"Authorization: Bearer a\r\nAuthorization: Bearer b\r\n"),
         req(headers=H + b"X-Api-Key: a\r\nx-api-key: b\r\n"),
         req(headers=H + b"X-Request-Id: a\r\nX-Request-Id: b\r\n"),
+        # aiohttp's strict parser refuses these twice (400): a repeat is its to answer.
+        req(headers=H + b"User-Agent: a\r\nuser-agent: b\r\n"),
+        req(headers=H + b"Content-Type: a\r\nContent-Type: b\r\n"),
+        req(headers=H + b"ETag: a\r\nETag: b\r\n"),
+        req(headers=H + b"Server: a\r\nserver: b\r\n"),
+        req(headers=H + b"Max-Forwards: 1\r\nMax-Forwards: 2\r\n"),
         req(headers=H + b"Accept: a\r\n b\r\n"),  # obs-fold
         req(headers=H + b"Accept : a\r\n"),  # space before the colon
         req(headers=H + b"no colon\r\n"),

@@ -123,14 +123,13 @@ class AccountedProbe:
     progress are about to take (for simulated GPUs: less what every live worker planned)."""
 
     def __init__(self, base: GpuProbe, fleet: Fleet, simulated: bool) -> None:
-        self._base = base
         self.base = base  # the probe's own reading, without the accounting
         self._fleet = fleet
-        self._simulated = simulated
+        self.simulated = simulated
 
     def read(self) -> Inventory:
-        inv = self._base.read()
-        taken = self._fleet.taken_mib(self._simulated)
+        inv = self.base.read()
+        taken = self._fleet.taken_mib(self.simulated)
         if not taken:
             return inv
         gpus = []
@@ -284,9 +283,10 @@ class Fleet:
         demand, which is normal service, not a reason to leave a load balancer's rotation.
         The reason names a model that is not."""
         for m in list(self.ids):
-            mgr, e = self.managers.get(m), self.entry(m) if m in self.preparers else None
-            if mgr is None or e is None:
+            mgr, prep = self.managers.get(m), self.preparers.get(m)
+            if mgr is None or prep is None:
                 continue  # re-listed while its previous worker drains: added once it is gone
+            e = prep.entry
             if e.pinned and mgr.state is not WorkerState.READY:
                 return False, f"model {m} (pinned): {mgr.state.value}: {mgr.reason}"
             if (e.preload or m == self._first_at_start) and m not in self._ready_once:
@@ -599,7 +599,7 @@ class Fleet:
     async def _measure(self) -> None:
         """NVML's per-process memory of every running worker replaces its planned footprint
         (not with simulated GPUs: nothing is allocated there)."""
-        if self.probe._simulated:
+        if self.probe.simulated:
             return
         pids: dict[str, int] = {}
         for mid, mgr in self.managers.items():
@@ -620,7 +620,7 @@ class Fleet:
     async def _drain(self, mids: tuple[str, ...], deadline: float) -> bool:
         """Let these models finish before they are unloaded (until ``deadline``): a load in
         progress completes and serves the requests that were waiting for it, then new
-        requests are held back while the ones in flight finish. False (and the hold lifted)
+        requests are held back while the ones in flight finish. False (the caller lifts the hold)
         if they did not in time. Serving the waiting ones first is what keeps two models
         that need the same memory from unloading each other before either answers."""
         loop = asyncio.get_running_loop()
@@ -651,10 +651,7 @@ class Fleet:
             if all(gone(m) or self.managers[m].active == 0 for m in mids):
                 return True
             await asyncio.sleep(POLL_S)
-        for m in mids:
-            if m in self.managers:
-                self.managers[m].hold_new(False)
-        return False
+        return False  # the caller lifts the hold
 
     async def _unload_now(self, mid: str) -> bool:
         """Unload ``mid`` and wait until it is parked; False when there was nothing to
@@ -671,7 +668,7 @@ class Fleet:
         parks = mgr.parks
         planned, measured = self._planned.get(mid, {}), self._measured.get(mid, {})
         held = measured or planned
-        before = None if self.probe._simulated or not held else await asyncio.to_thread(self.probe.base.read)
+        before = None if self.probe.simulated or not held else await asyncio.to_thread(self.probe.base.read)
         mgr.request_unload()
         # The manager drains (nothing is in flight by now) and stops its worker, bounded by
         # worker.stop_timeout_s (then killed); wait for it to say it is parked.

@@ -41,7 +41,7 @@ from typing import Any
 import aiohttp
 
 from bench.client import Target, median, pct, stream_completion
-from bench.procs import Procs, start_llama_server, start_supervisor
+from bench.procs import Procs, add_server_args, start_llama_server, start_supervisor
 
 PROMPTS = [
     "The history of the lighthouse begins in the ancient world, when",
@@ -199,10 +199,7 @@ async def _run(a: argparse.Namespace, model: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.extensions", description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="GGUF model (default: the embedded SmolLM2-135M)")
-    p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), metavar="PATH")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    p.add_argument("--ctx-size", type=int, default=4096)
+    add_server_args(p)
     p.add_argument("--n-gpu-layers", type=int, default=0, help="llama-server's -ngl (vram-llm plans its own)")
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)

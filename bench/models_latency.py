@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.client import median, pct
-from bench.procs import Procs, free_port, start_llama_server, start_supervisor, wait_http_ok
+from bench.procs import Procs, add_server_args, free_port, start_llama_server, start_supervisor, wait_http_ok
 
 PATH = "/v1/models"
 
@@ -196,10 +196,7 @@ def render(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.models_latency", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="GGUF model (default: the embedded SmolLM2-135M)")
-    ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), metavar="PATH")
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    ap.add_argument("--ctx-size", type=int, default=4096)
+    add_server_args(ap)
     ap.add_argument("--requests", type=int, default=3000, help="measured requests per server")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--access-log", action="store_true", help="run vram-llm at log level INFO (one line per request)")

@@ -11,6 +11,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -30,6 +31,14 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_TIMEOUT_S = 20.0
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The options of a bench that runs vram-llm beside llama-server on the same model."""
+    p.add_argument("--model", help="GGUF model (default: the embedded SmolLM2-135M)")
+    p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), metavar="PATH")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--ctx-size", type=int, default=4096)
 
 
 def free_port() -> int:

@@ -12,19 +12,33 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from supervisor.config import Config, ConfigError, ModelEntry
+from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
 from supervisor.gpus import GpuProbe, Inventory, make_probe
 from supervisor.model import ModelError, ModelFacts, read_model_facts
 from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, FitParams, Plan, PlanSettings, plan
 from supervisor.restart import PlanAdjust
 
 
-def resolve_model_path(cfg: Config, entry: ModelEntry | None = None) -> str:
-    """The model's file: the entry's (several models) or [model]'s; empty means the
-    embedded default model."""
-    path = cfg.model.path if entry is None else entry.path
-    if path:
-        return path
+def default_entry_path() -> str:
+    """The embedded default model's file ("model" when it is not installed: the id of a
+    [model] without a path is then "model", and reading it fails with the reason)."""
+    from supervisor.default_model import DefaultModelMissing, default_model_path
+
+    try:
+        return str(default_model_path())
+    except DefaultModelMissing:
+        return "model"
+
+
+def first_entry(cfg: Config) -> ModelEntry:
+    """The configuration's first model (a single [model] is a list of one)."""
+    return resolved_models(cfg, default_entry_path)[0]
+
+
+def resolve_model_path(entry: ModelEntry) -> str:
+    """The model's file; an empty path means the embedded default model."""
+    if entry.path:
+        return entry.path
     from supervisor.default_model import DefaultModelMissing, default_model_path
 
     try:
@@ -38,17 +52,16 @@ def plan_settings(
     environ: Mapping[str, str] | None = None,
     adjust: PlanAdjust | None = None,
     *,
+    entry: ModelEntry,
     fit_params: FitParams | None = None,
     fit_params_error: str | None = None,
-    entry: ModelEntry | None = None,
 ) -> PlanSettings:
-    """PlanSettings from the config, shrunk by the OOM ladder's ``adjust`` when given, with
-    llama-fit-params' answer (or why there is none)."""
+    """PlanSettings of one model from the config, shrunk by the OOM ladder's ``adjust`` when
+    given, with llama-fit-params' answer (or why there is none)."""
     env = os.environ if environ is None else environ
     g = cfg.gpu
-    m = entry if entry is not None else cfg.model
     devices = list(g.devices)
-    if entry is not None and entry.devices:
+    if entry.devices:
         # A model's own devices are taken within gpu.devices (all GPUs when that is empty).
         devices = [d for d in entry.devices if not g.devices or d in g.devices] or [-1]
     s = PlanSettings(
@@ -59,10 +72,10 @@ def plan_settings(
         devices=tuple(devices) if devices else None,
         set_cuda_visible_devices=g.set_cuda_visible_devices,
         inherited_cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
-        n_ctx=m.ctx_size,
-        n_batch=m.n_batch,
-        flash_attn=m.flash_attn,
-        parallel=m.parallel,
+        n_ctx=entry.ctx_size,
+        n_batch=entry.n_batch,
+        flash_attn=entry.flash_attn,
+        parallel=entry.parallel,
         fit_params=fit_params,
         fit_params_error=fit_params_error,
     )
@@ -104,13 +117,16 @@ def make_plan(
 ) -> tuple[Plan, Inventory, ModelFacts]:
     """Probe the GPUs, read the model header, plan (and ask llama-fit-params if configured).
 
+    ``entry``: the model (default: the configuration's first).
+
     ``adjust``: the OOM ladder's rung; llama-fit-params' answer already ran out of memory
     once, so with a rung our own ladder is climbed without asking it again.
     Raises ConfigError, ModelError or GpuProbeError with a one-line message.
     """
     inventory = (probe or make_probe(cfg)).read()
     check_devices(cfg, inventory)
-    facts = model if model is not None else read_model_facts(resolve_model_path(cfg, entry))
+    entry = entry or first_entry(cfg)
+    facts = model if model is not None else read_model_facts(resolve_model_path(entry))
     settings = plan_settings(cfg, environ, adjust, entry=entry)
     result = plan(inventory.gpus, facts, settings)
     if cfg.gpu.use_fit_params and adjust is None and not settings.cpu_only:
@@ -137,9 +153,9 @@ def make_plan(
                 tool_env,
             )
         if isinstance(answer, str):
-            settings = plan_settings(cfg, environ, fit_params_error=answer, entry=entry)
+            settings = plan_settings(cfg, environ, entry=entry, fit_params_error=answer)
         else:
-            settings = plan_settings(cfg, environ, fit_params=answer, entry=entry)
+            settings = plan_settings(cfg, environ, entry=entry, fit_params=answer)
         result = plan(inventory.gpus, facts, settings)
     if inventory.note:
         # The probe's reason (e.g. "NVML not available: ...") replaces the generic one.

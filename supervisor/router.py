@@ -30,11 +30,11 @@ from supervisor.fleet import Fleet, shown_state
 from supervisor.proxy import Proxy, openai_error
 from supervisor.states import PROCESS_STATES, WorkerState
 from supervisor.worker_process import WorkerManager
-from worker.protocol import LaunchSpec
+from worker.protocol import MAX_BODY_BYTES
 
 # Bodies are read whole to find "model"; larger ones are refused before reading (the
 # worker's own limit, LaunchSpec.max_body_bytes, is the same by default).
-MAX_BODY = LaunchSpec(model_path="", socket_path="").max_body_bytes
+MAX_BODY = MAX_BODY_BYTES
 
 
 class _ModelField(msgspec.Struct):

@@ -27,7 +27,7 @@ from supervisor.config import Config, ConfigError, key_choices, key_default
 from supervisor.config import load_config as load_config_file
 from supervisor.gpus import GpuProbeError
 from supervisor.model import ModelError
-from supervisor.planning import make_plan
+from supervisor.planning import make_plan  # noqa: F401 - tests plan through the CLI's import
 
 PROG = "vram-llm"
 EXIT_USAGE = 2
@@ -202,23 +202,16 @@ def configure_logging(level: str | int = "INFO", fmt: str = "text", environ: Map
 
 
 def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
-    from supervisor.config import resolved_models
-    from supervisor.launch import default_entry_path
-    from supervisor.plan_report import plan_json, render_plan
+    from supervisor.plan_report import fleet_json, plan_json, render_fleet, render_plan
+    from supervisor.planning import place_fleet
 
-    entries = resolved_models(cfg, default_entry_path)
-    if len(entries) == 1:
-        result, _, _ = make_plan(cfg)
-        sys.stdout.write(plan_json(result) + "\n" if args.json else render_plan(result))
-        return 0
-    # Several models: each planned alone on the GPUs as they are now (what it would get
-    # if it were the only one loaded; serving places them together, see README).
-    plans = {e.id: make_plan(cfg, entry=e)[0] for e in entries}
-    if args.json:
-        sys.stdout.write("{" + ", ".join(f'"{mid}": {plan_json(p)}' for mid, p in plans.items()) + "}\n")
+    # Every configured model, placed as the fleet places them (one model: a fleet of one).
+    placements = place_fleet(cfg)
+    if len(placements) == 1 and placements[0].plan is not None:
+        p = placements[0].plan
+        sys.stdout.write(plan_json(p) + "\n" if args.json else render_plan(p))
     else:
-        for mid, p in plans.items():
-            sys.stdout.write(f"== model {mid} ==\n{render_plan(p)}\n")
+        sys.stdout.write(fleet_json(placements) + "\n" if args.json else render_fleet(placements))
     return 0
 
 

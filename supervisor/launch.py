@@ -20,7 +20,7 @@ from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
 from supervisor.gpus import GpuProbe, GpuProbeError, Inventory, make_probe
 from supervisor.model import ModelError, read_model_facts
 from supervisor.nvml import process_gpu_memory
-from supervisor.plan_report import render_plan
+from supervisor.plan_report import render_plan, summary_of
 from supervisor.planner import Plan
 from supervisor.planning import default_entry_path, make_plan, resolve_model_path
 from supervisor.restart import PlanAdjust
@@ -86,15 +86,6 @@ def env_of(p: Plan, base: Mapping[str, str] | None = None) -> dict[str, str]:
     env.update(p.env)
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def summary_of(p: Plan) -> str:
-    if p.cpu_only:
-        where = "CPU only"
-    else:
-        used = [g for g in p.gpus if g.cuda_index is not None and g.excluded_reason is None]
-        where = f"{p.offloaded_layers}/{p.model.n_layers} layers on GPU " + ",".join(str(g.index) for g in used)
-    return f"{where}, n_ctx {p.n_ctx}, split {p.split_mode}, plan by {p.source}"
 
 
 def entry_of(config: Config, model_id: str | None) -> ModelEntry:

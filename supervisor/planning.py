@@ -3,7 +3,9 @@
 Reads the GPU inventory (NVML or a simulated file) and the model's GGUF header, asks
 llama-fit-params when configured, and calls the pure ``planner.plan``. `vram-llm plan`
 and every worker start of `vram-llm serve` go through ``make_plan``, so what a person
-sees in `plan` is what `serve` does. Imports nothing of the serving stack.
+sees in `plan` is what `serve` does; ``place_fleet`` drives the fleet's pure placement
+(supervisor/placement.py) as the fleet does at start, for every configured model.
+Imports nothing of the serving stack (no aiohttp, no psutil: a test runs `plan` without them).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
 from supervisor.gpus import GpuProbe, Inventory, make_probe
 from supervisor.model import ModelError, ModelFacts, read_model_facts
+from supervisor.placement import ModelInfo, Resident, place
 from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, FitParams, Plan, PlanSettings, plan
 from supervisor.restart import PlanAdjust
 
@@ -162,3 +166,118 @@ def make_plan(
         rest = tuple(n for n in result.notes if n != NO_GPU_NOTE)
         result = dataclasses.replace(result, notes=(inventory.note, *rest))
     return result, inventory, facts
+
+
+# --- `vram-llm plan` for every configured model: the fleet's start, as a what-if ------------
+
+
+@dataclass(frozen=True)
+class ModelPlacement:
+    """Where one configured model would go, and why (``place_fleet``)."""
+
+    id: str
+    at_start: str  # why it loads at start ("first model", "pinned", "preload"); "" : on demand
+    evict: tuple[str, ...] = ()  # models unloaded to make room for it
+    beside: tuple[str, ...] = ()  # the models loaded beside it
+    refusal: str | None = None  # why it would not load at all
+    plan: Plan | None = None  # where it goes (None when refused)
+    unloaded_for: str = ""  # loaded at start, then unloaded to make room for this one
+
+    @property
+    def why(self) -> str:
+        """One line: when it loads and what that takes."""
+        when = f"at start ({self.at_start})" if self.at_start else "on demand (its first request)"
+        if self.refusal is not None:
+            return f"{when}: would not load: {self.refusal}"
+        room = f"unloads {', '.join(self.evict)} to make room" if self.evict else "fits"
+        if self.beside:
+            room += f" beside {', '.join(self.beside)}"
+        if self.plan is not None and not self.plan.cpu_only and self.plan.n_gpu_layers != -1:
+            room += "; layers left in host RAM (the GPUs cannot hold it whole)"
+        if self.unloaded_for:
+            room += f"; then unloaded for {self.unloaded_for} (loads again on demand)"
+        return f"{when}: {room}" if self.at_start else f"{when}: now it {room}"
+
+
+class _Fixed:
+    """A probe that answers one inventory (the GPUs as the fleet would see them)."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self._inventory = inventory
+
+    def read(self) -> Inventory:
+        return self._inventory
+
+
+def _taking(inv: Inventory, held: Mapping[str, Mapping[str, int]]) -> Inventory:
+    """The inventory less what the given models hold (GPU UUID -> MiB each)."""
+    gpus = []
+    for g in inv.gpus:
+        t = min(sum(h.get(g.uuid, 0) for h in held.values()), g.free_mib)
+        gpus.append(dataclasses.replace(g, free_mib=g.free_mib - t, used_mib=g.used_mib + t))
+    return Inventory(tuple(gpus), inv.note)
+
+
+def footprint(p: Plan) -> dict[str, int]:
+    """GPU UUID -> MiB the plan puts there (the GPUs its worker is given)."""
+    return {g.uuid: g.planned_mib for g in p.gpus if g.cuda_index is not None and not g.excluded_reason and g.planned_mib}
+
+
+def place_fleet(
+    cfg: Config, *, probe: GpuProbe | None = None, environ: Mapping[str, str] | None = None
+) -> list[ModelPlacement]:
+    """Every configured model's placement on the GPUs as they are now, decided as the fleet
+    decides at start (supervisor/fleet.py): the first model, the pinned and the preloaded
+    ones load at start, in configuration order, each placed by the pure ``placement.place``
+    beside the ones before it (which it may unload, unless pinned) and planned on what they
+    leave; every other model is placed as its first request would place it then.
+    A single model is a fleet of one: its plan is ``make_plan``'s."""
+    entries = resolved_models(cfg, default_entry_path)
+    inventory = (probe or make_probe(cfg)).read()
+    check_devices(cfg, inventory)
+    facts: dict[str, ModelFacts] = {}
+    for e in entries:
+        path = resolve_model_path(e)
+        if path not in facts:
+            facts[path] = read_model_facts(path)
+    models = {
+        e.id: ModelInfo(
+            e.id,
+            facts[resolve_model_path(e)],
+            plan_settings(cfg, environ, entry=e),
+            pinned=e.pinned,
+            refuse_when_no_room=e.when_no_room == "refuse",
+        )
+        for e in entries
+    }
+    first = entries[0].id
+    held: dict[str, dict[str, int]] = {}  # the models loaded so far -> their footprint
+
+    def decide(e: ModelEntry, at_start: str) -> ModelPlacement:
+        # The ones loaded before are up and idle by the time it is placed (the fleet waits
+        # for a loading model to serve its queue before it unloads it).
+        residents = [Resident(m, mib) for m, mib in held.items()]
+        d = place(_taking(inventory, held).gpus, models, residents, e.id)
+        if d.refusal is not None:
+            return ModelPlacement(e.id, at_start, refusal=d.refusal)
+        left = {m: mib for m, mib in held.items() if m not in d.evict}
+        p, _, _ = make_plan(
+            cfg, probe=_Fixed(_taking(inventory, left)), model=models[e.id].facts, environ=environ, entry=e
+        )
+        if at_start:
+            held.clear()
+            held.update(left)
+            held[e.id] = footprint(p)
+        return ModelPlacement(e.id, at_start, evict=d.evict, beside=tuple(left), plan=p)
+
+    out: dict[str, ModelPlacement] = {}
+    for e in entries:
+        why = "first model" if e.id == first else "pinned" if e.pinned else "preload" if e.preload else ""
+        if why:
+            out[e.id] = decide(e, why)
+            for gone in out[e.id].evict:
+                out[gone] = dataclasses.replace(out[gone], unloaded_for=e.id)
+    for e in entries:
+        if e.id not in out:
+            out[e.id] = decide(e, "")
+    return [out[e.id] for e in entries]

@@ -60,6 +60,13 @@ def test_no_file_means_defaults() -> None:
         ('[[models]]\nid = "a b"\npath = "/a"\n', ["models.id"]),
         ('[[models]]\nid = "a"\npath = "/a"\nbogus = 1\n', ["unknown key", "bogus"]),
         ('[[models]]\nid = "a"\npath = "/a"\nwhen_no_room = "pray"\n', ["when_no_room"]),
+        # issue 22: the entry is named and its own keys are listed (the list was empty).
+        ('[[models]]\nid = "a"\npath = "/a"\n[[models]]\nid = "b"\npath = "/b"\nbogus = 1\n',
+         ["unknown key 'models.bogus' in [[models]] entry 2 (id 'b'); allowed: id, path, pinned",
+          "ctx_size", "parallel", "when_no_room"]),
+        ('[[models]]\npath = "/a"\nbogus = 1\n', ["in [[models]] entry 1; allowed: id, path"]),
+        ('[[models]]\nid = "a"\npath = "/a"\n[[models]]\nid = "b"\npath = "/b"\nparallel = 0\n',
+         ["models.parallel ([[models]] entry 2 (id 'b')): Expected `int` >= 1"]),
         ('[model]\npath = "/x"\n[[models]]\nid = "a"\npath = "/a"\n', ["both name models"]),
     ],
 )

@@ -38,8 +38,9 @@ class ModelInfo:
     id: str
     facts: ModelFacts
     settings: PlanSettings  # its own: n_ctx, n_batch, devices, reserve, OOM-ladder knobs
-    pinned: bool = False  # never evicted
-    refuse_when_no_room: bool = False  # False: partial offload when it cannot fit
+    # The policy, from its [[models]] entry (whose schema holds the defaults):
+    pinned: bool  # never evicted
+    refuse_when_no_room: bool  # False: partial offload when it cannot fit
 
 
 @dataclass(frozen=True)

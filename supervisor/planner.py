@@ -202,7 +202,7 @@ def _mib(n: float) -> int:
     return int(math.ceil(n / MIB))
 
 
-def kv_bytes_per_layer(model: ModelFacts, n_ctx: int, parallel: int = 1) -> int:
+def kv_bytes_per_layer(model: ModelFacts, n_ctx: int, parallel: int) -> int:
     """KV bytes of one layer: n_ctx cells for each of the worker's ``parallel`` slots."""
     return n_ctx * parallel * model.n_head_kv * (model.key_length + model.value_length) * KV_BYTES_PER_ELEMENT
 
@@ -454,7 +454,7 @@ def _summary(model: ModelFacts, n_ctx: int) -> ModelSummary:
         vocab_size=model.vocab_size,
         tied_embeddings=model.tied_embeddings,
         chat_template=model.chat_template,
-        kv_mib_per_layer=round(kv_bytes_per_layer(model, n_ctx) / MIB, 3),
+        kv_mib_per_layer=round(kv_bytes_per_layer(model, n_ctx, 1) / MIB, 3),  # one slot
     )
 
 

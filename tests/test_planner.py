@@ -136,7 +136,7 @@ def test_one_gpu(smol: ModelFacts) -> None:
     g = p.gpus[0]
     assert (g.reserve_mib, g.usable_mib, g.layers, g.has_output) == (1024, 24000 - 1024, 30, True)
     e = g.estimate
-    assert e.fixed_mib == CUDA_CONTEXT_MIB and e.kv_mib == math.ceil(30 * kv_bytes_per_layer(smol, 4096) / 2**20)
+    assert e.fixed_mib == CUDA_CONTEXT_MIB and e.kv_mib == math.ceil(30 * kv_bytes_per_layer(smol, 4096, 1) / 2**20)
     assert g.planned_mib == e.weights_mib + e.kv_mib + e.compute_mib + e.fixed_mib
 
 
@@ -522,7 +522,7 @@ def test_gqa_kv_cache_is_sized_by_kv_heads(tmp_path: Path) -> None:
     m = read_model_facts(write_model(tmp_path / "gqa.gguf", shape))
     assert (m.n_head, m.n_head_kv, m.key_length, m.value_length) == (32, 8, 128, 128)
     # 2 (K and V) * n_ctx * n_head_kv * head_dim * 2 bytes (f16)
-    assert kv_bytes_per_layer(m, 8192) == 2 * 8192 * 8 * 128 * 2
+    assert kv_bytes_per_layer(m, 8192, 1) == 2 * 8192 * 8 * 128 * 2
     mha = read_model_facts(write_model(tmp_path / "mha.gguf", replace(shape, n_head_kv=32)))
     p_gqa = plan(gpus("one_gpu"), m, one_slot(n_ctx=8192))
     p_mha = plan(gpus("one_gpu"), mha, one_slot(n_ctx=8192))

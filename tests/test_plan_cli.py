@@ -371,3 +371,27 @@ def test_several_models_show_where_each_goes_and_why(tmp_path: Path) -> None:
     lines = {ln.split()[0]: ln for ln in text.splitlines()[1:5]}
     assert "at start (first model)" in lines["chat"] and "unloads small" in lines["coder"]
     assert "would not load" in lines["huge"] and "== model coder ==" in text
+
+
+def test_a_model_loaded_at_start_may_unload_an_earlier_one(tmp_path: Path) -> None:
+    # In process: place_fleet is what `plan` prints. The preloaded model needs the first
+    # one's memory; the fleet unloads the first (not pinned) once it served its queue.
+    from supervisor.planning import place_fleet
+
+    model = default_model_path()
+    cfg = build_config({
+        "models": [{"id": "chat", "path": str(model)},
+                   {"id": "big", "path": str(model), "ctx_size": 8192, "preload": True}],
+        "gpu": {"simulate_gpus": _small_gpu(tmp_path, 3500)},
+    })
+    chat, big = place_fleet(cfg)
+    assert (chat.at_start, chat.unloaded_for, chat.evict) == ("first model", "big", ())
+    assert (big.at_start, big.evict, big.beside) == ("preload", ("chat",), ())
+    assert big.plan is not None and big.plan.n_gpu_layers == -1 and big.plan.n_ctx == 8192
+    # Pinned, the first stays: the preloaded one gets what is left (layers in host RAM).
+    cfg = build_config({"models": [{"id": "chat", "path": str(model), "pinned": True},
+                                   {"id": "big", "path": str(model), "ctx_size": 8192, "preload": True}],
+                        "gpu": {"simulate_gpus": _small_gpu(tmp_path, 3500)}})
+    chat, big = place_fleet(cfg)
+    assert chat.unloaded_for == "" and big.evict == () and big.beside == ("chat",)
+    assert big.plan is not None and big.plan.n_gpu_layers != -1 and "host RAM" in big.why

@@ -289,11 +289,6 @@ def _check(cfg: Config, source: str) -> None:
             )
     if not cfg.server.host:
         raise ConfigError(f"{source}: server.host must not be empty")
-    if cfg.model.parallel > cfg.model.n_batch:
-        raise ConfigError(
-            f"{source}: model.parallel ({cfg.model.parallel}) must be <= model.n_batch "
-            f"({cfg.model.n_batch}): every slot decodes one token per batch"
-        )
     ids = [m.id for m in cfg.models]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -301,9 +296,11 @@ def _check(cfg: Config, source: str) -> None:
     for m in cfg.models:
         if len(set(m.devices)) != len(m.devices):
             raise ConfigError(f"{source}: models ({m.id}): devices lists an index twice: {m.devices}")
-        if m.parallel > m.n_batch:
+    settings: list[tuple[str, ModelSettings]] = [("model", cfg.model), *((f"models ({m.id})", m) for m in cfg.models)]
+    for where, ms in settings:
+        if ms.parallel > ms.n_batch:
             raise ConfigError(
-                f"{source}: models ({m.id}): parallel ({m.parallel}) must be <= n_batch ({m.n_batch}): "
+                f"{source}: {where}: parallel ({ms.parallel}) must be <= n_batch ({ms.n_batch}): "
                 "every slot decodes one token per batch"
             )
 

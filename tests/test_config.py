@@ -68,6 +68,8 @@ def test_no_file_means_defaults() -> None:
         ('[[models]]\nid = "a"\npath = "/a"\n[[models]]\nid = "b"\npath = "/b"\nparallel = 0\n',
          ["models.parallel ([[models]] entry 2 (id 'b')): Expected `int` >= 1"]),
         ('[model]\npath = "/x"\n[[models]]\nid = "a"\npath = "/a"\n', ["both name models"]),
+        ("[model]\nparallel = 600\n", ["model: parallel (600) must be <= n_batch (512)"]),
+        ('[[models]]\nid = "a"\npath = "/a"\nparallel = 8\nn_batch = 4\n', ["models (a): parallel (8) must be <= n_batch (4)"]),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, toml: str, needles: list[str]) -> None:

@@ -193,7 +193,7 @@ async def _serve_in(
     log.info("vram-llm supervisor pid %d; worker sockets in %s", os.getpid(), runtime_dir)
     sent_ready = False
 
-    fleet: Fleet | None = None
+    fleet: Fleet | None = None  # the callbacks below are handed to it; it exists before they run
 
     def on_state(mid: str, state: WorkerState, reason: str) -> None:
         nonlocal sent_ready
@@ -290,7 +290,7 @@ async def _serve_in(
         loop.remove_signal_handler(signal.SIGHUP)  # SIGTERM/SIGINT: serve() removes them last
         if watchdog_task is not None:
             watchdog_task.cancel()
-        if mgr_task is not None and not mgr_task.done() and fleet is not None:
+        if mgr_task is not None and not mgr_task.done():
             fleet.request_shutdown()
             with contextlib.suppress(BaseException):
                 await mgr_task

@@ -49,7 +49,7 @@ _MIN_SNAPSHOT_TOKENS = 16
 
 class BatchLoop:
     def __init__(
-        self, ctx: Any, n_ctx: int, n_batch: int, parallel: int, prefill_chunk: int, cache_ram_bytes: int = 0
+        self, ctx: Any, n_ctx: int, n_batch: int, parallel: int, prefill_chunk: int, cache_ram_bytes: int
     ) -> None:
         if not 1 <= parallel <= n_batch:
             raise ValueError(f"parallel ({parallel}) must be between 1 and n_batch ({n_batch})")

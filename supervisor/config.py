@@ -34,6 +34,8 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 DeviceOrder = Literal["free_desc", "pci"]
+# Tool requests on a model whose chat template has no tool markup (README "Tool calling").
+ToolsMode = Literal["generic", "refuse"]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -53,6 +55,7 @@ class ModelSection(_Section):
     cache_ram_mib: NonNegInt = 1024  # host RAM for earlier prompts' KV snapshots; 0: none
     embeddings: bool = False  # also serve /v1/embeddings (a second, small context)
     pooling: Literal["", "mean", "cls", "last"] = ""  # embeddings pooling; empty: the GGUF's, else mean
+    tools: ToolsMode = "generic"  # a template without tool markup: the generic format, or 400
 
 
 # Where a model may go when it does not fit on the GPUs even after every allowed eviction:
@@ -89,6 +92,7 @@ class ModelEntry(_Section):
     ttl_s: NonNegSeconds = 0.0  # unloaded after this long idle; 0: never
     devices: list[NonNegInt] = msgspec.field(default_factory=list)  # NVML indices it may use; empty: all
     when_no_room: NoRoom = "offload"
+    tools: ToolsMode = "generic"
 
 
 class ServerSection(_Section):
@@ -108,6 +112,9 @@ class ServerSection(_Section):
     # the longest idle one is closed to make room.
     max_connections: PositiveInt = 1024
     strict_params: bool = False  # unknown request fields: 400 instead of ignored
+    # /v1/responses kept for previous_response_id and GET (per model, in the worker's memory).
+    responses_store_size: NonNegInt = 1024
+    responses_store_ttl_s: Seconds = 3600.0
 
 
 class GpuSection(_Section):

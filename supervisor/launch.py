@@ -59,6 +59,9 @@ def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str, entry: 
         strict_params=config.server.strict_params,
         embeddings=m.embeddings,
         pooling=m.pooling or None,
+        tools=m.tools,
+        responses_store_size=config.server.responses_store_size,
+        responses_store_ttl_s=config.server.responses_store_ttl_s,
     )
 
 

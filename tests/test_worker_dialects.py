@@ -50,7 +50,7 @@ def qwen() -> Iterator[WorkerProcess]:
 
 def _openai(worker: WorkerProcess) -> openai.OpenAI:
     assert worker.socket_path is not None
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=worker.socket_path), timeout=120)
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=worker.socket_path), timeout=300)
     return openai.OpenAI(base_url="http://worker/v1", api_key="x", http_client=http, max_retries=0)
 
 
@@ -60,9 +60,9 @@ def _anthropic(worker: WorkerProcess) -> Any:
     try:  # anthropic >= 2 runs on httpx2, earlier releases on httpx
         import httpx2
 
-        http: Any = httpx2.Client(transport=httpx2.HTTPTransport(uds=worker.socket_path), timeout=120)
+        http: Any = httpx2.Client(transport=httpx2.HTTPTransport(uds=worker.socket_path), timeout=300)
     except ImportError:
-        http = httpx.Client(transport=httpx.HTTPTransport(uds=worker.socket_path), timeout=120)
+        http = httpx.Client(transport=httpx.HTTPTransport(uds=worker.socket_path), timeout=300)
     return anthropic.Anthropic(base_url="http://worker", api_key="x", http_client=http, max_retries=0)
 
 
@@ -300,7 +300,7 @@ def test_openai_agents_runs_a_function_tool_over_responses(qwen: WorkerProcess) 
         return f"sunny in {city}"
 
     async def main() -> Any:
-        http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=qwen.socket_path), timeout=120)
+        http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=qwen.socket_path), timeout=300)
         client = openai.AsyncOpenAI(base_url="http://worker/v1", api_key="x", http_client=http, max_retries=0)
         async with client:
             agent = agents.Agent(
@@ -329,7 +329,7 @@ def test_pydantic_ai_with_required_tool_choice_gets_no_leaked_markup(qwen: Worke
         city: str = pydantic.Field(max_length=20)
 
     async def main() -> Any:
-        http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=qwen.socket_path), timeout=120)
+        http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=qwen.socket_path), timeout=300)
         client = openai.AsyncOpenAI(base_url="http://worker/v1", api_key="x", http_client=http, max_retries=0)
         async with client:
             # A structured output_type is an output tool that pydantic-ai forces with

@@ -14,7 +14,6 @@ Usage: ``input_tokens`` counts the whole prompt (what ``count_tokens`` answers);
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -23,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from worker.api import messages_schema as ms
-from worker.api.run import CUT_MESSAGE, GenerationFailed, Outcome, Runner
+from worker.api.run import CUT_MESSAGE, GenerationFailed, Outcome, Runner, stream_failed
 from worker.api.shapes import enc, json_response
 from worker.engine import Generation, Prepared
 from worker.protocol import anthropic_error_body
@@ -56,6 +55,14 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + enc.encode({"type": name, **data}) + b"\n\n"
 
 
+def _error_response(status: int, message: str) -> web.Response:
+    return json_response(anthropic_error_body(status, message), status)
+
+
+def _error_event(status: int, message: str) -> bytes:
+    return b"event: error\ndata: " + anthropic_error_body(status, message) + b"\n\n"
+
+
 class MessagesApi:
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
@@ -84,9 +91,9 @@ class MessagesApi:
         try:
             out = await self.runner.turn(prepared)
         except GenerationFailed as e:
-            return json_response(anthropic_error_body(e.status, e.message), e.status)
+            return _error_response(e.status, e.message)
         if out.cut:
-            return json_response(anthropic_error_body(503, CUT_MESSAGE), 503)
+            return _error_response(503, CUT_MESSAGE)
         content: list[dict[str, Any]] = []
         if out.text:
             content.append({"type": "text", "text": out.text})
@@ -128,19 +135,11 @@ class MessagesApi:
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as e:
-            if not isinstance(e, GenerationFailed):
-                log.exception("generation failed")
-            status = e.status if isinstance(e, GenerationFailed) else 500
-            message = e.message if isinstance(e, GenerationFailed) else f"internal error: {e}"
-            if not resp.prepared:
-                return json_response(anthropic_error_body(status, message), status)
-            with contextlib.suppress(ConnectionResetError):
-                await resp.write(b"event: error\ndata: " + anthropic_error_body(status, message) + b"\n\n")
-            return resp
+            return await stream_failed(resp, e, _error_response, _error_event)
         if out.cut:
             if not resp.prepared:
-                return json_response(anthropic_error_body(503, CUT_MESSAGE), 503)
-            await resp.write(b"event: error\ndata: " + anthropic_error_body(503, CUT_MESSAGE) + b"\n\n")
+                return _error_response(503, CUT_MESSAGE)
+            await resp.write(_error_event(503, CUT_MESSAGE))
             await resp.write_eof()
             return resp
         tail = b""

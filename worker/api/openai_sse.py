@@ -4,7 +4,6 @@ trailer the supervisor reads, ``[DONE]``, and errors reported in-stream."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from worker import openai_schema as oai
-from worker.api.run import GenerationFailed, Piece, Run, Runner, cut_error, is_cut
+from worker.api.run import Piece, Run, Runner, cut_error, is_cut, stream_failed
 from worker.api.shapes import json_response
 from worker.engine import Prepared
 from worker.protocol import STREAM_DONE, StreamUsage, usage_trailer
@@ -63,17 +62,10 @@ async def stream_openai(
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception as e:
-        # Headers are gone already: report the failure in-stream, OpenAI style.
-        if not isinstance(e, GenerationFailed):
-            log.exception("generation failed")
-        status = e.status if isinstance(e, GenerationFailed) else 500
-        message = e.message if isinstance(e, GenerationFailed) else f"internal error: {e}"
-        err = oai.error_body(message, type="server_error")
-        if not resp.prepared:
-            return web.Response(status=status, body=err, content_type="application/json")
-        with contextlib.suppress(ConnectionResetError):
-            await resp.write(b"data: " + err + b"\n\n")
-        return resp
+        return await stream_failed(
+            resp, e, lambda status, message: json_response(oai.error_body(message, type="server_error"), status),
+            lambda status, message: b"data: " + oai.error_body(message, type="server_error") + b"\n\n",
+        )
     gen = run.gen
     if is_cut(gen, run.stopped) and not resp.prepared:
         return json_response(cut_error(), 503)  # cut while waiting for a slot

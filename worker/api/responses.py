@@ -20,7 +20,6 @@ worker has forgotten them (the id is then a 404, as an expired one).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -33,7 +32,7 @@ from aiohttp import web
 
 from worker import openai_schema as oai
 from worker.api import responses_schema as rs
-from worker.api.run import CUT_MESSAGE, GenerationFailed, Outcome, Runner
+from worker.api.run import CUT_MESSAGE, Outcome, Runner, stream_failed
 from worker.api.shapes import enc, json_response
 from worker.engine import ChatMessage, Prepared, PromptTooLong, Sampling
 
@@ -266,15 +265,10 @@ class ResponsesApi:
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as e:
-            if not isinstance(e, GenerationFailed):
-                log.exception("generation failed")
-            status = e.status if isinstance(e, GenerationFailed) else 500
-            message = e.message if isinstance(e, GenerationFailed) else f"internal error: {e}"
-            if not resp.prepared:
-                return json_response(oai.error_body(message, type="server_error"), status)
-            with contextlib.suppress(ConnectionResetError):
-                await resp.write(event("error", code="server_error", message=message, param=None))
-            return resp
+            return await stream_failed(
+                resp, e, lambda status, message: json_response(oai.error_body(message, type="server_error"), status),
+                lambda status, message: event("error", code="server_error", message=message, param=None),
+            )
         if out.cut:
             if not resp.prepared:
                 return json_response(oai.error_body(CUT_MESSAGE, type="server_error", code="generation_cut"), 503)

@@ -146,6 +146,24 @@ class Outcome:
     cut: bool
 
 
+async def stream_failed(
+    resp: web.StreamResponse, e: Exception, as_response: Callable[[int, str], web.Response],
+    as_event: Callable[[int, str], bytes],
+) -> web.StreamResponse:
+    """A streamed generation that failed: an error response if nothing was sent yet, else an
+    error event in the dialect's shape (the headers are gone)."""
+    if isinstance(e, GenerationFailed):
+        status, message = e.status, e.message
+    else:
+        log.error("generation failed", exc_info=e)
+        status, message = 500, f"internal error: {e}"
+    if not resp.prepared:
+        return as_response(status, message)
+    with contextlib.suppress(ConnectionResetError):
+        await resp.write(as_event(status, message))
+    return resp
+
+
 class Runner:
     """The state every dialect shares: the engine, the spec, readiness, the warning limiter."""
 

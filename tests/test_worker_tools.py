@@ -329,6 +329,8 @@ def test_generic_format_streams_the_response_text_and_holds_calls() -> None:
     s = CallStream(GENERIC)
     shown = [s.feed(p) for p in ['{', '"response', '": "Hel', 'lo \\', 'n\\u00', 'e9"', "}"]]
     assert shown == ["", "", "Hel", "lo ", "\n", "é", ""] and s.finish() == ("", [])
+    s = CallStream(GENERIC)  # cut by max_tokens before the JSON said which: nothing shown
+    assert s.feed('{"tool') == "" and s.finish(cut_off=True) == ("", [])
     s = CallStream(GENERIC, stop_on_repeat=True)
     call = '{"name": "f", "arguments": {}}'
     assert s.feed('{"tool_calls": [' + call) == "" and not s.repeated
@@ -348,3 +350,17 @@ def test_response_store_is_bounded_and_expires() -> None:
     assert store.get("c", 12.5) is None  # past its TTL
     assert store.delete("b") and not store.delete("b")
     assert ResponseStore(size=0, ttl_s=10.0).get("x", 0.0) is None
+
+
+def test_tool_schemas_with_defs_compile() -> None:
+    # pydantic writes nested models as $defs + "#/$defs/X"; the call schema wraps the
+    # parameters, so the definitions must follow them to its root.
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    from worker.engine.tools import generic_grammar
+
+    params = {"type": "object", "properties": {"inner": {"$ref": "#/$defs/Inner"}}, "required": ["inner"],
+              "$defs": {"Inner": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}
+    req = ToolRequest([{"type": "function", "function": {"name": "f", "parameters": params}}, TIME], "required")
+    for grammar in (generic_grammar(req), call_grammar(HERMES, req), call_grammar(LLAMA3, req)):
+        LlamaGrammar.from_string(grammar, verbose=False)

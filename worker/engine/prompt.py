@@ -249,10 +249,13 @@ class Preparer:
             # Markers such as <|python_tag|> or [TOOL_CALLS] may be special tokens: keep
             # their text, the parser needs it.
             sampling = dataclasses.replace(sampling, skip_special_tokens=False)
-            if fmt == GENERIC:
-                tool_grammar = generic_grammar(tools)  # always JSON: a call or a "response"
-            elif tools.choice != "auto":
-                tool_grammar = call_grammar(fmt, tools)
+            try:
+                if fmt == GENERIC:
+                    tool_grammar = generic_grammar(tools)  # always JSON: a call or a "response"
+                elif tools.choice != "auto":
+                    tool_grammar = call_grammar(fmt, tools)
+            except Exception as e:  # json-schema-to-grammar refuses a schema (an unknown $ref, ...)
+                raise InvalidInput(f"no grammar for these tools' JSON schemas: {e}", "tools") from None
         prepared = self._prepare(tokens, sampling, stop, "messages", tool_grammar)
         if tools is not None:
             prepared.tool_format = fmt

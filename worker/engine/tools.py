@@ -57,6 +57,19 @@ def detect_format(template: str | None) -> str | None:
     return None
 
 
+def _with_defs(schema: dict[str, Any], tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """``schema`` with the tools' ``$defs``/``definitions`` at its root: a tool's parameters
+    (pydantic's, say) refer to them as ``#/$defs/X``, and the call schema wraps the
+    parameters, so the references resolve against the wrapper."""
+    for key in ("$defs", "definitions"):
+        merged: dict[str, Any] = {}
+        for t in tools:
+            merged.update((t["function"].get("parameters") or {}).get(key) or {})
+        if merged:
+            schema = {**schema, key: merged}
+    return schema
+
+
 def _call_schema(fmt: str, tool: dict[str, Any]) -> dict[str, Any]:
     fn = tool["function"]
     params = fn.get("parameters") or {"type": "object", "properties": {}}
@@ -78,7 +91,7 @@ def call_grammar(fmt: str, req: ToolRequest) -> str:
         name = req.choice[len("function:") :]
         tools = [t for t in tools if t["function"]["name"] == name]
     schemas = [_call_schema(fmt, t) for t in tools]
-    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    schema = _with_defs(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}, tools)
     body = _ROOT.sub("toolcall0 ::= ", json_schema_to_gbnf(json.dumps(schema)))
     many = req.parallel and not req.choice.startswith("function:")
     if fmt == HERMES:
@@ -104,9 +117,9 @@ def _generic_schema(req: ToolRequest) -> dict[str, Any]:
         calls["maxItems"] = 1
     call_obj = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
     if req.choice != "auto":
-        return call_obj
+        return _with_defs(call_obj, tools)
     answer = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
-    return {"anyOf": [call_obj, answer]}
+    return _with_defs({"anyOf": [call_obj, answer]}, tools)
 
 
 def generic_grammar(req: ToolRequest) -> str:
@@ -419,7 +432,7 @@ class CallStream:
             if m:
                 text, _ = _json_string_prefix(self.held[m.end() :])
                 return text[self._shown :], []
-            return self.held, []
+            return "", []  # the JSON's head, cut before it said call or response: markup
         if not self.holding:
             return ("" if cut_off else self.held), []
         content, calls = parse_calls(self.fmt, self.held)

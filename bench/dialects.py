@@ -65,12 +65,12 @@ def send(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
                 kind = json.loads(line[6:]).get("type", "?")
                 if not kinds or kinds[-1] != kind or not kind.endswith("delta"):
                     kinds.append(kind)
-        return {"status": status, "events": kinds}
+        return {"http": status, "events": kinds}
     try:
         obj = json.loads(raw)
     except ValueError:
-        return {"status": status, "body": raw[:200]}
-    out: dict[str, Any] = {"status": status, "keys": sorted(obj) if isinstance(obj, dict) else type(obj).__name__}
+        return {"http": status, "body": raw[:200]}
+    out: dict[str, Any] = {"http": status, "keys": sorted(obj) if isinstance(obj, dict) else type(obj).__name__}
     if isinstance(obj, dict):
         items = obj.get("output") or obj.get("content")
         if isinstance(items, list):
@@ -110,7 +110,7 @@ def render(res: dict[str, Any]) -> str:
     out = [f"Responses and Messages: vram-llm beside llama-server ({Path(res['model']).name})", ""]
     for c in res["cases"]:
         v, ls = c["vram-llm"], c["llama-server"]
-        out.append(f"{c['case']}: vram-llm {v['status']}, llama-server {ls['status']}"
+        out.append(f"{c['case']}: vram-llm {v['http']}, llama-server {ls['http']}"
                    + (" - same shape" if not c["differences"] else ""))
         out.extend(f"    {line}" for line in c["differences"])
     return "\n".join(out)

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from supervisor.access_log import RequestLog
 from supervisor.auth import WORKER_ROOT_PATHS, KeyStore
 from supervisor.config import Config, ModelEntry, resolved_models, resolved_runtime_dir
+from supervisor.dialect_errors import anthropic_errors
 from supervisor.fastpath import FastPath
 from supervisor.fleet import Fleet, status_rows
 from supervisor.gpus import make_probe
@@ -131,6 +132,7 @@ def build_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Applica
     app[SERVING] = ServingMetrics(reg, fleet)
     app[REQUEST_LOG] = RequestLog(app[SERVING].observe)
     app[REQUEST_LOG].install(app)  # outermost: ids and log lines for refusals too
+    app.middlewares.insert(1, anthropic_errors)  # refusals on /v1/messages in Anthropic's shape
     app[REGISTRY] = reg
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from worker.protocol import SplitMode  # declared once, where the worker reads it
+from worker.protocol import SplitMode, ToolsMode  # declared once, where the worker reads them
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,6 +54,7 @@ class ModelSettings(_Section):
     cache_ram_mib: NonNegInt = 1024  # host RAM for earlier prompts' KV snapshots; 0: none
     embeddings: bool = False  # also serve /v1/embeddings (a second, small context)
     pooling: Literal["", "mean", "cls", "last"] = ""  # embeddings pooling; empty: the GGUF's, else mean
+    tools: ToolsMode = "generic"  # a template without tool markup: the generic format, or 400
 
 
 class ModelSection(ModelSettings):
@@ -105,6 +106,9 @@ class ServerSection(_Section):
     # the longest idle one is closed to make room.
     max_connections: PositiveInt = 1024
     strict_params: bool = False  # unknown request fields: 400 instead of ignored
+    # /v1/responses kept for previous_response_id and GET (per model, in the worker's memory).
+    responses_store_size: NonNegInt = 1024
+    responses_store_ttl_s: Seconds = 3600.0
 
 
 class GpuSection(_Section):

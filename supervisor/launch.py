@@ -63,6 +63,9 @@ def settings_of(config: Config, entry: ModelEntry) -> dict[str, Any]:
         "strict_params": config.server.strict_params,
         "embeddings": entry.embeddings,
         "pooling": entry.pooling or None,
+        "tools": entry.tools,
+        "responses_store_size": config.server.responses_store_size,
+        "responses_store_ttl_s": config.server.responses_store_ttl_s,
     }
 
 

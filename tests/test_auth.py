@@ -190,6 +190,20 @@ def test_keys_gate_every_route_but_health(keyed: tuple[Supervisor, Path]) -> Non
     assert not any(secret in status_text for secret in SECRETS)
 
 
+def test_refusals_on_anthropic_routes_are_anthropic_shaped(keyed: tuple[Supervisor, Path]) -> None:
+    # The supervisor's own refusal (here the 401) in the shape an Anthropic client reads.
+    s, _ = keyed
+    req = urllib.request.Request(s.base + "/v1/messages", data=b"{}", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    assert info.value.code == 401 and info.value.headers.get("WWW-Authenticate")
+    body = json.loads(info.value.read())
+    assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
+    assert set(body["error"]) == {"type", "message"}
+    code, body, _ = request(s, "/v1/models")  # other routes keep OpenAI's shape
+    assert code == 401 and body["error"]["code"] == "invalid_api_key"
+
+
 def test_openai_sdk_with_a_key_plain_and_streaming(keyed: tuple[Supervisor, Path]) -> None:
     s, _ = keyed
     # The fake worker answers 400 if a credential header reaches it: a 200 proves none did.

@@ -116,3 +116,13 @@ def test_models_latency_bench_runs(tmp_path: Path) -> None:
     assert len({v["body_bytes"] for v in res["columns"].values()}) == 1  # the floors answer vram-llm's body
     [card] = res["cards"]["vram-llm"]["data"]
     assert card["state"] == "ready" and card["loaded"] is True
+
+
+def test_bench_dialects_skips_cleanly_without_llama_server() -> None:
+    # There is no llama-server binary on CI: the comparison says so and starts nothing.
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LLAMA_SERVER"}
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    proc = subprocess.run([sys.executable, "-m", "bench.dialects"], cwd=str(REPO), capture_output=True, text=True,
+                          timeout=120, env=env, check=False)
+    assert proc.returncode == 0 and "skipped" in proc.stdout, proc.stdout + proc.stderr
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before

@@ -149,6 +149,19 @@ def test_streaming_chat(client: openai.OpenAI) -> None:
     assert usage is not None and usage.completion_tokens <= 10
 
 
+def test_responses_and_messages_through_the_proxy(sup: Supervisor, client: openai.OpenAI) -> None:
+    # The supervisor forwards every /v1 path: the Responses and Messages dialects included.
+    r = client.responses.create(model="any", input="Count to five.", max_output_tokens=5, temperature=0)
+    assert r.output_text and r.usage is not None and r.usage.output_tokens <= 5
+    events = [e.type for e in client.responses.create(model="any", input="Count to five.", max_output_tokens=5, stream=True)]
+    assert events[0] == "response.created" and events[-1] in ("response.completed", "response.incomplete")
+    assert client.responses.retrieve(r.id).id == r.id
+    code, body = sup.post("/v1/messages", {"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+    assert code == 200 and body["type"] == "message" and body["usage"]["output_tokens"] <= 3
+    code, body = sup.post("/v1/messages", {"messages": [{"role": "user", "content": "hi"}]})
+    assert code == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+
+
 def test_bad_request_is_a_4xx_through_the_proxy(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="any", messages=[], max_tokens=5)

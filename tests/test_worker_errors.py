@@ -14,6 +14,9 @@ pytestmark = pytest.mark.model
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"
+FN = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
 USER = [{"role": "user", "content": "hi"}]
 HUGE_TEXT = "hello " * 3000  # ~3000 tokens, the test worker's context is 1024
 
@@ -24,6 +27,14 @@ def chat(**fields: Any) -> bytes:
 
 def comp(**fields: Any) -> bytes:
     return json.dumps({"prompt": "hi", "max_tokens": 2, **fields}).encode()
+
+
+def resp(**fields: Any) -> bytes:
+    return json.dumps({"input": "hi", "max_output_tokens": 2, **fields}).encode()
+
+
+def msg(**fields: Any) -> bytes:
+    return json.dumps({"messages": USER, "max_tokens": 2, **fields}).encode()
 
 
 def raw(obj: Any) -> bytes:
@@ -90,7 +101,8 @@ CASES: list[tuple[str, str, str, bytes | None, int, str | None, str | None]] = [
     ("seed-string", "POST", CHAT, chat(seed="abc"), 400, "seed", None),
     ("seed-huge", "POST", CHAT, chat(seed=2**70), 400, "seed", None),
     # The default model's template renders no tools (issue 15: tools need a template that does).
-    ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "tools_unsupported"),
+    # (tools on SmolLM2's own template are served by the generic format: not an error)
+    ("tools-schema-no-grammar", "POST", CHAT, chat(tool_choice="required", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}]), 400, "tools", None),
     # logprobs are served since issue 15; their ranges are OpenAI's.
     ("top-logprobs-without-logprobs", "POST", CHAT, chat(top_logprobs=3), 400, "top_logprobs", "invalid_value"),
     ("top-logprobs-too-many", "POST", CHAT, chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
@@ -144,6 +156,35 @@ CASES: list[tuple[str, str, str, bytes | None, int, str | None, str | None]] = [
     ("put-health", "PUT", "/health", None, 405, None, "method_not_allowed"),
     ("unknown-v1-route", "POST", "/v1/nope", b"{}", 404, None, "not_found"),
     ("unknown-route", "GET", "/nope", None, 404, None, "not_found"),
+    # /v1/responses (OpenAI's Responses API): the same error shape.
+    ("responses-malformed-json", "POST", RESPONSES, b'{"input": [', 400, None, "invalid_json"),
+    ("responses-empty-body", "POST", RESPONSES, b"", 400, None, "invalid_json"),
+    ("responses-json-array", "POST", RESPONSES, b"[]", 400, None, None),
+    ("responses-input-int", "POST", RESPONSES, resp(input=5), 400, "input", None),
+    ("responses-item-unknown-type", "POST", RESPONSES, resp(input=[{"type": "item_reference", "id": "x"}]), 400, "input[0].type", "unsupported"),
+    ("responses-item-not-object", "POST", RESPONSES, resp(input=["hi"]), 400, "input[0]", None),
+    ("responses-message-no-role", "POST", RESPONSES, resp(input=[{"type": "message", "content": "hi"}]), 400, "input[0].role", None),
+    ("responses-message-bad-role", "POST", RESPONSES, resp(input=[{"role": "wizard", "content": "hi"}]), 400, "input[0].role", None),
+    ("responses-image-part", "POST", RESPONSES, resp(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]), 400, "input[0].content[0].type", "unsupported"),
+    ("responses-call-no-call-id", "POST", RESPONSES, resp(input=[{"type": "function_call", "name": "f", "arguments": "{}"}]), 400, "input[0].call_id", None),
+    ("responses-output-no-output", "POST", RESPONSES, resp(input=[{"type": "function_call_output", "call_id": "c"}]), 400, "input[0].output", None),
+    ("responses-tool-custom", "POST", RESPONSES, resp(tools=[{"type": "custom", "name": "apply_patch"}]), 400, "tools[0].type", "unsupported"),
+    ("responses-tool-bad-name", "POST", RESPONSES, resp(tools=[{"type": "function", "name": "bad name"}]), 400, "tools[0].name", None),
+    ("responses-tool-not-object", "POST", RESPONSES, resp(tools=["f"]), 400, "tools[0]", None),
+    ("responses-tool-choice-unknown", "POST", RESPONSES, resp(tools=[FN], tool_choice={"type": "function", "name": "g"}), 400, "tool_choice.name", None),
+    ("responses-tool-choice-hosted", "POST", RESPONSES, resp(tools=[FN], tool_choice={"type": "web_search"}), 400, "tool_choice", "unsupported"),
+    ("responses-required-no-tools", "POST", RESPONSES, resp(tool_choice="required"), 400, "tool_choice", None),
+    ("responses-max-output-zero", "POST", RESPONSES, resp(max_output_tokens=0), 400, "max_output_tokens", None),
+    ("responses-temperature-high", "POST", RESPONSES, resp(temperature=3), 400, "temperature", None),
+    ("responses-format-no-schema", "POST", RESPONSES, resp(text={"format": {"type": "json_schema", "name": "x"}}), 400, "text.format.schema", None),
+    ("responses-format-unknown", "POST", RESPONSES, resp(text={"format": {"type": "yaml"}}), 400, "text.format.type", None),
+    ("responses-background", "POST", RESPONSES, resp(background=True), 400, "background", "unsupported"),
+    ("responses-previous-unknown", "POST", RESPONSES, resp(previous_response_id="resp_nope"), 404, "previous_response_id", "not_found"),
+    ("responses-context-exceeded", "POST", RESPONSES, resp(input=HUGE_TEXT), 400, "input", "context_length_exceeded"),
+    ("responses-get-unknown", "GET", RESPONSES + "/resp_nope", None, 404, None, "not_found"),
+    ("responses-delete-unknown", "DELETE", RESPONSES + "/resp_nope", None, 404, None, "not_found"),
+    ("responses-put", "PUT", RESPONSES, resp(), 405, None, "method_not_allowed"),
+    ("responses-count-bad", "POST", RESPONSES + "/input_tokens", resp(input=5), 400, "input", None),
 ]
 
 
@@ -166,6 +207,52 @@ def test_bad_request_gets_openai_error(
         assert err["param"] == param, err
     if code is not None:
         assert err["code"] == code, err
+
+
+# Anthropic's Messages API: the same promise in Anthropic's error shape (no param, no code).
+MESSAGES_CASES: list[tuple[str, str, str, bytes | None, int]] = [
+    ("messages-malformed-json", "POST", MESSAGES, b'{"messages": [', 400),
+    ("messages-empty-body", "POST", MESSAGES, b"", 400),
+    ("messages-json-null", "POST", MESSAGES, b"null", 400),
+    ("messages-no-max-tokens", "POST", MESSAGES, raw({"messages": USER}), 400),
+    ("messages-max-tokens-zero", "POST", MESSAGES, msg(max_tokens=0), 400),
+    ("messages-empty", "POST", MESSAGES, msg(messages=[]), 400),
+    ("messages-role-system", "POST", MESSAGES, msg(messages=[{"role": "system", "content": "hi"}]), 400),
+    ("messages-content-int", "POST", MESSAGES, msg(messages=[{"role": "user", "content": 5}]), 400),
+    ("messages-block-unknown", "POST", MESSAGES, msg(messages=[{"role": "user", "content": [{"type": "audio"}]}]), 400),
+    ("messages-block-image", "POST", MESSAGES, msg(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]), 400),
+    ("messages-text-no-text", "POST", MESSAGES, msg(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400),
+    ("messages-tool-use-in-user", "POST", MESSAGES, msg(messages=[{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]), 400),
+    ("messages-tool-result-no-id", "POST", MESSAGES, msg(messages=[{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]), 400),
+    ("messages-tool-no-schema", "POST", MESSAGES, msg(tools=[{"name": "f"}]), 400),
+    ("messages-tool-server-type", "POST", MESSAGES, msg(tools=[{"type": "web_search_20250305", "name": "web_search"}]), 400),
+    ("messages-tool-bad-name", "POST", MESSAGES, msg(tools=[{"name": "bad name", "input_schema": {}}]), 400),
+    ("messages-tool-choice-unknown-type", "POST", MESSAGES, msg(tool_choice={"type": "maybe"}), 400),
+    ("messages-tool-choice-unknown-name", "POST", MESSAGES, msg(tools=[{"name": "f", "input_schema": {"type": "object"}}], tool_choice={"type": "tool", "name": "g"}), 400),
+    ("messages-any-no-tools", "POST", MESSAGES, msg(tool_choice={"type": "any"}), 400),
+    ("messages-temperature-high", "POST", MESSAGES, msg(temperature=1.5), 400),
+    ("messages-stop-not-list", "POST", MESSAGES, msg(stop_sequences=5), 400),
+    ("messages-system-int", "POST", MESSAGES, msg(system=5), 400),
+    ("messages-context-exceeded", "POST", MESSAGES, msg(messages=[{"role": "user", "content": HUGE_TEXT}]), 400),
+    ("messages-count-malformed", "POST", MESSAGES + "/count_tokens", b"{", 400),
+    ("messages-count-no-messages", "POST", MESSAGES + "/count_tokens", raw({}), 400),
+    ("messages-get", "GET", MESSAGES, None, 405),
+    ("messages-unknown-subroute", "POST", MESSAGES + "/batches", raw({}), 404),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status", [c[1:] for c in MESSAGES_CASES], ids=[c[0] for c in MESSAGES_CASES])
+def test_bad_messages_request_gets_anthropic_error(
+    client: httpx.Client, method: str, path: str, body: bytes | None, status: int,
+) -> None:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    r = client.request(method, path, content=body, headers=headers)
+    assert r.status_code == status, r.text
+    got = r.json()
+    assert set(got) == {"type", "error"} and got["type"] == "error"
+    assert set(got["error"]) == {"type", "message"} and got["error"]["message"]
+    assert "Traceback" not in got["error"]["message"]
+    assert got["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
 
 
 def test_corpus_is_large_enough() -> None:

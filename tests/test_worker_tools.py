@@ -229,11 +229,9 @@ def test_tools_reach_the_template(tool_worker: WorkerProcess) -> None:
     assert "get_weather" in prompt and n == with_tools["usage"]["prompt_tokens"]
 
 
-def test_auto_without_tool_support_and_malformed_tools_are_400s(client: httpx.Client) -> None:
-    # The plain SmolLM2 template renders no tools: a clear 400, not a silent plain answer.
-    r = client.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER]})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "tools_unsupported"
-    assert r.json()["error"]["param"] == "tools"
+def test_malformed_tools_are_400s(client: httpx.Client) -> None:
+    # (The plain SmolLM2 template renders no tools: it is served by the generic format, or
+    # refused with tools = "refuse": tests/test_worker_dialects.py.)
     ok = client.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "tool_choice": "none", "max_tokens": 1})
     assert ok.status_code == 200
     for tools, param in [
@@ -280,3 +278,89 @@ def test_auto_streams_plain_text_as_content(tool_worker: WorkerProcess) -> None:
     assert whole["finish_reason"] in ("stop", "length") and whole["message"]["content"]
     assert text == whole["message"]["content"] and not any(d.get("tool_calls") for d in deltas)
     assert sum(1 for d in deltas if d.get("content")) > 1  # it streamed, not one chunk at the end
+
+
+# --- the leak rule, the repeat rule and the generic format (pure) ------------------------------
+
+
+def test_complete_calls_are_parsed_and_a_cut_off_call_is_dropped() -> None:
+    from worker.engine.tools import GENERIC
+
+    one = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    # finish_reason "length" in the middle of the second call: the first is a call, the rest is gone.
+    assert parse_calls(HERMES, f'Sure. {one}\n<tool_call>\n{{"name": "f", "argu') == ("Sure.", [parse_calls(HERMES, one)[1][0]])
+    assert parse_calls(HERMES, '<tool_call>\n{"name": "f", "argu') == (None, [])
+    assert parse_calls(HERMES, f"{one}\n<tool")[0] is None  # a marker cut as it began
+    assert parse_calls(HERMES, '<tool_call>{"name": "f", "arguments": {}}')[1][0].name == "f"  # no end tag (EOS)
+    _, calls = parse_calls(MISTRAL, '[TOOL_CALLS][{"name": "f", "arguments": {}}, {"name": "g", "argu')
+    assert [c.name for c in calls] == ["f"]
+    assert parse_calls(LLAMA3, '{"name": "f", "parameters": {}}; {"name": "g"') == (None, [parse_calls(LLAMA3, '{"name": "f", "parameters": {}}')[1][0]])
+    assert [c.name for c in parse_calls(GENERIC, '{"tool_calls": [{"name": "f", "arguments": {}}, {"na')[1]] == ["f"]
+    assert parse_calls(GENERIC, '{"response": "Hi \\u00e9') == ("Hi é", [])
+    assert parse_calls(GENERIC, '{"response": "ok"}') == ("ok", [])
+
+
+def test_call_stream_holds_markup_and_stops_on_a_repeat() -> None:
+    from worker.engine.tools import CallStream
+
+    call = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    s = CallStream(HERMES, stop_on_repeat=True)
+    shown = "".join(s.feed(p) for p in ["Ok ", call[:5], call[5:], "\n", call[:20]])
+    assert shown == "Ok " and not s.repeated
+    s.feed(call[20:])
+    assert s.repeated  # the same name and arguments again: the caller stops the generation
+    assert s.finish() == ("", [parse_calls(HERMES, call)[1][0]])
+    # Without the rule (auto, or parallel_tool_calls false) both calls are returned.
+    s = CallStream(HERMES)
+    s.feed(call + "\n" + call)
+    assert not s.repeated and len(s.finish()[1]) == 2
+    # A tail that may start a marker: text when the answer ended, dropped when max_tokens cut it.
+    s = CallStream(HERMES)
+    assert s.feed("hello <tool_") == "hello " and s.finish() == ("<tool_", [])
+    s = CallStream(HERMES)
+    s.feed("hello <tool_")
+    assert s.finish(cut_off=True) == ("", [])
+
+
+def test_generic_format_streams_the_response_text_and_holds_calls() -> None:
+    from worker.engine.tools import GENERIC, CallStream, ToolRequest, generic_grammar
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    s = CallStream(GENERIC)
+    shown = [s.feed(p) for p in ['{', '"response', '": "Hel', 'lo \\', 'n\\u00', 'e9"', "}"]]
+    assert shown == ["", "", "Hel", "lo ", "\n", "é", ""] and s.finish() == ("", [])
+    s = CallStream(GENERIC)  # cut by max_tokens before the JSON said which: nothing shown
+    assert s.feed('{"tool') == "" and s.finish(cut_off=True) == ("", [])
+    s = CallStream(GENERIC, stop_on_repeat=True)
+    call = '{"name": "f", "arguments": {}}'
+    assert s.feed('{"tool_calls": [' + call) == "" and not s.repeated
+    s.feed(", " + call)
+    assert s.repeated and [c.name for c in s.finish()[1]] == ["f"]
+    for choice in ("auto", "required", "function:get_time"):
+        LlamaGrammar.from_string(generic_grammar(ToolRequest([WEATHER, TIME], choice)), verbose=False)
+
+
+def test_response_store_is_bounded_and_expires() -> None:
+    from worker.api.responses import ResponseStore
+
+    store = ResponseStore(size=2, ttl_s=10.0)
+    for i, rid in enumerate(["a", "b", "c"]):
+        store.put(rid, {"id": rid}, [], now=float(i))
+    assert store.get("a", 3.0) is None and store.get("b", 3.0) is not None  # the oldest went first
+    assert store.get("c", 12.5) is None  # past its TTL
+    assert store.delete("b") and not store.delete("b")
+    assert ResponseStore(size=0, ttl_s=10.0).get("x", 0.0) is None
+
+
+def test_tool_schemas_with_defs_compile() -> None:
+    # pydantic writes nested models as $defs + "#/$defs/X"; the call schema wraps the
+    # parameters, so the definitions must follow them to its root.
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    from worker.engine.tools import generic_grammar
+
+    params = {"type": "object", "properties": {"inner": {"$ref": "#/$defs/Inner"}}, "required": ["inner"],
+              "$defs": {"Inner": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}
+    req = ToolRequest([{"type": "function", "function": {"name": "f", "parameters": params}}, TIME], "required")
+    for grammar in (generic_grammar(req), call_grammar(HERMES, req), call_grammar(LLAMA3, req)):
+        LlamaGrammar.from_string(grammar, verbose=False)

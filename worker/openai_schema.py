@@ -335,7 +335,11 @@ def _request_error(e: Exception) -> RequestError:
     return RequestError(f"the request body is not valid JSON: {e}", code="invalid_json")
 
 
-def _decode(
+def decoders_of(strict_cls: type[Any], lenient_cls: type[Any]) -> tuple[msgspec.json.Decoder[Any], msgspec.json.Decoder[Any]]:
+    return msgspec.json.Decoder(strict_cls), msgspec.json.Decoder(lenient_cls)
+
+
+def decode_top_level(
     decoders: tuple[msgspec.json.Decoder[Any], msgspec.json.Decoder[Any]], body: bytes,
     strict: bool,
 ) -> tuple[Any, tuple[str, ...]]:
@@ -440,7 +444,7 @@ def max_tokens_of(req: ChatRequest | CompletionRequest, default: int | None) -> 
 def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[str, ...]]:
     """The request and the unknown top-level fields it ignored (none when ``strict``)."""
     req: ChatRequest
-    req, ignored = _decode(_chat_decoders, body, strict)
+    req, ignored = decode_top_level(_chat_decoders, body, strict)
     _check_common(req)
     _check_grammar_can_end(req)
     _check_tools(req)
@@ -516,7 +520,7 @@ def decode_completion(
 ) -> tuple[CompletionRequest, tuple[str, ...]]:
     """The request and the unknown top-level fields it ignored (none when ``strict``)."""
     req: CompletionRequest
-    req, ignored = _decode(_completion_decoders, body, strict)
+    req, ignored = decode_top_level(_completion_decoders, body, strict)
     _check_common(req)
     _check_grammar_can_end(req)
     if isinstance(req.prompt, list):

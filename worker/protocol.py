@@ -19,6 +19,8 @@ from typing import Literal
 import msgspec
 
 SplitMode = Literal["layer", "row", "none"]
+# A template without tool markup: the generic format (worker/engine/tools.py) or a 400.
+ToolsMode = Literal["generic", "refuse"]
 
 
 class ExitCode(enum.IntEnum):
@@ -106,6 +108,13 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # "cls" or "last" (None: the GGUF's, else mean).
     embeddings: bool
     pooling: str | None = None
+    # Tool requests when the chat template has no tool markup: "generic" (tools described in
+    # the system message, a grammar-constrained JSON call) or "refuse" (400 tools_unsupported).
+    tools: ToolsMode
+    # /v1/responses kept for previous_response_id and GET /v1/responses/{id}: at most this
+    # many (least recently stored dropped first), each for this long. 0: none kept.
+    responses_store_size: int
+    responses_store_ttl_s: float
 
 
 class AppliedParams(msgspec.Struct, kw_only=True):
@@ -126,6 +135,9 @@ class AppliedParams(msgspec.Struct, kw_only=True):
     gpu_offload_supported: bool
     parallel: int
     prefill_chunk: int
+    # How tool calls are written and parsed: "hermes", "llama3", "mistral" (the template's own
+    # markup), "generic" (no markup: JSON in a grammar), or None (tools refused).
+    tool_format: str | None = None
 
 
 class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -202,3 +214,26 @@ def split_usage_trailer(chunk: bytes) -> tuple[bytes, StreamUsage | None]:
     except msgspec.DecodeError:
         usage = None
     return chunk[:start] + chunk[end + 2 :], usage
+
+
+# --- Anthropic's error shape (the /v1/messages routes), for the worker and the supervisor ---
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+    504: "timeout_error", 529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    """``{"type": "error", "error": {"type", "message"}}``, the type chosen by HTTP status."""
+    return encoder.encode({"type": "error", "error": {"type": anthropic_error_type(status), "message": message}})
+
+
+def is_anthropic_path(path: str) -> bool:
+    """The routes answered in Anthropic's shape, errors included."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")

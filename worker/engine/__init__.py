@@ -23,9 +23,10 @@ from worker.engine.generation import Generation, Sink, TokenLogprob
 from worker.engine.load import LlamaLog, LoadCancelled, LoadError, OutOfMemory
 from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, PromptTooLong, Sampling
 from worker.engine.stops import _held_back, _stop_at
-from worker.engine.tools import ParsedCall, StreamSplit, ToolRequest, parse_calls
+from worker.engine.tools import CallStream, ParsedCall, StreamSplit, ToolRequest, parse_calls
 
 __all__ = [
+    "CallStream",
     "ChatMessage",
     "Engine",
     "Generation",

@@ -48,7 +48,7 @@ class Engine:
         # Llama object's own token bookkeeping (n_tokens, input_ids) is never used.
         ctx = llama._ctx.ctx
         self.n_ctx = int(llama_lib.llama_n_ctx_seq(ctx))  # one slot's context
-        self._preparer = PromptPreparer(llama, self.n_ctx)
+        self._preparer = PromptPreparer(llama, self.n_ctx, self.spec.tools)
         self._pieces = Pieces(llama._model.vocab)
         self.loop = BatchLoop(
             ctx,
@@ -83,6 +83,7 @@ class Engine:
             gpu_offload_supported=bool(llama_lib.llama_supports_gpu_offload()),
             parallel=self.spec.parallel,
             prefill_chunk=self.spec.prefill_chunk,
+            tool_format=self._preparer.tool_format if self._preparer is not None else None,
         )
 
     def close(self) -> None:

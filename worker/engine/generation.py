@@ -138,6 +138,7 @@ class Generation:
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # one per token_ids entry, when asked
         self.finish_reason: str | None = None
+        self.stop_string: str | None = None  # the stop string that ended it (Anthropic's stop_sequence)
         self.error: str | None = None
         self.error_status = 500  # HTTP status the server gives ``error``
         self.started_at: float | None = None
@@ -217,6 +218,7 @@ class Generation:
             pending = self._pending + text
             cut = _stop_at(pending, stops)
             if cut is not None:
+                self.stop_string = next((x for x in stops if pending.startswith(x, cut)), None)
                 if s.include_stop_str_in_output:  # the matched stop string is part of the output
                     cut = _stop_end(pending, stops, cut)
                 if cut and sink is not None:

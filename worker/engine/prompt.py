@@ -19,7 +19,16 @@ import llama_cpp.llama_cpp as llama_lib
 from llama_cpp import llama_chat_format
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-from worker.engine.tools import ToolRequest, call_grammar, detect_format
+from worker.engine.tools import (
+    GENERIC,
+    ToolRequest,
+    call_grammar,
+    detect_format,
+    generic_grammar,
+    generic_history_call,
+    generic_history_result,
+    generic_instructions,
+)
 
 
 class InvalidInput(Exception):
@@ -81,6 +90,9 @@ class Prepared:
     logit_bias: dict[int, float] | None
     eog_tokens: tuple[int, ...] = ()  # every end-of-generation token; only for ignore_eos/min_tokens
     tool_format: str | None = None  # the request offered tools: parse the output in this format
+    # tool_choice "required" with parallel calls: a call repeated with identical arguments
+    # ends the answer (tools.CallStream), else a small model repeats it up to max_tokens.
+    stop_on_repeat: bool = False
 
 
 @dataclass
@@ -132,17 +144,41 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
     return {**call, "type": "function", "function": fn}
 
 
+def _generic_messages(messages: list[ChatMessage], tools: ToolRequest) -> list[ChatMessage]:
+    """The conversation for a template without tool markup: the tools described in the
+    system message, earlier calls and results written as the generic format's JSON."""
+    names = {c.get("id"): (c.get("function") or {}).get("name") for m in messages for c in m.tool_calls or ()}
+    out: list[ChatMessage] = []
+    for m in messages:
+        if m.role == "assistant" and m.tool_calls:
+            out.append(ChatMessage("assistant", generic_history_call(m.tool_calls)))
+        elif m.role == "tool":
+            name = m.name or names.get(m.tool_call_id)
+            out.append(ChatMessage("user", generic_history_result(name, m.tool_call_id, m.content)))
+        else:
+            out.append(m)
+    text = generic_instructions(tools)
+    if out and out[0].role in ("system", "developer"):
+        out[0] = ChatMessage("system", f"{out[0].content}\n\n{text}" if out[0].content else text)
+    else:
+        out.insert(0, ChatMessage("system", text))
+    return out
+
+
 class PromptPreparer:
     """Turns requests into ``Prepared`` for one loaded model (thread-safe: reads only)."""
 
-    def __init__(self, llama: llama_cpp.Llama, n_ctx: int) -> None:
+    def __init__(self, llama: llama_cpp.Llama, n_ctx: int, tools_mode: str = "generic") -> None:
         self._llama = llama
         self._n_ctx = n_ctx  # one slot's context (each sequence has its own cells)
         self._eog: tuple[int, ...] | None = None  # end-of-generation token ids, once needed
         # The GGUF's own Jinja template (not a named chat_format) says how tools are called.
         template = llama.metadata.get("tokenizer.chat_template")
         jinja = llama.chat_handler is None and (llama.chat_format or "").startswith("chat_template.")
-        self.tool_format = detect_format(template) if jinja else None
+        own = detect_format(template) if jinja else None
+        # A template without tool markup (or a named chat_format) gets the generic format,
+        # unless the model's config says "refuse" (README "Tool calling").
+        self.tool_format = own or (GENERIC if tools_mode == "generic" else None)
 
     def _render_chat(
         self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
@@ -188,17 +224,24 @@ class PromptPreparer:
             fmt_stop = [fmt_stop]
         return list(prompt), list(fmt_stop)
 
+    def _tool_format(self, tools: ToolRequest | list[dict[str, Any]] | None) -> str | None:
+        fmt = self.tool_format
+        if tools and fmt is None:
+            raise InvalidInput(
+                "this model's chat template has no tool support (it renders no tools, or in "
+                "a format vram-llm does not parse: README \"Tool calling\") and its config says "
+                'tools = "refuse"; send tool_choice "none" or no tools', "tools", code="tools_unsupported",
+            )
+        return fmt
+
     def prepare_chat(
         self, messages: list[ChatMessage], sampling: Sampling, tools: ToolRequest | None = None
     ) -> Prepared:
-        fmt = self.tool_format
-        if tools is not None and fmt is None:
-            raise InvalidInput(
-                "this model's chat template has no tool support (it renders no tools, or in "
-                "a format vram-llm does not parse: README \"Tool calling\"); send "
-                "tool_choice \"none\" or no tools", "tools", code="tools_unsupported",
-            )
-        tokens, fmt_stop = self._render_chat(messages, tools.tools if tools else None)
+        fmt = self._tool_format(tools)
+        template_tools = tools.tools if tools else None
+        if tools is not None and fmt == GENERIC:
+            messages, template_tools = _generic_messages(messages, tools), None
+        tokens, fmt_stop = self._render_chat(messages, template_tools)
         stop = tuple(dict.fromkeys([*sampling.stop, *fmt_stop]))
         tool_grammar = None
         if tools is not None:
@@ -206,11 +249,17 @@ class PromptPreparer:
             # Markers such as <|python_tag|> or [TOOL_CALLS] may be special tokens: keep
             # their text, the parser needs it.
             sampling = dataclasses.replace(sampling, skip_special_tokens=False)
-            if tools.choice != "auto":
-                tool_grammar = call_grammar(fmt, tools)
+            try:
+                if fmt == GENERIC:
+                    tool_grammar = generic_grammar(tools)  # always JSON: a call or a "response"
+                elif tools.choice != "auto":
+                    tool_grammar = call_grammar(fmt, tools)
+            except Exception as e:  # json-schema-to-grammar refuses a schema (an unknown $ref, ...)
+                raise InvalidInput(f"no grammar for these tools' JSON schemas: {e}", "tools") from None
         prepared = self._prepare(tokens, sampling, stop, "messages", tool_grammar)
         if tools is not None:
             prepared.tool_format = fmt
+            prepared.stop_on_repeat = tools.choice == "required" and tools.parallel
         return prepared
 
     # --- llama-server's /tokenize, /detokenize, /apply-template -------------------------
@@ -220,10 +269,8 @@ class PromptPreparer:
     ) -> str:
         """The prompt a chat request with these messages (and tools) evaluates, as text
         (special tokens rendered, a BOS the template did not write included)."""
-        if tools and self.tool_format is None:
-            raise InvalidInput(
-                "this model's chat template has no tool support", "tools", code="tools_unsupported"
-            )
+        if self._tool_format(tools) == GENERIC and tools:
+            messages, tools = _generic_messages(messages, ToolRequest(tools, "auto")), None
         tokens, _ = self._render_chat(messages, tools)
         return self.detokenize(tokens)
 

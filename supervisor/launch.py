@@ -18,13 +18,13 @@ from typing import Any
 
 from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
 from supervisor.gpus import GpuProbe, GpuProbeError, Inventory, make_probe
+from supervisor.launches import Launch, PlanFailed
 from supervisor.model import ModelError, read_model_facts
 from supervisor.nvml import process_gpu_memory
 from supervisor.plan_report import render_plan, summary_of
 from supervisor.planner import Plan
 from supervisor.planning import default_entry_path, make_plan, resolve_model_path
 from supervisor.restart import PlanAdjust
-from supervisor.worker_process import Launch, PlanFailed
 from worker.protocol import LaunchSpec
 
 log = logging.getLogger("vram_llm.plan")

@@ -31,27 +31,26 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.config import Config, ModelEntry
 from supervisor.fleet_changes import FleetChanges, ListChange, list_change
+from supervisor.fleet_evict import Evictions
 from supervisor.fleet_ledger import AccountedProbe, Ledger, planned_mib, taken_mib
-from supervisor.inventory import GpuProbe, Inventory
-from supervisor.launch import SETTLE_TOLERANCE_MIB, Preparer
+from supervisor.inventory import GpuProbe
+from supervisor.launch import Preparer
 from supervisor.launches import Launch, NoRoom, PlanFailed
-from supervisor.nvml import process_gpu_memory
 from supervisor.placement import ModelInfo, Resident, place
 from supervisor.planning import plan_settings
 from supervisor.restart import PlanAdjust
 from supervisor.states import PROCESS_STATES, WorkerState
 from supervisor.status_view import shown_state
+from supervisor.spawn import Spawner
 from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm.fleet")
-
-FREED_POLL_S = 0.1  # how often NVML is read while an unloaded model's memory comes back
 
 # A worker's socket is <runtime dir>/vram-llm-XXXXXXXX/<model dir>/worker-<gen>.sock and a
 # Unix socket path holds at most 107 bytes (the worker refuses a longer one): a model's
@@ -101,6 +100,7 @@ class Fleet(FleetChanges):
         reload_config: Callable[[], Config] | None = None,
         on_state: Callable[[str, WorkerState, str], None] | None = None,
         on_progress: Callable[[float], None] | None = None,
+        spawner: Callable[[str, Callable[[], Config], Path], Spawner] | None = None,  # tests: a fake adapter
     ) -> None:
         self.config = config  # the configuration in force (SIGHUP replaces it only when valid)
         self.ids = [e.id for e in entries]  # the models requests may name, in config order
@@ -114,6 +114,7 @@ class Fleet(FleetChanges):
         self._reload_config = reload_config
         self._on_state = on_state
         self._on_progress = on_progress
+        self._spawner = spawner
         self._dirs: dict[str, Path] = {}  # model -> the directory of its sockets
         self._tasks: dict[str, asyncio.Task[None]] = {}  # model -> its manager's run() (once running)
         self._tasks_changed = asyncio.Event()
@@ -125,8 +126,8 @@ class Fleet(FleetChanges):
         self._asks: asyncio.Queue[_Ask] = asyncio.Queue()
         self._waiting: dict[asyncio.Future[Launch], str] = {}  # asks not answered yet -> their model
         self._stopping = False
-        self.swaps = 0  # evictions made to load another model
         self._several = len(entries) > 1
+        self.evictions = Evictions(self.managers, self.preparers, self.ledger, self.probe, lambda: self._stopping)
         for e in entries:
             # One model keeps its sockets in the runtime dir itself, as before several existed.
             self._add(
@@ -157,6 +158,7 @@ class Fleet(FleetChanges):
             config=lambda: prep.config,
             prepare=_FleetPreparer(self, mid),
             runtime_dir=mdir,
+            spawner=None if self._spawner is None else self._spawner(mid, lambda: prep.config, mdir),
             on_state=state_cb,
             on_progress=self._on_progress,
             unloaded=unloaded,
@@ -216,6 +218,11 @@ class Fleet(FleetChanges):
             if (e.preload or m == self._first_at_start) and m not in self._ready_once:
                 return False, f"model {m} (loaded at start): {mgr.state.value}: {mgr.reason}"
         return True, "ok"
+
+    @property
+    def swaps(self) -> int:
+        """Evictions made to load another model."""
+        return self.evictions.swaps
 
     @property
     def in_flight(self) -> int:
@@ -319,7 +326,7 @@ class Fleet(FleetChanges):
         while True:
             if self._stopping or ask.done.done():
                 raise NoRoom("the server is shutting down")
-            await self._measure()
+            await self.evictions.measure()
             inv = await asyncio.to_thread(self.probe.read)
             models = {
                 m: ModelInfo(
@@ -337,10 +344,10 @@ class Fleet(FleetChanges):
                 raise NoRoom(d.refusal, 30)
             if d.evict:
                 log.info("to load model %s: unloading idle model(s) %s", mid, ", ".join(d.evict))
-                await self._evict_idle(d.evict)
+                await self.evictions.idle(d.evict)
                 continue
             if d.wait_for:
-                await self._evict_busy(mid, d.wait_for, deadline, cfg.admission.wait_timeout_s)
+                await self.evictions.busy(mid, d.wait_for, deadline, cfg.admission.wait_timeout_s)
                 continue
             # Room: plan the start itself with the model's preparer (llama-fit-params,
             # the OOM ladder, the logged plan) on the accounted inventory.
@@ -355,42 +362,6 @@ class Fleet(FleetChanges):
                 raise
             self.ledger.plan(mid, planned_mib(launch))
             return launch
-
-    async def _evict_idle(self, victims: tuple[str, ...]) -> None:
-        """Unload models placement found idle. Each is held (new requests wait) in the same
-        step as the check that it is idle, so a request cannot reach it between the check and
-        the unload; one that is busy now sends the caller back to place again."""
-        for e in victims:
-            victim = self.managers.get(e)
-            if victim is None:
-                continue  # removed by SIGHUP meanwhile: its worker is gone
-            if not victim.admission.hold_if_idle():
-                return  # a request reached it while an earlier one stopped: place again
-            try:
-                if await self._unload_now(e):
-                    self.swaps += 1
-            finally:
-                victim.admission.hold(False)
-
-    async def _evict_busy(self, mid: str, victims: tuple[str, ...], deadline: float, wait_s: float) -> None:
-        """Unload busy models once their requests are done, new ones held back meanwhile."""
-        loop = asyncio.get_running_loop()
-        left = deadline - loop.time()
-        names = ", ".join(victims)
-        if left <= 0:
-            raise NoRoom(f"model {mid!r} needs the GPU memory of {names}, which stayed busy", 5)
-        log.info("to load model %s: waiting (up to %.0fs) for %s to finish its requests", mid, left, names)
-        try:
-            if not await self._drain(victims, deadline):
-                raise NoRoom(f"model {mid!r} needs the GPU memory of {names}, still busy after {wait_s:g}s", 5)
-            for e in victims:
-                if await self._unload_now(e):
-                    self.swaps += 1
-        finally:
-            # Whatever happened, no model stays held back.
-            for e in victims:
-                if e in self.managers:
-                    self.managers[e].admission.hold(False)
 
     def _residents(self, exclude: str) -> list[Resident]:
         out = []
@@ -412,81 +383,3 @@ class Fleet(FleetChanges):
                 )
             )
         return out
-
-    async def _measure(self) -> None:
-        """NVML's per-process memory of every running worker replaces its planned footprint
-        (not with simulated GPUs: nothing is allocated there)."""
-        if self.probe.simulated:
-            return
-        pids: dict[str, int] = {}
-        for mid, mgr in self.managers.items():
-            h = mgr.last_health()
-            if h is not None:
-                pids[mid] = h[0]
-        if not pids:
-            return
-
-        def read() -> dict[str, dict[str, int]]:
-            return {mid: process_gpu_memory([pid]) for mid, pid in pids.items()}
-
-        got = await asyncio.to_thread(read)
-        self.ledger.measure({m: used for m, used in got.items() if used and m in self.managers})
-
-    async def _drain(self, mids: tuple[str, ...], deadline: float) -> bool:
-        """Let these models finish before they are unloaded (until ``deadline``): a load in
-        progress completes and serves the requests that were waiting for it, then new
-        requests are held back while the ones in flight finish. False (the caller lifts the hold)
-        if they did not in time. Serving the waiting ones first is what keeps two models
-        that need the same memory from unloading each other before either answers."""
-        adms = [self.managers[m].admission for m in mids if m in self.managers]  # others: removed meanwhile
-        if not all(await asyncio.gather(*(a.wait_served(deadline) for a in adms))) or self._stopping:
-            return False
-        for a in adms:
-            a.hold(True)
-        return all(await asyncio.gather(*(a.wait_workers_idle(deadline) for a in adms))) and not self._stopping
-
-    async def _unload_now(self, mid: str) -> bool:
-        """Unload ``mid`` and wait for its answer; False when there was nothing to unload
-        (removed, already unloaded, or no worker and none starting)."""
-        mgr = self.managers.get(mid)
-        if mgr is None:  # removed by SIGHUP meanwhile: its worker is gone
-            return False
-        state = mgr.view.state
-        if state in (WorkerState.UNLOADED, WorkerState.RETIRED) or (
-            state not in PROCESS_STATES and mid not in self.ledger.view.starting
-        ):
-            # Already unloaded (an operator's unload, an idle TTL, a drain that ended): its
-            # memory is free.
-            self.ledger.forget(mid)
-            return False
-        planned, measured = self.footprint(mid)
-        held = measured or planned
-        before = None if self.probe.simulated or not held else await asyncio.to_thread(self.probe.base.read)
-        # The manager drains (nothing is in flight by now) and stops its worker, bounded by
-        # worker.stop_timeout_s (then killed): its answer says it is unloaded.
-        cfg = self.preparers[mid].config
-        try:
-            await asyncio.wait_for(mgr.unload(), cfg.shutdown.grace_s + 2 * cfg.worker.stop_timeout_s + 5)
-        except asyncio.TimeoutError:
-            raise NoRoom(f"model {mid!r} did not stop in time to make room", 5) from None
-        self.ledger.forget(mid)
-        if before is not None:
-            await self._wait_freed(mid, held, before, cfg.restart.oom_settle_timeout_s)
-        return True
-
-    async def _wait_freed(self, mid: str, held: Mapping[str, int], before: Inventory, timeout_s: float) -> None:
-        """Real GPUs: the driver hands a stopped worker's memory back shortly after it exits.
-        Until NVML's free shows it, the next placement would take it for memory someone else
-        holds and unload more models (or offload partially): wait for it, bounded."""
-        was = {g.uuid: g.free_mib for g in before.gpus}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            now = {g.uuid: g.free_mib for g in (await asyncio.to_thread(self.probe.base.read)).gpus}
-            if all(now.get(u, 0) - was[u] >= mib - SETTLE_TOLERANCE_MIB for u, mib in held.items() if u in was):
-                return
-            if loop.time() >= deadline or self._stopping:
-                log.warning("model %s unloaded, but NVML does not show its memory free after %.0fs; "
-                            "placing with what is free now", mid, timeout_s)
-                return
-            await asyncio.sleep(FREED_POLL_S)

@@ -61,6 +61,7 @@ from supervisor.restart import (
 from supervisor.spawn import ProcessSpawner, Spawner, WorkerProcess
 from supervisor.states import StateMachine, WorkerState
 from supervisor.status import LastExit, RestartRecord, Status
+from supervisor.status_view import status_of
 from worker.protocol import Health, LaunchSpec
 
 log = logging.getLogger("vram_llm.worker")
@@ -256,6 +257,9 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
 
 
 class WorkerManager:
+    """One model's worker: the commands others send and the view they read. The owner task
+    (``run``) is ``_Owner``; a started process is supervised by ``_Watch``."""
+
     def __init__(
         self,
         *,
@@ -272,80 +276,72 @@ class WorkerManager:
         # The configuration is read where it is used, so a SIGHUP reload changes the
         # timeouts and the restart policy too, not only the plan.
         self._config = config
-        self._prepare = prepare
-        self._runtime_dir = runtime_dir
-        self._spawner = spawner or ProcessSpawner(config, runtime_dir)
-        self._on_state = on_state
-        self._on_progress = on_progress
-        self._ttl_s = ttl_s  # idle seconds before it unloads itself (0: never)
-        initial = S.UNLOADED if unloaded else S.STOPPED
-        self._sm = StateMachine(initial)
-        self._view = WorkerView(initial, "unloaded" if unloaded else "not started")
-        self._mail: asyncio.Queue[_Command] = asyncio.Queue()
-        self._cmd_task: asyncio.Future[_Command] | None = None
-        self._pending: list[_Command] = []  # taken, answered when their state comes
+        self._owner = _Owner(config, prepare, runtime_dir, spawner or ProcessSpawner(config, runtime_dir),
+                             on_state, on_progress, ttl_s, name, S.UNLOADED if unloaded else S.STOPPED)
         self._queued_load: asyncio.Future[None] | None = None  # coalesces loads sent meanwhile
-        self._book = FailureBook()
-        self._proc: WorkerProcess | None = None
-        self.admission = Admission(lambda: self._view, self.load, lambda: config().admission.queue_size)
+        self.admission = self._owner.admission = Admission(
+            lambda: self._owner.view, self.load, lambda: config().admission.queue_size
+        )
         self.name = name
         self.started_wall = time.time()
+
+    async def run(self) -> None:
+        """The lifecycle loop. Returns after a shutdown command, with no worker left."""
+        await self._owner.run()
 
     # ---- read side (any task, any thread): the published view ----------------------
 
     @property
     def view(self) -> WorkerView:
-        return self._view
+        return self._owner.view
 
     @property
     def state(self) -> WorkerState:
-        return self._view.state
+        return self.view.state
 
     @property
     def reason(self) -> str:
-        return self._view.reason_at(asyncio.get_running_loop().time())
+        return self.view.reason_at(asyncio.get_running_loop().time())
 
     @property
     def crash_loop(self) -> bool:
-        return self._view.crash_loop
+        return self.view.crash_loop
 
     def next_attempt_in_s(self) -> float | None:
-        return self._view.next_attempt_in(asyncio.get_running_loop().time())
+        return self.view.next_attempt_in(asyncio.get_running_loop().time())
 
     def retry_after_s(self, default: int = 5) -> int:
-        return self._view.retry_after_s(asyncio.get_running_loop().time(), default)
+        return self.view.retry_after_s(asyncio.get_running_loop().time(), default)
 
     def failure_streak(self) -> int:
         """Failures in the current streak, as the restart policy counts them now."""
-        h = self._view.history
+        h = self.view.history
         return failure_streak(
-            self._policy(), h.failures, asyncio.get_running_loop().time(), oom_ladder_exhausted=h.oom_exhausted
+            self._owner.policy(), h.failures, asyncio.get_running_loop().time(), oom_ladder_exhausted=h.oom_exhausted
         )
 
     @property
     def parked(self) -> bool:
         """Unloaded: no worker until a load (read by the model cards)."""
-        return self._view.state is S.UNLOADED
+        return self.view.state is S.UNLOADED
 
     @property
     def launch(self) -> Launch | None:
-        return self._view.launch
+        return self.view.launch
 
     def last_health(self) -> tuple[int, Health] | None:
         """The current worker's pid and its last /health answer (read by the metrics)."""
-        v = self._view
+        v = self.view
         return None if v.proc is None or v.last_health is None else (v.proc.pid, v.last_health)
 
     @property
     def counters(self) -> Counters:
-        a, h = self.admission, self._view.history
+        a, h = self.admission, self.view.history
         return Counters(a.in_flight, a.waiting, a.served, a.ended, h.restarts_total, dict(h.restarts_by_kind))
 
     def snapshot(self) -> Status:
         """Everything /status shows about the worker (GPU readings are added by app)."""
-        from supervisor.status_view import status_of  # the view -> status.py structs
-
-        return status_of(self._view, self.admission, self._spawner.stderr, self.failure_streak(),
+        return status_of(self.view, self.admission, self._owner.spawner.stderr, self.failure_streak(),
                          asyncio.get_running_loop().time())
 
     # ---- commands (any task) ------------------------------------------------------------
@@ -353,13 +349,13 @@ class WorkerManager:
     def _send(self, kind: _Cmd, reason: str = "") -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_retrieve)
-        self._mail.put_nowait(_Command(kind, fut, reason))
+        self._owner.mail.put_nowait(_Command(kind, fut, reason))
         return fut
 
     def load(self) -> asyncio.Future[None]:
         """Load an unloaded model (a no-op otherwise). Answered when the load took effect:
         ready, or failed (BACKOFF, FAILED); NoRoom when the fleet found no room for it."""
-        if self._view.state is not S.UNLOADED:
+        if self.view.state is not S.UNLOADED:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
@@ -387,10 +383,42 @@ class WorkerManager:
         self.admission.close("the server is shutting down")
         return self._send(_Cmd.SHUTDOWN)
 
-    # ---- the owner task ---------------------------------------------------------------------
 
-    def _policy(self) -> RestartPolicy:
-        r = self._config().restart
+class _Owner:
+    """The owner task: the only code that moves the state, starts or stops the process or
+    touches the failure book. Its fields are its own; others read ``view``."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        prepare: LaunchPreparer,
+        runtime_dir: Path,
+        spawner: Spawner,
+        on_state: Callable[[WorkerState, str], None] | None,
+        on_progress: Callable[[float], None] | None,
+        ttl_s: Callable[[], float],
+        name: str,
+        initial: WorkerState,
+    ) -> None:
+        self.config = config
+        self.prepare = prepare
+        self.runtime_dir = runtime_dir
+        self.spawner = spawner
+        self.on_state = on_state
+        self.on_progress = on_progress
+        self.ttl_s = ttl_s  # idle seconds before it unloads itself (0: never)
+        self.name = name
+        self.sm = StateMachine(initial)
+        self.view = WorkerView(initial, "unloaded" if initial is S.UNLOADED else "not started")
+        self.mail: asyncio.Queue[_Command] = asyncio.Queue()
+        self.cmd_task: asyncio.Future[_Command] | None = None
+        self.pending: list[_Command] = []  # taken, answered when their state comes
+        self.book = FailureBook()
+        self.proc: WorkerProcess | None = None
+        self.admission: Admission  # set by WorkerManager
+
+    def policy(self) -> RestartPolicy:
+        r = self.config().restart
         return RestartPolicy(
             backoff_initial_s=r.backoff_initial_s,
             backoff_max_s=r.backoff_max_s,
@@ -400,48 +428,48 @@ class WorkerManager:
             give_up=r.give_up,
         )
 
-    def _limits(self) -> Limits:
-        c = self._config()
+    def limits(self) -> Limits:
+        c = self.config()
         w = c.worker
         return Limits(w.load_stall_timeout_s, w.health_failures, w.token_stall_timeout_s, c.restart.stable_after_s)
 
-    def _publish(self, **changes: object) -> None:
-        self._view = dataclasses.replace(self._view, **changes)  # type: ignore[arg-type]
+    def publish(self, **changes: object) -> None:
+        self.view = dataclasses.replace(self.view, **changes)  # type: ignore[arg-type]
         self.admission.notify()
 
-    def _move(self, new: WorkerState, reason: str, **changes: object) -> None:
-        old = self._sm.state
-        self._sm.transition(new)
+    def move(self, new: WorkerState, reason: str, **changes: object) -> None:
+        old = self.sm.state
+        self.sm.transition(new)
         if new is not S.READY:
             changes.setdefault("handle", None)
         if new is not S.BACKOFF:
             changes.setdefault("backoff", None)
             changes.setdefault("next_attempt_at", None)
-        self._publish(state=new, reason=reason, history=self._book.view(), **changes)
-        shown = self._view.reason_at(asyncio.get_running_loop().time())
-        level = logging.ERROR if new is S.FAILED or self._view.crash_loop else logging.INFO
+        self.publish(state=new, reason=reason, history=self.book.view(), **changes)
+        shown = self.view.reason_at(asyncio.get_running_loop().time())
+        level = logging.ERROR if new is S.FAILED or self.view.crash_loop else logging.INFO
         log.log(level, "worker state %s -> %s: %s", old.value, new.value, shown)
-        for cmd in [c for c in self._pending if new in _ANSWERED_IN[c.kind]]:
-            self._pending.remove(cmd)
+        for cmd in [c for c in self.pending if new in _ANSWERED_IN[c.kind]]:
+            self.pending.remove(cmd)
             _answer(cmd)
-        if self._on_state is not None:
-            self._on_state(new, shown)
+        if self.on_state is not None:
+            self.on_state(new, shown)
 
-    def _take(self) -> _Command:
-        assert self._cmd_task is not None
-        cmd = self._cmd_task.result()
-        self._cmd_task = asyncio.ensure_future(self._mail.get())
+    def take(self) -> _Command:
+        assert self.cmd_task is not None
+        cmd = self.cmd_task.result()
+        self.cmd_task = asyncio.ensure_future(self.mail.get())
         return cmd
 
-    def _pend(self, cmd: _Command) -> None:
-        self._pending.append(cmd)
+    def pend(self, cmd: _Command) -> None:
+        self.pending.append(cmd)
 
     async def run(self) -> None:
         """The lifecycle loop. Returns after a shutdown command, with no worker left."""
-        self._cmd_task = asyncio.ensure_future(self._mail.get())
+        self.cmd_task = asyncio.ensure_future(self.mail.get())
         try:
             while True:
-                st = self._sm.state
+                st = self.sm.state
                 if st in (S.UNLOADED, S.FAILED, S.RETIRED):
                     go = await self._idle()
                 elif st is S.BACKOFF:
@@ -453,128 +481,129 @@ class WorkerManager:
                 if go and not await self._attempt():
                     return
         finally:
-            self._cmd_task.cancel()
-            if self._proc is not None:
-                await self._stop(self._proc, "supervisor is shutting down")
-                self._proc = None
-                self._publish(proc=None)
-            if self._sm.state not in (S.STOPPED, S.UNLOADED, S.RETIRED):
-                self._move(S.STOPPED, "supervisor stopped")
-            leftover = list(self._pending)
-            while not self._mail.empty():
-                leftover.append(self._mail.get_nowait())
-            if self._cmd_task.done() and not self._cmd_task.cancelled():
-                leftover.append(self._cmd_task.result())
+            self.cmd_task.cancel()
+            if self.proc is not None:
+                await _Watch(self).stop(self.proc, "supervisor is shutting down")
+                self.proc = None
+                self.publish(proc=None)
+            if self.sm.state not in (S.STOPPED, S.UNLOADED, S.RETIRED):
+                self.move(S.STOPPED, "supervisor stopped")
+            leftover = list(self.pending)
+            while not self.mail.empty():
+                leftover.append(self.mail.get_nowait())
+            if self.cmd_task.done() and not self.cmd_task.cancelled():
+                leftover.append(self.cmd_task.result())
             for cmd in leftover:
                 _answer(cmd)
 
     async def _idle(self) -> bool | None:
         """UNLOADED, FAILED or RETIRED: no process, wait for a command. True: start now;
         None: shut down."""
-        assert self._cmd_task is not None
-        await asyncio.wait({self._cmd_task})
-        cmd, st = self._take(), self._sm.state
+        assert self.cmd_task is not None
+        await asyncio.wait({self.cmd_task})
+        cmd, st = self.take(), self.sm.state
         if cmd.kind is _Cmd.SHUTDOWN:
-            self._pend(cmd)
+            self.pend(cmd)
             return None
         if st is not S.RETIRED:
             if cmd.kind is _Cmd.RETIRE:
-                self._pend(cmd)
-                self._move(S.RETIRED, cmd.reason)
+                self.pend(cmd)
+                self.move(S.RETIRED, cmd.reason)
             elif cmd.kind is _Cmd.LOAD and st is S.UNLOADED:
-                self._pend(cmd)
-                self._book.reset()
-                if self._view.gen > 0:
-                    self._publish(swaps_in=self._view.swaps_in + 1)
+                self.pend(cmd)
+                self.book.reset()
+                if self.view.gen > 0:
+                    self.publish(swaps_in=self.view.swaps_in + 1)
                 return True
             elif cmd.kind is _Cmd.RELOAD and st is S.FAILED:
-                self._book.reset()
-                self._pend(cmd)
-                self._move(S.STOPPED, "reload requested: starting again")
+                self.book.reset()
+                self.pend(cmd)
+                self.move(S.STOPPED, "reload requested: starting again")
                 return True
             elif cmd.kind is _Cmd.UNLOAD and st is S.FAILED:
-                self._pend(cmd)
-                self._move(S.UNLOADED, "unloaded")
+                self.pend(cmd)
+                self.move(S.UNLOADED, "unloaded")
         _answer(cmd)  # nothing (more) to do: already there
         return False
 
     async def _backoff(self) -> bool | None:
         """BACKOFF: wait out the delay unless a command cuts it short."""
-        assert self._cmd_task is not None
-        left = (self._view.next_attempt_at or 0.0) - asyncio.get_running_loop().time()
-        done, _ = await asyncio.wait({self._cmd_task}, timeout=max(0.0, left))
+        assert self.cmd_task is not None
+        left = (self.view.next_attempt_at or 0.0) - asyncio.get_running_loop().time()
+        done, _ = await asyncio.wait({self.cmd_task}, timeout=max(0.0, left))
         if not done:
             return True
-        cmd = self._take()
-        self._pend(cmd)
+        cmd = self.take()
+        self.pend(cmd)
         if cmd.kind is _Cmd.SHUTDOWN:
             return None
         if cmd.kind is _Cmd.UNLOAD:
-            self._move(S.UNLOADED, "unloaded")
+            self.move(S.UNLOADED, "unloaded")
             return False
         if cmd.kind is _Cmd.RETIRE:
-            self._move(S.RETIRED, cmd.reason)
+            self.move(S.RETIRED, cmd.reason)
             return False
         if cmd.kind is _Cmd.RELOAD:
-            self._book.reset()
+            self.book.reset()
         return True  # a reload or a load starts now rather than at the end of the delay
 
     def _fail_loads(self, e: NoRoom) -> None:
-        for cmd in [c for c in self._pending if c.kind is _Cmd.LOAD]:
-            self._pending.remove(cmd)
+        for cmd in [c for c in self.pending if c.kind is _Cmd.LOAD]:
+            self.pending.remove(cmd)
             if not cmd.done.done():
                 cmd.done.set_exception(e)
 
     async def _attempt(self) -> bool:
         """Plan, start and supervise one worker until it stops. False: shut down."""
         loop = asyncio.get_running_loop()
-        gen = self._view.gen + 1
-        self._publish(gen=gen)
-        socket_path = str(self._runtime_dir / f"worker-{gen}.sock")
+        gen = self.view.gen + 1
+        self.publish(gen=gen)
+        socket_path = str(self.runtime_dir / f"worker-{gen}.sock")
         try:
-            launch = await self._prepare(self._book.adjust, socket_path)
+            launch = await self.prepare(self.book.adjust, socket_path)
         except NoRoom as e:
             self._fail_loads(e)
-            if self._sm.state is S.UNLOADED:  # a load refused: it stays unloaded, saying why
-                self._publish(reason=f"not loaded: {e.reason}")
+            if self.sm.state is S.UNLOADED:  # a load refused: it stays unloaded, saying why
+                self.publish(reason=f"not loaded: {e.reason}")
                 log.info("%s: not loaded: %s", self.name, e.reason)
             else:
-                self._move(S.UNLOADED, f"not loaded: {e.reason}")
+                self.move(S.UNLOADED, f"not loaded: {e.reason}")
             return True
         except PlanFailed as e:
-            self._book.record(self._policy(), Failure(at=loop.time(), kind=FailureKind.PERMANENT, detail=str(e)))
+            self.book.record(self.policy(), Failure(at=loop.time(), kind=FailureKind.PERMANENT, detail=str(e)))
             self._after_failure()
             return True
-        self._move(S.STARTING, f"starting worker (generation {gen}): {launch.summary}", launch=launch)
+        self.move(S.STARTING, f"starting worker (generation {gen}): {launch.summary}", launch=launch)
         try:
-            proc = await self._spawner.start(gen, launch)
+            proc = await self.spawner.start(gen, launch)
         except OSError as e:
             failure = Failure(at=loop.time(), kind=FailureKind.START_ERROR, detail=f"cannot start worker: {e}")
-            self._book.record(self._policy(), failure)
+            self.book.record(self.policy(), failure)
             self._after_failure()
             return True
-        self._proc = proc
-        self._publish(proc=proc, started_mono=loop.time(), started_wall=time.time(), ready_since=None,
+        self.proc = proc
+        self.publish(proc=proc, started_mono=loop.time(), started_wall=time.time(), ready_since=None,
                       progress=0.0, last_health=None)
-        outcome = await self._supervise(proc, launch.spec)
+        watch = _Watch(self)
+        outcome = await watch.supervise(proc, launch.spec)
         if outcome in (_Outcome.RELOAD, _Outcome.UNLOAD, _Outcome.RETIRE):
-            outcome = await self._drain(proc, outcome)
-        await self._stop(proc, _STOP_REASON[outcome])
-        ready_since = self._view.ready_since
-        self._proc = None
-        self._publish(proc=None)
+            outcome = await watch.drain(proc, outcome)
+        await watch.stop(proc, _STOP_REASON[outcome])
+        ready_since = self.view.ready_since
+        self.proc = None
+        self.publish(proc=None)
         if outcome is _Outcome.SHUTDOWN:
             return False
         if outcome is _Outcome.RELOAD:
-            self._book.reset()
-            self._move(S.STOPPED, "reload requested: re-planning")
+            self.book.reset()
+            self.move(S.STOPPED, "reload requested: re-planning")
         elif outcome is _Outcome.UNLOAD:
-            self._move(S.UNLOADED, f"unloaded (worker pid {proc.pid} stopped)")
+            self.move(S.UNLOADED, f"unloaded (worker pid {proc.pid} stopped)")
         elif outcome is _Outcome.RETIRE:
-            self._move(S.RETIRED, next(c.reason for c in self._pending if c.kind is _Cmd.RETIRE))
+            self.move(S.RETIRED, next(c.reason for c in self.pending if c.kind is _Cmd.RETIRE))
         else:
             failure = self._classify(proc, outcome, ready_since)
-            self._book.record(self._policy(), failure)
+            self.book.record(self.policy(), failure)
             if failure.kind is FailureKind.OOM:
                 await self._climb_oom_ladder(launch)
             self._after_failure()
@@ -582,16 +611,54 @@ class WorkerManager:
 
     def _after_failure(self) -> None:
         now = asyncio.get_running_loop().time()
-        decision = decide(self._policy(), self._book.failures, now, oom_ladder_exhausted=self._book.exhausted)
+        decision = decide(self.policy(), self.book.failures, now, oom_ladder_exhausted=self.book.exhausted)
         if decision.action == "give_up":
-            self._move(S.FAILED, decision.reason)
+            self.move(S.FAILED, decision.reason)
         else:
             # In the same view as the move, so the waiters it wakes see when the next attempt comes.
-            self._move(S.BACKOFF, decision.reason, backoff=decision, next_attempt_at=now + decision.delay_s)
+            self.move(S.BACKOFF, decision.reason, backoff=decision, next_attempt_at=now + decision.delay_s)
 
-    async def _supervise(self, proc: WorkerProcess, spec: LaunchSpec) -> _Outcome:
+    def _classify(self, proc: WorkerProcess, outcome: _Outcome, ready_since: float | None) -> Failure:
+        now = asyncio.get_running_loop().time()
+        ran_for = 0.0 if ready_since is None else now - ready_since
+        code = proc.exited.result()
+        limits = self.limits()
+        if outcome is _Outcome.HANG:
+            v = hang_verdict(proc.pid, limits)
+        elif outcome is _Outcome.LOAD_STALL:
+            v = load_stall_verdict(proc.pid, limits)
+        else:
+            host_oom = needs_oom_check(code, proc.killed_by_us) and proc.host_oom_killed()
+            stderr = self.spawner.stderr
+            v = exit_verdict(proc.pid, code, killed_by_us=proc.killed_by_us, oom_line=proc.oom_line,
+                             host_oom=host_oom, last_line=stderr[-1] if stderr else None)
+        self.book.last_exit = LastExit(pid=proc.pid, code=code, description=describe_exit(code), kind=v.kind.value,
+                                        detail=v.detail, at=time.time(), ran_for_s=round(ran_for, 3))
+        return Failure(at=now, kind=v.kind, detail=v.detail, ran_for_s=ran_for)
+
+    async def _climb_oom_ladder(self, launch: Launch) -> None:
+        """Climb one step of the OOM ladder, after the GPU memory has come back."""
+        adjust = self.book.climb(launch)
+        if adjust is None:
+            log.error("out of memory with the smallest plan (CPU only): no smaller plan to try")
+            return
+        log.warning("out of memory (step %d of the OOM ladder): %s", self.book.step, adjust.description)
+        # The dead worker's GPU memory is released by the driver asynchronously. The
+        # preparer re-reads the inventory at the next start; here we only wait until
+        # two consecutive readings agree (memory stopped coming back), bounded.
+        await self.prepare.wait_gpu_settled(self.config().restart.oom_settle_timeout_s)
+
+
+class _Watch:
+    """Supervises one started process for the owner: probes it, drains it, stops it. Moves
+    the state only through the owner (``self.o.move``), from the owner's task."""
+
+    def __init__(self, owner: _Owner) -> None:
+        self.o = owner
+
+    async def supervise(self, proc: WorkerProcess, spec: LaunchSpec) -> _Outcome:
         """Probe the worker until it exits, hangs, stalls, or a command stops it."""
-        assert self._cmd_task is not None
+        assert self.o.cmd_task is not None
         loop = asyncio.get_running_loop()
         last_progress_at, last_progress = loop.time(), -1.0
         missed = 0
@@ -599,21 +666,21 @@ class WorkerManager:
         idle: asyncio.Future[None] | None = None  # the idle TTL, while ready
         try:
             while True:
-                ready = self._sm.state is S.READY
-                w = self._config().worker
-                if ready and idle is None and (ttl := self._ttl_s()) > 0:
-                    idle = asyncio.ensure_future(self.admission.wait_idle_for(ttl, self._view.ready_since or 0.0))
-                waiters: set[asyncio.Future[object]] = {proc.exited, self._cmd_task}  # type: ignore[arg-type]
+                ready = self.o.sm.state is S.READY
+                w = self.o.config().worker
+                if ready and idle is None and (ttl := self.o.ttl_s()) > 0:
+                    idle = asyncio.ensure_future(self.o.admission.wait_idle_for(ttl, self.o.view.ready_since or 0.0))
+                waiters: set[asyncio.Future[object]] = {proc.exited, self.o.cmd_task}  # type: ignore[arg-type]
                 if idle is not None:
                     waiters.add(idle)  # type: ignore[arg-type]
                 wait_s = max(0.0, next_health - loop.time())
                 done, _ = await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-                if self._cmd_task in done:
-                    cmd = self._take()
+                if self.o.cmd_task in done:
+                    cmd = self.o.take()
                     if cmd.kind is _Cmd.LOAD and ready:
                         _answer(cmd)
                         continue
-                    self._pend(cmd)
+                    self.o.pend(cmd)
                     if cmd.kind is _Cmd.LOAD:
                         continue  # loading already: answered when it is ready
                     return _Outcome(cmd.kind.value)
@@ -621,8 +688,8 @@ class WorkerManager:
                     return _Outcome.EXITED
                 now = loop.time()
                 if idle is not None and idle in done:
-                    log.info("%s idle for %.0fs (ttl_s %g): unloading", self.name,
-                             now - max(self.admission.last_used, self._view.ready_since or 0.0), self._ttl_s())
+                    log.info("%s idle for %.0fs (ttl_s %g): unloading", self.o.name,
+                             now - max(self.o.admission.last_used, self.o.view.ready_since or 0.0), self.o.ttl_s())
                     return _Outcome.UNLOAD
                 if not ready:
                     next_health = now + START_POLL_S
@@ -631,38 +698,38 @@ class WorkerManager:
                         status, h = res
                         if status == 200 and h.status == "ok":
                             t = loop.time()
-                            handle = WorkerHandle(self._view.gen, proc.pid, spec.socket_path, proc.session,
+                            handle = WorkerHandle(self.o.view.gen, proc.pid, spec.socket_path, proc.session,
                                                   _slots(h, spec))
-                            started = self._view.started_mono or t
-                            self._move(S.READY, f"worker pid {proc.pid} ready after {t - started:.1f}s",
+                            started = self.o.view.started_mono or t
+                            self.o.move(S.READY, f"worker pid {proc.pid} ready after {t - started:.1f}s",
                                        handle=handle, ready_since=t, progress=1.0, last_health=h)
                             next_health = t + w.health_interval_s
                             continue
-                        if self._sm.state is S.STARTING:
-                            self._move(S.LOADING, f"worker pid {proc.pid} is loading the model")
-                        self._publish(progress=h.progress, last_health=h)
+                        if self.o.sm.state is S.STARTING:
+                            self.o.move(S.LOADING, f"worker pid {proc.pid} is loading the model")
+                        self.o.publish(progress=h.progress, last_health=h)
                         if h.progress > last_progress:
                             last_progress, last_progress_at = h.progress, now
-                            if self._on_progress is not None:
-                                self._on_progress(h.progress)
-                    if load_stalled(self._limits(), now, last_progress_at):
+                            if self.o.on_progress is not None:
+                                self.o.on_progress(h.progress)
+                    if load_stalled(self.o.limits(), now, last_progress_at):
                         return _Outcome.LOAD_STALL
                     continue
                 next_health = now + w.health_interval_s
-                verdict, missed = await self._probe_ready(proc, missed)
+                verdict, missed = await self.probe_ready(proc, missed)
                 if verdict is Probe.HANG:
                     return _Outcome.HANG
         finally:
             if idle is not None:
                 idle.cancel()
 
-    async def _probe_ready(self, proc: WorkerProcess, missed: int) -> tuple[Probe, int]:
+    async def probe_ready(self, proc: WorkerProcess, missed: int) -> tuple[Probe, int]:
         """One liveness probe of a ready worker."""
-        w, limits = self._config().worker, self._limits()
+        w, limits = self.o.config().worker, self.o.limits()
         res = await proc.health(w.health_timeout_s)
         answered = res is not None and res[0] == 200
         if res is not None:
-            self._publish(last_health=res[1])
+            self.o.publish(last_health=res[1])
         since_token = res[1].seconds_since_token if res is not None and answered else None
         verdict, missed = probe_verdict(limits, answered=answered, failures_before=missed, seconds_since_token=since_token)
         if not answered:
@@ -673,45 +740,45 @@ class WorkerManager:
                       since_token or 0.0, w.token_stall_timeout_s)
             return verdict, missed
         now = asyncio.get_running_loop().time()
-        if self._book.failures and stable(limits, now, self._view.ready_since):
+        if self.o.book.failures and stable(limits, now, self.o.view.ready_since):
             # Up long enough to call the failures before it over (the policy would say the
             # same at the next failure): /status and /metrics stop showing a streak now.
             log.info("worker pid %d has been up %.0fs: the %d failure(s) before it no longer count",
-                     proc.pid, now - (self._view.ready_since or now), len(self._book.failures))
-            self._book.failures.clear()
-            self._publish(history=self._book.view())
+                     proc.pid, now - (self.o.view.ready_since or now), len(self.o.book.failures))
+            self.o.book.failures.clear()
+            self.o.publish(history=self.o.book.view())
         return verdict, missed
 
-    async def _drain(self, proc: WorkerProcess, why: _Outcome) -> _Outcome:
+    async def drain(self, proc: WorkerProcess, why: _Outcome) -> _Outcome:
         """Before a reload, unload or removal stops the worker: new requests wait for the next
         worker (or are refused) while the ones it is answering finish (bounded by
         shutdown.grace_s). Stopping it at once would cut their answers short (issue 13)."""
-        assert self._cmd_task is not None
-        h = self._view.handle
-        if h is None or self.admission.in_worker(h.gen) == 0 or proc.exited.done():
+        assert self.o.cmd_task is not None
+        h = self.o.view.handle
+        if h is None or self.o.admission.in_worker(h.gen) == 0 or proc.exited.done():
             return why
         loop = asyncio.get_running_loop()
-        grace = self._config().shutdown.grace_s
+        grace = self.o.config().shutdown.grace_s
         deadline = loop.time() + grace
         if why is _Outcome.RETIRE:
             what, then = "removed from the configuration", "new requests are refused"
         else:
             what, then = f"{why.value} requested", "new requests wait for the next worker"
-        n = self.admission.in_worker(h.gen)
-        self._move(S.STOPPING, f"{what}: worker pid {proc.pid} finishes {n} request(s) first (up to {grace:g}s); {then}")
-        idle = asyncio.ensure_future(self.admission.wait_gen_idle(h.gen))
+        n = self.o.admission.in_worker(h.gen)
+        self.o.move(S.STOPPING, f"{what}: worker pid {proc.pid} finishes {n} request(s) first (up to {grace:g}s); {then}")
+        idle = asyncio.ensure_future(self.o.admission.wait_gen_idle(h.gen))
         try:
             while not idle.done():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     log.warning("%s: worker pid %d still has %d request(s) after %.0fs; they will end with an error",
-                                why.value, proc.pid, self.admission.in_worker(h.gen), grace)
+                                why.value, proc.pid, self.o.admission.in_worker(h.gen), grace)
                     break
-                waiters: set[asyncio.Future[object]] = {proc.exited, self._cmd_task, idle}  # type: ignore[arg-type]
+                waiters: set[asyncio.Future[object]] = {proc.exited, self.o.cmd_task, idle}  # type: ignore[arg-type]
                 done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                if self._cmd_task in done:
-                    cmd = self._take()
-                    self._pend(cmd)
+                if self.o.cmd_task in done:
+                    cmd = self.o.take()
+                    self.o.pend(cmd)
                     if cmd.kind is _Cmd.SHUTDOWN:
                         return _Outcome.SHUTDOWN
                     if cmd.kind is _Cmd.RETIRE:
@@ -725,46 +792,16 @@ class WorkerManager:
             idle.cancel()
         return why
 
-    async def _stop(self, proc: WorkerProcess, reason: str) -> None:
+    async def stop(self, proc: WorkerProcess, reason: str) -> None:
         """Stop the worker (TERM to the group, deadline, KILL, reap: the adapter does it)."""
         if not proc.exited.done():
-            if self._sm.state is S.STOPPING:  # already draining
+            if self.o.sm.state is S.STOPPING:  # already draining
                 log.info("stopping worker pid %d: %s", proc.pid, reason)
             else:
-                self._move(S.STOPPING, f"stopping worker pid {proc.pid}: {reason}")
-        elif self._sm.state is not S.STOPPING:
-            self._move(S.STOPPING, f"worker pid {proc.pid} {describe_exit(proc.exited.result())}: cleaning up")
-        await proc.stop(self._config().worker.stop_timeout_s)
-
-    def _classify(self, proc: WorkerProcess, outcome: _Outcome, ready_since: float | None) -> Failure:
-        now = asyncio.get_running_loop().time()
-        ran_for = 0.0 if ready_since is None else now - ready_since
-        code = proc.exited.result()
-        limits = self._limits()
-        if outcome is _Outcome.HANG:
-            v = hang_verdict(proc.pid, limits)
-        elif outcome is _Outcome.LOAD_STALL:
-            v = load_stall_verdict(proc.pid, limits)
-        else:
-            host_oom = needs_oom_check(code, proc.killed_by_us) and proc.host_oom_killed()
-            stderr = self._spawner.stderr
-            v = exit_verdict(proc.pid, code, killed_by_us=proc.killed_by_us, oom_line=proc.oom_line,
-                             host_oom=host_oom, last_line=stderr[-1] if stderr else None)
-        self._book.last_exit = LastExit(pid=proc.pid, code=code, description=describe_exit(code), kind=v.kind.value,
-                                        detail=v.detail, at=time.time(), ran_for_s=round(ran_for, 3))
-        return Failure(at=now, kind=v.kind, detail=v.detail, ran_for_s=ran_for)
-
-    async def _climb_oom_ladder(self, launch: Launch) -> None:
-        """Climb one step of the OOM ladder, after the GPU memory has come back."""
-        adjust = self._book.climb(launch)
-        if adjust is None:
-            log.error("out of memory with the smallest plan (CPU only): no smaller plan to try")
-            return
-        log.warning("out of memory (step %d of the OOM ladder): %s", self._book.step, adjust.description)
-        # The dead worker's GPU memory is released by the driver asynchronously. The
-        # preparer re-reads the inventory at the next start; here we only wait until
-        # two consecutive readings agree (memory stopped coming back), bounded.
-        await self._prepare.wait_gpu_settled(self._config().restart.oom_settle_timeout_s)
+                self.o.move(S.STOPPING, f"stopping worker pid {proc.pid}: {reason}")
+        elif self.o.sm.state is not S.STOPPING:
+            self.o.move(S.STOPPING, f"worker pid {proc.pid} {describe_exit(proc.exited.result())}: cleaning up")
+        await proc.stop(self.o.config().worker.stop_timeout_s)
 
 
 def _slots(health: Health, spec: LaunchSpec) -> int:

@@ -99,6 +99,7 @@ class FakeProcess:
         self.ignore_term = ignore_term
         self.probes = 0
         self.stopped = False
+        self.stop_gate: asyncio.Event | None = None  # set: stop() waits for it (an unload in progress)
 
     def exit(self, code: int) -> None:
         if not self.exited.done():
@@ -116,6 +117,8 @@ class FakeProcess:
         return 200, health()
 
     async def stop(self, timeout_s: float) -> None:
+        if self.stop_gate is not None:
+            await self.stop_gate.wait()
         if not self.exited.done():
             self.killed_by_us = True
             if self.ignore_term:

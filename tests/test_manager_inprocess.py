@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-
 from lifecycle_fakes import FakePreparer, FakeSpawner, fast_config, run_virtual
+
 from supervisor.admission import NotReady
 from supervisor.config import Config
 from supervisor.launches import NoRoom, PlanFailed

@@ -45,9 +45,9 @@ from supervisor.launches import Launch, NoRoom, PlanFailed
 from supervisor.placement import ModelInfo, Resident, place
 from supervisor.planning import plan_settings
 from supervisor.restart import PlanAdjust
+from supervisor.spawn import Spawner
 from supervisor.states import PROCESS_STATES, WorkerState
 from supervisor.status_view import shown_state
-from supervisor.spawn import Spawner
 from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm.fleet")

@@ -22,13 +22,7 @@ _EMPTY: Mapping[str, Mapping[str, int]] = MappingProxyType({})
 
 def planned_mib(launch: Launch | None) -> dict[str, int]:
     """GPU UUID -> MiB the launch's plan puts there."""
-    if launch is None:
-        return {}
-    out: dict[str, int] = {}
-    for g in launch.plan.get("gpus") or []:
-        if g.get("cuda_index") is not None and not g.get("excluded_reason") and g.get("planned_mib"):
-            out[g["uuid"]] = int(g["planned_mib"])
-    return out
+    return {} if launch is None else launch.plan.planned_mib()
 
 
 @dataclass(frozen=True)

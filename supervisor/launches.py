@@ -8,9 +8,10 @@ starts from one). Imports nothing heavy: ``vram-llm plan`` reaches it without ai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from supervisor.restart import PlanAdjust
+from supervisor.status import PlanView
 from worker.protocol import LaunchSpec
 
 
@@ -20,7 +21,7 @@ class Launch:
 
     spec: LaunchSpec
     env: dict[str, str]
-    plan: dict[str, Any]  # the Plan as JSON-able dict (for /status and logs)
+    plan: PlanView  # the plan, as /status shows it
     planned_layers: int  # layers actually offloaded by the plan (for the OOM ladder)
     reserve_mib: int
     summary: str  # one line for logs and sd_notify STATUS=

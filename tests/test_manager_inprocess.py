@@ -20,7 +20,7 @@ from supervisor.config import Config
 from supervisor.launches import NoRoom, PlanFailed
 from supervisor.restart import FailureKind
 from supervisor.states import TRANSITIONS, WorkerState
-from supervisor.worker_process import WorkerManager
+from supervisor.worker_process import WorkerHandle, WorkerManager
 from worker.protocol import ExitCode
 
 S = WorkerState
@@ -67,6 +67,22 @@ class Rig:
     async def reach(self, state: WorkerState, within_s: float = 600.0) -> None:
         await self.until(lambda: self.state is state, within_s)
 
+    async def ready(self) -> Rig:
+        """Started, and its first worker ready."""
+        self.start()
+        await self.reach(S.READY)
+        return self
+
+    async def take(self, timeout_s: float = 5.0) -> WorkerHandle:
+        """A request arrives and is given the worker (as the proxy does)."""
+        self.mgr.admission.enter()
+        return await self.mgr.admission.acquire(timeout_s)
+
+    def done(self, h: WorkerHandle) -> None:
+        """That request is answered."""
+        self.mgr.admission.release(h)
+        self.mgr.admission.leave()
+
     async def shutdown(self) -> None:
         await self.mgr.shutdown()
         assert self.task is not None
@@ -101,8 +117,7 @@ async def start_ready_shutdown() -> Rig:
 
 
 async def fast_ready_then_crash_and_restart() -> Rig:
-    r = Rig().start()
-    await r.reach(S.READY)
+    r = await Rig().ready()
     first = r.spawner.last
     first.exit(-signal.SIGSEGV)
     await r.reach(S.BACKOFF)
@@ -190,8 +205,7 @@ async def load_stalls() -> Rig:
 
 
 async def backoff_cut_short_by_shutdown() -> Rig:
-    r = Rig().start()
-    await r.reach(S.READY)
+    r = await Rig().ready()
     r.spawner.last.exit(1)
     await r.reach(S.BACKOFF)
     await r.shutdown()  # BACKOFF -> STOPPED
@@ -200,8 +214,7 @@ async def backoff_cut_short_by_shutdown() -> Rig:
 
 
 async def backoff_then_plan_fails() -> Rig:
-    r = Rig().start()
-    await r.reach(S.READY)
+    r = await Rig().ready()
     r.prep.raises.append(PlanFailed("the model file vanished"))
     r.spawner.last.exit(1)
     await r.reach(S.FAILED)  # BACKOFF -> FAILED when the restart cannot be planned
@@ -210,8 +223,7 @@ async def backoff_then_plan_fails() -> Rig:
 
 
 async def backoff_unloaded_and_retired() -> Rig:
-    r = Rig().start()
-    await r.reach(S.READY)
+    r = await Rig().ready()
     r.spawner.last.exit(1)
     await r.reach(S.BACKOFF)
     await r.mgr.unload()  # BACKOFF -> UNLOADED
@@ -225,8 +237,7 @@ async def backoff_unloaded_and_retired() -> Rig:
 
 
 async def permanent_exit() -> Rig:
-    r = Rig().start()
-    await r.reach(S.READY)
+    r = await Rig().ready()
     r.spawner.last.exit(ExitCode.BAD_MODEL)
     await r.reach(S.FAILED)  # STOPPING -> FAILED: never retried
     assert r.mgr.view.history.last_exit is not None and r.mgr.view.history.last_exit.kind == "permanent"
@@ -236,8 +247,7 @@ async def permanent_exit() -> Rig:
 
 
 async def ready_unloaded_and_retired() -> Rig:
-    r = Rig().start()
-    await r.reach(S.READY)
+    r = await Rig().ready()
     await r.mgr.unload()  # READY -> STOPPING -> UNLOADED, answered once the worker is gone
     assert r.state is S.UNLOADED and r.spawner.last.stopped
     await r.mgr.load()
@@ -284,8 +294,7 @@ def test_every_edge_of_the_table_is_taken() -> None:
 
 def test_oom_ladder_replans_smaller_from_the_first_plan() -> None:
     async def main() -> None:
-        r = Rig().start()
-        await r.reach(S.READY)
+        r = await Rig().ready()
         for step in (1, 2, 3):
             r.spawner.last.exit(ExitCode.OOM)
             await r.until(lambda step=step: len(r.prep.adjusts) == step + 1)
@@ -307,8 +316,7 @@ def test_oom_ladder_replans_smaller_from_the_first_plan() -> None:
 
 def test_host_oom_kill_is_an_oom() -> None:
     async def main() -> None:
-        r = Rig().start()
-        await r.reach(S.READY)
+        r = await Rig().ready()
         r.spawner.last.host_oom = True
         r.spawner.last.exit(-signal.SIGKILL)
         await r.until(lambda: r.mgr.view.history.last_exit is not None)
@@ -343,8 +351,7 @@ def test_crash_loop_answers_at_once_and_counts_down() -> None:
 
 def test_failed_health_probes_and_a_token_stall_are_hangs() -> None:
     async def main() -> None:
-        r = Rig().start()
-        await r.reach(S.READY)
+        r = await Rig().ready()
         r.spawner.last.mode = "silent"  # health_failures 2
         await r.reach(S.BACKOFF, within_s=60)
         assert r.mgr.view.history.last_exit is not None and r.mgr.view.history.last_exit.kind == "hang"
@@ -359,8 +366,7 @@ def test_failed_health_probes_and_a_token_stall_are_hangs() -> None:
 
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_deadline() -> None:
     async def main() -> None:
-        r = Rig().start()
-        await r.reach(S.READY)
+        r = await Rig().ready()
         r.spawner.last.ignore_term = True
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -376,11 +382,9 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_deadline() -> None:
 
 def test_reload_drains_the_requests_in_flight_first() -> None:
     async def main() -> None:
-        r = Rig().start()
-        await r.reach(S.READY)
+        r = await Rig().ready()
         adm = r.mgr.admission
-        adm.enter()
-        h = await adm.acquire(5.0)
+        h = await r.take()
         old = r.spawner.last
         done = r.mgr.reload()
         await r.reach(S.STOPPING)
@@ -390,13 +394,11 @@ def test_reload_drains_the_requests_in_flight_first() -> None:
         later = asyncio.ensure_future(adm.acquire(60.0))
         await asyncio.sleep(3.0)
         assert not later.done() and not old.exited.done()
-        adm.release(h)
-        adm.leave()
+        r.done(h)
         await done
         h2 = await later
         assert h2.gen == h.gen + 1 and old.stopped and r.spawner.last is not old
-        adm.release(h2)
-        adm.leave()
+        r.done(h2)
         assert (adm.in_flight, adm.ended, adm.waiting) == (0, 2, 0)
         await r.shutdown()
 
@@ -405,17 +407,13 @@ def test_reload_drains_the_requests_in_flight_first() -> None:
 
 def test_drain_is_bounded_by_the_grace_period() -> None:
     async def main() -> None:
-        r = Rig().start()
-        await r.reach(S.READY)
-        adm = r.mgr.admission
-        adm.enter()
-        h = await adm.acquire(5.0)
+        r = await Rig().ready()
+        h = await r.take()
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         await r.mgr.unload()  # the request never ends: stopped after shutdown.grace_s (20s)
         assert r.state is S.UNLOADED and 20.0 <= loop.time() - t0 < 30.0
-        adm.release(h)
-        adm.leave()
+        r.done(h)
         await r.shutdown()
 
     run_virtual(main)
@@ -441,8 +439,7 @@ def test_slots_queue_in_order_and_the_queue_is_bounded() -> None:
     async def main() -> None:
         from supervisor.admission import QueueFull
 
-        r = Rig().start()
-        await r.reach(S.READY)
+        r = await Rig().ready()
         adm = r.mgr.admission
         first = await adm.acquire(5.0)  # the one slot (parallel 1)
         waiters = [asyncio.ensure_future(adm.acquire(60.0)) for _ in range(4)]  # queue_size 4
@@ -472,8 +469,7 @@ def test_idle_ttl_unloads_after_the_last_request_ends() -> None:
         h = await adm.acquire(5.0)
         await asyncio.sleep(80.0)  # a long request: not idle
         assert r.state is S.READY
-        adm.release(h)
-        adm.leave()
+        r.done(h)
         t_end = loop.time()
         await r.reach(S.UNLOADED, within_s=120)
         assert loop.time() - t_end >= 50.0

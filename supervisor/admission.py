@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from supervisor.launches import NoRoom
 from supervisor.states import PROCESS_STATES, WorkerState
@@ -82,19 +82,17 @@ class Admission:
         self._changed = asyncio.Event()
         old.set()
 
-    async def _until(self, ok: Callable[[], bool], deadline: float | None, *also: asyncio.Future[Any]) -> bool:
-        """Wait until ``ok()`` (re-checked at every change), ``deadline`` (loop time) or one of
-        ``also`` is done. True when ``ok()``."""
+    async def _until(self, ok: Callable[[], bool], deadline: float | None) -> bool:
+        """Wait until ``ok()`` (re-checked at every change) or ``deadline`` (loop time).
+        True when ``ok()``."""
         loop = asyncio.get_running_loop()
         while not ok():
-            if any(f.done() for f in also):
-                return False
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= _EARLY_S:
                 return False
             waiter = asyncio.ensure_future(self._changed.wait())
             try:
-                await asyncio.wait({waiter, *also}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({waiter}, timeout=left)
             finally:
                 waiter.cancel()
         return True

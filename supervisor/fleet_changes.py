@@ -23,8 +23,9 @@ import msgspec
 
 from supervisor.config import Config, ModelEntry, ModelSection, resolved_models
 from supervisor.fleet_ledger import AccountedProbe, Ledger
-from supervisor.launch import Preparer, default_entry_path
+from supervisor.launch import Preparer
 from supervisor.launches import Launch, NoRoom
+from supervisor.planning import default_entry_path
 from supervisor.states import WorkerState
 from supervisor.worker_process import WorkerManager
 

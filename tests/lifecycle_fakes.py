@@ -18,9 +18,10 @@ from typing import Any, TypeVar, cast
 import aiohttp
 
 from supervisor.config import Config
+from supervisor.launch import default_spec
 from supervisor.launches import Launch, NoRoom, PlanFailed
 from supervisor.restart import PlanAdjust
-from worker.protocol import AppliedParams, Health, LaunchSpec
+from worker.protocol import AppliedParams, Health
 
 T = TypeVar("T")
 
@@ -78,7 +79,7 @@ def health(status: str = "ok", *, progress: float = 1.0, since_token: float | No
     params = AppliedParams(model_path="/m.gguf", n_gpu_layers=0, tensor_split=None, split_mode="layer", main_gpu=0,
                            n_ctx=4096, n_batch=512, n_threads=1, chat_format=None, cuda_visible_devices=None,
                            cuda_device_order=None, llama_cpp_version="fake", gpu_offload_supported=False,
-                           parallel=parallel)
+                           parallel=parallel, prefill_chunk=0)
     return Health(status=status, pid=1, progress=progress, seconds_since_token=since_token,  # type: ignore[arg-type]
                   params=params if status == "ok" else None)
 
@@ -163,7 +164,7 @@ class FakeSpawner:
 
 
 def launch_of(socket_path: str, adjust: PlanAdjust | None = None, parallel: int = 1) -> Launch:
-    spec = LaunchSpec(model_path="/m.gguf", socket_path=socket_path, n_ctx=4096, parallel=parallel)
+    spec = default_spec("/m.gguf", socket_path, n_ctx=4096, parallel=parallel)
     return Launch(spec=spec, env={}, plan={"gpus": []}, planned_layers=32, reserve_mib=512,
                   summary="fake plan" if adjust is None else f"fake plan, {adjust.description}")
 

@@ -29,7 +29,7 @@ from supervisor.auth import WORKER_ROOT_PATHS, KeyStore
 from supervisor.config import Config, ModelEntry, resolved_models, resolved_runtime_dir
 from supervisor.dialect_errors import anthropic_errors
 from supervisor.fastpath import FastPath
-from supervisor.fleet import Fleet, status_rows
+from supervisor.fleet import Fleet
 from supervisor.gpus import make_probe
 from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
 from supervisor.launch import Preparer, default_entry_path
@@ -38,7 +38,8 @@ from supervisor.proxy import openai_error
 from supervisor.router import ModelCards, Router, model_not_found
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
-from supervisor.status import GpuNow, HealthVerdict, ModelRow, SupervisorInfo
+from supervisor.status import GpuNow, HealthVerdict, SupervisorInfo
+from supervisor.status_view import model_rows
 from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm")
@@ -95,7 +96,7 @@ async def _status(request: web.Request) -> web.Response:
     snap.gpus_now = msgspec.convert(rows, list[GpuNow])
     fleet = request.app[FLEET]
     if len(fleet.all_ids) > 1:
-        snap.models = msgspec.convert(status_rows(fleet), list[ModelRow])
+        snap.models = model_rows(fleet, asyncio.get_running_loop().time())
         snap.swaps = fleet.swaps
         snap.gpus_now = msgspec.convert(await prep.gpus_now(()), list[GpuNow])
     return web.Response(body=msgspec.json.encode(snap), content_type="application/json")
@@ -280,10 +281,7 @@ async def _serve_in(
                  config.shutdown.grace_s, fleet.in_flight)
         notify.stopping()
         await site.stop()
-        deadline = loop.time() + config.shutdown.grace_s
-        while fleet.in_flight > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if fleet.in_flight:
+        if not await fleet.wait_no_requests(loop.time() + config.shutdown.grace_s):
             log.warning("grace period over: %d request(s) still in flight will be cut", fleet.in_flight)
         fleet.request_shutdown()
         await mgr_task

@@ -16,15 +16,18 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
 from supervisor.gpus import GpuProbe, GpuProbeError, Inventory, make_probe
+from supervisor.launches import Launch, PlanFailed
 from supervisor.model import ModelError, read_model_facts
 from supervisor.nvml import process_gpu_memory
 from supervisor.plan_report import render_plan, summary_of
 from supervisor.planner import Plan
 from supervisor.planning import default_entry_path, make_plan, resolve_model_path
 from supervisor.restart import PlanAdjust
-from supervisor.worker_process import Launch, PlanFailed
+from supervisor.status import PlanView
 from worker.protocol import LaunchSpec
 
 log = logging.getLogger("vram_llm.plan")
@@ -151,7 +154,7 @@ class Preparer:
         return Launch(
             spec=spec_of(self.config, p, self.model_path, socket_path, self.entry),
             env=env_of(p),
-            plan=p.to_dict(),
+            plan=msgspec.convert(p.to_dict(), PlanView),
             planned_layers=p.offloaded_layers,
             reserve_mib=self.config.gpu.reserve_mib,
             summary=summary_of(p),

@@ -9,7 +9,8 @@ Rules of this module:
 - A response, once started, is never retried: if the worker dies mid-stream an SSE
   client gets one final error event and a clean end.
 - Requests wait for a ready worker and a free generation slot (bounded by
-  admission.wait_timeout_s and admission.queue_size); the manager decides when one is
+  admission.wait_timeout_s and admission.queue_size) in the model's admission
+  (supervisor/admission.py), which alone counts them; the manager decides when one is
   ready. A refused connection to a worker the manager still calls ready is retried
   against that worker with a short backoff, not sent to wait for the next worker.
 """
@@ -126,7 +127,7 @@ class Proxy:
     async def handle(self, request: web.Request, prebody: bytes | None = None) -> web.StreamResponse:
         """Forward one request; ``prebody``: its body, already read (by the router, to find
         the model it names), replayed instead of read from the client."""
-        mgr = self._mgr
+        adm = self._mgr.admission
         rec = record(request)
         rid = rec.request_id
         too_big = self._too_big(request)
@@ -150,18 +151,18 @@ class Proxy:
         handle: WorkerHandle | None = None
         resent = False
         retries = 0
-        mgr.counters.in_flight += 1
+        adm.enter()
         try:
             while True:
-                if handle is not None and not mgr.is_current(handle):
+                if handle is not None and not adm.is_current(handle):
                     # The worker being retried died or was replaced meanwhile (its owner
                     # saw it): wait for the next one instead.
                     not_gen = handle.gen
-                    mgr.release(handle, slot=slot)
+                    adm.release(handle, slot=slot)
                     handle = None
                 try:
                     if handle is None:
-                        handle = await mgr.acquire(max(0.0, deadline - loop.time()), not_gen, slot=slot)
+                        handle = await adm.acquire(max(0.0, deadline - loop.time()), not_gen, slot=slot)
                 except QueueFull:
                     _refusals.warning("%s %s %s: 429, too many requests waiting for the worker", rid, request.method, request.path)
                     return openai_error(
@@ -215,7 +216,7 @@ class Proxy:
                         and loop.time() < deadline
                     ):
                         resent = resent or not refused
-                        if mgr.is_current(handle):
+                        if adm.is_current(handle):
                             # The owner has not seen this worker die: a full listen backlog
                             # (a paused or busy worker) or a reset. Try the same worker again
                             # shortly; waiting for a next worker that never comes would park
@@ -238,7 +239,7 @@ class Proxy:
                             e.__class__.__name__,
                         )
                         not_gen = handle.gen
-                        mgr.release(handle, slot=slot)
+                        adm.release(handle, slot=slot)
                         handle = None
                         continue
                     return openai_error(
@@ -251,9 +252,8 @@ class Proxy:
             return await self._relay(request, upstream, rid, handle.pid)
         finally:
             if handle is not None:
-                mgr.release(handle, slot=slot)
-            mgr.counters.in_flight -= 1
-            mgr.counters.ended += 1
+                adm.release(handle, slot=slot)
+            adm.leave()
 
     def _too_big(self, request: web.Request) -> web.Response | None:
         """A 413 for a body announced larger than the worker accepts, before reading it."""
@@ -312,7 +312,7 @@ class Proxy:
                         502, "the model worker failed while answering", type_="server_error", code="worker_failed"
                     )
                 completed = True
-                self._mgr.counters.served += 1
+                self._mgr.admission.count_served()
                 record(request).body_usage(body)
                 return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -353,7 +353,7 @@ class Proxy:
                 return resp
             await resp.write_eof()
             completed = True
-            self._mgr.counters.served += 1
+            self._mgr.admission.count_served()
             return resp
         finally:
             if completed:

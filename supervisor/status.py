@@ -7,8 +7,6 @@ is there). Optional per-worker readings are omitted, not null, when unknown.
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
 
@@ -41,6 +39,84 @@ class WorkerStatus(_S, omit_defaults=True):
     # From the OS (absent when the process cannot be read).
     rss_mib: float | None = None
     cpu_percent: float | None = None
+
+
+class PlanEstimate(_S):
+    """What the planner estimated one GPU holds (MiB)."""
+
+    weights_mib: int = 0
+    kv_mib: int = 0
+    compute_mib: int = 0
+    fixed_mib: int = 0
+    total_mib: int = 0
+
+
+class PlanGpu(_S):
+    """One inventory GPU in the plan (planner.GpuPlan)."""
+
+    index: int
+    uuid: str
+    name: str = ""
+    pci_bus_id: str = ""
+    total_mib: int = 0
+    free_mib: int = 0
+    reserve_mib: int = 0
+    usable_mib: int = 0
+    planned_mib: int = 0
+    layers: int = 0  # repeating layers on this GPU
+    has_output: bool = False
+    share: float = 0.0  # its entry in tensor_split
+    cuda_index: int | None = None  # None: not visible to the worker
+    excluded_reason: str | None = None
+    estimate: PlanEstimate = msgspec.field(default_factory=PlanEstimate)
+
+    @property
+    def used(self) -> bool:
+        """The worker sees it and the plan puts something there."""
+        return self.cuda_index is not None and not self.excluded_reason and self.planned_mib > 0
+
+
+class PlanModel(_S):
+    """The model as the plan saw it (planner.ModelSummary)."""
+
+    path: str = ""
+    name: str = ""
+    architecture: str = ""
+    file_mib: int = 0
+    n_layers: int = 0
+    n_ctx_train: int = 0
+    n_embd: int = 0
+    n_head: int = 0
+    n_head_kv: int = 0
+    vocab_size: int = 0
+    tied_embeddings: bool = False
+    chat_template: bool = False
+    kv_mib_per_layer: float = 0.0
+
+
+class PlanView(_S):
+    """The plan of the running worker (planner.Plan, as /status shows it)."""
+
+    env: dict[str, str] = msgspec.field(default_factory=dict)  # set in the worker's environment
+    tensor_split: list[float] = msgspec.field(default_factory=list)
+    n_gpu_layers: int = 0  # -1: every layer and the output layer
+    offloaded_layers: int = 0
+    output_on_gpu: bool = False
+    split_mode: str = "layer"
+    main_gpu: int = 0
+    n_ctx: int = 0
+    n_batch: int = 0
+    flash_attn: bool = False
+    cpu_only: bool = False
+    source: str = ""
+    gpus: list[PlanGpu] = msgspec.field(default_factory=list)  # every inventory GPU, in plan order
+    model: PlanModel | None = None
+    host_weights_mib: int = 0
+    notes: list[str] = msgspec.field(default_factory=list)
+
+    def planned_mib(self) -> dict[str, int]:
+        """GPU UUID -> MiB the plan puts there, for the GPUs it uses."""
+        return {g.uuid: g.planned_mib for g in self.gpus if g.used}
 
 
 class RestartRecord(_S):
@@ -118,7 +194,7 @@ class Status(_S):
     next_attempt_in_s: float | None = None
     last_exit: LastExit | None = None
     stderr_tail: list[str] = msgspec.field(default_factory=list)
-    plan: dict[str, Any] | None = None  # Plan.to_dict() of the running worker
+    plan: PlanView | None = None  # the plan of the running worker
     oom_adjustment: str | None = None
     requests: RequestCounts = msgspec.field(default_factory=RequestCounts)
     supervisor: SupervisorInfo | None = None  # added by the endpoint

@@ -153,22 +153,21 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
         f"requests: {req.in_flight} in flight, {req.waiting_for_worker} waiting for the worker, "
         f"{req.served} served"
     )
-    plan = st.plan or {}
-    if plan:
+    plan = st.plan
+    if plan is not None:
         out.append(
-            f"plan:    n_gpu_layers={plan.get('n_gpu_layers')} split_mode={plan.get('split_mode')} "
-            f"main_gpu={plan.get('main_gpu')} n_ctx={plan.get('n_ctx')} tensor_split={plan.get('tensor_split')}"
+            f"plan:    n_gpu_layers={plan.n_gpu_layers} split_mode={plan.split_mode} "
+            f"main_gpu={plan.main_gpu} n_ctx={plan.n_ctx} tensor_split={plan.tensor_split}"
         )
-        env = plan.get("env") or {}
-        if env:
-            out.append("         " + " ".join(f"{k}={v}" for k, v in sorted(env.items())))
+        if plan.env:
+            out.append("         " + " ".join(f"{k}={v}" for k, v in sorted(plan.env.items())))
     if st.oom_adjustment:
         out.append(f"OOM ladder: {st.oom_adjustment}")
-    planned = {g.get("uuid"): g for g in (plan.get("gpus") or [])}
+    planned = {g.uuid: g for g in (plan.gpus if plan is not None else [])}
     if st.gpus_now:
         rows = [["GPU", "UUID", "NAME", "TOTAL MiB", "FREE NOW", "PLANNED MiB", "LAYERS", "WORKER USES"]]
         for g in st.gpus_now:
-            p = planned.get(g.uuid, {})
+            p = planned.get(g.uuid)
             rows.append(
                 [
                     str(g.index),
@@ -176,8 +175,8 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
                     g.name,
                     str(g.total_mib),
                     str(g.free_mib),
-                    str(p.get("planned_mib", "-")),
-                    str(p.get("layers", "-")),
+                    "-" if p is None else str(p.planned_mib),
+                    "-" if p is None else str(p.layers),
                     "-" if g.worker_mib is None else str(g.worker_mib),
                 ]
             )

@@ -1,127 +1,227 @@
-"""One task owns one worker's whole lifecycle.
+"""One task owns one worker's whole lifecycle: the run loop and the state machine.
+
+Owns: the worker's state (states.py's table), its process (through the process adapter,
+spawn.py), its generation, the failure history and the OOM ladder (``FailureBook``).
+Publishes: a frozen ``WorkerView`` of itself after every move; every reader (HTTP handlers,
+the fleet, /status, /metrics, threads) reads the view, never a field.
+Callers send commands (``load``, ``unload``, ``reload``, ``retire``, ``shutdown``); each
+returns a future answered when the command has taken effect (``await mgr.unload()`` returns
+once the model is unloaded and its worker gone). Request admission and its counters belong
+to ``mgr.admission`` (admission.py).
 
 Rules of this module (STYLE.md habits 2, 4, 6):
-- ``WorkerManager.run()`` is the only code that changes the worker's state, spawns or
-  kills the process, or touches the failure history. Everyone else (HTTP handlers,
-  signal handlers) sends it a command (``request_reload``/``request_shutdown``) or waits
-  for a state (``acquire``). No read of the state gates a mutation elsewhere.
+- ``WorkerManager.run()`` is the only code that moves the state, starts or stops the
+  process or touches the failure history. No read of the state gates a mutation elsewhere.
 - Time is ``loop.time()`` (monotonic); every wait has a deadline.
-- The worker is a fresh interpreter in its own process group; it is stopped with
-  SIGTERM to the group, a deadline, then SIGKILL, and always reaped.
-- Decisions (restart or give up, the OOM ladder) are made by the pure functions in
-  ``restart.py``; legal state moves live in ``states.py``.
+- Decisions are made by pure functions: restart or give up and the OOM ladder in
+  ``restart.py``, liveness and exit verdicts in ``liveness.py``; legal moves in ``states.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import dataclasses
 import enum
 import logging
 import math
-import os
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import aiohttp
-import msgspec
-import psutil
 
-from supervisor.cgroup import OomWatch
-from supervisor.config import Config, WorkerSection, resolved_worker_command
+from supervisor.admission import Admission, NotReady, QueueFull
+from supervisor.config import Config
+from supervisor.launches import Launch, LaunchPreparer, NoRoom, PlanFailed
+from supervisor.liveness import (
+    Limits,
+    Probe,
+    exit_verdict,
+    hang_verdict,
+    load_stall_verdict,
+    load_stalled,
+    needs_oom_check,
+    probe_verdict,
+    stable,
+)
 from supervisor.restart import (
     Decision,
     Failure,
     FailureKind,
     PlanAdjust,
     RestartPolicy,
-    classify_exit,
     decide,
     describe_exit,
     failure_streak,
     oom_ladder,
     prune_failures,
 )
+from supervisor.spawn import ProcessSpawner, Spawner, WorkerProcess
 from supervisor.states import StateMachine, WorkerState
-from supervisor.status import LastExit, RamCache, RequestCounts, RestartRecord, Status, WorkerStatus
-from worker.protocol import Health, LaunchSpec, health_decoder, is_oom_line
+from supervisor.status import LastExit, RestartRecord, Status
+from supervisor.status_view import status_of
+from worker.protocol import Health, LaunchSpec
 
 log = logging.getLogger("vram_llm.worker")
 
-# Level names the worker's log lines start with (worker/__main__.py's format); anything
-# else it prints (llama.cpp's lines, a traceback) is logged at INFO.
-_WORKER_LEVELS = {"WARNING": logging.WARNING, "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+S = WorkerState
 
 # How often the health endpoint is polled while a worker starts or loads.
 START_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
-class Launch:
-    """What one start of the worker uses: the plan in force and how to apply it."""
-
-    spec: LaunchSpec
-    env: dict[str, str]
-    plan: dict[str, Any]  # the Plan as JSON-able dict (for /status and logs)
-    planned_layers: int  # layers actually offloaded by the plan (for the OOM ladder)
-    reserve_mib: int
-    summary: str  # one line for logs and sd_notify STATUS=
-
-
-class LaunchPreparer(Protocol):
-    """Plans a start: reads the GPU inventory now, applies the OOM-ladder adjustment."""
-
-    async def __call__(self, adjust: PlanAdjust | None, socket_path: str) -> Launch: ...
-
-    async def wait_gpu_settled(self, timeout_s: float) -> None:
-        """Wait (bounded) until a dead worker's GPU memory has come back."""
-
-
-class PlanFailed(Exception):
-    """The plan itself cannot be made (e.g. the model file vanished): not retried."""
-
-
-class NotReady(Exception):
-    """No ready worker within the caller's deadline, or the manager gave up."""
-
-    def __init__(self, state: WorkerState, reason: str, retry_after_s: int) -> None:
-        super().__init__(reason)
-        self.state = state
-        self.reason = reason
-        self.retry_after_s = retry_after_s
-
-
-class QueueFull(Exception):
-    pass
-
-
-@dataclass
 class WorkerHandle:
-    """A ready worker: where to send requests. Valid until its generation changes.
-
-    ``generating`` and ``in_flight`` change only in ``acquire``/``release`` (on the event
-    loop); the owner task reads ``in_flight`` to drain the worker before a reload.
-    """
+    """A ready worker: where to send requests. Valid until its generation changes."""
 
     gen: int
     pid: int
     socket_path: str
     session: aiohttp.ClientSession
-    slots: int = 1  # generations the worker runs at once (its `parallel`; 1 without one)
-    generating: int = 0  # requests holding one of those slots
-    in_flight: int = 0  # requests sent to this worker and not finished yet
+    slots: int = 1  # generations the worker runs at once (its `parallel`)
 
 
-class _Command(enum.Enum):
+@dataclass(frozen=True)
+class History:
+    """The failure book as published: what /status and /metrics show of past failures."""
+
+    failures: tuple[Failure, ...] = ()
+    oom_exhausted: bool = False
+    adjust: PlanAdjust | None = None  # the OOM ladder's step in force
+    restarts: tuple[RestartRecord, ...] = ()  # the last 50
+    restarts_total: int = 0
+    restarts_by_kind: tuple[tuple[str, int], ...] = ()
+    last_exit: LastExit | None = None
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """The manager as others may see it: replaced whole after every move, never changed."""
+
+    state: WorkerState
+    reason: str = "not started"
+    gen: int = 0
+    handle: WorkerHandle | None = None  # only while READY
+    proc: WorkerProcess | None = None  # the current worker process (for psutil readings)
+    launch: Launch | None = None  # the start in force (the latest one planned)
+    started_mono: float | None = None
+    started_wall: float | None = None
+    ready_since: float | None = None  # loop time the current worker became ready
+    progress: float = 0.0
+    last_health: Health | None = None
+    backoff: Decision | None = None  # the decision waited out while in BACKOFF
+    next_attempt_at: float | None = None  # loop time its delay ends (BACKOFF only)
+    history: History = History()
+    swaps_in: int = 0  # loads after the first (a model swapped back in)
+
+    @property
+    def crash_loop(self) -> bool:
+        """Waiting out the capped delay after the failure budget was spent."""
+        return self.state is S.BACKOFF and self.backoff is not None and self.backoff.crash_loop
+
+    def next_attempt_in(self, now: float) -> float | None:
+        """Seconds until the next start attempt while in BACKOFF; None in other states."""
+        if self.state is not S.BACKOFF or self.next_attempt_at is None:
+            return None
+        return max(0.0, self.next_attempt_at - now)
+
+    def retry_after_s(self, now: float, default: int = 5) -> int:
+        """A Retry-After value (whole seconds, at least 1): until the next start attempt when
+        one is scheduled, else ``default``."""
+        left = self.next_attempt_in(now)
+        return default if left is None else max(1, math.ceil(left))
+
+    def reason_at(self, now: float) -> str:
+        if self.crash_loop:
+            # Said when read, so /status, /health and 503 bodies count down to the next try.
+            return f"{self.reason}; next attempt in {self.retry_after_s(now)}s"
+        return self.reason
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Request and restart counts, read together (``mgr.counters``)."""
+
+    in_flight: int
+    waiting: int
+    served: int
+    ended: int
+    restarts_total: int
+    restarts_by_kind: dict[str, int]
+
+
+class FailureBook:
+    """Failures, restart records and the OOM ladder. Owned by the manager's task."""
+
+    def __init__(self) -> None:
+        self.failures: list[Failure] = []
+        self._restarts: collections.deque[RestartRecord] = collections.deque(maxlen=50)
+        self._total = 0
+        self._by_kind: dict[str, int] = {}
+        self.last_exit: LastExit | None = None
+        self.adjust: PlanAdjust | None = None
+        self.step = 0
+        self.exhausted = False
+        self._base: Launch | None = None  # the plan the OOM ladder shrinks from
+
+    def record(self, policy: RestartPolicy, failure: Failure) -> None:
+        # Pruned as it grows: a crash loop retries for ever, its history must not grow with it.
+        self.failures = prune_failures(policy, [*self.failures, failure], failure.at)
+        self._restarts.append(RestartRecord(at=time.time(), kind=failure.kind.value, reason=failure.detail))
+        self._total += 1
+        self._by_kind[failure.kind.value] = self._by_kind.get(failure.kind.value, 0) + 1
+        log.error("worker failure (%s): %s", failure.kind.value, failure.detail)
+
+    def reset(self) -> None:
+        """A reload or a new load: the failures and the ladder start over."""
+        self.failures.clear()
+        self.adjust, self.step, self.exhausted, self._base = None, 0, False, None
+
+    def climb(self, launch: Launch) -> PlanAdjust | None:
+        """One step down the OOM ladder, computed from the first plan that ran out of memory."""
+        self.step += 1
+        base = self._base = self._base or launch
+        adjust = oom_ladder(
+            self.step, planned_layers=base.planned_layers, n_ctx=base.spec.n_ctx, reserve_mib=base.reserve_mib
+        )
+        if adjust is None:
+            self.exhausted = True
+        else:
+            self.adjust = adjust
+        return adjust
+
+    def view(self) -> History:
+        return History(
+            tuple(self.failures), self.exhausted, self.adjust, tuple(self._restarts), self._total,
+            tuple(sorted(self._by_kind.items())), self.last_exit,
+        )
+
+
+class _Cmd(enum.Enum):
+    LOAD = "load"  # an unloaded model: start it
+    UNLOAD = "unload"  # stop the worker once its requests are done and stay unloaded
     RELOAD = "reload"
+    RETIRE = "retire"  # removed from the configuration: like unload, then nothing loads it
     SHUTDOWN = "shutdown"
-    LOAD = "load"  # a parked (unloaded) model: start it
-    UNLOAD = "unload"  # stop the worker once its requests are done and stay parked
+
+
+# When a command has taken effect: the states that answer its future.
+_ANSWERED_IN: dict[_Cmd, frozenset[WorkerState]] = {
+    _Cmd.LOAD: frozenset({S.READY, S.BACKOFF, S.FAILED, S.UNLOADED, S.RETIRED}),
+    _Cmd.UNLOAD: frozenset({S.UNLOADED, S.RETIRED}),
+    _Cmd.RELOAD: frozenset({S.STOPPED, S.STARTING, S.UNLOADED, S.RETIRED}),
+    _Cmd.RETIRE: frozenset({S.RETIRED}),
+    _Cmd.SHUTDOWN: frozenset(),  # when run() returns
+}
+
+
+@dataclass(frozen=True)
+class _Command:
+    kind: _Cmd
+    done: asyncio.Future[None]
+    reason: str = ""
 
 
 class _Outcome(enum.Enum):
@@ -131,138 +231,194 @@ class _Outcome(enum.Enum):
     RELOAD = "reload"
     SHUTDOWN = "shutdown"
     UNLOAD = "unload"
+    RETIRE = "retire"
 
 
-class NoRoom(Exception):
-    """The fleet cannot place the model now (no room, or busy models did not go idle in
-    time): the manager parks it and the requests waiting for it get 503 with this reason."""
-
-    def __init__(self, reason: str, retry_after_s: int = 5) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after_s = retry_after_s
-
-
-@dataclass
-class _Run:
-    """One started worker process. Owned by the manager's task."""
-
-    gen: int
-    launch: Launch
-    proc: asyncio.subprocess.Process
-    started_mono: float
-    started_wall: float
-    session: aiohttp.ClientSession
-    exit_task: asyncio.Future[int]
-    stderr_task: asyncio.Task[None]
-    ready_mono: float | None = None
-    oom_seen: bool = False
-    oom_line: str | None = None
-    killed_by_us: bool = False
-    progress: float = 0.0
-    psproc: psutil.Process | None = None
-    last_health: Health | None = None
-    oom_watch: OomWatch = field(default_factory=lambda: OomWatch(()))
+_STOP_REASON = {
+    _Outcome.SHUTDOWN: "supervisor is shutting down",
+    _Outcome.RELOAD: "reload requested",
+    _Outcome.UNLOAD: "unloaded",
+    _Outcome.RETIRE: "removed from the configuration",
+    _Outcome.HANG: "worker hung",
+    _Outcome.LOAD_STALL: "load made no progress",
+    _Outcome.EXITED: "worker exited",
+}
 
 
-@dataclass
-class Counters:
-    in_flight: int = 0
-    waiting: int = 0
-    served: int = 0
-    ended: int = 0  # requests that left, answered or not (in_flight counts those still here)
-    restarts_total: int = 0
-    restarts_by_kind: dict[str, int] = field(default_factory=dict)
+def _answer(cmd: _Command) -> None:
+    if not cmd.done.done():  # a caller may have given up waiting (cancelled it)
+        cmd.done.set_result(None)
 
 
-def host_oom_killed(pid: int) -> bool:
-    """True when the kernel log says the host OOM killer killed ``pid``.
-
-    Reading /dev/kmsg needs privileges that a sandboxed service may not have: then we
-    cannot tell, and say no (the death is treated as an ordinary crash).
-    """
-    try:
-        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return False
-    needle = f"Killed process {pid} ".encode()
-    try:
-        while True:
-            try:
-                rec = os.read(fd, 8192)
-            except BlockingIOError:
-                return False
-            except OSError:  # EPIPE when records were overwritten; keep reading
-                continue
-            if not rec:
-                return False
-            if needle in rec and b"ut of memory" in rec:
-                return True
-    finally:
-        os.close(fd)
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Nobody has to await a command: its exception is looked at, never logged as lost."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class WorkerManager:
+    """One model's worker: the commands others send and the view they read. The owner task
+    (``run``) is ``_Owner``; a started process is supervised by ``_Watch``."""
+
     def __init__(
         self,
         *,
         config: Callable[[], Config],
         prepare: LaunchPreparer,
         runtime_dir: Path,
+        spawner: Spawner | None = None,
         on_state: Callable[[WorkerState, str], None] | None = None,
         on_progress: Callable[[float], None] | None = None,
-        parked: bool = False,
+        unloaded: bool = False,
+        ttl_s: Callable[[], float] = lambda: 0.0,
         name: str = "worker",
     ) -> None:
         # The configuration is read where it is used, so a SIGHUP reload changes the
         # timeouts and the restart policy too, not only the plan.
         self._config = config
-        self._prepare = prepare
-        self._runtime_dir = runtime_dir
-        self._on_state = on_state
-        self._on_progress = on_progress
-        self._sm = StateMachine()
-        self._reason = "not started"
-        self._commands: asyncio.Queue[_Command] = asyncio.Queue()
-        self._changed = asyncio.Event()
-        self._handle: WorkerHandle | None = None
-        self._run: _Run | None = None
-        self._gen = 0
-        self._failures: list[Failure] = []
-        # The decision being waited out while in BACKOFF, and when its delay ends (loop time);
-        # both None in every other state.
-        self._backoff: Decision | None = None
-        self._next_attempt_at: float | None = None
-        self._restarts: collections.deque[RestartRecord] = collections.deque(maxlen=50)
-        self._stderr: collections.deque[str] = collections.deque(maxlen=config().worker.stderr_lines)
-        self._last_exit: LastExit | None = None
-        self._adjust: PlanAdjust | None = None
-        self._oom_step = 0
-        self._oom_exhausted = False
-        self._ladder_base: Launch | None = None  # the plan the OOM ladder shrinks from
-        self._launch: Launch | None = None
-        self._stopping = False
-        # Several models (supervisor/fleet.py): a parked manager has no worker and starts one
-        # only on LOAD; ``_hold`` keeps new requests waiting while the fleet drains it for an
-        # eviction; ``_refused`` answers them at once when the fleet could not place it.
-        self._parked = parked
-        self._hold = False
-        self._refused: NoRoom | None = None
-        self._load_queued = False
-        self._retired = False  # removed from the configuration: nothing loads it again
+        self._owner = _Owner(config, prepare, runtime_dir, spawner or ProcessSpawner(config, runtime_dir),
+                             on_state, on_progress, ttl_s, name, S.UNLOADED if unloaded else S.STOPPED)
+        self._queued_load: asyncio.Future[None] | None = None  # coalesces loads sent meanwhile
+        self.admission = self._owner.admission = Admission(
+            lambda: self._owner.view, self.load, lambda: config().admission.queue_size
+        )
         self.name = name
-        self.swaps_in = 0  # loads after the first (a model swapped back in)
-        self.parks = 0  # times it was unloaded (the fleet waits for this to move)
-        self.last_used = 0.0  # loop time of the last request taken
-        self.counters = Counters()
         self.started_wall = time.time()
 
-    @property
-    def _w(self) -> WorkerSection:
-        return self._config().worker
+    async def run(self) -> None:
+        """The lifecycle loop. Returns after a shutdown command, with no worker left."""
+        await self._owner.run()
 
-    def _policy(self) -> RestartPolicy:
-        r = self._config().restart
+    # ---- read side (any task, any thread): the published view ----------------------
+
+    @property
+    def view(self) -> WorkerView:
+        return self._owner.view
+
+    @property
+    def state(self) -> WorkerState:
+        return self.view.state
+
+    @property
+    def reason(self) -> str:
+        return self.view.reason_at(asyncio.get_running_loop().time())
+
+    @property
+    def crash_loop(self) -> bool:
+        return self.view.crash_loop
+
+    def next_attempt_in_s(self) -> float | None:
+        return self.view.next_attempt_in(asyncio.get_running_loop().time())
+
+    def retry_after_s(self, default: int = 5) -> int:
+        return self.view.retry_after_s(asyncio.get_running_loop().time(), default)
+
+    def failure_streak(self) -> int:
+        """Failures in the current streak, as the restart policy counts them now."""
+        h = self.view.history
+        return failure_streak(
+            self._owner.policy(), h.failures, asyncio.get_running_loop().time(), oom_ladder_exhausted=h.oom_exhausted
+        )
+
+    @property
+    def parked(self) -> bool:
+        """Unloaded: no worker until a load (read by the model cards)."""
+        return self.view.state is S.UNLOADED
+
+    @property
+    def launch(self) -> Launch | None:
+        return self.view.launch
+
+    def last_health(self) -> tuple[int, Health] | None:
+        """The current worker's pid and its last /health answer (read by the metrics)."""
+        v = self.view
+        return None if v.proc is None or v.last_health is None else (v.proc.pid, v.last_health)
+
+    @property
+    def counters(self) -> Counters:
+        a, h = self.admission, self.view.history
+        return Counters(a.in_flight, a.waiting, a.served, a.ended, h.restarts_total, dict(h.restarts_by_kind))
+
+    def snapshot(self) -> Status:
+        """Everything /status shows about the worker (GPU readings are added by app)."""
+        return status_of(self.view, self.admission, self._owner.spawner.stderr, self.failure_streak(),
+                         asyncio.get_running_loop().time())
+
+    # ---- commands (any task) ------------------------------------------------------------
+
+    def _send(self, kind: _Cmd, reason: str = "") -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_retrieve)
+        self._owner.mail.put_nowait(_Command(kind, fut, reason))
+        return fut
+
+    def load(self) -> asyncio.Future[None]:
+        """Load an unloaded model (a no-op otherwise). Answered when the load took effect:
+        ready, or failed (BACKOFF, FAILED); NoRoom when the fleet found no room for it."""
+        if self.view.state is not S.UNLOADED:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        if self._queued_load is None or self._queued_load.done():
+            self._queued_load = self._send(_Cmd.LOAD)
+        return self._queued_load
+
+    def unload(self) -> asyncio.Future[None]:
+        """Stop the worker once the requests it answers are done; answered once unloaded."""
+        return self._send(_Cmd.UNLOAD)
+
+    def reload(self) -> asyncio.Future[None]:
+        """Drain, stop and start again with the configuration now (SIGHUP)."""
+        return self._send(_Cmd.RELOAD)
+
+    def retire(self, reason: str) -> asyncio.Future[None]:
+        """Removed from the configuration: requests waiting for a worker get ``reason`` at
+        once, nothing loads it again, and the worker stops once the requests it answers
+        finish (bounded by shutdown.grace_s). Answered once RETIRED."""
+        self.admission.refuse(reason)
+        return self._send(_Cmd.RETIRE, reason)
+
+    def shutdown(self) -> asyncio.Future[None]:
+        """Stop for good; answered when ``run()`` returns."""
+        self.admission.close("the server is shutting down")
+        return self._send(_Cmd.SHUTDOWN)
+
+
+class _Owner:
+    """The owner task: the only code that moves the state, starts or stops the process or
+    touches the failure book. Its fields are its own; others read ``view``."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        prepare: LaunchPreparer,
+        runtime_dir: Path,
+        spawner: Spawner,
+        on_state: Callable[[WorkerState, str], None] | None,
+        on_progress: Callable[[float], None] | None,
+        ttl_s: Callable[[], float],
+        name: str,
+        initial: WorkerState,
+    ) -> None:
+        self.config = config
+        self.prepare = prepare
+        self.runtime_dir = runtime_dir
+        self.spawner = spawner
+        self.on_state = on_state
+        self.on_progress = on_progress
+        self.ttl_s = ttl_s  # idle seconds before it unloads itself (0: never)
+        self.name = name
+        self.sm = StateMachine(initial)
+        self.view = WorkerView(initial, "unloaded" if initial is S.UNLOADED else "not started")
+        self.mail: asyncio.Queue[_Command] = asyncio.Queue()
+        self.cmd_task: asyncio.Future[_Command] | None = None
+        self.pending: list[_Command] = []  # taken, answered when their state comes
+        self.book = FailureBook()
+        self.proc: WorkerProcess | None = None
+        self.admission: Admission  # set by WorkerManager
+
+    def policy(self) -> RestartPolicy:
+        r = self.config().restart
         return RestartPolicy(
             backoff_initial_s=r.backoff_initial_s,
             backoff_max_s=r.backoff_max_s,
@@ -272,771 +428,399 @@ class WorkerManager:
             give_up=r.give_up,
         )
 
-    # ---- read side (any task) -------------------------------------------------
+    def limits(self) -> Limits:
+        c = self.config()
+        w = c.worker
+        return Limits(w.load_stall_timeout_s, w.health_failures, w.token_stall_timeout_s, c.restart.stable_after_s)
 
-    @property
-    def state(self) -> WorkerState:
-        return self._sm.state
+    def publish(self, **changes: object) -> None:
+        self.view = dataclasses.replace(self.view, **changes)  # type: ignore[arg-type]
+        self.admission.notify()
 
-    @property
-    def reason(self) -> str:
-        if self.crash_loop:
-            # Said when read, so /status, /health and 503 bodies count down to the next try.
-            return f"{self._reason}; next attempt in {self.retry_after_s()}s"
-        return self._reason
+    def move(self, new: WorkerState, reason: str, **changes: object) -> None:
+        old = self.sm.state
+        self.sm.transition(new)
+        if new is not S.READY:
+            changes.setdefault("handle", None)
+        if new is not S.BACKOFF:
+            changes.setdefault("backoff", None)
+            changes.setdefault("next_attempt_at", None)
+        self.publish(state=new, reason=reason, history=self.book.view(), **changes)
+        shown = self.view.reason_at(asyncio.get_running_loop().time())
+        level = logging.ERROR if new is S.FAILED or self.view.crash_loop else logging.INFO
+        log.log(level, "worker state %s -> %s: %s", old.value, new.value, shown)
+        for cmd in [c for c in self.pending if new in _ANSWERED_IN[c.kind]]:
+            self.pending.remove(cmd)
+            _answer(cmd)
+        if self.on_state is not None:
+            self.on_state(new, shown)
 
-    @property
-    def crash_loop(self) -> bool:
-        """Waiting out the capped delay after the failure budget was spent."""
-        return self.state is WorkerState.BACKOFF and self._backoff is not None and self._backoff.crash_loop
+    def take(self) -> _Command:
+        assert self.cmd_task is not None
+        cmd = self.cmd_task.result()
+        self.cmd_task = asyncio.ensure_future(self.mail.get())
+        return cmd
 
-    def next_attempt_in_s(self) -> float | None:
-        """Seconds until the next start attempt while in BACKOFF; None in other states."""
-        if self.state is not WorkerState.BACKOFF or self._next_attempt_at is None:
-            return None
-        return max(0.0, self._next_attempt_at - asyncio.get_running_loop().time())
-
-    def retry_after_s(self, default: int = 5) -> int:
-        """A Retry-After value (whole seconds, at least 1): until the next start attempt when
-        one is scheduled, else ``default``."""
-        left = self.next_attempt_in_s()
-        return default if left is None else max(1, math.ceil(left))
-
-    def failure_streak(self) -> int:
-        """Failures in the current streak, as the restart policy counts them now."""
-        return failure_streak(
-            self._policy(),
-            self._failures,
-            asyncio.get_running_loop().time(),
-            oom_ladder_exhausted=self._oom_exhausted,
-        )
-
-    @property
-    def launch(self) -> Launch | None:
-        return self._launch
-
-    def last_health(self) -> tuple[int, Health] | None:
-        """The current worker's pid and its last /health answer (read by the metrics)."""
-        run = self._run
-        if run is None or run.last_health is None:
-            return None
-        return run.proc.pid, run.last_health
-
-    def snapshot(self) -> Status:
-        """Everything /status shows about the worker (GPU readings are added by app)."""
-        run = self._run
-        now = asyncio.get_running_loop().time()
-        worker: WorkerStatus | None = None
-        if run is not None:
-            worker = WorkerStatus(
-                pid=run.proc.pid,
-                generation=run.gen,
-                started_at=run.started_wall,
-                uptime_s=round(now - run.started_mono, 3),
-                ready_for_s=None if run.ready_mono is None else round(now - run.ready_mono, 3),
-                load_progress=run.progress,
-            )
-            if run.last_health is not None:
-                worker.active = run.last_health.active
-                worker.queued = run.last_health.queued
-                worker.seconds_since_token = run.last_health.seconds_since_token
-                worker.requests_served = run.last_health.requests_served
-                worker.cache_hits = run.last_health.cache_hits
-                worker.cache_tokens_reused = run.last_health.cache_tokens_reused
-                worker.ram_cache = RamCache(
-                    entries=run.last_health.ram_cache_entries,
-                    bytes=run.last_health.ram_cache_bytes,
-                    hits=run.last_health.ram_cache_hits,
-                    tokens_saved=run.last_health.ram_cache_tokens_saved,
-                )
-            if run.psproc is not None:
-                with contextlib.suppress(psutil.Error):
-                    with run.psproc.oneshot():
-                        worker.rss_mib = round(run.psproc.memory_info().rss / 2**20, 1)
-                        worker.cpu_percent = run.psproc.cpu_percent(interval=None)
-        next_in = self.next_attempt_in_s()
-        return Status(
-            state=self.state.value,
-            reason=self.reason,
-            worker=worker,
-            restarts=self.counters.restarts_total,  # the history below keeps the last 50
-            restart_history=list(self._restarts),
-            failure_streak=self.failure_streak(),
-            crash_loop=self.crash_loop,
-            backoff_delay_s=None if self._backoff is None else self._backoff.delay_s,
-            next_attempt_in_s=None if next_in is None else round(next_in, 3),
-            last_exit=self._last_exit,
-            stderr_tail=list(self._stderr)[-40:],
-            plan=None if self._launch is None else self._launch.plan,
-            oom_adjustment=None if self._adjust is None else self._adjust.description,
-            requests=RequestCounts(
-                in_flight=self.counters.in_flight,
-                waiting_for_worker=self.counters.waiting,
-                served=self.counters.served,
-            ),
-        )
-
-    async def acquire(self, timeout_s: float, not_gen: int | None = None, *, slot: bool = True) -> WorkerHandle:
-        """Wait (bounded) for a ready worker; ``not_gen`` skips a generation known dead.
-
-        One admission limit for everything waiting: a request that needs a generation
-        ``slot`` waits here (not inside the worker) until the worker has a free one, and
-        at most ``admission.queue_size`` requests wait, whatever they wait for. Requests
-        being generated are not counted. The caller must ``release`` the handle.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        queued = False
-        try:
-            while True:
-                h = self._handle
-                if self._refused is not None:
-                    raise NotReady(self.state, self._refused.reason, self._refused.retry_after_s)
-                if self._parked:
-                    # A request for an unloaded model (or one evicted while it waited) loads it.
-                    self.request_load()
-                if self.state is WorkerState.READY and h is not None and h.gen != not_gen and not self._hold:
-                    # A newcomer does not overtake requests already waiting for a slot.
-                    if not slot or (h.generating < h.slots and (queued or self.counters.waiting == 0)):
-                        h.in_flight += 1
-                        self.last_used = loop.time()
-                        if slot:
-                            h.generating += 1
-                            if queued and h.generating < h.slots:
-                                self._signal_change()  # more free slots: the next in line re-checks
-                        return h
-                if self.state is WorkerState.FAILED:
-                    raise NotReady(self.state, self._reason, 30)
-                if self._stopping:
-                    raise NotReady(self.state, "the server is shutting down", 5)
-                if self.crash_loop:
-                    # The next attempt will likely fail like the last ones: answer at once and
-                    # say when it comes, rather than hold the request and a queue slot for it.
-                    raise NotReady(self.state, self.reason, self.retry_after_s())
-                if not queued:
-                    if self.counters.waiting >= self._config().admission.queue_size:
-                        raise QueueFull()
-                    queued = True
-                    self.counters.waiting += 1
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    if self.state is WorkerState.READY and h is not None and h.gen != not_gen:
-                        raise NotReady(
-                            self.state,
-                            f"worker pid {h.pid} stayed busy ({h.generating} of {h.slots} generation slot(s)) "
-                            f"for {timeout_s:g}s",
-                            5,
-                        )
-                    raise NotReady(
-                        self.state,
-                        f"no worker became ready within {timeout_s:g}s (state {self.state.value}: {self.reason})",
-                        self.retry_after_s(),
-                    )
-                changed = self._changed
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), remaining)
-        finally:
-            if queued:
-                self.counters.waiting -= 1
-
-    def release(self, handle: WorkerHandle, *, slot: bool = True) -> None:
-        """The request that ``acquire`` returned ``handle`` to is done with it."""
-        handle.in_flight -= 1
-        if slot:
-            handle.generating -= 1
-        # Idle since the END of its last request: a 10-minute stream is not 10 minutes idle
-        # to the idle TTL and the least-recently-used eviction.
-        self.last_used = asyncio.get_running_loop().time()
-        # Wakes a request waiting for the slot, and a reload draining this worker.
-        self._signal_change()
-
-    def is_current(self, handle: WorkerHandle) -> bool:
-        """True while ``handle`` is the ready worker: the owner has not seen it die or
-        replaced it, so a refused connection to it is worth trying again."""
-        return self._handle is handle and self.state is WorkerState.READY
-
-    # ---- commands (any task) --------------------------------------------------
-
-    def request_reload(self) -> None:
-        self._commands.put_nowait(_Command.RELOAD)
-
-    @property
-    def parked(self) -> bool:
-        """No worker, and none will start until ``request_load``."""
-        return self._parked
-
-    @property
-    def ready_since(self) -> float | None:
-        """Loop time the current worker became ready (None: no ready worker)."""
-        run = self._run
-        return None if run is None else run.ready_mono
-
-    @property
-    def active(self) -> int:
-        """Requests the worker is answering now (taken by ``acquire``, not yet released)."""
-        h = self._handle
-        return 0 if h is None else h.in_flight
-
-    def request_load(self) -> None:
-        """Start a parked model (a no-op for a loaded one). Clears a previous refusal so
-        the requests that asked for it wait for the load."""
-        if self._retired:
-            return
-        self._refused = None
-        if self._parked:
-            self._hold = False  # no worker to drain: nothing may hold requests back any more
-        if self._parked and not self._load_queued:
-            self._load_queued = True
-            self._commands.put_nowait(_Command.LOAD)
-
-    def request_unload(self) -> None:
-        self._commands.put_nowait(_Command.UNLOAD)
-
-    def retire(self, reason: str) -> None:
-        """The model was removed from the configuration (SIGHUP): requests waiting for a
-        worker get ``reason`` at once, nothing loads it again, and the worker stops once the
-        requests it is answering finish (the unload drain, bounded by shutdown.grace_s)."""
-        self._retired = True
-        self._refused = NoRoom(reason, 5)
-        self._signal_change()
-        self.request_unload()
-
-    def hold_new(self, on: bool) -> None:
-        """While on, new requests wait (the fleet is draining this model to evict it)."""
-        self._hold = on
-        self._signal_change()
-
-    def request_shutdown(self) -> None:
-        self._stopping = True
-        self._signal_change()
-        self._commands.put_nowait(_Command.SHUTDOWN)
-
-    # ---- the owner task -------------------------------------------------------
-
-    def _signal_change(self) -> None:
-        old = self._changed
-        self._changed = asyncio.Event()
-        old.set()
-
-    def _move(self, new: WorkerState, reason: str) -> None:
-        old = self._sm.state
-        self._sm.transition(new, reason)
-        self._reason = reason
-        if new is not WorkerState.READY:
-            self._handle = None
-        if new is not WorkerState.BACKOFF:
-            self._backoff = None
-            self._next_attempt_at = None
-        log.log(
-            logging.ERROR if new is WorkerState.FAILED or self.crash_loop else logging.INFO,
-            "worker state %s -> %s: %s",
-            old.value,
-            new.value,
-            self.reason,
-        )
-        if self._on_state is not None:
-            self._on_state(new, self.reason)
-        self._signal_change()
+    def pend(self, cmd: _Command) -> None:
+        self.pending.append(cmd)
 
     async def run(self) -> None:
         """The lifecycle loop. Returns after a shutdown command, with no worker left."""
-        cmd_task: asyncio.Task[_Command] = asyncio.ensure_future(self._next_command())
+        self.cmd_task = asyncio.ensure_future(self.mail.get())
         try:
             while True:
-                if self._parked:
-                    cmd = await cmd_task
-                    cmd_task = asyncio.ensure_future(self._next_command())
-                    if cmd is _Command.SHUTDOWN:
-                        return
-                    if cmd is _Command.LOAD:
-                        self._parked = False
-                        self._reset_history()
-                        if self._gen > 0:
-                            self.swaps_in += 1
-                    continue
-                if self.state is WorkerState.FAILED:
-                    cmd = await cmd_task
-                    cmd_task = asyncio.ensure_future(self._next_command())
-                    if cmd is _Command.SHUTDOWN:
-                        return
-                    if cmd is _Command.UNLOAD:
-                        self._park("unloaded")
-                        continue
-                    self._reset_history()
-                    self._move(WorkerState.STOPPED, "reload requested: starting again")
-                    continue
-                outcome, cmd_task = await self._start_and_supervise(cmd_task)
-                if outcome is _Outcome.SHUTDOWN:
+                st = self.sm.state
+                if st in (S.UNLOADED, S.FAILED, S.RETIRED):
+                    go = await self._idle()
+                elif st is S.BACKOFF:
+                    go = await self._backoff()
+                else:  # STOPPED: a start is wanted now
+                    go = True
+                if go is None:
                     return
-                if outcome is _Outcome.UNLOAD:
-                    continue
-                if outcome is _Outcome.RELOAD:
-                    self._reset_history()
-                    continue
-                # A failure: decide what to do next.
-                decision = decide(
-                    self._policy(),
-                    self._failures,
-                    asyncio.get_running_loop().time(),
-                    oom_ladder_exhausted=self._oom_exhausted,
-                )
-                if decision.action == "give_up":
-                    self._move(WorkerState.FAILED, decision.reason)
-                    continue
-                # Set before the move, so the waiters it wakes see when the next attempt comes.
-                self._backoff = decision
-                self._next_attempt_at = asyncio.get_running_loop().time() + decision.delay_s
-                self._move(WorkerState.BACKOFF, decision.reason)
-                got = await self._wait_cmd(cmd_task, decision.delay_s)
-                if got is not None:
-                    cmd_task = asyncio.ensure_future(self._next_command())
-                    if got is _Command.SHUTDOWN:
-                        return
-                    if got is _Command.UNLOAD:
-                        self._park("unloaded")
-                        continue
-                    if got is _Command.LOAD:
-                        continue  # it starts now rather than at the end of the delay
-                    self._reset_history()
+                if go and not await self._attempt():
+                    return
         finally:
-            cmd_task.cancel()
-            with contextlib.suppress(BaseException):
-                await cmd_task
-            if self._run is not None:
-                await self._stop_run(self._run, "supervisor is shutting down")
-            if self.state is not WorkerState.STOPPED:
-                self._move(WorkerState.STOPPED, "supervisor stopped")
+            self.cmd_task.cancel()
+            if self.proc is not None:
+                await _Watch(self).stop(self.proc, "supervisor is shutting down")
+                self.proc = None
+                self.publish(proc=None)
+            if self.sm.state not in (S.STOPPED, S.UNLOADED, S.RETIRED):
+                self.move(S.STOPPED, "supervisor stopped")
+            leftover = list(self.pending)
+            while not self.mail.empty():
+                leftover.append(self.mail.get_nowait())
+            if self.cmd_task.done() and not self.cmd_task.cancelled():
+                leftover.append(self.cmd_task.result())
+            for cmd in leftover:
+                _answer(cmd)
 
-    async def _next_command(self) -> _Command:
-        cmd = await self._commands.get()
-        if cmd is _Command.LOAD:
-            self._load_queued = False  # the next request_load queues one again
-        return cmd
+    async def _idle(self) -> bool | None:
+        """UNLOADED, FAILED or RETIRED: no process, wait for a command. True: start now;
+        None: shut down."""
+        assert self.cmd_task is not None
+        await asyncio.wait({self.cmd_task})
+        cmd, st = self.take(), self.sm.state
+        if cmd.kind is _Cmd.SHUTDOWN:
+            self.pend(cmd)
+            return None
+        if st is not S.RETIRED:
+            if cmd.kind is _Cmd.RETIRE:
+                self.pend(cmd)
+                self.move(S.RETIRED, cmd.reason)
+            elif cmd.kind is _Cmd.LOAD and st is S.UNLOADED:
+                self.pend(cmd)
+                self.book.reset()
+                if self.view.gen > 0:
+                    self.publish(swaps_in=self.view.swaps_in + 1)
+                return True
+            elif cmd.kind is _Cmd.RELOAD and st is S.FAILED:
+                self.book.reset()
+                self.pend(cmd)
+                self.move(S.STOPPED, "reload requested: starting again")
+                return True
+            elif cmd.kind is _Cmd.UNLOAD and st is S.FAILED:
+                self.pend(cmd)
+                self.move(S.UNLOADED, "unloaded")
+        _answer(cmd)  # nothing (more) to do: already there
+        return False
 
-    def _park(self, reason: str) -> None:
-        self.parks += 1
-        self._parked = True
-        self._hold = False
-        if self.state is WorkerState.STOPPED:
-            self._reason = reason
-            log.info("%s: %s", self.name, reason)
-            self._signal_change()
-        else:
-            self._move(WorkerState.STOPPED, reason)
+    async def _backoff(self) -> bool | None:
+        """BACKOFF: wait out the delay unless a command cuts it short."""
+        assert self.cmd_task is not None
+        left = (self.view.next_attempt_at or 0.0) - asyncio.get_running_loop().time()
+        done, _ = await asyncio.wait({self.cmd_task}, timeout=max(0.0, left))
+        if not done:
+            return True
+        cmd = self.take()
+        self.pend(cmd)
+        if cmd.kind is _Cmd.SHUTDOWN:
+            return None
+        if cmd.kind is _Cmd.UNLOAD:
+            self.move(S.UNLOADED, "unloaded")
+            return False
+        if cmd.kind is _Cmd.RETIRE:
+            self.move(S.RETIRED, cmd.reason)
+            return False
+        if cmd.kind is _Cmd.RELOAD:
+            self.book.reset()
+        return True  # a reload or a load starts now rather than at the end of the delay
 
-    def _reset_history(self) -> None:
-        self._failures.clear()
-        self._adjust = None
-        self._oom_step = 0
-        self._oom_exhausted = False
-        self._ladder_base = None
+    def _fail_loads(self, e: NoRoom) -> None:
+        for cmd in [c for c in self.pending if c.kind is _Cmd.LOAD]:
+            self.pending.remove(cmd)
+            if not cmd.done.done():
+                cmd.done.set_exception(e)
 
-    async def _wait_cmd(self, cmd_task: asyncio.Task[_Command], timeout_s: float) -> _Command | None:
-        done, _ = await asyncio.wait({cmd_task}, timeout=max(0.0, timeout_s))
-        return cmd_task.result() if done else None
-
-    async def _start_and_supervise(
-        self, cmd_task: asyncio.Task[_Command]
-    ) -> tuple[_Outcome, asyncio.Task[_Command]]:
+    async def _attempt(self) -> bool:
+        """Plan, start and supervise one worker until it stops. False: shut down."""
         loop = asyncio.get_running_loop()
-        self._gen += 1
-        gen = self._gen
-        socket_path = str(self._runtime_dir / f"worker-{gen}.sock")
+        gen = self.view.gen + 1
+        self.publish(gen=gen)
+        socket_path = str(self.runtime_dir / f"worker-{gen}.sock")
         try:
-            launch = await self._prepare(self._adjust, socket_path)
+            launch = await self.prepare(self.book.adjust, socket_path)
         except NoRoom as e:
-            self._refused = e
-            self._park(f"not loaded: {e.reason}")
-            return _Outcome.UNLOAD, cmd_task
+            self._fail_loads(e)
+            if self.sm.state is S.UNLOADED:  # a load refused: it stays unloaded, saying why
+                self.publish(reason=f"not loaded: {e.reason}")
+                log.info("%s: not loaded: %s", self.name, e.reason)
+            else:
+                self.move(S.UNLOADED, f"not loaded: {e.reason}")
+            return True
         except PlanFailed as e:
-            self._record_failure(Failure(at=loop.time(), kind=FailureKind.PERMANENT, detail=str(e), ran_for_s=0.0))
-            return _Outcome.EXITED, cmd_task
-        self._launch = launch
-        run = await self._spawn(gen, launch)
-        if run is None:
-            return _Outcome.EXITED, cmd_task
-        self._run = run
-        outcome, cmd_task = await self._supervise(run, cmd_task)
-        if outcome in (_Outcome.RELOAD, _Outcome.UNLOAD):
-            outcome, cmd_task = await self._drain(run, cmd_task, outcome)
-        reason = {
-            _Outcome.SHUTDOWN: "supervisor is shutting down",
-            _Outcome.RELOAD: "reload requested",
-            _Outcome.UNLOAD: "unloaded",
-            _Outcome.HANG: "worker hung",
-            _Outcome.LOAD_STALL: "load made no progress",
-            _Outcome.EXITED: "worker exited",
-        }[outcome]
-        await self._stop_run(run, reason)
-        self._run = None
-        if outcome is _Outcome.UNLOAD:
-            self._park(f"unloaded (worker pid {run.proc.pid} stopped)")
-            return outcome, cmd_task
-        if outcome in (_Outcome.SHUTDOWN, _Outcome.RELOAD):
-            if outcome is _Outcome.RELOAD:
-                self._move(WorkerState.STOPPED, "reload requested: re-planning")
-            return outcome, cmd_task
-        failure = self._classify(run, outcome)
-        self._record_failure(failure)
-        if failure.kind is FailureKind.OOM:
-            await self._on_oom(run)
-        return _Outcome.EXITED, cmd_task
-
-    async def _drain(
-        self, run: _Run, cmd_task: asyncio.Task[_Command], why: _Outcome = _Outcome.RELOAD
-    ) -> tuple[_Outcome, asyncio.Task[_Command]]:
-        """Before a reload stops the worker: new requests wait for the next worker while
-        the ones it is answering finish (bounded by shutdown.grace_s). Stopping it at once
-        would cut their answers short (issue 13)."""
-        h = self._handle
-        if h is None or h.gen != run.gen or h.in_flight == 0 or run.proc.returncode is not None:
-            return why, cmd_task
-        loop = asyncio.get_running_loop()
-        grace = self._config().shutdown.grace_s
-        deadline = loop.time() + grace
-        if self._retired:
-            what, then = "removed from the configuration", "new requests are refused"
-        else:
-            what, then = f"{why.value} requested", "new requests wait for the next worker"
-        self._move(
-            WorkerState.STOPPING,
-            f"{what}: worker pid {run.proc.pid} finishes {h.in_flight} request(s) first (up to {grace:g}s); {then}",
-        )
-        while h.in_flight > 0:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                log.warning(
-                    "reload: worker pid %d still has %d request(s) after %.0fs; they will end with an error",
-                    run.proc.pid,
-                    h.in_flight,
-                    grace,
-                )
-                break
-            changed: asyncio.Future[Any] = asyncio.ensure_future(self._changed.wait())
-            waiters: set[asyncio.Future[Any]] = {run.exit_task, cmd_task, changed}
-            try:
-                done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                changed.cancel()
-            if cmd_task in done:
-                cmd = cmd_task.result()
-                cmd_task = asyncio.ensure_future(self._next_command())
-                if cmd is _Command.SHUTDOWN:
-                    return _Outcome.SHUTDOWN, cmd_task
-                if cmd is _Command.UNLOAD:
-                    why = _Outcome.UNLOAD  # an unload (or removal) while a reload drains: park after
-                # Another reload while draining: the next start reads the newest config anyway.
-            if run.exit_task in done:
-                break
-        return why, cmd_task
-
-    async def _spawn(self, gen: int, launch: Launch) -> _Run | None:
-        loop = asyncio.get_running_loop()
-        spec_path = self._runtime_dir / f"worker-{gen}.spec.json"
-        spec_path.write_bytes(msgspec.json.encode(launch.spec))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(launch.spec.socket_path)
-        cmd = [*resolved_worker_command(self._config()), "--spec", str(spec_path)]
-        self._move(WorkerState.STARTING, f"starting worker (generation {gen}): {launch.summary}")
-        log.info("worker command: %s", " ".join(cmd))
+            self.book.record(self.policy(), Failure(at=loop.time(), kind=FailureKind.PERMANENT, detail=str(e)))
+            self._after_failure()
+            return True
+        self.move(S.STARTING, f"starting worker (generation {gen}): {launch.summary}", launch=launch)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=launch.env,
-                start_new_session=True,  # own process group: we kill the whole group
-                limit=1 << 20,
-            )
+            proc = await self.spawner.start(gen, launch)
         except OSError as e:
-            self._record_failure(
-                Failure(at=loop.time(), kind=FailureKind.START_ERROR, detail=f"cannot start worker: {e}", ran_for_s=0.0)
-            )
-            log.error("cannot start worker %s: %s", cmd, e)
-            return None
-        self._stderr.clear()
-        session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=launch.spec.socket_path, limit=0),
-            # The proxy sets per-request timeouts; the session itself never times out a
-            # streamed generation.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-            auto_decompress=False,
-        )
-        run = _Run(
-            gen=gen,
-            launch=launch,
-            proc=proc,
-            started_mono=loop.time(),
-            started_wall=time.time(),
-            session=session,
-            exit_task=asyncio.ensure_future(proc.wait()),
-            stderr_task=asyncio.create_task(self._read_stderr(proc)),
-        )
-        with contextlib.suppress(psutil.Error):
-            run.psproc = psutil.Process(proc.pid)
-            run.psproc.cpu_percent(interval=None)
-        run.oom_watch = OomWatch.of(proc.pid)  # the cgroup's OOM-kill count before it can run out
-        self._run = run
-        log.info("worker pid %d started", proc.pid)
-        return run
-
-    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        run_pid = proc.pid
-        own = f"worker[{run_pid}] "
-        while True:
-            try:
-                raw = await proc.stdout.readline()
-            except ValueError:  # a line over the limit: take what is there
-                raw = await proc.stdout.read(1 << 16)
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            # The worker's own lines start "worker[PID] LEVEL ": keep its level, drop the
-            # prefix we are about to add again.
-            if line.startswith(own):
-                line = line[len(own):]
-            level = _WORKER_LEVELS.get(line.split(" ", 1)[0], logging.INFO)
-            self._stderr.append(line)
-            run = self._run
-            if run is not None and run.proc.pid == run_pid and is_oom_line(line):
-                run.oom_seen = True
-                run.oom_line = line
-                level = logging.ERROR
-            log.log(level, "worker[%d]: %s", run_pid, line)
-
-    async def _health(self, run: _Run, timeout_s: float) -> tuple[int, Health] | None:
-        try:
-            async with run.session.get(
-                "http://worker/health", timeout=aiohttp.ClientTimeout(total=timeout_s)
-            ) as resp:
-                body = await resp.read()
-            h = health_decoder.decode(body)
-            run.last_health = h
-            return resp.status, h
-        except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError, OSError):
-            return None
-
-    async def _supervise(
-        self, run: _Run, cmd_task: asyncio.Task[_Command]
-    ) -> tuple[_Outcome, asyncio.Task[_Command]]:
-        loop = asyncio.get_running_loop()
-        last_progress_at = loop.time()
-        last_progress = -1.0
-        health_failures = 0
-        next_health = loop.time()
-        while True:
-            ready = self.state is WorkerState.READY
-            wait_s = max(0.0, next_health - loop.time())
-            waiters: set[asyncio.Future[Any]] = {run.exit_task, cmd_task}
-            done, _ = await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-            if cmd_task in done:
-                cmd = cmd_task.result()
-                cmd_task = asyncio.ensure_future(self._next_command())
-                if cmd is _Command.LOAD:
-                    continue  # already loaded
-                outcome = {_Command.SHUTDOWN: _Outcome.SHUTDOWN, _Command.UNLOAD: _Outcome.UNLOAD}
-                return outcome.get(cmd, _Outcome.RELOAD), cmd_task
-            if run.exit_task in done:
-                return _Outcome.EXITED, cmd_task
-            now = loop.time()
-            if not ready:
-                next_health = now + START_POLL_S
-                res = await self._health(run, min(2.0, self._w.health_timeout_s))
-                if res is not None:
-                    status, h = res
-                    if status == 200 and h.status == "ok":
-                        run.ready_mono = loop.time()
-                        run.progress = 1.0
-                        self._handle = WorkerHandle(
-                            run.gen, run.proc.pid, run.launch.spec.socket_path, run.session, _slots(h, run.launch.spec)
-                        )
-                        self._move(
-                            WorkerState.READY,
-                            f"worker pid {run.proc.pid} ready after {run.ready_mono - run.started_mono:.1f}s",
-                        )
-                        next_health = loop.time() + self._w.health_interval_s
-                        continue
-                    if self.state is WorkerState.STARTING:
-                        self._move(WorkerState.LOADING, f"worker pid {run.proc.pid} is loading the model")
-                    run.progress = h.progress
-                    if h.progress > last_progress:
-                        last_progress = h.progress
-                        last_progress_at = now
-                        if self._on_progress is not None:
-                            self._on_progress(h.progress)
-                if now - last_progress_at > self._w.load_stall_timeout_s:
-                    return _Outcome.LOAD_STALL, cmd_task
-                continue
-            # READY: liveness.
-            next_health = now + self._w.health_interval_s
-            res = await self._health(run, self._w.health_timeout_s)
-            if res is None or res[0] != 200:
-                health_failures += 1
-                log.warning(
-                    "worker pid %d: health check failed (%d of %d allowed)",
-                    run.proc.pid,
-                    health_failures,
-                    self._w.health_failures,
-                )
-                if health_failures >= self._w.health_failures:
-                    return _Outcome.HANG, cmd_task
-                continue
-            health_failures = 0
-            if self._failures and run.ready_mono is not None and now - run.ready_mono >= self._policy().stable_after_s:
-                # Up long enough to call the failures before it over (the policy would say the
-                # same at the next failure): /status and /metrics stop showing a streak now.
-                log.info(
-                    "worker pid %d has been up %.0fs: the %d failure(s) before it no longer count",
-                    run.proc.pid,
-                    now - run.ready_mono,
-                    len(self._failures),
-                )
-                self._failures.clear()
-            h = res[1]
-            if h.seconds_since_token is not None and h.seconds_since_token > self._w.token_stall_timeout_s:
-                log.error(
-                    "worker pid %d: generation produced no token for %.0fs (limit %.0fs)",
-                    run.proc.pid,
-                    h.seconds_since_token,
-                    self._w.token_stall_timeout_s,
-                )
-                return _Outcome.HANG, cmd_task
-
-    def _classify(self, run: _Run, outcome: _Outcome) -> Failure:
-        loop = asyncio.get_running_loop()
-        ran_for = 0.0 if run.ready_mono is None else loop.time() - run.ready_mono
-        code = run.proc.returncode
-        if outcome is _Outcome.HANG:
-            kind, detail = FailureKind.HANG, (
-                f"worker pid {run.proc.pid} hung (health checks failed or no token for "
-                f"{self._w.token_stall_timeout_s:g}s); killed"
-            )
-        elif outcome is _Outcome.LOAD_STALL:
-            kind, detail = FailureKind.LOAD_STALL, (
-                f"worker pid {run.proc.pid} made no load progress for {self._w.load_stall_timeout_s:g}s; killed"
-            )
+            failure = Failure(at=loop.time(), kind=FailureKind.START_ERROR, detail=f"cannot start worker: {e}")
+            self.book.record(self.policy(), failure)
+            self._after_failure()
+            return True
+        self.proc = proc
+        self.publish(proc=proc, started_mono=loop.time(), started_wall=time.time(), ready_since=None,
+                      progress=0.0, last_health=None)
+        watch = _Watch(self)
+        outcome = await watch.supervise(proc, launch.spec)
+        if outcome in (_Outcome.RELOAD, _Outcome.UNLOAD, _Outcome.RETIRE):
+            outcome = await watch.drain(proc, outcome)
+        await watch.stop(proc, _STOP_REASON[outcome])
+        ready_since = self.view.ready_since
+        self.proc = None
+        self.publish(proc=None)
+        if outcome is _Outcome.SHUTDOWN:
+            return False
+        if outcome is _Outcome.RELOAD:
+            self.book.reset()
+            self.move(S.STOPPED, "reload requested: re-planning")
+        elif outcome is _Outcome.UNLOAD:
+            self.move(S.UNLOADED, f"unloaded (worker pid {proc.pid} stopped)")
+        elif outcome is _Outcome.RETIRE:
+            self.move(S.RETIRED, next(c.reason for c in self.pending if c.kind is _Cmd.RETIRE))
         else:
-            assert code is not None
-            what = describe_exit(code)
-            host_oom = False
-            if code == -signal.SIGKILL and not run.killed_by_us:
-                # The cgroup's OOM-kill counter (readable under systemd); the kernel log where there is none.
-                counted = run.oom_watch.killed()
-                host_oom = counted if counted is not None else host_oom_killed(run.proc.pid)
-            kind = classify_exit(code, oom_evidence=run.oom_seen or host_oom)
-            if host_oom:
-                what += ", by the host OOM killer"
-            elif code == -signal.SIGKILL and not run.killed_by_us:
-                what += ", not by us (perhaps out of memory?)"
-            detail = f"worker pid {run.proc.pid} {what}"
-            if run.oom_line:
-                detail += f": {run.oom_line.strip()}"
-            elif kind is FailureKind.PERMANENT and self._stderr:
-                detail += f": {self._stderr[-1].strip()}"
-        self._last_exit = LastExit(
-            pid=run.proc.pid,
-            code=code,
-            description=describe_exit(code) if code is not None else None,
-            kind=kind.value,
-            detail=detail,
-            at=time.time(),
-            ran_for_s=round(ran_for, 3),
-        )
-        return Failure(at=loop.time(), kind=kind, detail=detail, ran_for_s=ran_for)
+            failure = self._classify(proc, outcome, ready_since)
+            self.book.record(self.policy(), failure)
+            if failure.kind is FailureKind.OOM:
+                await self._climb_oom_ladder(launch)
+            self._after_failure()
+        return True
 
-    def _record_failure(self, failure: Failure) -> None:
-        # Pruned as it grows: a crash loop retries for ever, its history must not grow with it.
-        self._failures = prune_failures(self._policy(), [*self._failures, failure], failure.at)
-        self._restarts.append(RestartRecord(at=time.time(), kind=failure.kind.value, reason=failure.detail))
-        self.counters.restarts_total += 1
-        k = failure.kind.value
-        self.counters.restarts_by_kind[k] = self.counters.restarts_by_kind.get(k, 0) + 1
-        log.error("worker failure (%s): %s", k, failure.detail)
+    def _after_failure(self) -> None:
+        now = asyncio.get_running_loop().time()
+        decision = decide(self.policy(), self.book.failures, now, oom_ladder_exhausted=self.book.exhausted)
+        if decision.action == "give_up":
+            self.move(S.FAILED, decision.reason)
+        else:
+            # In the same view as the move, so the waiters it wakes see when the next attempt comes.
+            self.move(S.BACKOFF, decision.reason, backoff=decision, next_attempt_at=now + decision.delay_s)
 
-    async def _on_oom(self, run: _Run) -> None:
+    def _classify(self, proc: WorkerProcess, outcome: _Outcome, ready_since: float | None) -> Failure:
+        now = asyncio.get_running_loop().time()
+        ran_for = 0.0 if ready_since is None else now - ready_since
+        code = proc.exited.result()
+        limits = self.limits()
+        if outcome is _Outcome.HANG:
+            v = hang_verdict(proc.pid, limits)
+        elif outcome is _Outcome.LOAD_STALL:
+            v = load_stall_verdict(proc.pid, limits)
+        else:
+            host_oom = needs_oom_check(code, proc.killed_by_us) and proc.host_oom_killed()
+            stderr = self.spawner.stderr
+            v = exit_verdict(proc.pid, code, killed_by_us=proc.killed_by_us, oom_line=proc.oom_line,
+                             host_oom=host_oom, last_line=stderr[-1] if stderr else None)
+        self.book.last_exit = LastExit(pid=proc.pid, code=code, description=describe_exit(code), kind=v.kind.value,
+                                        detail=v.detail, at=time.time(), ran_for_s=round(ran_for, 3))
+        return Failure(at=now, kind=v.kind, detail=v.detail, ran_for_s=ran_for)
+
+    async def _climb_oom_ladder(self, launch: Launch) -> None:
         """Climb one step of the OOM ladder, after the GPU memory has come back."""
-        self._oom_step += 1
-        if self._ladder_base is None:
-            self._ladder_base = run.launch
-        base = self._ladder_base
-        adjust = oom_ladder(
-            self._oom_step,
-            planned_layers=base.planned_layers,
-            n_ctx=base.spec.n_ctx,
-            reserve_mib=base.reserve_mib,
-        )
+        adjust = self.book.climb(launch)
         if adjust is None:
-            self._oom_exhausted = True
             log.error("out of memory with the smallest plan (CPU only): no smaller plan to try")
             return
-        self._adjust = adjust
-        log.warning("out of memory (step %d of the OOM ladder): %s", self._oom_step, adjust.description)
+        log.warning("out of memory (step %d of the OOM ladder): %s", self.book.step, adjust.description)
         # The dead worker's GPU memory is released by the driver asynchronously. The
         # preparer re-reads the inventory at the next start; here we only wait until
         # two consecutive readings agree (memory stopped coming back), bounded.
-        await self._prepare.wait_gpu_settled(self._config().restart.oom_settle_timeout_s)
+        await self.prepare.wait_gpu_settled(self.config().restart.oom_settle_timeout_s)
 
-    async def _stop_run(self, run: _Run, reason: str) -> None:
-        """Stop the worker: TERM to the group, deadline, KILL; always reap and clean up."""
-        if run.proc.returncode is None:
-            if self.state is WorkerState.STOPPING:  # already draining (reload)
-                log.info("stopping worker pid %d: %s", run.proc.pid, reason)
-            else:
-                self._move(WorkerState.STOPPING, f"stopping worker pid {run.proc.pid}: {reason}")
-            run.killed_by_us = True
-            _killpg(run.proc.pid, signal.SIGTERM)
-            done, _ = await asyncio.wait({run.exit_task}, timeout=self._w.stop_timeout_s)
-            if not done:
-                log.error(
-                    "worker pid %d did not stop within %.0fs of SIGTERM: sending SIGKILL",
-                    run.proc.pid,
-                    self._w.stop_timeout_s,
-                )
-                _killpg(run.proc.pid, signal.SIGKILL)
-                await run.exit_task
+
+class _Watch:
+    """Supervises one started process for the owner: probes it, drains it, stops it. Moves
+    the state only through the owner (``self.o.move``), from the owner's task."""
+
+    def __init__(self, owner: _Owner) -> None:
+        self.o = owner
+
+    async def supervise(self, proc: WorkerProcess, spec: LaunchSpec) -> _Outcome:
+        """Probe the worker until it exits, hangs, stalls, or a command stops it."""
+        assert self.o.cmd_task is not None
+        loop = asyncio.get_running_loop()
+        last_progress_at, last_progress = loop.time(), -1.0
+        missed = 0
+        next_health = loop.time()
+        idle: asyncio.Future[None] | None = None  # the idle TTL, while ready
+        try:
+            while True:
+                ready = self.o.sm.state is S.READY
+                w = self.o.config().worker
+                if ready and idle is None and (ttl := self.o.ttl_s()) > 0:
+                    idle = asyncio.ensure_future(self.o.admission.wait_idle_for(ttl, self.o.view.ready_since or 0.0))
+                waiters: set[asyncio.Future[object]] = {proc.exited, self.o.cmd_task}  # type: ignore[arg-type]
+                if idle is not None:
+                    waiters.add(idle)  # type: ignore[arg-type]
+                wait_s = max(0.0, next_health - loop.time())
+                done, _ = await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                if self.o.cmd_task in done:
+                    cmd = self.o.take()
+                    if cmd.kind is _Cmd.LOAD and ready:
+                        _answer(cmd)
+                        continue
+                    self.o.pend(cmd)
+                    if cmd.kind is _Cmd.LOAD:
+                        continue  # loading already: answered when it is ready
+                    return _Outcome(cmd.kind.value)
+                if proc.exited in done:
+                    return _Outcome.EXITED
+                now = loop.time()
+                if idle is not None and idle in done:
+                    log.info("%s idle for %.0fs (ttl_s %g): unloading", self.o.name,
+                             now - max(self.o.admission.last_used, self.o.view.ready_since or 0.0), self.o.ttl_s())
+                    return _Outcome.UNLOAD
+                if not ready:
+                    next_health = now + START_POLL_S
+                    res = await proc.health(min(2.0, w.health_timeout_s))
+                    if res is not None:
+                        status, h = res
+                        if status == 200 and h.status == "ok":
+                            t = loop.time()
+                            handle = WorkerHandle(self.o.view.gen, proc.pid, spec.socket_path, proc.session,
+                                                  _slots(h, spec))
+                            started = self.o.view.started_mono or t
+                            self.o.move(S.READY, f"worker pid {proc.pid} ready after {t - started:.1f}s",
+                                       handle=handle, ready_since=t, progress=1.0, last_health=h)
+                            next_health = t + w.health_interval_s
+                            continue
+                        if self.o.sm.state is S.STARTING:
+                            self.o.move(S.LOADING, f"worker pid {proc.pid} is loading the model")
+                        self.o.publish(progress=h.progress, last_health=h)
+                        if h.progress > last_progress:
+                            last_progress, last_progress_at = h.progress, now
+                            if self.o.on_progress is not None:
+                                self.o.on_progress(h.progress)
+                    if load_stalled(self.o.limits(), now, last_progress_at):
+                        return _Outcome.LOAD_STALL
+                    continue
+                next_health = now + w.health_interval_s
+                verdict, missed = await self.probe_ready(proc, missed)
+                if verdict is Probe.HANG:
+                    return _Outcome.HANG
+        finally:
+            if idle is not None:
+                idle.cancel()
+
+    async def probe_ready(self, proc: WorkerProcess, missed: int) -> tuple[Probe, int]:
+        """One liveness probe of a ready worker."""
+        w, limits = self.o.config().worker, self.o.limits()
+        res = await proc.health(w.health_timeout_s)
+        answered = res is not None and res[0] == 200
+        if res is not None:
+            self.o.publish(last_health=res[1])
+        since_token = res[1].seconds_since_token if res is not None and answered else None
+        verdict, missed = probe_verdict(limits, answered=answered, failures_before=missed, seconds_since_token=since_token)
+        if not answered:
+            log.warning("worker pid %d: health check failed (%d of %d allowed)", proc.pid, missed, w.health_failures)
+            return verdict, missed
+        if verdict is Probe.HANG:
+            log.error("worker pid %d: generation produced no token for %.0fs (limit %.0fs)", proc.pid,
+                      since_token or 0.0, w.token_stall_timeout_s)
+            return verdict, missed
+        now = asyncio.get_running_loop().time()
+        if self.o.book.failures and stable(limits, now, self.o.view.ready_since):
+            # Up long enough to call the failures before it over (the policy would say the
+            # same at the next failure): /status and /metrics stop showing a streak now.
+            log.info("worker pid %d has been up %.0fs: the %d failure(s) before it no longer count",
+                     proc.pid, now - (self.o.view.ready_since or now), len(self.o.book.failures))
+            self.o.book.failures.clear()
+            self.o.publish(history=self.o.book.view())
+        return verdict, missed
+
+    async def drain(self, proc: WorkerProcess, why: _Outcome) -> _Outcome:
+        """Before a reload, unload or removal stops the worker: new requests wait for the next
+        worker (or are refused) while the ones it is answering finish (bounded by
+        shutdown.grace_s). Stopping it at once would cut their answers short (issue 13)."""
+        assert self.o.cmd_task is not None
+        h = self.o.view.handle
+        if h is None or self.o.admission.in_worker(h.gen) == 0 or proc.exited.done():
+            return why
+        loop = asyncio.get_running_loop()
+        grace = self.o.config().shutdown.grace_s
+        deadline = loop.time() + grace
+        if why is _Outcome.RETIRE:
+            what, then = "removed from the configuration", "new requests are refused"
         else:
-            await run.exit_task
-            if self.state is not WorkerState.STOPPING:
-                self._move(
-                    WorkerState.STOPPING,
-                    f"worker pid {run.proc.pid} {describe_exit(run.proc.returncode)}: cleaning up",
-                )
-        # Anything the worker left in its group (helpers, grandchildren) goes too.
-        _killpg(run.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(asyncio.TimeoutError, Exception):
-            await asyncio.wait_for(run.stderr_task, 2.0)
-        run.stderr_task.cancel()
-        await run.session.close()
-        for p in (run.launch.spec.socket_path, str(self._runtime_dir / f"worker-{run.gen}.spec.json")):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
-        log.info("worker pid %d is gone (%s)", run.proc.pid, describe_exit(run.proc.returncode or 0))
+            what, then = f"{why.value} requested", "new requests wait for the next worker"
+        n = self.o.admission.in_worker(h.gen)
+        self.o.move(S.STOPPING, f"{what}: worker pid {proc.pid} finishes {n} request(s) first (up to {grace:g}s); {then}")
+        idle = asyncio.ensure_future(self.o.admission.wait_gen_idle(h.gen))
+        try:
+            while not idle.done():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    log.warning("%s: worker pid %d still has %d request(s) after %.0fs; they will end with an error",
+                                why.value, proc.pid, self.o.admission.in_worker(h.gen), grace)
+                    break
+                waiters: set[asyncio.Future[object]] = {proc.exited, self.o.cmd_task, idle}  # type: ignore[arg-type]
+                done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if self.o.cmd_task in done:
+                    cmd = self.o.take()
+                    self.o.pend(cmd)
+                    if cmd.kind is _Cmd.SHUTDOWN:
+                        return _Outcome.SHUTDOWN
+                    if cmd.kind is _Cmd.RETIRE:
+                        why = _Outcome.RETIRE
+                    elif cmd.kind is _Cmd.UNLOAD and why is _Outcome.RELOAD:
+                        why = _Outcome.UNLOAD  # an unload while a reload drains: stay unloaded after
+                    # Another reload while draining: the next start reads the newest config anyway.
+                if proc.exited in done:
+                    break
+        finally:
+            idle.cancel()
+        return why
+
+    async def stop(self, proc: WorkerProcess, reason: str) -> None:
+        """Stop the worker (TERM to the group, deadline, KILL, reap: the adapter does it)."""
+        if not proc.exited.done():
+            if self.o.sm.state is S.STOPPING:  # already draining
+                log.info("stopping worker pid %d: %s", proc.pid, reason)
+            else:
+                self.o.move(S.STOPPING, f"stopping worker pid {proc.pid}: {reason}")
+        elif self.o.sm.state is not S.STOPPING:
+            self.o.move(S.STOPPING, f"worker pid {proc.pid} {describe_exit(proc.exited.result())}: cleaning up")
+        await proc.stop(self.o.config().worker.stop_timeout_s)
 
 
 def _slots(health: Health, spec: LaunchSpec) -> int:
-    """How many generations the worker runs at once: its `parallel` setting where the
-    worker reports one (health params, else the launch spec), else one."""
-    for source in (health.params, spec):
-        n = getattr(source, "parallel", None)
-        if isinstance(n, int) and n >= 1:
-            return n
-    return 1
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+    """How many generations the worker runs at once: its `parallel` setting as the worker
+    reports it (health params), else as launched."""
+    if health.params is not None and health.params.parallel >= 1:
+        return health.params.parallel
+    return max(1, spec.parallel)
 
 
 # Re-exported for app wiring and tests.
 __all__ = [
     "Launch",
     "LaunchPreparer",
+    "NoRoom",
     "NotReady",
     "PlanFailed",
     "QueueFull",
     "WorkerHandle",
     "WorkerManager",
+    "WorkerView",
 ]

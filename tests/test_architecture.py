@@ -80,3 +80,80 @@ def test_supervisor_starts_without_llama_cpp() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# ---- one owner per piece of state (issue 22) ------------------------------------------------
+
+# The request counters and admission's own state: written in supervisor/admission.py only.
+REQUEST_COUNTERS = frozenset({"in_flight", "waiting", "served", "ended", "generating", "last_used", "_held",
+                              "_refusal", "_closed"})
+
+
+def _assigned_attributes(tree: ast.AST) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(tree):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = list(node.targets)
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for t in targets:
+            for sub in ast.walk(t):
+                if isinstance(sub, ast.Attribute):
+                    out.append((node.lineno, sub.attr))
+    return out
+
+
+def test_only_admission_writes_request_counters() -> None:
+    for f in sorted((REPO / "supervisor").glob("*.py")):
+        if f.name == "admission.py":
+            continue
+        wrote = [(line, a) for line, a in _assigned_attributes(ast.parse(f.read_text())) if a in REQUEST_COUNTERS]
+        assert not wrote, f"{f.name} assigns request counters (only admission.py may): {wrote}"
+
+
+def _polling_loops(tree: ast.AST) -> list[tuple[str, int]]:
+    """``while ...:`` loops whose body sleeps: (enclosing function, line)."""
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for loop in ast.walk(fn):
+            if isinstance(loop, ast.While) and any(
+                isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "sleep"
+                for c in ast.walk(loop)
+            ):
+                found.append((fn.name, loop.lineno))
+    return found
+
+
+# Polling loops the fleet may keep, each with its reason.
+FLEET_POLLS_ALLOWED = {
+    "wait_freed": "reads NVML, an outside reading no task of ours owns or could announce",
+}
+
+
+def test_the_fleet_awaits_answers_and_never_polls() -> None:
+    for f in sorted((REPO / "supervisor").glob("fleet*.py")):
+        loops = [(fn, line) for fn, line in _polling_loops(ast.parse(f.read_text())) if fn not in FLEET_POLLS_ALLOWED]
+        assert not loops, f"{f.name}: polling loops (await the owner's answer or event instead): {loops}"
+
+
+MAX_CLASS_LINES = 300
+# Classes allowed to be longer for now, each with its reason (empty it as they are split).
+LONG_CLASSES_ALLOWED = {
+    ("worker/server.py", "WorkerServer"): "being split into one module per API dialect (issue 22, worker side)",
+    ("worker/engine/batch.py", "BatchLoop"): "the worker's batch loop, worker side of issue 22",
+}
+
+
+def test_no_class_is_longer_than_about_300_lines() -> None:
+    long = []
+    for f in sorted([*(REPO / "supervisor").rglob("*.py"), *(REPO / "worker").rglob("*.py")]):
+        rel = f.relative_to(REPO).as_posix()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_CLASS_LINES and (rel, node.name) not in LONG_CLASSES_ALLOWED:
+                    long.append(f"{rel}:{node.name} ({n} lines)")
+    assert not long, long

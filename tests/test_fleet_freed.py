@@ -37,7 +37,7 @@ def test_waits_until_nvml_shows_the_memory_free(tmp_path: Path) -> None:
     probe = RisingProbe(free=1000, step=1000)
     fleet = fleet_on(probe, tmp_path)
     before = probe.read()  # free 1000
-    asyncio.run(fleet._wait_freed("m", {UUID: 3000}, before, timeout_s=10))
+    asyncio.run(fleet.evictions.wait_freed("m", {UUID: 3000}, before, timeout_s=10))
     assert probe.reads >= 4 and probe.free >= 4000  # it read until ~3000 MiB more were free
 
 
@@ -49,7 +49,7 @@ def test_gives_up_after_its_bound(tmp_path: Path) -> None:
     async def timed() -> float:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        await fleet._wait_freed("m", {UUID: 3000}, before, timeout_s=0.3)
+        await fleet.evictions.wait_freed("m", {UUID: 3000}, before, timeout_s=0.3)
         return loop.time() - t0
 
     assert 0.3 <= asyncio.run(timed()) < 5

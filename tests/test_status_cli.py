@@ -71,3 +71,20 @@ def test_exit_code_follows_the_health_verdict() -> None:
     assert code({"state": "starting", "health": {"ok": False, "status": "starting", "reason": "loading"}}) == 1
     # A supervisor without the field: the first model's state decides, as before.
     assert code({"state": "ready"}) == 0 and code({"state": "backoff"}) == 1
+
+
+def test_the_status_plan_has_every_field_of_the_planners_plan() -> None:
+    # /status shows the plan typed (status.PlanView, decoded by this command); a field the
+    # planner adds must not silently drop out of the document.
+    import dataclasses
+
+    from supervisor.planner import Estimate, GpuPlan, ModelSummary, Plan
+    from supervisor.status import PlanEstimate, PlanGpu, PlanModel, PlanView
+
+    def names(cls: type) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    assert names(Plan) == set(PlanView.__struct_fields__)
+    assert names(GpuPlan) == set(PlanGpu.__struct_fields__)
+    assert names(ModelSummary) == set(PlanModel.__struct_fields__)
+    assert names(Estimate) | {"total_mib"} == set(PlanEstimate.__struct_fields__)

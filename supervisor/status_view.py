@@ -1,0 +1,99 @@
+"""Status shaping: published views + admission counters + psutil -> the status.py structs.
+
+Owns nothing; reads only what its owners publish (a manager's ``WorkerView``, its
+``Admission`` counters, the fleet's footprints) and the OS (psutil, through the process
+adapter). Callers: /status (app.py), ``WorkerManager.snapshot`` and the fleet's model rows
+(for /status and ``vram-llm status``, which decodes the same structs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from supervisor.admission import Admission
+from supervisor.states import PROCESS_STATES, WorkerState
+from supervisor.status import ModelRow, RamCache, RequestCounts, Status, WorkerStatus
+
+if TYPE_CHECKING:
+    from supervisor.fleet import Fleet
+    from supervisor.worker_process import WorkerView
+
+
+def shown_state(state: WorkerState, parked: bool = False) -> str:
+    """The state /status and /v1/models show (an unloaded model is a state of its own now:
+    ``parked`` is kept for callers that still pass it)."""
+    return state.value
+
+
+def worker_status(view: WorkerView, now: float) -> WorkerStatus | None:
+    """The current worker process, if there is one."""
+    proc = view.proc
+    if proc is None or view.started_mono is None or view.started_wall is None:
+        return None
+    w = WorkerStatus(
+        pid=proc.pid,
+        generation=view.gen,
+        started_at=view.started_wall,
+        uptime_s=round(now - view.started_mono, 3),
+        ready_for_s=None if view.ready_since is None else round(now - view.ready_since, 3),
+        load_progress=view.progress,
+    )
+    h = view.last_health
+    if h is not None:
+        w.active, w.queued, w.seconds_since_token = h.active, h.queued, h.seconds_since_token
+        w.requests_served, w.cache_hits, w.cache_tokens_reused = h.requests_served, h.cache_hits, h.cache_tokens_reused
+        w.ram_cache = RamCache(entries=h.ram_cache_entries, bytes=h.ram_cache_bytes, hits=h.ram_cache_hits,
+                               tokens_saved=h.ram_cache_tokens_saved)
+    w.rss_mib, w.cpu_percent = proc.usage()
+    return w
+
+
+def status_of(view: WorkerView, admission: Admission, stderr: Sequence[str], streak: int, now: float) -> Status:
+    """Everything /status shows about one model's worker (GPU readings are added by app)."""
+    hist = view.history
+    next_in = view.next_attempt_in(now)
+    return Status(
+        state=view.state.value,
+        reason=view.reason_at(now),
+        worker=worker_status(view, now),
+        restarts=hist.restarts_total,  # the history below keeps the last 50
+        restart_history=list(hist.restarts),
+        failure_streak=streak,
+        crash_loop=view.crash_loop,
+        backoff_delay_s=None if view.backoff is None else view.backoff.delay_s,
+        next_attempt_in_s=None if next_in is None else round(next_in, 3),
+        last_exit=hist.last_exit,
+        stderr_tail=list(stderr)[-40:],
+        plan=None if view.launch is None else view.launch.plan,
+        oom_adjustment=None if hist.adjust is None else hist.adjust.description,
+        requests=RequestCounts(
+            in_flight=admission.in_flight, waiting_for_worker=admission.waiting, served=admission.served
+        ),
+    )
+
+
+def model_rows(fleet: Fleet, now: float) -> list[ModelRow]:
+    """One row per model for /status (removed models still draining included)."""
+    rows = []
+    for mid in fleet.all_ids:
+        mgr = fleet.managers[mid]
+        view, adm = mgr.view, mgr.admission
+        planned, measured = fleet.footprint(mid)
+        loaded = view.state in PROCESS_STATES
+        rows.append(
+            ModelRow(
+                id=mid,
+                state=view.state.value,
+                reason=view.reason_at(now),
+                loaded=view.state is WorkerState.READY,
+                pinned=fleet.entry(mid).pinned,
+                planned_mib=planned if loaded else {},
+                measured_mib=measured if loaded else {},
+                restarts=view.history.restarts_total,
+                swaps_in=view.swaps_in,
+                in_flight=adm.in_flight,
+                idle_s=round(now - adm.last_used, 1) if adm.last_used else None,
+            )
+        )
+    return rows

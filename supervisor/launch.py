@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
+from supervisor.config import Config, ConfigError, ModelEntry, model_cache_dir, resolved_models
 from supervisor.gpus import GpuProbe, GpuProbeError, Inventory, make_probe
 from supervisor.model import ModelError, read_model_facts
 from supervisor.nvml import process_gpu_memory
@@ -56,6 +56,8 @@ def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str, entry: 
         parallel=m.parallel,
         prefill_chunk=m.prefill_chunk,
         cache_ram_mib=m.cache_ram_mib,
+        cache_disk_mib=m.cache_disk_mib,
+        cache_dir=str(model_cache_dir(config, entry.id if entry is not None else (alias or model_path.stem))),
         strict_params=config.server.strict_params,
         embeddings=m.embeddings,
         pooling=m.pooling or None,

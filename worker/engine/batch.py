@@ -22,6 +22,12 @@ Rules for this module (llama-server's ``update_slots`` is the model):
   one-token batch whatever was cached (see ``Slot.prefilled``), which keeps greedy
   output independent of the cache (a past bug: the first logits came from a batch whose
   size depended on the cached prefix, and the same request gave different text).
+- Saving a state for later (the RAM and disk tiers, ``diskcache.CacheIO``): the loop
+  copies the state out of the KV cache (it owns the context) and hands the bytes to the
+  prompt-cache thread, which does the rest (bookkeeping, files). States are saved before
+  a slot's cache is overwritten and, with a disk tier, when the loop is idle (a finished
+  conversation then survives a restart of the worker); a request whose longest cached
+  prefix is on disk is read by that thread before it is admitted, never by the loop.
 - Other threads only call ``submit`` and ``close`` and read the counters.
 """
 
@@ -36,9 +42,10 @@ from typing import Any
 
 import llama_cpp.llama_cpp as llama_lib
 
+from worker.engine.diskcache import CacheIO, DiskCache
 from worker.engine.generation import Generation, Sink
 from worker.engine.ramcache import RamCache, restore, snapshot
-from worker.engine.slots import _MIN_REUSE, CacheStats, Slot, pick_slot
+from worker.engine.slots import _MIN_REUSE, CacheStats, Slot, common_prefix, pick_slot
 
 log = logging.getLogger("worker")
 
@@ -49,7 +56,14 @@ _MIN_SNAPSHOT_TOKENS = 16
 
 class BatchLoop:
     def __init__(
-        self, ctx: Any, n_ctx: int, n_batch: int, parallel: int, prefill_chunk: int, cache_ram_bytes: int = 0
+        self,
+        ctx: Any,
+        n_ctx: int,
+        n_batch: int,
+        parallel: int,
+        prefill_chunk: int,
+        cache_ram_bytes: int = 0,
+        disk: DiskCache | None = None,
     ) -> None:
         if not 1 <= parallel <= n_batch:
             raise ValueError(f"parallel ({parallel}) must be between 1 and n_batch ({n_batch})")
@@ -73,6 +87,7 @@ class BatchLoop:
         # Counters: written by the loop thread only, read by /health.
         self.stats = CacheStats()
         self.ram = RamCache(cache_ram_bytes) if cache_ram_bytes > 0 else None
+        self.io = CacheIO(self.ram, disk) if self.ram is not None or disk is not None else None
         self.served = 0
         self.active = 0
         self._busy_since = 0.0
@@ -84,6 +99,21 @@ class BatchLoop:
 
     def submit(self, gen: Generation, sink: Sink) -> None:
         gen.sink = sink
+        io = self.io
+        if io is not None and io.disk is not None and gen.prepared.sampling.cache_prompt:
+            # A longer prefix on disk than in any slot: the cache thread reads it first.
+            head = gen.prepared.tokens[:-1]
+            local = max(common_prefix(list(s.tokens), head) for s in self.slots)
+
+            def read(found: tuple[list[int], bytearray] | None) -> None:
+                gen.from_disk = found
+                self._enqueue(gen)
+
+            if io.fetch(head, local, read):
+                return
+        self._enqueue(gen)
+
+    def _enqueue(self, gen: Generation) -> None:
         with self._cond:
             if not self._stopping:
                 self._waiting.append(gen)
@@ -121,11 +151,17 @@ class BatchLoop:
         self._thread.join(timeout=_CLOSE_WAIT_S)
         if not self._thread.is_alive():
             llama_lib.llama_batch_free(self._batch)
+        if self.io is not None:
+            self.io.close()  # the states already handed over are written first (bounded)
 
     # --- the loop thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
+            with self._cond:
+                idle = not self._stopping and not self._waiting and self.active == 0
+            if idle and self._save_idle():
+                continue  # one state saved; look again for work before the next
             with self._cond:
                 while not self._stopping and not self._waiting and self.active == 0:
                     self._cond.wait()
@@ -183,21 +219,30 @@ class BatchLoop:
         restored = False
         use_ram = self.ram is not None and gen.prepared.sampling.cache_prompt
         found = self.ram.best(prompt[:-1]) if use_ram and self.ram is not None else None
-        if found is not None and found[0] > max(reuse, _MIN_REUSE - 1):
-            # An earlier conversation in RAM shares more than any slot: load it instead
-            # of recomputing, after saving what this slot held.
-            n, entry = found
+        on_disk, gen.from_disk = gen.from_disk, None  # read by the cache thread (submit)
+        n_ram = 0 if found is None else found[0]
+        n_disk = 0 if on_disk is None else common_prefix(on_disk[0], prompt[:-1])
+        if max(n_ram, n_disk) > max(reuse, _MIN_REUSE - 1):
+            # An earlier conversation in RAM or on disk shares more than any slot: load it
+            # instead of recomputing, after saving what this slot held.
+            if n_ram >= n_disk and found is not None:
+                n, tokens, data = n_ram, found[1].tokens, found[1].data
+            else:
+                assert on_disk is not None
+                n, (tokens, data) = n_disk, on_disk
             self._save(slot)
-            if restore(self._ctx, slot.seq, entry.data) and (
-                llama_lib.llama_memory_seq_pos_max(self._mem, slot.seq) == len(entry.tokens) - 1
+            if restore(self._ctx, slot.seq, data) and (
+                llama_lib.llama_memory_seq_pos_max(self._mem, slot.seq) == len(tokens) - 1
             ):
-                slot.tokens = list(entry.tokens)
+                slot.tokens = list(tokens)
                 reuse = n
                 restored = True
-                assert self.ram is not None
-                self.ram.used(entry, n)
+                if n_ram >= n_disk and found is not None and self.ram is not None:
+                    self.ram.used(found[1], n)
+                elif self.io is not None and self.io.disk is not None:
+                    self.io.disk.hit(n)
             else:
-                log.warning("restoring a %d-token snapshot failed: evaluating the prompt", len(entry.tokens))
+                log.warning("restoring a %d-token snapshot failed: evaluating the prompt", len(tokens))
                 self._forget(slot)
                 reuse = 0
         elif reuse < len(slot.tokens):
@@ -222,12 +267,44 @@ class BatchLoop:
         self.active += 1
 
     def _save(self, slot: Slot) -> None:
-        """Keep the slot's cached prompt in the RAM cache before it is overwritten."""
-        if self.ram is None or len(slot.tokens) < _MIN_SNAPSHOT_TOKENS:
+        """Keep the slot's cached prompt (RAM tier, disk tier) before it is overwritten."""
+        if self.io is None or len(slot.tokens) < _MIN_SNAPSHOT_TOKENS:
             return
-        data = snapshot(self._ctx, slot.seq)
+        mark = (slot.admitted, len(slot.tokens))
+        if slot.saved == mark and self.ram is None:
+            return  # already on disk, and there is no RAM tier to put it in
+        data = self._snapshot(slot)
         if data is not None:
-            self.ram.put(slot.tokens, data)
+            self.io.keep(slot.tokens, data, ram=self.ram is not None)
+
+    def _save_idle(self) -> bool:
+        """With a disk tier, while nothing runs: save one slot's cache that changed since
+        it was last saved (a conversation then survives a restart of the worker). True
+        when it did (the caller looks for new work before the next)."""
+        io = self.io
+        if io is None or io.disk is None or not io.disk.writable:
+            return False
+        for slot in self.slots:
+            if slot.gen is None and len(slot.tokens) >= _MIN_SNAPSHOT_TOKENS and slot.saved != (
+                slot.admitted, len(slot.tokens)
+            ):
+                data = self._snapshot(slot)
+                if data is not None:
+                    io.keep(slot.tokens, data, ram=False)
+                return True
+        return False
+
+    def _snapshot(self, slot: Slot) -> bytearray | None:
+        """The slot's state, copied out of the KV cache: the part of saving that pauses
+        the loop (timed in ``stats``)."""
+        t0 = time.perf_counter()
+        data = snapshot(self._ctx, slot.seq)
+        paused = time.perf_counter() - t0
+        slot.saved = (slot.admitted, len(slot.tokens))
+        self.stats.snapshots += 1
+        self.stats.snapshot_s += paused
+        self.stats.snapshot_max_s = max(self.stats.snapshot_max_s, paused)
+        return data
 
     def _forget(self, slot: Slot) -> None:
         """Drop the slot's whole sequence from the KV cache."""

@@ -48,7 +48,7 @@ from supervisor.restart import (
     prune_failures,
 )
 from supervisor.states import StateMachine, WorkerState
-from supervisor.status import LastExit, RamCache, RequestCounts, RestartRecord, Status, WorkerStatus
+from supervisor.status import DiskCache, LastExit, RamCache, RequestCounts, RestartRecord, Status, WorkerStatus
 from worker.protocol import Health, LaunchSpec, health_decoder, is_oom_line
 
 log = logging.getLogger("vram_llm.worker")
@@ -349,6 +349,16 @@ class WorkerManager:
                     hits=run.last_health.ram_cache_hits,
                     tokens_saved=run.last_health.ram_cache_tokens_saved,
                 )
+                h = run.last_health
+                if run.launch.spec.cache_disk_mib > 0 and run.launch.spec.cache_dir:
+                    worker.disk_cache = DiskCache(
+                        dir=run.launch.spec.cache_dir,
+                        entries=h.disk_cache_entries,
+                        bytes=h.disk_cache_bytes,
+                        hits=h.disk_cache_hits,
+                        tokens_saved=h.disk_cache_tokens_saved,
+                        errors=h.disk_cache_errors,
+                    )
             if run.psproc is not None:
                 with contextlib.suppress(psutil.Error):
                     with run.psproc.oneshot():

@@ -15,12 +15,16 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import REPO, WorkerProcess, default_model, short_tmpdir, wait_until, worker_spec
+from tests.test_fleet import fleet
 from worker.engine.diskcache import MIN_DISK_REUSE, DiskCache, UnsafeDirectory, checked_dir, settings_key
+
+__all__ = ["fleet"]  # the fixture, imported to be used
 
 KEY = b"k" * 32
 T = list(range(100, 100 + 40))  # a 40-token "conversation"
@@ -206,3 +210,44 @@ def test_the_next_turn_after_kill_9_is_served_from_disk() -> None:
         if second is not None:
             second.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_swapped_out_model_serves_its_next_turn_from_disk(fleet: Any, tmp_path: Path) -> None:
+    # Two ids of SmolLM2 on one simulated GPU with room for one: asking for b unloads a;
+    # a's next turn loads it again, and its conversation comes back from disk.
+    from supervisor.default_model import default_model_path
+    from tests.supervisor_harness import poll
+    from tests.test_fleet_real import REAL_WORKER, SETTINGS, planned_mib
+
+    mib = planned_mib(default_model_path(), tmp_path)
+    sections = {**REAL_WORKER, "server": {"cache_dir": str(tmp_path / "cache")}}
+    s = fleet(mib + 10 + 1024, [{"id": "a", **SETTINGS, "cache_disk_mib": 64}, {"id": "b", **SETTINGS}],
+              sections=sections)
+    turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Who kept the lights?"}]
+    code, first = s.post("/v1/chat/completions", {"model": "a", "messages": turns, "max_tokens": 8,
+                                                  "temperature": 0}, timeout=180)
+    assert code == 200, first
+
+    def disk_of_a() -> dict[str, Any] | None:
+        w = s.status().get("worker") or {}  # the first model's worker: a
+        return w.get("disk_cache")
+
+    poll(lambda: (d := disk_of_a()) is not None and d["entries"] >= 1, 60, "a's conversation saved to disk")
+    code, body = s.post("/v1/chat/completions", {"model": "b", "messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 2}, timeout=180)
+    assert code == 200, body
+    assert status_of(s)["a"]["state"] == "unloaded"  # swapped out to make room for b
+    turns += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+              {"role": "user", "content": "And the lenses?"}]
+    code, body = s.post("/v1/chat/completions", {"model": "a", "messages": turns, "max_tokens": 8,
+                                                 "temperature": 0}, timeout=180)
+    assert code == 200, body
+    # /status shows the worker's last health reading (every health_interval_s).
+    poll(lambda: (d := disk_of_a()) is not None and d["hits"] >= 1, 60, "a's /status to show the disk hit")
+    d = disk_of_a()
+    assert d is not None and d["hits"] == 1 and d["tokens_saved"] > 150
+    assert status_of(s)["a"]["swaps_in"] == 1
+
+
+def status_of(s: Any) -> dict[str, dict[str, Any]]:
+    return {m["id"]: m for m in s.status()["models"]}

@@ -90,8 +90,13 @@ class Engine:
         except (OSError, UnsafeDirectory) as e:
             log.warning("prompt cache on disk turned off: %s; the RAM cache goes on", e)
             return None
-        log.info("prompt cache on disk: %s (up to %d MiB)", directory, spec.cache_disk_mib)
-        return DiskCache(directory, key, spec.cache_disk_mib * 2**20)
+        disk = DiskCache(directory, key, spec.cache_disk_mib * 2**20)
+        # Indexed before the worker says ready: the first request after a restart or a
+        # swap must find its conversation (headers only: milliseconds for thousands).
+        disk.scan()
+        log.info("prompt cache on disk: %s: %d states, %.0f MiB (up to %d MiB)", directory,
+                 disk.stats.entries, disk.stats.bytes / 2**20, spec.cache_disk_mib)
+        return disk
 
     def applied_params(self) -> AppliedParams:
         llama = self._require()

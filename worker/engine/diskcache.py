@@ -227,11 +227,11 @@ class DiskCache:
             return False
         with self._lock:
             new = list(tokens)
-            for k, e in list(self._entries.items()):
-                if common_prefix(e.tokens, new) == len(e.tokens):  # the new one covers it
+            for k, old in list(self._entries.items()):
+                if common_prefix(old.tokens, new) == len(old.tokens):  # the new one covers it
                     self._entries.pop(k)
                     with contextlib.suppress(OSError):
-                        e.path.unlink()
+                        old.path.unlink()
             self._entries[name] = DiskEntry(new, path, size, float(os.stat(path).st_mtime_ns))
             self.stats.writes += 1
             self._evict_locked()
@@ -285,8 +285,6 @@ class CacheIO:
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="prompt-cache", daemon=True)
         self.thread.start()
-        if disk is not None:
-            self._jobs.put(disk.scan)
 
     def keep(self, tokens: Sequence[int], data: bytearray, *, ram: bool) -> bool:
         """Queue a state to be kept (in RAM when ``ram``, on disk when there is a disk

@@ -30,8 +30,8 @@ from typing import Any
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 
+from supervisor.launch import default_spec
 from worker.engine import Engine, LlamaLog, Sampling
-from worker.protocol import LaunchSpec
 
 PROMPT = "Here is a long, detailed story about a fox who wanted to learn to fly. Once upon a time,"
 
@@ -46,7 +46,7 @@ def load_engine(model_arg: str | None, **spec: Any) -> tuple[Engine, str]:
         model = str(default_model_path())
     log = LlamaLog(io.StringIO())
     log.install()
-    engine = Engine(LaunchSpec(model_path=model, socket_path="/unused", **spec), log)
+    engine = Engine(default_spec(model, "/unused", **spec), log)
     engine.load(lambda _v: None)
     return engine, model
 

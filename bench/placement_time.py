@@ -30,8 +30,12 @@ REPEAT = 200
 
 
 def scenario(resident_count: int, busy: bool, want_layers: int) -> tuple[list[GpuInfo], dict[str, ModelInfo], list[Resident], str]:
-    models = {f"m{i}": ModelInfo(f"m{i}", facts(32, 220, f"m{i}"), PlanSettings()) for i in range(N_MODELS - 1)}
-    models["want"] = ModelInfo("want", facts(want_layers, 450, "want"), PlanSettings())
+    one_slot = PlanSettings(parallel=1)
+    models = {
+        f"m{i}": ModelInfo(f"m{i}", facts(32, 220, f"m{i}"), one_slot, pinned=False, refuse_when_no_room=False)
+        for i in range(N_MODELS - 1)
+    }
+    models["want"] = ModelInfo("want", facts(want_layers, 450, "want"), one_slot, pinned=False, refuse_when_no_room=False)
     residents = []
     used = [0] * N_GPUS
     for i in range(resident_count):

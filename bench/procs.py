@@ -289,10 +289,11 @@ def wait_http_ok(procs: Procs, s: Started, url: str, timeout: float) -> None:
 
 def start_worker(procs: Procs, model: str, threads: int, n_ctx: int, n_gpu_layers: int) -> tuple[Started, str]:
     """The bare worker on its own Unix socket: the 'direct' column."""
-    from worker.protocol import LaunchSpec, encoder
+    from supervisor.launch import default_spec
+    from worker.protocol import encoder
 
     sock = str(procs.tmp / "direct.sock")
-    spec = LaunchSpec(model_path=model, socket_path=sock, n_threads=threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
+    spec = default_spec(model, sock, n_threads=threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
     spec_path = procs.tmp / "direct.spec.json"
     spec_path.write_bytes(encoder.encode(spec))
     s = procs.start("worker-direct", [sys.executable, "-m", "worker", "--spec", str(spec_path)])

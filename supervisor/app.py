@@ -33,7 +33,7 @@ from supervisor.gpus import make_probe
 from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
 from supervisor.launch import Preparer, default_entry_path
 from supervisor.metrics import ServingMetrics, worker_pids_of
-from supervisor.proxy import Proxy, openai_error
+from supervisor.proxy import openai_error
 from supervisor.router import ModelCards, Router, model_not_found
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
@@ -43,8 +43,6 @@ from supervisor.worker_process import WorkerManager
 log = logging.getLogger("vram_llm")
 
 FLEET: web.AppKey[Fleet] = web.AppKey("fleet", Fleet)
-MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
-PREPARER: web.AppKey[Preparer] = web.AppKey("preparer", Preparer)
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
 SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log", RequestLog)
@@ -53,22 +51,22 @@ CARDS: web.AppKey[ModelCards] = web.AppKey("cards", ModelCards)
 
 def _first(app: web.Application) -> tuple[WorkerManager, Preparer]:
     """The first model's manager and preparer (the one that answers requests without a
-    "model" field): with a fleet, SIGHUP may change which model that is."""
-    fleet = app.get(FLEET)
-    if fleet is None:
-        return app[MANAGER], app[PREPARER]
+    "model" field): SIGHUP may change which model that is."""
+    fleet = app[FLEET]
     return fleet.managers[fleet.first], fleet.preparers[fleet.first]
 
 
 def health_of(app: web.Application) -> HealthVerdict:
     """The one /health rule, also in /status (`vram-llm status` exits by it): ready when
-    every pinned model is ready and every model loaded at start has been (Fleet.ready_for_health)."""
-    fleet = app.get(FLEET)
-    if fleet is not None and len(fleet.ids) > 1:
+    every pinned model is ready and every model loaded at start has been (Fleet.ready_for_health).
+    A model that serves every request (the fleet's fallback: the only one) is the service
+    itself: it must be ready now."""
+    fleet = app[FLEET]
+    if fleet.fallback is None:
         ok, why = fleet.ready_for_health()
         return HealthVerdict(ok=ok, status="ok" if ok else "loading", reason="" if ok else why,
                              retry_after_s=None if ok else 5)
-    mgr = _first(app)[0]
+    mgr = fleet.managers[fleet.fallback]
     if mgr.state is WorkerState.READY:
         return HealthVerdict(ok=True, status="ok")
     # While a restart is scheduled, tell load balancers when it comes.
@@ -94,8 +92,8 @@ async def _status(request: web.Request) -> web.Response:
     worker = snap.worker
     rows = await prep.gpus_now(worker_pids_of(worker.pid) if worker else ())
     snap.gpus_now = msgspec.convert(rows, list[GpuNow])
-    fleet = request.app.get(FLEET)
-    if fleet is not None and len(fleet.all_ids) > 1:
+    fleet = request.app[FLEET]
+    if len(fleet.all_ids) > 1:
         snap.models = msgspec.convert(status_rows(fleet), list[ModelRow])
         snap.swaps = fleet.swaps
         snap.gpus_now = msgspec.convert(await prep.gpus_now(()), list[GpuNow])
@@ -123,50 +121,33 @@ async def _not_found(request: web.Request) -> web.Response:
     return openai_error(404, f"no route {request.method} {request.path}", type_="invalid_request_error", code="not_found")
 
 
-def build_app(
-    mgr: WorkerManager, preparer: Preparer, guard: ConnectionGuard | None = None, fleet: Fleet | None = None
-) -> web.Application:
+def build_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Application:
+    """The HTTP app of a fleet (one model is a fleet of one)."""
     app = web.Application(middlewares=[] if guard is None else [guard.middleware])
-    app[MANAGER] = mgr
-    app[PREPARER] = preparer
-    if fleet is not None:
-        app[FLEET] = fleet
+    app[FLEET] = fleet
     reg = CollectorRegistry()
     # Every model with a manager (SIGHUP may add and remove them); one model is labelled with
-    # its id, which is [model]'s alias or file stem, as before.
-    app[SERVING] = ServingMetrics(
-        reg, mgr, preparer, None if fleet is None else lambda: [(m, fleet.managers[m]) for m in fleet.all_ids]
-    )
+    # its id, which is [model]'s alias or file stem.
+    app[SERVING] = ServingMetrics(reg, fleet)
     app[REQUEST_LOG] = RequestLog(app[SERVING].observe)
     app[REQUEST_LOG].install(app)  # outermost: ids and log lines for refusals too
     app[REGISTRY] = reg
-    proxy = Proxy(
-        mgr, lambda: preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s
-    )
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
-    if fleet is not None:
-        # The supervisor lists the models itself, one or several (no worker round trip; it
-        # answers while a worker loads). Other methods on these paths fall through below.
-        cards = app[CARDS] = ModelCards(fleet)
-        app.router.add_get("/v1/models", cards.models)
-        app.router.add_get("/v1/models/{id}", cards.model)
-    # llama-server's tokenizer endpoints live at the root; the worker answers them (with
-    # several models, the request's "model" field picks the worker, else the first model).
-    # The router serves one model as the proxy did (SIGHUP may turn one model into several).
-    if fleet is not None:
-        router = Router(fleet, preparer.config.admission.wait_timeout_s, preparer.config.server.body_timeout_s)
-        app.router.add_route("*", "/v1/{tail:.*}", router.handle, expect_handler=router.expect_handler)
-        for path in WORKER_ROOT_PATHS:
-            app.router.add_route("*", path, router.handle, expect_handler=router.expect_handler)
-    else:
-        app.router.add_route("*", "/v1/{tail:.*}", proxy.handle, expect_handler=proxy.expect_handler)
-        for path in WORKER_ROOT_PATHS:
-            app.router.add_route("*", path, proxy.handle, expect_handler=proxy.expect_handler)
-    if fleet is not None:
-        app.router.add_post("/models/{id}/load", lambda r: _load_unload(r, True))
-        app.router.add_post("/models/{id}/unload", lambda r: _load_unload(r, False))
+    # The supervisor lists the models itself, one or several (no worker round trip; it
+    # answers while a worker loads). Other methods on these paths fall through below.
+    cards = app[CARDS] = ModelCards(fleet)
+    app.router.add_get("/v1/models", cards.models)
+    app.router.add_get("/v1/models/{id}", cards.model)
+    # The rest of /v1 and llama-server's tokenizer endpoints at the root are the workers':
+    # the request's "model" field picks the worker (the router's rule; one model serves any).
+    router = Router(fleet, fleet.config.server.body_timeout_s)
+    app.router.add_route("*", "/v1/{tail:.*}", router.handle, expect_handler=router.expect_handler)
+    for path in WORKER_ROOT_PATHS:
+        app.router.add_route("*", path, router.handle, expect_handler=router.expect_handler)
+    app.router.add_post("/models/{id}/load", lambda r: _load_unload(r, True))
+    app.router.add_post("/models/{id}/unload", lambda r: _load_unload(r, False))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
@@ -212,11 +193,11 @@ async def _serve_in(
     log.info("vram-llm supervisor pid %d; worker sockets in %s", os.getpid(), runtime_dir)
     sent_ready = False
 
-    fleet: Fleet | None = None
+    fleet: Fleet | None = None  # the callbacks below are handed to it; it exists before they run
 
     def on_state(mid: str, state: WorkerState, reason: str) -> None:
         nonlocal sent_ready
-        several = fleet is not None and len(fleet.ids) > 1
+        several = fleet is not None and fleet.fallback is None
         notify.status(f"{mid}: {state.value}: {reason}" if several else f"{state.value}: {reason}")
         # READY follows /health (Fleet.ready_for_health).
         if not sent_ready and fleet is not None and fleet.ready_for_health()[0]:
@@ -230,13 +211,11 @@ async def _serve_in(
 
     # ModelError (a model file that cannot be read) is reported by cli.
     fleet = Fleet(config, entries, runtime_dir, make_probe(config), reload_config, on_state, on_progress)
-    mgr = fleet.managers[fleet.first]
-    preparer = fleet.preparers[fleet.first]
     guard = ConnectionGuard(
         header_timeout_s=config.server.header_timeout_s,
         max_connections=effective_cap(config.server.max_connections),
     )
-    app = build_app(mgr, preparer, guard, fleet)
+    app = build_app(fleet, guard)
     keys.install(app)  # inside the request log: refusals get an id and a log line too
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request, which stops the worker's generation.
@@ -311,7 +290,7 @@ async def _serve_in(
         loop.remove_signal_handler(signal.SIGHUP)  # SIGTERM/SIGINT: serve() removes them last
         if watchdog_task is not None:
             watchdog_task.cancel()
-        if mgr_task is not None and not mgr_task.done() and fleet is not None:
+        if mgr_task is not None and not mgr_task.done():
             fleet.request_shutdown()
             with contextlib.suppress(BaseException):
                 await mgr_task

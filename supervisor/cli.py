@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from supervisor.config import Config, ConfigError
+from supervisor.config import Config, ConfigError, key_choices, key_default
 from supervisor.config import load_config as load_config_file
 from supervisor.gpus import GpuProbeError
 from supervisor.model import ModelError
-from supervisor.planning import make_plan
+from supervisor.planning import make_plan  # noqa: F401 - tests plan through the CLI's import
 
 PROG = "vram-llm"
 EXIT_USAGE = 2
@@ -57,31 +57,38 @@ def _command(value: str) -> list[str]:
 class Flag:
     name: str
     key: str  # dotted Config path
-    help: str
+    help: str  # "{default}" is replaced by the schema's default
     metavar: str | None = None
     convert: Callable[[str], Any] | None = None  # str -> value before schema decoding
     const: bool | None = None  # a switch: sets the key to this value
-    choices: tuple[str, ...] | None = None
     repeat: bool = False  # may be given several times: the key gets the list of values
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        """The schema's allowed values when the key is a Literal (declared there, once)."""
+        return key_choices(self.key)
+
+    @property
+    def help_text(self) -> str:
+        return self.help.replace("{default}", str(key_default(self.key)))
 
 
 FLAGS: tuple[Flag, ...] = (
     Flag("--model", "model.path", "GGUF model file (default: the embedded SmolLM2-135M-Instruct); repeat it, "
          "as PATH or ID=PATH, to serve several models", "[ID=]PATH", repeat=True),
     Flag("--models-dir", "models_dir", "serve every .gguf file in this directory (id = file stem)", "DIR"),
-    Flag("--host", "server.host", "address to listen on (default 127.0.0.1)", "HOST"),
-    Flag("--port", "server.port", "port to listen on (default 8080)", "PORT", int),
-    Flag("--reserve-mib", "gpu.reserve_mib", "VRAM left free on every GPU (default 1024)", "MIB", int),
-    Flag("--device-order", "gpu.device_order", "order of GPUs in the split (default free_desc)",
-         choices=("free_desc", "pci")),
-    Flag("--split-mode", "gpu.split_mode", "llama.cpp split mode (default layer)", choices=("layer", "row", "none")),
+    Flag("--host", "server.host", "address to listen on (default {default})", "HOST"),
+    Flag("--port", "server.port", "port to listen on (default {default})", "PORT", int),
+    Flag("--reserve-mib", "gpu.reserve_mib", "VRAM left free on every GPU (default {default})", "MIB", int),
+    Flag("--device-order", "gpu.device_order", "order of GPUs in the split (default {default})"),
+    Flag("--split-mode", "gpu.split_mode", "llama.cpp split mode (default {default})"),
     Flag("--no-set-cuda-visible-devices", "gpu.set_cuda_visible_devices",
          "keep the inherited CUDA_VISIBLE_DEVICES; the split follows its order", const=False),
     Flag("--devices", "gpu.devices", "only these NVML GPU indices, e.g. 0,2", "LIST", _devices),
     Flag("--use-fit-params", "gpu.use_fit_params", "take the layer split from llama.cpp's llama-fit-params",
          const=True),
-    Flag("--ctx-size", "model.ctx_size", "context size in tokens (default 4096)", "N", int),
-    Flag("--parallel", "model.parallel", "requests generated at once, sharing the context (default 4)",
+    Flag("--ctx-size", "model.ctx_size", "context size in tokens (default {default})", "N", int),
+    Flag("--parallel", "model.parallel", "requests generated at once, sharing the context (default {default})",
          "N", int),
     Flag("--simulate-gpus", "gpu.simulate_gpus", "plan for the GPUs listed in this JSON file", "FILE"),
     Flag("--worker-command", "worker.command", "worker command line, shell-quoted (tests)", "CMD", _command),
@@ -105,11 +112,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     for f in FLAGS:
         dest = f.key.replace(".", "__")
         if f.const is not None:
-            p.add_argument(f.name, dest=dest, action="store_const", const=f.const, default=None, help=f.help)
+            p.add_argument(f.name, dest=dest, action="store_const", const=f.const, default=None, help=f.help_text)
         elif f.repeat:
-            p.add_argument(f.name, dest=dest, metavar=f.metavar, action="append", default=None, help=f.help)
+            p.add_argument(f.name, dest=dest, metavar=f.metavar, action="append", default=None, help=f.help_text)
         else:
-            p.add_argument(f.name, dest=dest, metavar=f.metavar, choices=f.choices, default=None, help=f.help)
+            p.add_argument(f.name, dest=dest, metavar=f.metavar, choices=f.choices, default=None, help=f.help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,23 +202,16 @@ def configure_logging(level: str | int = "INFO", fmt: str = "text", environ: Map
 
 
 def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
-    from supervisor.config import resolved_models
-    from supervisor.launch import default_entry_path
-    from supervisor.plan_report import plan_json, render_plan
+    from supervisor.plan_report import fleet_json, plan_json, render_fleet, render_plan
+    from supervisor.planning import place_fleet
 
-    entries = resolved_models(cfg, default_entry_path)
-    if len(entries) == 1:
-        result, _, _ = make_plan(cfg)
-        sys.stdout.write(plan_json(result) + "\n" if args.json else render_plan(result))
-        return 0
-    # Several models: each planned alone on the GPUs as they are now (what it would get
-    # if it were the only one loaded; serving places them together, see README).
-    plans = {e.id: make_plan(cfg, entry=e)[0] for e in entries}
-    if args.json:
-        sys.stdout.write("{" + ", ".join(f'"{mid}": {plan_json(p)}' for mid, p in plans.items()) + "}\n")
+    # Every configured model, placed as the fleet places them (one model: a fleet of one).
+    placements = place_fleet(cfg)
+    if len(placements) == 1 and placements[0].plan is not None:
+        p = placements[0].plan
+        sys.stdout.write(plan_json(p) + "\n" if args.json else render_plan(p))
     else:
-        for mid, p in plans.items():
-            sys.stdout.write(f"== model {mid} ==\n{render_plan(p)}\n")
+        sys.stdout.write(fleet_json(placements) + "\n" if args.json else render_fleet(placements))
     return 0
 
 

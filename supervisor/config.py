@@ -41,9 +41,10 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-class ModelSection(_Section):
-    path: str = ""  # empty: the embedded default model (SmolLM2-135M-Instruct)
-    alias: str = ""  # model id served on /v1/models; empty: the file stem
+class ModelSettings(_Section):
+    """What every model has, declared once: the single ``[model]`` table and each ``[[models]]``
+    entry share these keys, with these defaults (an entry's left-out keys take ``[model]``'s)."""
+
     ctx_size: PositiveInt = 4096
     n_batch: PositiveInt = 512
     threads: NonNegInt = 0  # 0: llama.cpp's default
@@ -57,41 +58,36 @@ class ModelSection(_Section):
     pooling: Literal["", "mean", "cls", "last"] = ""  # embeddings pooling; empty: the GGUF's, else mean
 
 
+class ModelSection(ModelSettings):
+    """The single ``[model]`` table: one model, or the defaults of the ``[[models]]`` entries."""
+
+    path: str = ""  # empty: the embedded default model (SmolLM2-135M-Instruct)
+    alias: str = ""  # model id served on /v1/models; empty: the file stem
+
+
 # Where a model may go when it does not fit on the GPUs even after every allowed eviction:
 # "offload" keeps today's behaviour (the layers that do not fit stay in host RAM);
 # "refuse" answers 503 naming what holds the memory.
-NoRoom = Literal["offload", "refuse"]
+WhenNoRoom = Literal["offload", "refuse"]
 NonNegSeconds = Annotated[float, msgspec.Meta(ge=0)]
 _MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"
 
 
-class ModelEntry(_Section):
-    """One model of the ``[[models]]`` list (several models under one supervisor).
+class ModelEntry(ModelSettings, kw_only=True):
+    """One model of the ``[[models]]`` list (several models under one supervisor); the single
+    ``[model]`` becomes one too (``resolved_models``), so everything downstream sees entries.
 
-    Per-model settings have the defaults of ``[model]``; keys left out of an entry take the
-    value given in the ``[model]`` section (defaults for every entry).
+    Keys left out of an entry take the value given in the ``[model]`` section (defaults for
+    every entry), else ``ModelSettings``' defaults.
     """
 
     id: Annotated[str, msgspec.Meta(pattern=_MODEL_ID)]  # the request's "model" field picks it
     path: str  # GGUF file; empty: the embedded default model
-    ctx_size: PositiveInt = 4096
-    n_batch: PositiveInt = 512
-    threads: NonNegInt = 0
-    chat_format: str = ""
-    flash_attn: bool = False
-    # Batching (issue 11's [model] keys, same defaults): generations at once, prompt tokens per
-    # step while others generate, host RAM for KV snapshots.
-    parallel: PositiveInt = 4
-    prefill_chunk: PositiveInt = 64
-    cache_ram_mib: NonNegInt = 1024
-    cache_disk_mib: NonNegInt = 4096
-    embeddings: bool = False  # also serve /v1/embeddings (a second, small context)
-    pooling: Literal["", "mean", "cls", "last"] = ""  # embeddings pooling; empty: the GGUF's, else mean
     pinned: bool = False  # never unloaded to make room for another model
     preload: bool = False  # loaded at start (and /health waits for it)
     ttl_s: NonNegSeconds = 0.0  # unloaded after this long idle; 0: never
     devices: list[NonNegInt] = msgspec.field(default_factory=list)  # NVML indices it may use; empty: all
-    when_no_room: NoRoom = "offload"
+    when_no_room: WhenNoRoom = "offload"
 
 
 class ServerSection(_Section):
@@ -183,17 +179,32 @@ class ConfigError(Exception):
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
 
 
+def _element(t: Any) -> Any:
+    """A list's element type (the entries of ``[[models]]``), else ``t``."""
+    return typing.get_args(t)[0] if typing.get_origin(t) is list else t
+
+
 def _struct_at(path: list[str]) -> type[msgspec.Struct] | None:
-    """The Struct type found by walking field names from Config."""
+    """The Struct type found by walking field names from Config (through lists)."""
     t: Any = Config
     for name in path:
         hints = typing.get_type_hints(t, include_extras=True)
         if name not in hints:
             return None
-        t = hints[name]
+        t = _element(hints[name])
         if not (isinstance(t, type) and issubclass(t, msgspec.Struct)):
             return None
     return t if isinstance(t, type) and issubclass(t, msgspec.Struct) else None
+
+
+def _allowed_keys(section: type[msgspec.Struct]) -> list[str]:
+    """A section's keys, its own first (``[model]``: path, alias, then the shared ones)."""
+    out: list[str] = []
+    for cls in section.__mro__:
+        for name in vars(cls).get("__annotations__", {}):
+            if name in section.__struct_fields__ and name not in out:
+                out.append(name)
+    return out
 
 
 def _field_type(path: list[str]) -> Any:
@@ -205,25 +216,58 @@ def _field_type(path: list[str]) -> Any:
     return typing.get_type_hints(parent, include_extras=True).get(path[-1])
 
 
-def _error_key(err: msgspec.ValidationError) -> str:
-    m = _AT.match(str(err))
-    raw_path = (m.group("path") or "") if m else ""
-    return ".".join(p for p in re.split(r"\.|\[[^\]]*\]", raw_path) if p)
+def key_choices(dotted: str) -> tuple[str, ...] | None:
+    """The allowed values of a dotted Config key whose type is a Literal (the CLI's choices)."""
+    t = _field_type(dotted.split("."))
+    base = typing.get_args(t)[0] if typing.get_origin(t) is Annotated else t
+    return tuple(str(a) for a in typing.get_args(base)) if typing.get_origin(base) is Literal else None
 
 
-def _explain(err: msgspec.ValidationError, source: str) -> ConfigError:
+def key_default(dotted: str) -> Any:
+    """The schema's default of a dotted Config key (the CLI's help text shows it)."""
+    node: Any = Config()
+    for name in dotted.split("."):
+        node = getattr(node, name)
+    return node
+
+
+def _split_path(err: msgspec.ValidationError) -> tuple[str, list[str]]:
+    """(the message, the dotted path's names) of a msgspec error; list indices dropped."""
     m = _AT.match(str(err))
     msg = m.group("msg") if m else str(err)
     raw_path = (m.group("path") or "") if m else ""
-    parts = [p for p in re.split(r"\.|\[[^\]]*\]", raw_path) if p]
+    return msg, [p for p in re.split(r"\.|\[[^\]]*\]", raw_path) if p]
+
+
+def _error_key(err: msgspec.ValidationError) -> str:
+    return ".".join(_split_path(err)[1])
+
+
+def _entry_named(err: msgspec.ValidationError, data: dict[str, Any]) -> str:
+    """For an error inside a ``[[models]]`` entry: which one (its number, and its id if any)."""
+    m = re.search(r"`\$\.models\[(\d+)\]", str(err))
+    if m is None:
+        return ""
+    i = int(m.group(1))
+    entries = data.get("models")
+    entry = entries[i] if isinstance(entries, list) and i < len(entries) else None
+    mid = entry.get("id") if isinstance(entry, dict) else None
+    return f"[[models]] entry {i + 1}" + (f" (id {mid!r})" if isinstance(mid, str) else "")
+
+
+def _explain(err: msgspec.ValidationError, source: str, data: dict[str, Any] | None = None) -> ConfigError:
+    msg, parts = _split_path(err)
     key = ".".join(parts)
+    entry = _entry_named(err, data or {})
     unknown = re.match(r"Object contains unknown field `(.+)`", msg)
     if unknown:
         section = _struct_at(parts)
-        where = f"[{key}]" if key else "top level"
+        where = entry or (f"[{key}]" if key else "top level")
         full = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
-        allowed = ", ".join(section.__struct_fields__) if section else ""
+        allowed = ", ".join(_allowed_keys(section)) if section else ""
         return ConfigError(f"{source}: unknown key '{full}' in {where}; allowed: {allowed}")
+    if entry:
+        key = f"{key} ({entry})"
     t = _field_type(parts)
     if t is not None:
         base = typing.get_args(t)[0] if typing.get_origin(t) is Annotated else t
@@ -250,11 +294,6 @@ def _check(cfg: Config, source: str) -> None:
             )
     if not cfg.server.host:
         raise ConfigError(f"{source}: server.host must not be empty")
-    if cfg.model.parallel > cfg.model.n_batch:
-        raise ConfigError(
-            f"{source}: model.parallel ({cfg.model.parallel}) must be <= model.n_batch "
-            f"({cfg.model.n_batch}): every slot decodes one token per batch"
-        )
     ids = [m.id for m in cfg.models]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -262,9 +301,11 @@ def _check(cfg: Config, source: str) -> None:
     for m in cfg.models:
         if len(set(m.devices)) != len(m.devices):
             raise ConfigError(f"{source}: models ({m.id}): devices lists an index twice: {m.devices}")
-        if m.parallel > m.n_batch:
+    settings: list[tuple[str, ModelSettings]] = [("model", cfg.model), *((f"models ({m.id})", m) for m in cfg.models)]
+    for where, ms in settings:
+        if ms.parallel > ms.n_batch:
             raise ConfigError(
-                f"{source}: models ({m.id}): parallel ({m.parallel}) must be <= n_batch ({m.n_batch}): "
+                f"{source}: {where}: parallel ({ms.parallel}) must be <= n_batch ({ms.n_batch}): "
                 "every slot decodes one token per batch"
             )
 
@@ -296,7 +337,7 @@ def build_config(
     except msgspec.ValidationError as e:
         key = _error_key(e)
         # A bad value that came from a flag: say so, the file is not to blame.
-        raise _explain(e, "flag" if key in flagged else source) from None
+        raise _explain(e, "flag" if key in flagged else source, merged) from None
     _check(cfg, source)
     return cfg
 
@@ -317,8 +358,8 @@ def _fill_model_entries(merged: dict[str, Any], flagged: set[str], source: str) 
             f"{source}: [model] path/alias and [[models]] both name models; list every model in [[models]] "
             "([model] then only gives defaults for the entries)"
         )
-    shared = set(ModelEntry.__struct_fields__) & set(ModelSection.__struct_fields__)
-    defaults = {k: v for k, v in base.items() if k in shared and k not in ("path", "alias")}
+    shared = ModelSettings.__struct_fields__
+    defaults = {k: v for k, v in base.items() if k in shared}
     merged["models"] = [{**defaults, **e} if isinstance(e, dict) else e for e in entries]
 
 
@@ -345,8 +386,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] |
 
 
 def _entry_from_section(m: ModelSection, id_: str, path: str) -> ModelEntry:
-    shared = set(ModelEntry.__struct_fields__) & set(ModelSection.__struct_fields__) - {"path", "alias"}
-    return ModelEntry(id=id_, path=path, **{k: getattr(m, k) for k in shared})
+    return ModelEntry(id=id_, path=path, **{k: getattr(m, k) for k in ModelSettings.__struct_fields__})
 
 
 def resolved_models(cfg: Config, default_path: typing.Callable[[], str] | None = None) -> list[ModelEntry]:

@@ -250,6 +250,13 @@ class Fleet:
         """Every model with a manager: the configured ones, then removed ones still draining."""
         return [*self.ids, *(m for m in self._retiring if m not in self.ids)]
 
+    @property
+    def fallback(self) -> str | None:
+        """The model that answers a request naming no configured model: the only one, when
+        there is one (a one-model server serves any name, as it always did); none with
+        several (an unknown id is a 404). The router keeps ids SIGHUP removed a 404."""
+        return self.ids[0] if len(self.ids) == 1 else None
+
     def entry(self, mid: str) -> ModelEntry:
         return self.preparers[mid].entry
 

@@ -20,9 +20,9 @@ from supervisor.config import Config, ConfigError, ModelEntry, model_cache_dir, 
 from supervisor.gpus import GpuProbe, GpuProbeError, Inventory, make_probe
 from supervisor.model import ModelError, read_model_facts
 from supervisor.nvml import process_gpu_memory
-from supervisor.plan_report import render_plan
+from supervisor.plan_report import render_plan, summary_of
 from supervisor.planner import Plan
-from supervisor.planning import make_plan, resolve_model_path
+from supervisor.planning import default_entry_path, make_plan, resolve_model_path
 from supervisor.restart import PlanAdjust
 from supervisor.worker_process import Launch, PlanFailed
 from worker.protocol import LaunchSpec
@@ -34,34 +34,53 @@ SETTLE_TOLERANCE_MIB = 64
 SETTLE_POLL_S = 0.5
 
 
-def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str, entry: ModelEntry | None = None) -> LaunchSpec:
-    m = config.model if entry is None else entry
-    # With several models the worker answers under the model's id; a single [model] keeps
-    # its alias (or the file stem), as before.
-    several = bool(config.models or config.models_dir)
-    alias = entry.id if entry is not None and several else (config.model.alias or None)
+def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str, entry: ModelEntry) -> LaunchSpec:
+    """The worker's launch: the plan's placement and the model's settings. The worker answers
+    under the model's id (for a single [model]: its alias, else the file stem)."""
     return LaunchSpec(
         model_path=str(model_path),
         socket_path=socket_path,
-        model_alias=alias,
+        model_alias=entry.id,
         n_gpu_layers=p.n_gpu_layers,
         tensor_split=list(p.tensor_split) or None,
         split_mode=p.split_mode,
         main_gpu=p.main_gpu,
         n_ctx=p.n_ctx,
         n_batch=p.n_batch,
-        n_threads=m.threads or None,
-        chat_format=m.chat_format or None,
         flash_attn=p.flash_attn,
-        parallel=m.parallel,
-        prefill_chunk=m.prefill_chunk,
-        cache_ram_mib=m.cache_ram_mib,
-        cache_disk_mib=m.cache_disk_mib,
-        cache_dir=str(model_cache_dir(config, entry.id if entry is not None else (alias or model_path.stem))),
-        strict_params=config.server.strict_params,
-        embeddings=m.embeddings,
-        pooling=m.pooling or None,
+        **settings_of(config, entry),
     )
+
+
+def settings_of(config: Config, entry: ModelEntry) -> dict[str, Any]:
+    """The LaunchSpec fields that come from the configuration alone (not from the plan)."""
+    return {
+        "n_threads": entry.threads or None,
+        "chat_format": entry.chat_format or None,
+        "parallel": entry.parallel,
+        "prefill_chunk": entry.prefill_chunk,
+        "cache_ram_mib": entry.cache_ram_mib,
+        "cache_disk_mib": entry.cache_disk_mib,
+        "cache_dir": str(model_cache_dir(config, entry.id)),
+        "strict_params": config.server.strict_params,
+        "embeddings": entry.embeddings,
+        "pooling": entry.pooling or None,
+    }
+
+
+def default_spec(model_path: str, socket_path: str, **fields: Any) -> LaunchSpec:
+    """A launch with the schema's defaults for every setting (what a server started with no
+    config keys sends), ``fields`` on top: for tests and benchmarks that start a worker alone."""
+    config = Config()
+    entry = ModelEntry(id=Path(model_path).stem or "model", path=model_path)
+    base: dict[str, Any] = {
+        "split_mode": config.gpu.split_mode,
+        "n_ctx": entry.ctx_size,
+        "n_batch": entry.n_batch,
+        "flash_attn": entry.flash_attn,
+        **settings_of(config, entry),
+    }
+    return LaunchSpec(model_path=model_path, socket_path=socket_path, **{**base, **fields})
 
 
 def env_of(p: Plan, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -69,22 +88,6 @@ def env_of(p: Plan, base: Mapping[str, str] | None = None) -> dict[str, str]:
     env.update(p.env)
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def summary_of(p: Plan) -> str:
-    if p.cpu_only:
-        where = "CPU only"
-    else:
-        used = [g for g in p.gpus if g.cuda_index is not None and g.excluded_reason is None]
-        where = f"{p.offloaded_layers}/{p.model.n_layers} layers on GPU " + ",".join(str(g.index) for g in used)
-    return f"{where}, n_ctx {p.n_ctx}, split {p.split_mode}, plan by {p.source}"
-
-
-def default_entry_path() -> str:
-    try:
-        return resolve_model_path(Config())
-    except ModelError:
-        return "model"
 
 
 def entry_of(config: Config, model_id: str | None) -> ModelEntry:
@@ -118,7 +121,7 @@ class Preparer:
 
     def _set(self, config: Config) -> None:
         entry = entry_of(config, self._model_id)
-        path = Path(resolve_model_path(config, entry))
+        path = Path(resolve_model_path(entry))
         facts = read_model_facts(path)  # ModelError: the caller reports it
         self.config = config
         self.entry = entry

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -30,8 +30,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor.access_log import Finished
+from supervisor.fleet import Fleet
 from supervisor.gpus import GpuProbeError
-from supervisor.launch import Preparer
 from supervisor.nvml import process_gpu_memory
 from supervisor.states import WorkerState
 from supervisor.worker_process import WorkerManager
@@ -55,17 +55,8 @@ def worker_pids_of(pid: int) -> list[int]:
 
 
 class ServingMetrics(Collector):
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        mgr: WorkerManager,
-        preparer: Preparer,
-        models: Callable[[], list[tuple[str, WorkerManager]]] | None = None,
-    ) -> None:
-        self._mgr = mgr
-        self._prep = preparer
-        # Several models: (id, manager) of each, for the per-model gauges; None: the one model.
-        self._models = models
+    def __init__(self, registry: CollectorRegistry, fleet: Fleet) -> None:
+        self._fleet = fleet  # every model with a manager, one or several (SIGHUP changes the list)
         self._gpus: list[dict[str, Any]] = []
         self._worker_gpus: dict[str, dict[str, int]] = {}  # model -> GPU UUID -> MiB (NVML)
         self.prompt_tokens = Counter(
@@ -92,12 +83,10 @@ class ServingMetrics(Collector):
         self._timed: dict[str, Any] = {}
         registry.register(self)
 
-    def _model(self) -> str:
-        return self._prep.config.model.alias or self._prep.model_path.stem
-
     def _pairs(self) -> list[tuple[str, WorkerManager]]:
         """(model label, manager) of every model; the first answers requests without "model"."""
-        return self._models() if self._models is not None else [(self._model(), self._mgr)]
+        fleet = self._fleet
+        return [(m, fleet.managers[m]) for m in fleet.all_ids]
 
     def observe(self, done: Finished) -> None:
         """One ended request (called by the access log middleware)."""
@@ -137,7 +126,7 @@ class ServingMetrics(Collector):
         pids = {m: worker_pids_of(h[0]) for m, mgr in pairs if (h := mgr.last_health()) is not None}
         first = pairs[0][0]
         try:
-            self._gpus = await self._prep.gpus_now(pids.get(first, []))
+            self._gpus = await self._fleet.preparers[first].gpus_now(pids.get(first, []))
         except GpuProbeError as e:
             # The rest of the scrape is still worth having; the GPU series go missing,
             # which an alert on absent() sees.

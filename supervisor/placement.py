@@ -5,11 +5,13 @@ Rules for this module:
   what is loaded where (with its footprint: the plan's estimate, replaced by what NVML
   measured for its worker once it is up), what is busy and when each was last used are all
   arguments. No I/O, no clock, no logging: it is tested as tables (tests/test_placement.py).
-- The model asked for gets its own Plan from the existing planner, run on the GPUs as they
-  would be after the chosen evictions. Models share GPUs whenever they fit side by side:
+- The model asked for is planned with the existing planner on the GPUs as they would be
+  after the chosen evictions (the caller then plans its start for real, on the GPUs as they
+  are once those evictions are done). Models share GPUs whenever they fit side by side:
   an eviction is chosen only when the model would get fewer layers on GPUs without it.
-- "Free" is NVML's free minus what loads in progress are about to take (``pending_mib``):
-  two loads must never plan against the same free VRAM.
+- "Free" is what the caller's inventory says: the fleet's reading already takes off what
+  loads in progress are about to take (fleet.AccountedProbe), so two loads never plan
+  against the same free VRAM.
 - Never evicted: a pinned model, a busy one (requests in flight), one still loading.
   Among the rest: the least recently used first, then the cheapest to reload (smallest
   file). When only busy models stand in the way the answer is to wait for them (the
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from supervisor.inventory import GpuInfo
 from supervisor.model import ModelFacts
@@ -36,8 +38,9 @@ class ModelInfo:
     id: str
     facts: ModelFacts
     settings: PlanSettings  # its own: n_ctx, n_batch, devices, reserve, OOM-ladder knobs
-    pinned: bool = False  # never evicted
-    refuse_when_no_room: bool = False  # False: partial offload when it cannot fit
+    # The policy, from its [[models]] entry (whose schema holds the defaults):
+    pinned: bool  # never evicted
+    refuse_when_no_room: bool  # False: partial offload when it cannot fit
 
 
 @dataclass(frozen=True)
@@ -49,18 +52,20 @@ class Resident:
     last_used: float = 0.0  # monotonic time of its last request (older: evicted first)
     busy: bool = False  # requests in flight: never evicted now
     loading: bool = False  # not ready yet: never evicted now
-    # GPU UUID -> MiB of its footprint that NVML's free does not show yet (a load in progress).
-    pending_mib: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Placement:
+    """The decision: load now (after ``evict``), wait for busy models, or refuse."""
+
     model: str
-    plan: Plan | None  # where to load it; None when it must wait or is refused
-    evict: tuple[str, ...] = ()  # unload these first, in this order
+    evict: tuple[str, ...] = ()  # unload these first, in this order, then load it
     wait_for: tuple[str, ...] = ()  # busy models whose memory it needs: wait until idle, then ask again
     refusal: str | None = None  # why it is not loaded at all (a sentence for the 503)
-    partial: bool = False  # loaded with layers left in host RAM: the GPUs cannot hold it all
+
+    @property
+    def loads(self) -> bool:
+        return self.refusal is None and not self.wait_for
 
 
 def _reaches(p: Plan, goal: Plan) -> bool:
@@ -99,12 +104,7 @@ def place(
     m = models[want]
     s = m.settings
     others = [r for r in residents if r.id != want]
-    # NVML's free, less what loads in progress are about to take.
     base = {g.uuid: g.free_mib for g in gpus}
-    for r in others:
-        for uuid, mib in r.pending_mib.items():
-            if uuid in base:
-                base[uuid] = max(base[uuid] - mib, 0)
     allowed = {g.uuid for g in gpus if s.devices is None or g.index in s.devices}
     holders = [r for r in others if _holds(r, allowed) > 0]
     pinned = [r for r in holders if models.get(r.id) is not None and models[r.id].pinned]
@@ -135,7 +135,7 @@ def place(
     best = plan_on(movable)  # every allowed eviction, the busy ones included
     no_room = not _reaches(best, alone) or (not _whole(alone) and not _capped(s))
     if no_room and m.refuse_when_no_room:
-        return Placement(want, None, refusal=_refusal(gpus, models, m, alone, pinned, busy, idle, allowed))
+        return Placement(want, refusal=_refusal(gpus, models, m, alone, pinned, busy, idle, allowed))
     goal = plan_on(idle) if no_room else best
     if _reaches(now, goal):
         return _no_eviction(m, now)
@@ -143,27 +143,21 @@ def place(
     order = sorted(idle, key=lambda r: (r.last_used, _file_size(models, r.id), r.id))
     need = sum(g.planned_mib for g in goal.gpus)
     chosen: list[Resident] = []
-    got: Plan | None = None
+    found = False
     for r in order:
         chosen.append(r)
-        if not roomy(chosen, need):
-            continue
-        p = plan_on(chosen)
-        if _reaches(p, goal):
-            got = p
+        if roomy(chosen, need) and _reaches(plan_on(chosen), goal):
+            found = True
             break
-    if got is None:
+    if not found:
         # Only the busy ones (or loads in progress) stand in the way: wait for them.
-        return Placement(want, None, wait_for=tuple(r.id for r in sorted(busy, key=lambda r: r.id)))
+        return Placement(want, wait_for=tuple(r.id for r in sorted(busy, key=lambda r: r.id)))
     # Drop evictions that turned out not to be needed (a model on a GPU that did not help).
     for r in list(reversed(chosen[:-1])):
         trial = [c for c in chosen if c is not r]
-        if not roomy(trial, need):
-            continue
-        p = plan_on(trial)
-        if _reaches(p, goal):
-            chosen, got = trial, p
-    return Placement(want, got, evict=tuple(r.id for r in chosen), partial=not _whole(got) and not _capped(s))
+        if roomy(trial, need) and _reaches(plan_on(trial), goal):
+            chosen = trial
+    return Placement(want, evict=tuple(r.id for r in chosen))
 
 
 def _capped(s: PlanSettings) -> bool:
@@ -178,8 +172,8 @@ def _file_size(models: Mapping[str, ModelInfo], mid: str) -> int:
 
 def _no_eviction(m: ModelInfo, p: Plan) -> Placement:
     if m.refuse_when_no_room and not _whole(p) and not _capped(m.settings):
-        return Placement(m.id, None, refusal=f"model {m.id!r} does not fit on the GPUs ({_layers(p)})")
-    return Placement(m.id, p, partial=not _whole(p) and not _capped(m.settings))
+        return Placement(m.id, refusal=f"model {m.id!r} does not fit on the GPUs ({_layers(p)})")
+    return Placement(m.id)
 
 
 def _layers(p: Plan) -> str:

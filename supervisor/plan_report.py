@@ -1,14 +1,17 @@
 """Render a Plan for people (a table) and for programs (JSON).
 
 Used by ``vram-llm plan``, by ``serve`` when it starts, and by ``vram-llm status``.
-Pure formatting: takes a Plan, returns a string.
+Pure formatting: takes a Plan (or every model's placement), returns a string.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import Any
 
 from supervisor.planner import Plan
+from supervisor.planning import ModelPlacement
 
 _COLUMNS = (
     ("idx", "index"),
@@ -27,6 +30,48 @@ _COLUMNS = (
 
 def plan_json(plan: Plan) -> str:
     return json.dumps(plan.to_dict(), indent=2, sort_keys=False)
+
+
+def summary_of(p: Plan) -> str:
+    if p.cpu_only:
+        where = "CPU only"
+    else:
+        used = [g for g in p.gpus if g.cuda_index is not None and g.excluded_reason is None]
+        where = f"{p.offloaded_layers}/{p.model.n_layers} layers on GPU " + ",".join(str(g.index) for g in used)
+    return f"{where}, n_ctx {p.n_ctx}, split {p.split_mode}, plan by {p.source}"
+
+
+def fleet_json(placements: Sequence[ModelPlacement]) -> str:
+    """Model id -> its plan (as ``plan_json``; none when it would not load) with ``placement``:
+    when it loads, what it unloads, why it would not load."""
+    out: dict[str, Any] = {}
+    for m in placements:
+        out[m.id] = {
+            **(m.plan.to_dict() if m.plan is not None else {}),
+            "placement": {
+                "loads": "at start" if m.at_start else "on demand",
+                "at_start_because": m.at_start or None,
+                "evicts": list(m.evict),
+                "unloaded_for": m.unloaded_for or None,
+                "refusal": m.refusal,
+                "why": m.why,
+            },
+        }
+    return json.dumps(out, indent=2, sort_keys=False)
+
+
+def render_fleet(placements: Sequence[ModelPlacement]) -> str:
+    """A line per model (when it loads, where, why), then each model's plan."""
+    width = max(len(m.id) for m in placements)
+    lines = [f"{len(placements)} models, placed as `vram-llm serve` would place them on these GPUs:"]
+    for m in placements:
+        where = "" if m.plan is None else f" -> {summary_of(m.plan)}"
+        lines.append(f"  {m.id:<{width}}  {m.why}{where}")
+    lines.append("")
+    for m in placements:
+        if m.plan is not None:
+            lines += [f"== model {m.id} ==", render_plan(m.plan)]
+    return "\n".join(lines)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

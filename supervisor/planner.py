@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from supervisor.config import DeviceOrder, GpuSection, ModelSettings
 from supervisor.inventory import GpuInfo
 from supervisor.model import ModelFacts
 from worker.protocol import SplitMode  # declared once, where the worker reads it
@@ -75,7 +76,10 @@ STILL_VISIBLE = (
     f" (~{CUDA_CONTEXT_MIB} MiB)"
 )
 
-DeviceOrder = Literal["free_desc", "pci"]
+# A setting's default is declared once, in the config schema: a PlanSettings built without
+# it (tests, bench/) plans what a server started without that key would.
+_GPU = GpuSection()
+_MODEL = ModelSettings()
 
 
 @dataclass(frozen=True)
@@ -89,21 +93,21 @@ class FitParams:
 
 @dataclass(frozen=True, kw_only=True)
 class PlanSettings:
-    reserve_mib: int = 1024
+    reserve_mib: int = _GPU.reserve_mib
     reserve_overrides: Mapping[str, int] = field(default_factory=dict)  # UUID or "index" -> MiB
-    device_order: DeviceOrder = "free_desc"
-    split_mode: SplitMode = "layer"
+    device_order: DeviceOrder = _GPU.device_order
+    split_mode: SplitMode = _GPU.split_mode
     devices: tuple[int, ...] | None = None  # NVML indices to keep; None: all
-    set_cuda_visible_devices: bool = True
+    set_cuda_visible_devices: bool = _GPU.set_cuda_visible_devices
     # The CUDA_VISIBLE_DEVICES the worker inherits; used only when set_cuda_visible_devices
     # is false (None: unset, every GPU visible).
     inherited_cuda_visible_devices: str | None = None
-    n_ctx: int = 4096  # 0: the model's training context
-    n_batch: int = 512
-    flash_attn: bool = False
+    n_ctx: int = _MODEL.ctx_size  # 0: the model's training context
+    n_batch: int = _MODEL.n_batch
+    flash_attn: bool = _MODEL.flash_attn
     # The worker's slots: each has a KV cache of n_ctx cells of its own (llama.cpp's
     # non-unified KV, see worker/engine/load.py), so the KV cache is n_ctx * parallel.
-    parallel: int = 1
+    parallel: int = _MODEL.parallel
     # OOM ladder knobs (supervisor/restart.py PlanAdjust)
     extra_reserve_mib: int = 0
     max_gpu_layers: int | None = None  # cap on repeating layers on GPUs
@@ -198,7 +202,7 @@ def _mib(n: float) -> int:
     return int(math.ceil(n / MIB))
 
 
-def kv_bytes_per_layer(model: ModelFacts, n_ctx: int, parallel: int = 1) -> int:
+def kv_bytes_per_layer(model: ModelFacts, n_ctx: int, parallel: int) -> int:
     """KV bytes of one layer: n_ctx cells for each of the worker's ``parallel`` slots."""
     return n_ctx * parallel * model.n_head_kv * (model.key_length + model.value_length) * KV_BYTES_PER_ELEMENT
 
@@ -450,7 +454,7 @@ def _summary(model: ModelFacts, n_ctx: int) -> ModelSummary:
         vocab_size=model.vocab_size,
         tied_embeddings=model.tied_embeddings,
         chat_template=model.chat_template,
-        kv_mib_per_layer=round(kv_bytes_per_layer(model, n_ctx) / MIB, 3),
+        kv_mib_per_layer=round(kv_bytes_per_layer(model, n_ctx, 1) / MIB, 3),  # one slot
     )
 
 

@@ -3,7 +3,9 @@
 Reads the GPU inventory (NVML or a simulated file) and the model's GGUF header, asks
 llama-fit-params when configured, and calls the pure ``planner.plan``. `vram-llm plan`
 and every worker start of `vram-llm serve` go through ``make_plan``, so what a person
-sees in `plan` is what `serve` does. Imports nothing of the serving stack.
+sees in `plan` is what `serve` does; ``place_fleet`` drives the fleet's pure placement
+(supervisor/placement.py) as the fleet does at start, for every configured model.
+Imports nothing of the serving stack (no aiohttp, no psutil: a test runs `plan` without them).
 """
 
 from __future__ import annotations
@@ -11,20 +13,36 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from supervisor.config import Config, ConfigError, ModelEntry
+from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
 from supervisor.gpus import GpuProbe, Inventory, make_probe
 from supervisor.model import ModelError, ModelFacts, read_model_facts
+from supervisor.placement import ModelInfo, Resident, place
 from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, FitParams, Plan, PlanSettings, plan
 from supervisor.restart import PlanAdjust
 
 
-def resolve_model_path(cfg: Config, entry: ModelEntry | None = None) -> str:
-    """The model's file: the entry's (several models) or [model]'s; empty means the
-    embedded default model."""
-    path = cfg.model.path if entry is None else entry.path
-    if path:
-        return path
+def default_entry_path() -> str:
+    """The embedded default model's file ("model" when it is not installed: the id of a
+    [model] without a path is then "model", and reading it fails with the reason)."""
+    from supervisor.default_model import DefaultModelMissing, default_model_path
+
+    try:
+        return str(default_model_path())
+    except DefaultModelMissing:
+        return "model"
+
+
+def first_entry(cfg: Config) -> ModelEntry:
+    """The configuration's first model (a single [model] is a list of one)."""
+    return resolved_models(cfg, default_entry_path)[0]
+
+
+def resolve_model_path(entry: ModelEntry) -> str:
+    """The model's file; an empty path means the embedded default model."""
+    if entry.path:
+        return entry.path
     from supervisor.default_model import DefaultModelMissing, default_model_path
 
     try:
@@ -38,17 +56,16 @@ def plan_settings(
     environ: Mapping[str, str] | None = None,
     adjust: PlanAdjust | None = None,
     *,
+    entry: ModelEntry,
     fit_params: FitParams | None = None,
     fit_params_error: str | None = None,
-    entry: ModelEntry | None = None,
 ) -> PlanSettings:
-    """PlanSettings from the config, shrunk by the OOM ladder's ``adjust`` when given, with
-    llama-fit-params' answer (or why there is none)."""
+    """PlanSettings of one model from the config, shrunk by the OOM ladder's ``adjust`` when
+    given, with llama-fit-params' answer (or why there is none)."""
     env = os.environ if environ is None else environ
     g = cfg.gpu
-    m = entry if entry is not None else cfg.model
     devices = list(g.devices)
-    if entry is not None and entry.devices:
+    if entry.devices:
         # A model's own devices are taken within gpu.devices (all GPUs when that is empty).
         devices = [d for d in entry.devices if not g.devices or d in g.devices] or [-1]
     s = PlanSettings(
@@ -59,10 +76,10 @@ def plan_settings(
         devices=tuple(devices) if devices else None,
         set_cuda_visible_devices=g.set_cuda_visible_devices,
         inherited_cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
-        n_ctx=m.ctx_size,
-        n_batch=m.n_batch,
-        flash_attn=m.flash_attn,
-        parallel=m.parallel,
+        n_ctx=entry.ctx_size,
+        n_batch=entry.n_batch,
+        flash_attn=entry.flash_attn,
+        parallel=entry.parallel,
         fit_params=fit_params,
         fit_params_error=fit_params_error,
     )
@@ -104,13 +121,16 @@ def make_plan(
 ) -> tuple[Plan, Inventory, ModelFacts]:
     """Probe the GPUs, read the model header, plan (and ask llama-fit-params if configured).
 
+    ``entry``: the model (default: the configuration's first).
+
     ``adjust``: the OOM ladder's rung; llama-fit-params' answer already ran out of memory
     once, so with a rung our own ladder is climbed without asking it again.
     Raises ConfigError, ModelError or GpuProbeError with a one-line message.
     """
     inventory = (probe or make_probe(cfg)).read()
     check_devices(cfg, inventory)
-    facts = model if model is not None else read_model_facts(resolve_model_path(cfg, entry))
+    entry = entry or first_entry(cfg)
+    facts = model if model is not None else read_model_facts(resolve_model_path(entry))
     settings = plan_settings(cfg, environ, adjust, entry=entry)
     result = plan(inventory.gpus, facts, settings)
     if cfg.gpu.use_fit_params and adjust is None and not settings.cpu_only:
@@ -137,12 +157,127 @@ def make_plan(
                 tool_env,
             )
         if isinstance(answer, str):
-            settings = plan_settings(cfg, environ, fit_params_error=answer, entry=entry)
+            settings = plan_settings(cfg, environ, entry=entry, fit_params_error=answer)
         else:
-            settings = plan_settings(cfg, environ, fit_params=answer, entry=entry)
+            settings = plan_settings(cfg, environ, entry=entry, fit_params=answer)
         result = plan(inventory.gpus, facts, settings)
     if inventory.note:
         # The probe's reason (e.g. "NVML not available: ...") replaces the generic one.
         rest = tuple(n for n in result.notes if n != NO_GPU_NOTE)
         result = dataclasses.replace(result, notes=(inventory.note, *rest))
     return result, inventory, facts
+
+
+# --- `vram-llm plan` for every configured model: the fleet's start, as a what-if ------------
+
+
+@dataclass(frozen=True)
+class ModelPlacement:
+    """Where one configured model would go, and why (``place_fleet``)."""
+
+    id: str
+    at_start: str  # why it loads at start ("first model", "pinned", "preload"); "" : on demand
+    evict: tuple[str, ...] = ()  # models unloaded to make room for it
+    beside: tuple[str, ...] = ()  # the models loaded beside it
+    refusal: str | None = None  # why it would not load at all
+    plan: Plan | None = None  # where it goes (None when refused)
+    unloaded_for: str = ""  # loaded at start, then unloaded to make room for this one
+
+    @property
+    def why(self) -> str:
+        """One line: when it loads and what that takes."""
+        when = f"at start ({self.at_start})" if self.at_start else "on demand (its first request)"
+        if self.refusal is not None:
+            return f"{when}: would not load: {self.refusal}"
+        room = f"unloads {', '.join(self.evict)} to make room" if self.evict else "fits"
+        if self.beside:
+            room += f" beside {', '.join(self.beside)}"
+        if self.plan is not None and not self.plan.cpu_only and self.plan.n_gpu_layers != -1:
+            room += "; layers left in host RAM (the GPUs cannot hold it whole)"
+        if self.unloaded_for:
+            room += f"; then unloaded for {self.unloaded_for} (loads again on demand)"
+        return f"{when}: {room}" if self.at_start else f"{when}: now it {room}"
+
+
+class _Fixed:
+    """A probe that answers one inventory (the GPUs as the fleet would see them)."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self._inventory = inventory
+
+    def read(self) -> Inventory:
+        return self._inventory
+
+
+def _taking(inv: Inventory, held: Mapping[str, Mapping[str, int]]) -> Inventory:
+    """The inventory less what the given models hold (GPU UUID -> MiB each)."""
+    gpus = []
+    for g in inv.gpus:
+        t = min(sum(h.get(g.uuid, 0) for h in held.values()), g.free_mib)
+        gpus.append(dataclasses.replace(g, free_mib=g.free_mib - t, used_mib=g.used_mib + t))
+    return Inventory(tuple(gpus), inv.note)
+
+
+def footprint(p: Plan) -> dict[str, int]:
+    """GPU UUID -> MiB the plan puts there (the GPUs its worker is given)."""
+    return {g.uuid: g.planned_mib for g in p.gpus if g.cuda_index is not None and not g.excluded_reason and g.planned_mib}
+
+
+def place_fleet(
+    cfg: Config, *, probe: GpuProbe | None = None, environ: Mapping[str, str] | None = None
+) -> list[ModelPlacement]:
+    """Every configured model's placement on the GPUs as they are now, decided as the fleet
+    decides at start (supervisor/fleet.py): the first model, the pinned and the preloaded
+    ones load at start, in configuration order, each placed by the pure ``placement.place``
+    beside the ones before it (which it may unload, unless pinned) and planned on what they
+    leave; every other model is placed as its first request would place it then.
+    A single model is a fleet of one: its plan is ``make_plan``'s."""
+    entries = resolved_models(cfg, default_entry_path)
+    inventory = (probe or make_probe(cfg)).read()
+    check_devices(cfg, inventory)
+    facts: dict[str, ModelFacts] = {}
+    for e in entries:
+        path = resolve_model_path(e)
+        if path not in facts:
+            facts[path] = read_model_facts(path)
+    models = {
+        e.id: ModelInfo(
+            e.id,
+            facts[resolve_model_path(e)],
+            plan_settings(cfg, environ, entry=e),
+            pinned=e.pinned,
+            refuse_when_no_room=e.when_no_room == "refuse",
+        )
+        for e in entries
+    }
+    first = entries[0].id
+    held: dict[str, dict[str, int]] = {}  # the models loaded so far -> their footprint
+
+    def decide(e: ModelEntry, at_start: str) -> ModelPlacement:
+        # The ones loaded before are up and idle by the time it is placed (the fleet waits
+        # for a loading model to serve its queue before it unloads it).
+        residents = [Resident(m, mib) for m, mib in held.items()]
+        d = place(_taking(inventory, held).gpus, models, residents, e.id)
+        if d.refusal is not None:
+            return ModelPlacement(e.id, at_start, refusal=d.refusal)
+        left = {m: mib for m, mib in held.items() if m not in d.evict}
+        p, _, _ = make_plan(
+            cfg, probe=_Fixed(_taking(inventory, left)), model=models[e.id].facts, environ=environ, entry=e
+        )
+        if at_start:
+            held.clear()
+            held.update(left)
+            held[e.id] = footprint(p)
+        return ModelPlacement(e.id, at_start, evict=d.evict, beside=tuple(left), plan=p)
+
+    out: dict[str, ModelPlacement] = {}
+    for e in entries:
+        why = "first model" if e.id == first else "pinned" if e.pinned else "preload" if e.preload else ""
+        if why:
+            out[e.id] = decide(e, why)
+            for gone in out[e.id].evict:
+                out[gone] = dataclasses.replace(out[gone], unloaded_for=e.id)
+    for e in entries:
+        if e.id not in out:
+            out[e.id] = decide(e, "")
+    return [out[e.id] for e in entries]

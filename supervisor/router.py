@@ -11,9 +11,11 @@ Rules of this module:
   fields) plus where the model is.
 - A request for a model that is not loaded asks for it to be loaded and then waits like
   any request waiting for a worker (admission.wait_timeout_s, admission.queue_size).
-- With a single model the router passes /v1 straight to its proxy (any "model" is
-  accepted, as before). The model list may change on SIGHUP (supervisor/fleet.py), so
-  every request asks the fleet which models there are now.
+- One model is a fleet of one, routed by the same rule: a name that is not configured goes
+  to the fleet's ``fallback`` model (the only one, when there is one; none with several),
+  except a name SIGHUP removed (``removed_ids``): that stays a 404, not a silent stand-in.
+  The model list may change on SIGHUP (supervisor/fleet.py), so every request asks the
+  fleet which models there are now.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from supervisor.fleet import Fleet, shown_state
 from supervisor.proxy import Proxy, openai_error
 from supervisor.states import PROCESS_STATES, WorkerState
 from supervisor.worker_process import WorkerManager
-from worker.protocol import LaunchSpec
+from worker.protocol import MAX_BODY_BYTES
 
 # Bodies are read whole to find "model"; larger ones are refused before reading (the
 # worker's own limit, LaunchSpec.max_body_bytes, is the same by default).
-MAX_BODY = LaunchSpec(model_path="", socket_path="").max_body_bytes
+MAX_BODY = MAX_BODY_BYTES
 
 
 class _ModelField(msgspec.Struct):
@@ -51,7 +53,7 @@ def model_not_found(mid: str) -> web.Response:
 
 
 class Router:
-    def __init__(self, fleet: Fleet, wait_timeout_s: float, body_timeout_s: float) -> None:
+    def __init__(self, fleet: Fleet, body_timeout_s: float) -> None:
         self._fleet = fleet
         self._body_timeout_s = body_timeout_s
         # model -> (its manager, the proxy to it); a model added by SIGHUP gets one when first
@@ -71,9 +73,6 @@ class Router:
             self._proxies[mid] = got
         return got[1]
 
-    def single(self) -> bool:
-        return len(self._fleet.ids) == 1
-
     async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
         return await self.proxy(self._fleet.first).expect_handler(request)
 
@@ -91,17 +90,19 @@ class Router:
                 raise ValueError(size)
             parts.append(chunk)
 
+    def model_for(self, named: str | None) -> str:
+        """The model a request goes to: the one it names, the first without a name; a name
+        that is not configured goes to the fallback (one model serves any name), except one
+        that SIGHUP removed. The caller answers 404 when the result is not in ``ids``."""
+        fleet = self._fleet
+        mid = named or fleet.first
+        if mid not in fleet.ids and mid not in fleet.removed_ids and fleet.fallback is not None:
+            return fleet.fallback
+        return mid
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        mid = self._fleet.first
-        if self.single() and not self._fleet.removed_ids:
-            # As with several: a request asks for the load (clearing an earlier "no room"
-            # refusal, which would otherwise answer 503 until an operator's load).
-            self._fleet.load(mid)
-            return await self.proxy(mid).handle(request)
-        # Several models, or one left by a SIGHUP that removed others: the body names the
-        # model (one model serves any other name, as a one-model server always did, but not
-        # the name of a model that was removed: that one is a 404, not a silent stand-in).
         raw: bytes | None = None
+        named: str | None = None
         if request.body_exists:
             length = request.content_length
             if length is not None and length > MAX_BODY:
@@ -133,14 +134,13 @@ class Router:
                 named = _decode_model(raw).model
             except (msgspec.DecodeError, msgspec.ValidationError):
                 named = None  # not JSON, or "model" not a string: the worker explains
-            if named:
-                mid = named
-        if self.single() and mid not in self._fleet.removed_ids:
-            mid = self._fleet.first
+        mid = self.model_for(named)
         if mid not in self._fleet.ids:
             return model_not_found(mid)
         record(request).model = mid
-        self._fleet.load(mid)  # a no-op when loaded; otherwise the request waits for the load
+        # A no-op when loaded; otherwise the request waits for the load (and a request clears
+        # an earlier "no room" refusal, which would otherwise answer 503 until an operator's load).
+        self._fleet.load(mid)
         return await self.proxy(mid).handle(request, prebody=raw)
 
 

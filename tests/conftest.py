@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from tests.supervisor_harness import poll
@@ -167,13 +168,13 @@ class WorkerProcess:
 
 
 def worker_spec(workdir: Path, **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "model_path": str(default_model()),
-        "socket_path": str(workdir / "worker.sock"),
-        "n_ctx": 1024,
-        "n_threads": 2,
-        "max_body_bytes": 1024 * 1024,
-    }
+    """A launch spec (as JSON data) with the config schema's defaults, small for tests."""
+    from supervisor.launch import default_spec
+
+    spec = msgspec.structs.asdict(default_spec(
+        str(default_model()), str(workdir / "worker.sock"), n_ctx=1024, n_threads=2, max_body_bytes=1024 * 1024,
+        cache_dir=str(workdir / "prompt-cache"),  # each worker's own: no test restores another's states
+    ))
     spec.update(overrides)
     return spec
 

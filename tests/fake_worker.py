@@ -229,6 +229,8 @@ class FakeWorker:
             cuda_device_order=os.environ.get("CUDA_DEVICE_ORDER"),
             llama_cpp_version="fake",
             gpu_offload_supported=True,
+            parallel=1,  # one request at a time, whatever the spec asks (see the top of this file)
+            prefill_chunk=spec.prefill_chunk,
         )
         since = None if self.last_token_at is None else time.monotonic() - self.last_token_at
         return Health(

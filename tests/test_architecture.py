@@ -46,6 +46,31 @@ def test_one_module_each_imports_llama_cpp_and_pynvml() -> None:
     assert {p for p in nvml if p.startswith(("supervisor/", "worker/"))} == {"supervisor/nvml.py"}
 
 
+def test_plan_runs_without_the_serving_stack(tmp_path: Path) -> None:
+    # issue 22: `vram-llm plan` (one model, and several placed together) plans without
+    # aiohttp or psutil: it imports nothing of the serving stack (planning.py's rule).
+    from supervisor.default_model import default_model_path
+
+    model = default_model_path()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("".join(f'[[models]]\nid = "{m}"\npath = "{model}"\n' for m in ("a", "b", "c")))
+    sim = REPO / "tests" / "sim" / "one_gpu.json"
+    code = (
+        "import sys, json, io, contextlib\n"
+        "for m in ('aiohttp', 'psutil', 'llama_cpp', 'uvloop', 'prometheus_client'):\n"
+        "    sys.modules[m] = None\n"
+        "import supervisor.cli\n"
+        "assert supervisor.cli.main(['plan']) == 0\n"
+        "out = io.StringIO()\n"
+        f"with contextlib.redirect_stdout(out):\n"
+        f"    assert supervisor.cli.main(['plan', '--json', '--config', {str(cfg)!r}, '--simulate-gpus', {str(sim)!r}]) == 0\n"
+        "assert list(json.loads(out.getvalue())) == ['a', 'b', 'c']\n"
+        "assert 'aiohttp' not in sys.modules or sys.modules['aiohttp'] is None\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_supervisor_starts_without_llama_cpp() -> None:
     # A None entry in sys.modules makes `import llama_cpp` fail, as if not installed.
     code = (

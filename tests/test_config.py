@@ -60,7 +60,16 @@ def test_no_file_means_defaults() -> None:
         ('[[models]]\nid = "a b"\npath = "/a"\n', ["models.id"]),
         ('[[models]]\nid = "a"\npath = "/a"\nbogus = 1\n', ["unknown key", "bogus"]),
         ('[[models]]\nid = "a"\npath = "/a"\nwhen_no_room = "pray"\n', ["when_no_room"]),
+        # issue 22: the entry is named and its own keys are listed (the list was empty).
+        ('[[models]]\nid = "a"\npath = "/a"\n[[models]]\nid = "b"\npath = "/b"\nbogus = 1\n',
+         ["unknown key 'models.bogus' in [[models]] entry 2 (id 'b'); allowed: id, path, pinned",
+          "ctx_size", "parallel", "when_no_room"]),
+        ('[[models]]\npath = "/a"\nbogus = 1\n', ["in [[models]] entry 1; allowed: id, path"]),
+        ('[[models]]\nid = "a"\npath = "/a"\n[[models]]\nid = "b"\npath = "/b"\nparallel = 0\n',
+         ["models.parallel ([[models]] entry 2 (id 'b')): Expected `int` >= 1"]),
         ('[model]\npath = "/x"\n[[models]]\nid = "a"\npath = "/a"\n', ["both name models"]),
+        ("[model]\nparallel = 600\n", ["model: parallel (600) must be <= n_batch (512)"]),
+        ('[[models]]\nid = "a"\npath = "/a"\nparallel = 8\nn_batch = 4\n', ["models (a): parallel (8) must be <= n_batch (4)"]),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, toml: str, needles: list[str]) -> None:
@@ -163,3 +172,24 @@ def test_model_flags_and_models_dir(tmp_path: Path) -> None:
     args = build_parser().parse_args(["plan", "--models-dir", str(tmp_path / "nope")])
     with pytest.raises(ConfigError, match="not a directory"):
         resolved_models(cli_load(args))
+
+
+def test_a_setting_has_one_default() -> None:
+    """issue 22: the config schema holds each setting's default; the planner takes it from
+    there and the worker's launch spec requires it (the worker cannot import the schema)."""
+    from supervisor.config import GpuSection, ModelEntry, ModelSection, ModelSettings
+    from supervisor.planner import PlanSettings
+    from worker.protocol import AppliedParams, LaunchSpec
+
+    m, g, s = ModelSettings(), GpuSection(), PlanSettings()
+    assert (s.n_ctx, s.n_batch, s.parallel, s.flash_attn) == (m.ctx_size, m.n_batch, m.parallel, m.flash_attn)
+    assert (s.reserve_mib, s.device_order, s.split_mode) == (g.reserve_mib, g.device_order, g.split_mode)
+    required = {f.name for f in msgspec.structs.fields(LaunchSpec) if f.required}
+    assert {"n_ctx", "n_batch", "parallel", "prefill_chunk", "cache_ram_mib", "split_mode", "flash_attn",
+            "strict_params", "embeddings"} <= required
+    assert {"parallel", "prefill_chunk"} <= {f.name for f in msgspec.structs.fields(AppliedParams) if f.required}
+    # The fields a model has are declared once, for [model] and [[models]] alike.
+    shared = set(ModelSettings.__struct_fields__)
+    assert shared < set(ModelSection.__struct_fields__) and shared < set(ModelEntry.__struct_fields__)
+    for cls in (ModelSection, ModelEntry):
+        assert not shared & set(vars(cls).get("__annotations__", {})), cls

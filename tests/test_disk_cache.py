@@ -130,8 +130,8 @@ print("entries", disk.stats.entries, "errors", disk.stats.errors)
 
 
 def test_disk_writes_never_run_on_the_batch_loop_thread(tmp_path: Path) -> None:
+    from supervisor.launch import default_spec
     from worker.engine import Engine, LlamaLog, Sampling
-    from worker.protocol import LaunchSpec
 
     threads: set[str] = set()
     real_put = DiskCache.put
@@ -140,8 +140,8 @@ def test_disk_writes_never_run_on_the_batch_loop_thread(tmp_path: Path) -> None:
         threads.add(threading.current_thread().name)
         return real_put(self, tokens, data)
 
-    spec = LaunchSpec(model_path=str(default_model()), socket_path="/nonexistent.sock", n_ctx=512, n_threads=2,
-                      parallel=1, cache_ram_mib=0, cache_disk_mib=64, cache_dir=str(tmp_path / "cache"))
+    spec = default_spec(str(default_model()), "/nonexistent.sock", n_ctx=512, n_threads=2,
+                        parallel=1, cache_ram_mib=0, cache_disk_mib=64, cache_dir=str(tmp_path / "cache"))
     log = LlamaLog(io.StringIO())
     log.install()
     eng = Engine(spec, log)

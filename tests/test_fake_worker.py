@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from worker.protocol import ExitCode, LaunchSpec, encoder, is_oom_line
+from supervisor.launch import default_spec
+from worker.protocol import ExitCode, encoder, is_oom_line
 
 FAKE = Path(__file__).resolve().parent / "fake_worker.py"
 DEADLINE_S = 15.0
@@ -61,7 +62,7 @@ def wait_for(what: str, probe: Callable[[], T | None], deadline_s: float = DEADL
 class Fake:
     def __init__(self, tmp: Path, env: dict[str, str], **spec_fields: Any) -> None:
         self.sock = str(tmp / "w.sock")
-        spec = LaunchSpec(model_path="/models/tiny-model.gguf", socket_path=self.sock, **spec_fields)
+        spec = default_spec("/models/tiny-model.gguf", self.sock, **spec_fields)
         spec_path = tmp / "spec.json"
         spec_path.write_bytes(encoder.encode(spec))
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_WORKER_")}

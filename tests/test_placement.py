@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from supervisor.inventory import GpuInfo
 from supervisor.model import ModelFacts
 from supervisor.placement import ModelInfo, Placement, Resident, place
-from supervisor.planner import PlanSettings
+from supervisor.planner import Plan, PlanSettings, plan
 
 GIB = 1024
 
@@ -33,15 +34,17 @@ def box(totals: Sequence[int], residents: Sequence[Resident], other: Mapping[int
     """GPUs whose used memory is what the residents hold (NVML's view) plus other processes."""
     out = []
     for i, t in enumerate(totals):
-        used = (other or {}).get(i, 0) + sum(r.footprint_mib.get(f"GPU-{i}", 0) - r.pending_mib.get(f"GPU-{i}", 0) for r in residents)
+        used = (other or {}).get(i, 0) + sum(r.footprint_mib.get(f"GPU-{i}", 0) for r in residents)
         out.append(gpu(i, t, used))
     return out
 
 
 def model(mid: str, size_layers: int = 20, **kw: object) -> ModelInfo:
     devices = kw.pop("devices", None)
-    settings = PlanSettings(devices=devices)  # type: ignore[arg-type]
-    return ModelInfo(mid, facts(size_layers, name=mid), settings, **kw)  # type: ignore[arg-type]
+    # One slot: BIG below is the size of such a model with one slot's KV cache.
+    settings = PlanSettings(devices=devices, parallel=1)  # type: ignore[arg-type]
+    policy = {"pinned": False, "refuse_when_no_room": False, **kw}
+    return ModelInfo(mid, facts(size_layers, name=mid), settings, **policy)  # type: ignore[arg-type]
 
 
 def res(mid: str, mib: int, gpu_index: int = 0, **kw: object) -> Resident:
@@ -53,9 +56,33 @@ def res(mid: str, mib: int, gpu_index: int = 0, **kw: object) -> Resident:
 BIG = 9500
 
 
+@dataclasses.dataclass(frozen=True)
+class Decided:
+    """A Placement and the plan its caller (the fleet) would make on the GPUs it leaves."""
+
+    evict: tuple[str, ...]
+    wait_for: tuple[str, ...]
+    refusal: str | None
+    plan: Plan | None  # None when it waits or is refused
+    partial: bool  # layers left in host RAM
+
+
+def decided(p: Placement, gpus: Sequence[GpuInfo], models: Mapping[str, ModelInfo],
+            residents: Sequence[Resident]) -> Decided:
+    freed = [r for r in residents if r.id in p.evict]
+    after = [dataclasses.replace(g, free_mib=g.free_mib + sum(r.footprint_mib.get(g.uuid, 0) for r in freed))
+             for g in gpus]
+    m = models[p.model]
+    got = plan(after, m.facts, m.settings) if p.loads else None
+    partial = got is not None and (got.cpu_only or got.n_gpu_layers != -1)
+    return Decided(p.evict, p.wait_for, p.refusal, got, partial)
+
+
 def decide(totals: Sequence[int], models: Sequence[ModelInfo], residents: Sequence[Resident], want: str,
-           other: Mapping[int, int] | None = None) -> Placement:
-    return place(box(totals, residents, other), {m.id: m for m in models}, residents, want)
+           other: Mapping[int, int] | None = None) -> Decided:
+    gpus = box(totals, residents, other)
+    by_id = {m.id: m for m in models}
+    return decided(place(gpus, by_id, residents, want), gpus, by_id, residents)
 
 
 def test_nothing_loaded_places_without_eviction() -> None:
@@ -114,7 +141,7 @@ def test_busy_or_loading_models_are_waited_for_not_evicted(flag: str) -> None:
 
 def test_a_load_in_progress_counts_against_free_memory() -> None:
     # "a" is loading: NVML does not show its memory yet, the plan must not use it twice.
-    loading = Resident("a", {"GPU-0": BIG}, loading=True, pending_mib={"GPU-0": BIG})
+    loading = Resident("a", {"GPU-0": BIG}, loading=True)
     p = decide([12 * GIB], [model("a"), model("c")], [loading], "c")
     assert p.plan is None and p.wait_for == ("a",)
 
@@ -142,5 +169,6 @@ def test_too_big_for_the_box_offloads_or_refuses() -> None:
 
 
 def test_no_gpu_plans_for_cpu_without_eviction() -> None:
-    p = place([], {"a": model("a"), "b": model("b")}, [Resident("b", {})], "a")
+    models = {"a": model("a"), "b": model("b")}
+    p = decided(place([], models, [Resident("b", {})], "a"), [], models, [Resident("b", {})])
     assert p.plan is not None and p.plan.cpu_only and p.evict == ()

@@ -321,3 +321,77 @@ def _runtime_config(tmp: Path, run_dir: Path) -> Path:
     cfg = tmp / "c.toml"
     cfg.write_text(f'[server]\nruntime_dir = "{run_dir}"\n')
     return cfg
+
+
+# --- issue 22: `plan` with any config plans every configured model, as the fleet places them ---
+
+
+def _small_gpu(tmp_path: Path, free_mib: int) -> str:
+    f = tmp_path / "gpu.json"
+    f.write_text(json.dumps([{"index": 0, "uuid": "GPU-aaaa0000-0000-0000-0000-000000000000", "name": "small",
+                              "total_mib": free_mib + 600, "free_mib": free_mib}]))
+    return str(f)
+
+
+def test_one_models_entry_plans_that_entrys_file(tmp_path: Path) -> None:
+    from tests.gguf_factory import Shape, write_model
+
+    path = write_model(tmp_path / "mine.gguf", Shape(n_layers=6, vocab=4096, name="mine"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[models]]\nid = "mine"\npath = "{path}"\nctx_size = 1024\n')
+    out = json.loads(run("plan", "--json", "--config", str(cfg), "--simulate-gpus", sim("one_gpu")).stdout)
+    assert out["model"]["path"] == str(path) and out["model"]["n_layers"] == 6 and out["n_ctx"] == 1024
+    r = run("plan", "--config", str(cfg), "--simulate-gpus", sim("one_gpu"))
+    assert r.returncode == 0 and str(path) in r.stdout and "SmolLM2" not in r.stdout, r.stdout + r.stderr
+
+
+def test_several_models_show_where_each_goes_and_why(tmp_path: Path) -> None:
+    model = default_model_path()
+    # Room for about two of the three on the GPU: the first and the preloaded one load at
+    # start; the third loads on demand and would unload the preloaded one (the first is pinned).
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[[models]]\nid = "chat"\npath = "{model}"\npinned = true\n'
+        f'[[models]]\nid = "coder"\npath = "{model}"\n'
+        f'[[models]]\nid = "small"\npath = "{model}"\npreload = true\n'
+        f'[[models]]\nid = "huge"\npath = "{model}"\nctx_size = 65536\nwhen_no_room = "refuse"\n'
+    )
+    gpus = _small_gpu(tmp_path, 4000)
+    r = run("plan", "--json", "--config", str(cfg), "--simulate-gpus", gpus)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert list(out) == ["chat", "coder", "small", "huge"]
+    placed = {m: v["placement"] for m, v in out.items()}
+    assert (placed["chat"]["loads"], placed["chat"]["at_start_because"]) == ("at start", "first model")
+    assert (placed["small"]["loads"], placed["small"]["at_start_because"]) == ("at start", "preload")
+    assert out["chat"]["n_gpu_layers"] == -1 and out["small"]["n_gpu_layers"] == -1
+    assert placed["coder"]["loads"] == "on demand" and placed["coder"]["evicts"] == ["small"]
+    assert placed["huge"]["refusal"] and "n_gpu_layers" not in out["huge"]
+    text = run("plan", "--config", str(cfg), "--simulate-gpus", gpus).stdout
+    lines = {ln.split()[0]: ln for ln in text.splitlines()[1:5]}
+    assert "at start (first model)" in lines["chat"] and "unloads small" in lines["coder"]
+    assert "would not load" in lines["huge"] and "== model coder ==" in text
+
+
+def test_a_model_loaded_at_start_may_unload_an_earlier_one(tmp_path: Path) -> None:
+    # In process: place_fleet is what `plan` prints. The preloaded model needs the first
+    # one's memory; the fleet unloads the first (not pinned) once it served its queue.
+    from supervisor.planning import place_fleet
+
+    model = default_model_path()
+    cfg = build_config({
+        "models": [{"id": "chat", "path": str(model)},
+                   {"id": "big", "path": str(model), "ctx_size": 8192, "preload": True}],
+        "gpu": {"simulate_gpus": _small_gpu(tmp_path, 3500)},
+    })
+    chat, big = place_fleet(cfg)
+    assert (chat.at_start, chat.unloaded_for, chat.evict) == ("first model", "big", ())
+    assert (big.at_start, big.evict, big.beside) == ("preload", ("chat",), ())
+    assert big.plan is not None and big.plan.n_gpu_layers == -1 and big.plan.n_ctx == 8192
+    # Pinned, the first stays: the preloaded one gets what is left (layers in host RAM).
+    cfg = build_config({"models": [{"id": "chat", "path": str(model), "pinned": True},
+                                   {"id": "big", "path": str(model), "ctx_size": 8192, "preload": True}],
+                        "gpu": {"simulate_gpus": _small_gpu(tmp_path, 3500)}})
+    chat, big = place_fleet(cfg)
+    assert chat.unloaded_for == "" and big.evict == () and big.beside == ("chat",)
+    assert big.plan is not None and big.plan.n_gpu_layers != -1 and "host RAM" in big.why

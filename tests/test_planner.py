@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +31,11 @@ from supervisor.planner import (
     plan,
 )
 from tests.gguf_factory import GGMLQuantizationType, Shape, write_model
+
+
+def one_slot(**kw: Any) -> PlanSettings:
+    """The schema's defaults, but one slot: the KV cache sizes below are those of one slot."""
+    return PlanSettings(**{"parallel": 1, **kw})
 
 SIM = Path(__file__).parent / "sim"
 
@@ -122,7 +128,7 @@ def check_invariants(p: Plan) -> None:
 
 
 def test_one_gpu(smol: ModelFacts) -> None:
-    p = plan(gpus("one_gpu"), smol, PlanSettings())
+    p = plan(gpus("one_gpu"), smol, one_slot())
     check_invariants(p)
     assert p.n_gpu_layers == -1 and p.offloaded_layers == 30 and p.output_on_gpu
     assert p.tensor_split == (1.0,) and p.main_gpu == 0
@@ -130,12 +136,12 @@ def test_one_gpu(smol: ModelFacts) -> None:
     g = p.gpus[0]
     assert (g.reserve_mib, g.usable_mib, g.layers, g.has_output) == (1024, 24000 - 1024, 30, True)
     e = g.estimate
-    assert e.fixed_mib == CUDA_CONTEXT_MIB and e.kv_mib == math.ceil(30 * kv_bytes_per_layer(smol, 4096) / 2**20)
+    assert e.fixed_mib == CUDA_CONTEXT_MIB and e.kv_mib == math.ceil(30 * kv_bytes_per_layer(smol, 4096, 1) / 2**20)
     assert g.planned_mib == e.weights_mib + e.kv_mib + e.compute_mib + e.fixed_mib
 
 
 def test_two_equal_gpus(smol: ModelFacts) -> None:
-    p = plan(gpus("two_equal"), smol, PlanSettings())
+    p = plan(gpus("two_equal"), smol, one_slot())
     check_invariants(p)
     assert p.n_gpu_layers == -1 and p.tensor_split == (0.5, 0.5)
     assert used(p) == [0, 1]  # equal free VRAM: PCI order breaks the tie
@@ -146,7 +152,7 @@ def test_two_equal_gpus(smol: ModelFacts) -> None:
 
 
 def test_mix_24_12_4_orders_by_free_and_pins_cuda_order(smol: ModelFacts) -> None:
-    p = plan(gpus("mix_24_12_4"), smol, PlanSettings())
+    p = plan(gpus("mix_24_12_4"), smol, one_slot())
     check_invariants(p)
     # NVML (PCI) order is 4 GB, 24 GB, 12 GB; the plan order is by free VRAM.
     assert [g.index for g in p.gpus] == [1, 2, 0]
@@ -164,7 +170,7 @@ def test_mix_24_12_4_orders_by_free_and_pins_cuda_order(smol: ModelFacts) -> Non
 
 
 def test_pci_order_keeps_bus_order(smol: ModelFacts) -> None:
-    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(device_order="pci"))
+    p = plan(gpus("mix_24_12_4"), smol, one_slot(device_order="pci"))
     check_invariants(p)
     assert [g.index for g in p.gpus] == [0, 1, 2]
     # First on the bus, llama.cpp would give the display GPU layer 0 for its 0.8 layer's worth
@@ -175,7 +181,7 @@ def test_pci_order_keeps_bus_order(smol: ModelFacts) -> None:
 
 
 def test_free_below_reserve_is_left_out_with_reason(smol: ModelFacts) -> None:
-    p = plan(gpus("below_reserve"), smol, PlanSettings())
+    p = plan(gpus("below_reserve"), smol, one_slot())
     check_invariants(p)
     g = by_index(p)
     assert "below the reserve" in (g[0].excluded_reason or "")
@@ -185,7 +191,7 @@ def test_free_below_reserve_is_left_out_with_reason(smol: ModelFacts) -> None:
 
 
 def test_devices_subset(smol: ModelFacts) -> None:
-    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(devices=(0, 2)))
+    p = plan(gpus("mix_24_12_4"), smol, one_slot(devices=(0, 2)))
     check_invariants(p)
     assert used(p) == [2, 0]
     assert by_index(p)[1].excluded_reason == "not in --devices"
@@ -193,7 +199,7 @@ def test_devices_subset(smol: ModelFacts) -> None:
 
 
 def test_split_mode_none_uses_the_gpu_with_most_usable(smol: ModelFacts) -> None:
-    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(split_mode="none", device_order="pci"))
+    p = plan(gpus("mix_24_12_4"), smol, one_slot(split_mode="none", device_order="pci"))
     check_invariants(p)
     assert used(p) == [1] and p.main_gpu == 0 and p.n_gpu_layers == -1
     assert p.env["CUDA_VISIBLE_DEVICES"] == "GPU-24242424-0000-0000-0000-000000000000"
@@ -202,7 +208,7 @@ def test_split_mode_none_uses_the_gpu_with_most_usable(smol: ModelFacts) -> None
 
 
 def test_split_mode_row_main_gpu_is_the_biggest(smol: ModelFacts) -> None:
-    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(split_mode="row", device_order="pci"))
+    p = plan(gpus("mix_24_12_4"), smol, one_slot(split_mode="row", device_order="pci"))
     check_invariants(p)
     # The display GPU's row share would be under one layer's worth: left out (issue 17).
     assert used(p) == [1, 2]
@@ -218,33 +224,33 @@ def test_split_mode_row_main_gpu_is_the_biggest(smol: ModelFacts) -> None:
 
 
 def test_partial_offload(smol: ModelFacts) -> None:
-    p = plan(gpus("tiny"), smol, PlanSettings())
+    p = plan(gpus("tiny"), smol, one_slot())
     check_invariants(p)
     assert 0 < p.offloaded_layers < 30
     # llama.cpp offloads the output layer first: n_gpu_layers counts it
     assert p.n_gpu_layers == p.offloaded_layers + 1 and p.output_on_gpu
     assert any("partial offload" in n for n in p.notes)
     # One more layer would not fit: the plan is the largest that does.
-    bigger = plan(gpus("tiny"), smol, PlanSettings(reserve_mib=1024 - 20))
+    bigger = plan(gpus("tiny"), smol, one_slot(reserve_mib=1024 - 20))
     assert bigger.offloaded_layers > p.offloaded_layers
 
 
 def test_nothing_fits_is_cpu_only(smol: ModelFacts) -> None:
-    p = plan(gpus("tiny"), smol, PlanSettings(reserve_mib=1400))
+    p = plan(gpus("tiny"), smol, one_slot(reserve_mib=1400))
     check_invariants(p)
     assert p.cpu_only and p.env["CUDA_VISIBLE_DEVICES"] == ""
     assert p.gpus[0].excluded_reason
 
 
 def test_no_gpu_at_all(smol: ModelFacts) -> None:
-    p = plan(gpus("no_gpu"), smol, PlanSettings())
+    p = plan(gpus("no_gpu"), smol, one_slot())
     check_invariants(p)
     assert p.cpu_only and p.gpus == () and p.n_gpu_layers == 0 and p.tensor_split == ()
     assert p.host_weights_mib > 0
 
 
 def test_reserve_overrides_by_uuid_and_index(smol: ModelFacts) -> None:
-    s = PlanSettings(reserve_overrides={"GPU-24242424-0000-0000-0000-000000000000": 4000, "2": 0})
+    s = one_slot(reserve_overrides={"GPU-24242424-0000-0000-0000-000000000000": 4000, "2": 0})
     g = by_index(plan(gpus("mix_24_12_4"), smol, s))
     assert (g[0].reserve_mib, g[1].reserve_mib, g[2].reserve_mib) == (1024, 4000, 0)
     assert g[1].usable_mib == 24200 - 4000
@@ -254,7 +260,7 @@ def test_reserve_overrides_by_uuid_and_index(smol: ModelFacts) -> None:
 
 
 def test_keep_env_split_follows_inherited_order(smol: ModelFacts) -> None:
-    s = PlanSettings(set_cuda_visible_devices=False, inherited_cuda_visible_devices="2,0")
+    s = one_slot(set_cuda_visible_devices=False, inherited_cuda_visible_devices="2,0")
     p = plan(gpus("mix_24_12_4"), smol, s)
     check_invariants(p)
     assert "CUDA_VISIBLE_DEVICES" not in p.env  # the inherited value stays
@@ -265,14 +271,14 @@ def test_keep_env_split_follows_inherited_order(smol: ModelFacts) -> None:
 
 
 def test_keep_env_unset_means_all_in_pci_order(smol: ModelFacts) -> None:
-    s = PlanSettings(set_cuda_visible_devices=False, inherited_cuda_visible_devices=None, split_mode="row")
+    s = one_slot(set_cuda_visible_devices=False, inherited_cuda_visible_devices=None, split_mode="row")
     p = plan(gpus("mix_24_12_4"), smol, s)
     assert [g.cuda_index for g in sorted(p.gpus, key=lambda g: g.index)] == [0, 1, 2]
     assert p.main_gpu == 1  # the 24 GB GPU is CUDA device 1 in PCI order
 
 
 def test_keep_env_with_devices_subset_zeroes_the_others(smol: ModelFacts) -> None:
-    s = PlanSettings(set_cuda_visible_devices=False, inherited_cuda_visible_devices=None, devices=(2,))
+    s = one_slot(set_cuda_visible_devices=False, inherited_cuda_visible_devices=None, devices=(2,))
     p = plan(gpus("mix_24_12_4"), smol, s)
     assert p.tensor_split == (0.0, 0.0, 1.0)
 
@@ -306,7 +312,7 @@ def proportional_split(p: Plan, indices: Sequence[int]) -> list[float]:
 
 
 def test_display_gpu_without_a_layer_is_left_out_at_8k(smol: ModelFacts) -> None:
-    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(n_ctx=8192))
+    p = plan(gpus("mix_24_12_4"), smol, one_slot(n_ctx=8192))
     check_invariants(p)  # includes: the layers shown are llama.cpp's own placement of tensor_split
     # With all three visible llama.cpp would give the display GPU (last, 2.6% of the split) nothing.
     three = llama_cpp_placement(30, -1, proportional_split(p, [1, 2, 0]))
@@ -330,14 +336,14 @@ def test_model_that_needs_all_three_gpus_gets_the_display_gpu(tmp_path: Path) ->
     shape = Shape(n_layers=112, n_embd=5120, n_ff=13824, n_head=40, n_head_kv=8, vocab=32000,
                   ttype=GGMLQuantizationType.Q8_0, write_tokens=False)
     m = read_model_facts(write_model(tmp_path / "big.gguf", shape))
-    p = plan(gpus("mix_24_12_4"), m, PlanSettings())
+    p = plan(gpus("mix_24_12_4"), m, one_slot())
     check_invariants(p)
     assert used(p) == [1, 2, 0] and len(p.tensor_split) == 3
     display = by_index(p)[0]
     assert display.excluded_reason is None and display.cuda_index == 2
     assert display.layers + display.has_output >= 1  # type: ignore[attr-defined]
     # It is needed: without it fewer layers fit on the GPUs.
-    without = plan(gpus("mix_24_12_4"), m, PlanSettings(devices=(1, 2)))
+    without = plan(gpus("mix_24_12_4"), m, one_slot(devices=(1, 2)))
     assert without.offloaded_layers < p.offloaded_layers
 
 
@@ -355,7 +361,7 @@ def test_box_of_8_gpus_where_only_2_are_needed(tmp_path: Path) -> None:
     shape = Shape(n_layers=80, n_embd=8192, n_ff=28672, n_head=64, n_head_kv=8, vocab=128256,
                   ttype=GGMLQuantizationType.Q8_0, write_tokens=False)
     m = read_model_facts(write_model(tmp_path / "70b.gguf", shape))
-    p = plan(inv, m, PlanSettings(n_ctx=4096))
+    p = plan(inv, m, one_slot(n_ctx=4096))
     check_invariants(p)
     assert used(p) == [1, 4] and p.n_gpu_layers == -1
     assert p.env["CUDA_VISIBLE_DEVICES"] == "GPU-81000000-0000-0000-0000-000000000000,GPU-84000000-0000-0000-0000-000000000000"
@@ -372,7 +378,7 @@ def test_box_of_8_gpus_where_only_2_are_needed(tmp_path: Path) -> None:
 
 
 def test_row_split_leaves_out_a_gpu_under_one_layers_worth(smol: ModelFacts) -> None:
-    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(split_mode="row", n_ctx=8192))
+    p = plan(gpus("mix_24_12_4"), smol, one_slot(split_mode="row", n_ctx=8192))
     check_invariants(p)
     assert used(p) == [1, 2] and p.main_gpu == 0
     assert by_index(p)[0].excluded_reason == NOT_NEEDED_ROW
@@ -380,7 +386,7 @@ def test_row_split_leaves_out_a_gpu_under_one_layers_worth(smol: ModelFacts) -> 
 
 
 def test_keep_env_gives_the_unneeded_gpu_a_zero_share_and_says_it_holds_a_context(smol: ModelFacts) -> None:
-    s = PlanSettings(set_cuda_visible_devices=False, inherited_cuda_visible_devices=None, n_ctx=8192)
+    s = one_slot(set_cuda_visible_devices=False, inherited_cuda_visible_devices=None, n_ctx=8192)
     p = plan(gpus("mix_24_12_4"), smol, s)
     check_invariants(p)
     assert "CUDA_VISIBLE_DEVICES" not in p.env
@@ -394,10 +400,10 @@ def test_keep_env_gives_the_unneeded_gpu_a_zero_share_and_says_it_holds_a_contex
 
 
 def test_split_mode_none_and_single_gpu_are_unchanged(smol: ModelFacts) -> None:
-    p = plan(gpus("mix_24_12_4"), smol, PlanSettings(split_mode="none", n_ctx=8192))
+    p = plan(gpus("mix_24_12_4"), smol, one_slot(split_mode="none", n_ctx=8192))
     check_invariants(p)
     assert used(p) == [1] and "split mode none" in (by_index(p)[0].excluded_reason or "")
-    one = plan(gpus("one_gpu"), smol, PlanSettings(n_ctx=8192))
+    one = plan(gpus("one_gpu"), smol, one_slot(n_ctx=8192))
     assert used(one) == [0] and one.tensor_split == (1.0,)
 
 
@@ -405,28 +411,28 @@ def test_split_mode_none_and_single_gpu_are_unchanged(smol: ModelFacts) -> None:
 
 
 def test_ladder_knobs(smol: ModelFacts) -> None:
-    base = plan(gpus("one_gpu"), smol, PlanSettings())
-    capped = plan(gpus("one_gpu"), smol, PlanSettings(max_gpu_layers=10, extra_reserve_mib=512))
+    base = plan(gpus("one_gpu"), smol, one_slot())
+    capped = plan(gpus("one_gpu"), smol, one_slot(max_gpu_layers=10, extra_reserve_mib=512))
     check_invariants(capped)
     # the cap counts repeating layers; the output layer comes with them (llama.cpp offloads it first)
     assert capped.n_gpu_layers == 11 and capped.offloaded_layers == 10 and capped.output_on_gpu
     assert capped.gpus[0].reserve_mib == base.gpus[0].reserve_mib + 512
-    cpu = plan(gpus("one_gpu"), smol, PlanSettings(cpu_only=True))
+    cpu = plan(gpus("one_gpu"), smol, one_slot(cpu_only=True))
     assert cpu.cpu_only and cpu.env["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def test_fit_params_answer_is_used(smol: ModelFacts) -> None:
     fit = FitParams(n_ctx=2048, n_gpu_layers=31, tensor_split=(20.0, 11.0))
-    p = plan(gpus("two_equal"), smol, PlanSettings(fit_params=fit))
+    p = plan(gpus("two_equal"), smol, one_slot(fit_params=fit))
     assert p.source == "llama-fit-params" and p.n_ctx == 2048 and p.n_gpu_layers == -1
     assert p.tensor_split == pytest.approx((20 / 31, 11 / 31), abs=1e-5)
 
 
 def test_fit_params_error_falls_back(smol: ModelFacts) -> None:
-    p = plan(gpus("two_equal"), smol, PlanSettings(fit_params_error="'llama-fit-params' not found"))
+    p = plan(gpus("two_equal"), smol, one_slot(fit_params_error="'llama-fit-params' not found"))
     assert p.source == "vram-llm" and any("not found" in n for n in p.notes)
     too_many = FitParams(n_ctx=4096, n_gpu_layers=31, tensor_split=(1.0, 1.0, 1.0))
-    p = plan(gpus("two_equal"), smol, PlanSettings(fit_params=too_many))
+    p = plan(gpus("two_equal"), smol, one_slot(fit_params=too_many))
     assert p.source == "vram-llm"
 
 
@@ -481,7 +487,7 @@ def test_properties(
     inv: tuple[GpuInfo, ...], n_layers: int, layer_mib: int, vocab: int, reserve: int, order: str, mode: str, ctx: int
 ) -> None:
     model = synthetic_model(n_layers, layer_mib, vocab)
-    p = plan(inv, model, PlanSettings(reserve_mib=reserve, device_order=order, split_mode=mode, n_ctx=ctx))  # type: ignore[arg-type]
+    p = plan(inv, model, one_slot(reserve_mib=reserve, device_order=order, split_mode=mode, n_ctx=ctx))  # type: ignore[arg-type]
     check_invariants(p)  # no GPU past its usable VRAM; split sums to 1
     chosen = sorted((g for g in p.gpus if g.excluded_reason is None), key=lambda g: g.cuda_index or 0)
     assert p.env["CUDA_VISIBLE_DEVICES"] == ",".join(g.uuid for g in chosen)
@@ -505,7 +511,7 @@ def test_many_layers(tmp_path: Path) -> None:
     m = read_model_facts(write_model(tmp_path / "deep.gguf", Shape(n_layers=160, n_embd=1024, n_ff=2816,
                                                                   n_head=16, n_head_kv=16, vocab=32000)))
     assert m.n_layers == 160 and len(m.layer_bytes) == 160
-    p = plan(gpus("two_equal"), m, PlanSettings())
+    p = plan(gpus("two_equal"), m, one_slot())
     check_invariants(p)
     assert p.n_gpu_layers == -1 and sum(g.layers for g in p.gpus) == 160
 
@@ -516,10 +522,10 @@ def test_gqa_kv_cache_is_sized_by_kv_heads(tmp_path: Path) -> None:
     m = read_model_facts(write_model(tmp_path / "gqa.gguf", shape))
     assert (m.n_head, m.n_head_kv, m.key_length, m.value_length) == (32, 8, 128, 128)
     # 2 (K and V) * n_ctx * n_head_kv * head_dim * 2 bytes (f16)
-    assert kv_bytes_per_layer(m, 8192) == 2 * 8192 * 8 * 128 * 2
+    assert kv_bytes_per_layer(m, 8192, 1) == 2 * 8192 * 8 * 128 * 2
     mha = read_model_facts(write_model(tmp_path / "mha.gguf", replace(shape, n_head_kv=32)))
-    p_gqa = plan(gpus("one_gpu"), m, PlanSettings(n_ctx=8192))
-    p_mha = plan(gpus("one_gpu"), mha, PlanSettings(n_ctx=8192))
+    p_gqa = plan(gpus("one_gpu"), m, one_slot(n_ctx=8192))
+    p_mha = plan(gpus("one_gpu"), mha, one_slot(n_ctx=8192))
     assert p_mha.gpus[0].estimate.kv_mib == 4 * p_gqa.gpus[0].estimate.kv_mib == 4096
 
 
@@ -529,7 +535,7 @@ def test_large_vocab_output_layer_on_last_gpu(tmp_path: Path) -> None:
     m = read_model_facts(write_model(tmp_path / "bigvocab.gguf", shape))
     assert m.vocab_size == 152064 and not m.tied_embeddings
     assert m.output_bytes > max(m.layer_bytes)  # the output matrix dwarfs a layer
-    p = plan(gpus("two_equal"), m, PlanSettings())
+    p = plan(gpus("two_equal"), m, one_slot())
     check_invariants(p)
     last = max((g for g in p.gpus if g.excluded_reason is None), key=lambda g: g.cuda_index or 0)
     assert last.has_output
@@ -543,6 +549,6 @@ def test_70b_class_model_partially_fits_two_24gb(tmp_path: Path) -> None:
                   ttype=GGMLQuantizationType.Q8_0, write_tokens=False)
     m = read_model_facts(write_model(tmp_path / "70b.gguf", shape))  # sparse: no disk used
     assert m.file_size > 65 * 2**30
-    p = plan(gpus("two_equal"), m, PlanSettings())
+    p = plan(gpus("two_equal"), m, one_slot())
     check_invariants(p)
     assert 0 < p.offloaded_layers < 80 and p.host_weights_mib > 0

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from supervisor.launch import default_spec
 from tests.conftest import default_model, wait_until
 from worker.engine import Engine, Generation, LlamaLog, Prepared, Sampling
-from worker.protocol import LaunchSpec
 
 pytestmark = pytest.mark.model
 
@@ -29,14 +29,13 @@ CHUNK = 16
 
 
 def load(**overrides: object) -> Engine:
-    spec = LaunchSpec(**{  # type: ignore[arg-type]
-        "model_path": str(default_model()),
-        "socket_path": "/nonexistent/unused.sock",
+    spec = default_spec(str(default_model()), "/nonexistent/unused.sock", **{
         "n_ctx": 1024,
         "n_batch": N_BATCH,
         "n_threads": 2,
         "parallel": 4,
         "prefill_chunk": CHUNK,
+        "cache_disk_mib": 0,  # the disk tier has tests of its own (test_disk_cache.py)
         **overrides,
     })
     log = LlamaLog(io.StringIO())

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from supervisor.launch import default_spec
 from tests.conftest import default_model
 from worker.engine import (
     ChatMessage,
@@ -26,7 +27,6 @@ from worker.engine import (
     _held_back,
     _stop_at,
 )
-from worker.protocol import LaunchSpec
 
 pytestmark = pytest.mark.model
 
@@ -37,9 +37,9 @@ PROMPT = "The three primary colors are"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    spec = LaunchSpec(
-        model_path=str(default_model()),
-        socket_path="/nonexistent/unused.sock",
+    spec = default_spec(
+        str(default_model()),
+        "/nonexistent/unused.sock",
         n_ctx=1024,
         n_batch=N_BATCH,
         n_threads=2,

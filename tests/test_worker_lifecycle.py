@@ -73,20 +73,27 @@ def test_gguf_llama_cpp_cannot_load_is_failure(tmpdir_short: Path) -> None:
     assert not os.path.exists(spec["socket_path"])
 
 
+def _spec(**fields: Any) -> bytes:
+    """A complete launch spec with ``fields`` changed (None: left out), as the worker reads it."""
+    spec = {**worker_spec(Path("/tmp")), "model_path": "m.gguf", "socket_path": "/tmp/x.sock", **fields}
+    return json.dumps({k: v for k, v in spec.items() if v is not None}).encode()
+
+
 @pytest.mark.parametrize(
     "spec",
     [
         b"{not json",
         b"[]",
-        json.dumps({"socket_path": "/tmp/x.sock"}).encode(),  # model_path missing
-        json.dumps({"model_path": "m.gguf", "socket_path": "/tmp/x.sock", "bogus": 1}).encode(),
-        json.dumps({"model_path": "m.gguf", "socket_path": "/tmp/x.sock", "n_ctx": "big"}).encode(),
-        json.dumps({"model_path": "m.gguf", "socket_path": "/tmp/x.sock", "n_batch": 0}).encode(),
-        json.dumps({"model_path": "m.gguf", "socket_path": "/tmp/x.sock", "split_mode": "diag"}).encode(),
-        json.dumps({"model_path": "m.gguf", "socket_path": "/tmp/" + "x" * 200}).encode(),
+        _spec(model_path=None),
+        _spec(bogus=1),
+        _spec(n_ctx="big"),
+        _spec(n_batch=0),
+        _spec(split_mode="diag"),
+        _spec(socket_path="/tmp/" + "x" * 200),
+        _spec(parallel=None),  # a setting's default is the config schema's: the worker never guesses one
     ],
     ids=["malformed", "array", "missing-field", "unknown-field", "wrong-type", "n-batch-zero",
-         "bad-split", "socket-path-too-long"],
+         "bad-split", "socket-path-too-long", "missing-setting"],
 )
 def test_bad_spec_is_bad_spec(tmpdir_short: Path, spec: bytes) -> None:
     code, err = _exit_code(tmpdir_short, spec)

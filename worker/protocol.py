@@ -65,40 +65,50 @@ def is_oom_line(line: str) -> bool:
 LLAMA_LOG_PREFIX = "llama.cpp: "
 
 
+# The largest request body a worker reads (the supervisor's router refuses larger ones first).
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
 class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Everything a worker needs to load one model. Applied to llama_cpp.Llama as given."""
+    """Everything a worker needs to load one model. Applied to llama_cpp.Llama as given.
+
+    A setting has one default, in the supervisor's config schema (supervisor/config.py): the
+    fields that carry one are required here, so the worker never defaults them again. The
+    optional ones are plan results (no GPU by default) or "not set" (None: llama.cpp's or the
+    GGUF's own choice).
+    """
 
     model_path: str
     socket_path: str
     model_alias: str | None = None  # id served on /v1/models; default: file stem
     n_gpu_layers: int = 0  # -1 = all layers
     tensor_split: list[float] | None = None
-    split_mode: SplitMode = "layer"
+    split_mode: SplitMode
     main_gpu: int = 0
-    n_ctx: int = 4096
-    n_batch: int = 512
+    n_ctx: int
+    n_batch: int
     n_threads: int | None = None  # None: llama.cpp's default
     chat_format: str | None = None  # None: the template in the GGUF metadata
-    flash_attn: bool = False
-    max_body_bytes: int = 8 * 1024 * 1024
+    flash_attn: bool
+    max_body_bytes: int = MAX_BODY_BYTES
     # Requests generated at once (llama.cpp sequences of one context, each with a KV
     # cache of n_ctx cells); 1 serves one request at a time. At most n_batch.
-    parallel: int = 4
+    parallel: int
     # Prompt tokens one decode step takes while other requests are generating: bounds
     # the pause a newcomer's prompt causes in running streams.
-    prefill_chunk: int = 64
+    prefill_chunk: int
     # Host RAM (MiB) for snapshots of earlier prompts' KV (0: none).
-    cache_ram_mib: int = 1024
-    # The disk tier under it: MiB of states kept in cache_dir (0 or no dir: none). The
+    cache_ram_mib: int
+    # The disk tier under it: MiB of states kept in cache_dir (0 or an empty dir: none); the
     # worker keeps them in cache_dir/<settings key> (worker/engine/diskcache.py).
-    cache_disk_mib: int = 0
-    cache_dir: str = ""
+    cache_disk_mib: int
+    cache_dir: str
     # Unknown top-level request fields: a 400 (True) or ignored and named in the
     # X-Ignored-Params response header (False, as llama-server and vLLM do).
-    strict_params: bool = False
+    strict_params: bool
     # Serve /v1/embeddings from a second context on the same weights; pooling "mean",
     # "cls" or "last" (None: the GGUF's, else mean).
-    embeddings: bool = False
+    embeddings: bool
     pooling: str | None = None
 
 
@@ -118,8 +128,8 @@ class AppliedParams(msgspec.Struct, kw_only=True):
     cuda_device_order: str | None
     llama_cpp_version: str
     gpu_offload_supported: bool
-    parallel: int = 1
-    prefill_chunk: int = 0
+    parallel: int
+    prefill_chunk: int
 
 
 class Health(msgspec.Struct, kw_only=True, omit_defaults=True):

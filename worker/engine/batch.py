@@ -62,7 +62,7 @@ class BatchLoop:
         n_batch: int,
         parallel: int,
         prefill_chunk: int,
-        cache_ram_bytes: int = 0,
+        cache_ram_bytes: int,
         disk: DiskCache | None = None,
     ) -> None:
         if not 1 <= parallel <= n_batch:

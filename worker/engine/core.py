@@ -18,7 +18,7 @@ from worker.engine.diskcache import DiskCache, UnsafeDirectory, checked_dir, set
 from worker.engine.embed import Embedder, pooling_of
 from worker.engine.generation import Generation, Pieces, Sink
 from worker.engine.load import LlamaLog, load_llama
-from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, Preparer, Sampling
+from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, PromptPreparer, Sampling
 from worker.engine.tools import ToolRequest
 from worker.protocol import AppliedParams, LaunchSpec
 
@@ -33,7 +33,7 @@ class Engine:
         self.log = log
         self.model_id = spec.model_alias or os.path.splitext(os.path.basename(spec.model_path))[0]
         self._llama: llama_cpp.Llama | None = None
-        self._preparer: Preparer | None = None
+        self._preparer: PromptPreparer | None = None
         self._pieces: Pieces | None = None
         self.loop: BatchLoop | None = None  # the scheduler; None until loaded
         self._embedder: Embedder | None = None  # with spec.embeddings, once loaded
@@ -54,7 +54,7 @@ class Engine:
         # Llama object's own token bookkeeping (n_tokens, input_ids) is never used.
         ctx = llama._ctx.ctx
         self.n_ctx = int(llama_lib.llama_n_ctx_seq(ctx))  # one slot's context
-        self._preparer = Preparer(llama, self.n_ctx)
+        self._preparer = PromptPreparer(llama, self.n_ctx)
         self._pieces = Pieces(llama._model.vocab)
         self.loop = BatchLoop(
             ctx,

@@ -132,7 +132,7 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
     return {**call, "type": "function", "function": fn}
 
 
-class Preparer:
+class PromptPreparer:
     """Turns requests into ``Prepared`` for one loaded model (thread-safe: reads only)."""
 
     def __init__(self, llama: llama_cpp.Llama, n_ctx: int) -> None:

@@ -11,6 +11,7 @@ Rules for this module:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -52,6 +53,7 @@ class ModelSettings(_Section):
     parallel: PositiveInt = 4  # requests generated at once (slots, each with ctx_size KV cells)
     prefill_chunk: PositiveInt = 64  # prompt tokens per step while others generate (docs/benchmarks.md)
     cache_ram_mib: NonNegInt = 1024  # host RAM for earlier prompts' KV snapshots; 0: none
+    cache_disk_mib: NonNegInt = 4096  # disk for them under server.cache_dir (survives restarts); 0: none
     embeddings: bool = False  # also serve /v1/embeddings (a second, small context)
     pooling: Literal["", "mean", "cls", "last"] = ""  # embeddings pooling; empty: the GGUF's, else mean
     tools: ToolsMode = "generic"  # a template without tool markup: the generic format, or 400
@@ -95,6 +97,9 @@ class ServerSection(_Section):
     api_keys: list[str] = msgspec.field(default_factory=list)  # admin keys (--api-key); see supervisor/auth.py
     api_keys_file: str = ""  # one "[NAME:]KEY [inference|admin]" per line; re-read on SIGHUP
     runtime_dir: str = ""  # empty: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir
+    # The prompt cache's disk tier (model.cache_disk_mib); empty: $CACHE_DIRECTORY (systemd's
+    # CacheDirectory=), else $XDG_CACHE_HOME/vram-llm, else ~/.cache/vram-llm; + /prompt-cache
+    cache_dir: str = ""
     # Slow and idle clients (nginx's defaults): a connection that has not sent a complete
     # first request within header_timeout_s is closed; a request body with no data for
     # body_timeout_s gets 408; an idle keep-alive connection is closed after
@@ -413,6 +418,24 @@ def resolved_models(cfg: Config, default_path: typing.Callable[[], str] | None =
 
 def resolved_worker_command(cfg: Config) -> list[str]:
     return list(cfg.worker.command) or [sys.executable, "-m", "worker"]
+
+
+def resolved_cache_dir(cfg: Config, environ: typing.Mapping[str, str] | None = None) -> Path:
+    """Where the prompt cache's disk tier keeps its files (one directory per model)."""
+    env = os.environ if environ is None else environ
+    if cfg.server.cache_dir:
+        return Path(cfg.server.cache_dir)
+    if env.get("CACHE_DIRECTORY"):
+        return Path(env["CACHE_DIRECTORY"].split(":")[0]) / "prompt-cache"
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "vram-llm" / "prompt-cache"
+
+
+def model_cache_dir(cfg: Config, model_id: str) -> Path:
+    """A model's directory in the cache dir: its id made safe as a file name, plus a hash
+    of the id (two ids never share one; a restart or a swap of the model finds its own)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in model_id)[:48]
+    return resolved_cache_dir(cfg) / f"{safe}-{hashlib.sha1(model_id.encode()).hexdigest()[:8]}"
 
 
 def resolved_runtime_dir(cfg: Config, environ: typing.Mapping[str, str] | None = None) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
+from supervisor.config import Config, ConfigError, ModelEntry, model_cache_dir, resolved_models
 from supervisor.gpus import GpuProbe, GpuProbeError, Inventory, make_probe
 from supervisor.launches import Launch, PlanFailed
 from supervisor.model import ModelError, read_model_facts
@@ -63,6 +63,8 @@ def settings_of(config: Config, entry: ModelEntry) -> dict[str, Any]:
         "parallel": entry.parallel,
         "prefill_chunk": entry.prefill_chunk,
         "cache_ram_mib": entry.cache_ram_mib,
+        "cache_disk_mib": entry.cache_disk_mib,
+        "cache_dir": str(model_cache_dir(config, entry.id)),
         "strict_params": config.server.strict_params,
         "embeddings": entry.embeddings,
         "pooling": entry.pooling or None,

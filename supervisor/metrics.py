@@ -197,6 +197,11 @@ _CACHES = (
     ("ram_cache_tokens_saved", "Prompt tokens restored from RAM", "ram_cache_tokens_saved", CounterMetricFamily),
     ("kv_cache_tokens", "Tokens held in the slots' KV cache (running and cached prompts)", "kv_tokens",
      GaugeMetricFamily),
+    ("disk_cache_entries", "KV states in the prompt cache's disk tier", "disk_cache_entries", GaugeMetricFamily),
+    ("disk_cache_bytes", "Bytes of KV states on disk", "disk_cache_bytes", GaugeMetricFamily),
+    ("disk_cache_hits", "Requests restored from disk", "disk_cache_hits", CounterMetricFamily),
+    ("disk_cache_tokens_saved", "Prompt tokens restored from disk", "disk_cache_tokens_saved", CounterMetricFamily),
+    ("disk_cache_errors", "Damaged disk states dropped and failed writes", "disk_cache_errors", CounterMetricFamily),
 )
 
 

@@ -21,6 +21,17 @@ class RamCache(_S):
     tokens_saved: int
 
 
+class DiskCache(_S):
+    """The prompt cache's disk tier (model.cache_disk_mib): states that outlive the worker."""
+
+    dir: str  # the model's directory (the worker keeps one subdirectory per settings key)
+    entries: int
+    bytes: int
+    hits: int
+    tokens_saved: int
+    errors: int  # damaged files dropped, failed writes (a failed write turns the tier off)
+
+
 class WorkerStatus(_S, omit_defaults=True):
     pid: int
     generation: int
@@ -36,6 +47,7 @@ class WorkerStatus(_S, omit_defaults=True):
     cache_hits: int | None = None  # requests that reused a slot's cached prompt
     cache_tokens_reused: int | None = None
     ram_cache: RamCache | None = None  # the host-RAM cache of KV snapshots
+    disk_cache: DiskCache | None = None  # its disk tier (absent when off)
     # From the OS (absent when the process cannot be read).
     rss_mib: float | None = None
     cpu_percent: float | None = None

@@ -146,6 +146,13 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
                     if ram is not None else ""
                 )
             )
+        disk = w.disk_cache
+        if disk is not None:
+            out.append(
+                f"         on disk: {disk.entries} states, {disk.bytes / 2**20:.0f} MiB, {disk.hits} hits, "
+                f"{disk.tokens_saved} tokens saved" + (f", {disk.errors} errors" if disk.errors else "")
+                + f" ({disk.dir})"
+            )
     else:
         out.append("worker:  none running")
     req = st.requests

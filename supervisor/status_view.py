@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from supervisor.admission import Admission
 from supervisor.states import PROCESS_STATES, WorkerState
-from supervisor.status import ModelRow, RamCache, RequestCounts, Status, WorkerStatus
+from supervisor.status import DiskCache, ModelRow, RamCache, RequestCounts, Status, WorkerStatus
 
 if TYPE_CHECKING:
     from supervisor.fleet import Fleet
@@ -45,6 +45,11 @@ def worker_status(view: WorkerView, now: float) -> WorkerStatus | None:
         w.requests_served, w.cache_hits, w.cache_tokens_reused = h.requests_served, h.cache_hits, h.cache_tokens_reused
         w.ram_cache = RamCache(entries=h.ram_cache_entries, bytes=h.ram_cache_bytes, hits=h.ram_cache_hits,
                                tokens_saved=h.ram_cache_tokens_saved)
+        spec = None if view.launch is None else view.launch.spec
+        if spec is not None and spec.cache_disk_mib > 0 and spec.cache_dir:
+            w.disk_cache = DiskCache(dir=spec.cache_dir, entries=h.disk_cache_entries, bytes=h.disk_cache_bytes,
+                                     hits=h.disk_cache_hits, tokens_saved=h.disk_cache_tokens_saved,
+                                     errors=h.disk_cache_errors)
     w.rss_mib, w.cpu_percent = proc.usage()
     return w
 

@@ -33,6 +33,26 @@ from tests.supervisor_harness import poll
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_home() -> Iterator[None]:
+    """Every supervisor a test starts keeps its prompt cache's disk tier (server.cache_dir
+    defaults to $XDG_CACHE_HOME/vram-llm/...) in a temp dir removed at the end, never in
+    the user's ~/.cache."""
+    d = short_tmpdir("vram-llm-cache-")
+    old = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "CACHE_DIRECTORY")}
+    os.environ["XDG_CACHE_HOME"] = str(d)
+    os.environ.pop("CACHE_DIRECTORY", None)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(d, ignore_errors=True)
+
+
 # One polling helper for every test: the supervisor tests' ``poll`` (it also tolerates a
 # predicate that raises while the thing polled does not exist yet).
 wait_until = poll
@@ -152,7 +172,8 @@ def worker_spec(workdir: Path, **overrides: Any) -> dict[str, Any]:
     from supervisor.launch import default_spec
 
     spec = msgspec.structs.asdict(default_spec(
-        str(default_model()), str(workdir / "worker.sock"), n_ctx=1024, n_threads=2, max_body_bytes=1024 * 1024
+        str(default_model()), str(workdir / "worker.sock"), n_ctx=1024, n_threads=2, max_body_bytes=1024 * 1024,
+        cache_dir=str(workdir / "prompt-cache"),  # each worker's own: no test restores another's states
     ))
     spec.update(overrides)
     return spec

@@ -17,8 +17,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
 
@@ -118,7 +119,7 @@ def notify_listener(path: str) -> Iterator[list[str]]:
         while not done.is_set():
             try:
                 msgs.append(sock.recv(4096).decode())
-            except socket.timeout:
+            except TimeoutError:
                 continue
 
     t = threading.Thread(target=reader, daemon=True)
@@ -172,6 +173,9 @@ class Supervisor:
         self.runtime.mkdir(exist_ok=True)
         secs: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (sections or {}).items()}
         secs.setdefault("server", {}).update({"host": "127.0.0.1", "port": self.port, "runtime_dir": str(self.runtime)})
+        # Each supervisor keeps its prompt cache's disk tier in its own directory (unless the
+        # test names one): no test restores another test's conversations.
+        secs["server"].setdefault("cache_dir", str(tmp / "prompt-cache"))
         if fake_worker:
             secs.setdefault("worker", {}).setdefault("command", [sys.executable, str(FAKE_WORKER)])
         self.config_path = write_config(tmp / "config.toml", secs)

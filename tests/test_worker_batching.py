@@ -35,6 +35,7 @@ def load(**overrides: object) -> Engine:
         "n_threads": 2,
         "parallel": 4,
         "prefill_chunk": CHUNK,
+        "cache_disk_mib": 0,  # the disk tier has tests of its own (test_disk_cache.py)
         **overrides,
     })
     log = LlamaLog(io.StringIO())
@@ -276,6 +277,10 @@ def test_a_conversation_evicted_from_its_slot_is_restored_from_ram() -> None:
         conversation = "A long talk about lighthouses, their keepers and the sea. " * 4 + "Tell me more:"
         cold = greedy(eng, conversation, 12)
         greedy(eng, "Another user asks about baking bread at home.", 4)  # takes the only slot
+        # The loop hands the state to the prompt-cache thread, which puts it in RAM.
+        io_ = eng.loop.io
+        assert io_ is not None
+        wait_until(io_.idle, 30, "the prompt-cache thread to keep the state")
         assert ram.entries == 1
         gen = eng.generation(eng.prepare_completion(conversation, Sampling(max_tokens=12, temperature=0.0)),
                              threading.Event())

@@ -101,6 +101,10 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prefill_chunk: int
     # Host RAM (MiB) for snapshots of earlier prompts' KV (0: none).
     cache_ram_mib: int
+    # The disk tier under it: MiB of states kept in cache_dir (0 or an empty dir: none); the
+    # worker keeps them in cache_dir/<settings key> (worker/engine/diskcache.py).
+    cache_disk_mib: int
+    cache_dir: str
     # Unknown top-level request fields: a 400 (True) or ignored and named in the
     # X-Ignored-Params response header (False, as llama-server and vLLM do).
     strict_params: bool
@@ -165,6 +169,12 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     ram_cache_bytes: int = 0
     ram_cache_hits: int = 0
     ram_cache_tokens_saved: int = 0
+    # The disk tier (same meanings), plus files dropped as damaged and failed writes.
+    disk_cache_entries: int = 0
+    disk_cache_bytes: int = 0
+    disk_cache_hits: int = 0
+    disk_cache_tokens_saved: int = 0
+    disk_cache_errors: int = 0
     # The slots' KV cache: tokens it holds now (running and cached prompts alike) and how
     # many it can hold (n_ctx per slot x slots), as llama-server's kv_cache_usage_ratio.
     kv_tokens: int = 0

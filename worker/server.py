@@ -120,6 +120,15 @@ class WorkerServer:
                     ram_cache_hits=ram.hits,
                     ram_cache_tokens_saved=ram.tokens_saved,
                 )
+            if loop.io is not None and loop.io.disk is not None:
+                disk = loop.io.disk.stats
+                common.update(
+                    disk_cache_entries=disk.entries,
+                    disk_cache_bytes=disk.bytes,
+                    disk_cache_hits=disk.hits,
+                    disk_cache_tokens_saved=disk.tokens_saved,
+                    disk_cache_errors=disk.errors,
+                )
         if not self.ready:
             body = Health(status="loading", progress=round(self.progress, 4), **common)
             return json_response(encoder.encode(body), 503)

@@ -22,6 +22,10 @@ Rules for this module (llama-server's ``update_slots`` is the model):
   one-token batch whatever was cached (see ``Slot.prefilled``), which keeps greedy
   output independent of the cache (a past bug: the first logits came from a batch whose
   size depended on the cached prefix, and the same request gave different text).
+- Saving a slot's state for later and restoring one (the RAM and disk tiers) is
+  ``saved.SavedStates``'s: the loop only copies a state out of the KV cache; a request
+  whose longest cached prefix is on disk is read by the prompt-cache thread before it is
+  admitted, never by the loop.
 - Other threads only call ``submit`` and ``close`` and read the counters.
 """
 
@@ -36,20 +40,26 @@ from typing import Any
 
 import llama_cpp.llama_cpp as llama_lib
 
+from worker.engine.diskcache import DiskCache
 from worker.engine.generation import Generation, Sink
-from worker.engine.ramcache import RamCache, restore, snapshot
-from worker.engine.slots import _MIN_REUSE, CacheStats, Slot, pick_slot
+from worker.engine.saved import SavedStates, forget
+from worker.engine.slots import CacheStats, Slot, pick_slot
 
 log = logging.getLogger("worker")
 
 _CLOSE_WAIT_S = 30.0
-# A slot's cache shorter than this is not worth a snapshot in the RAM cache.
-_MIN_SNAPSHOT_TOKENS = 16
 
 
 class BatchLoop:
     def __init__(
-        self, ctx: Any, n_ctx: int, n_batch: int, parallel: int, prefill_chunk: int, cache_ram_bytes: int
+        self,
+        ctx: Any,
+        n_ctx: int,
+        n_batch: int,
+        parallel: int,
+        prefill_chunk: int,
+        cache_ram_bytes: int,
+        disk: DiskCache | None = None,
     ) -> None:
         if not 1 <= parallel <= n_batch:
             raise ValueError(f"parallel ({parallel}) must be between 1 and n_batch ({n_batch})")
@@ -72,7 +82,8 @@ class BatchLoop:
         self._admissions = 0
         # Counters: written by the loop thread only, read by /health.
         self.stats = CacheStats()
-        self.ram = RamCache(cache_ram_bytes) if cache_ram_bytes > 0 else None
+        self.saved = SavedStates(ctx, cache_ram_bytes, disk, self.stats)
+        self.ram, self.io = self.saved.ram, self.saved.io  # /health reads their counters
         self.served = 0
         self.active = 0
         self._busy_since = 0.0
@@ -84,6 +95,10 @@ class BatchLoop:
 
     def submit(self, gen: Generation, sink: Sink) -> None:
         gen.sink = sink
+        if not self.saved.prefetch(gen, self.slots, self._enqueue):  # a longer prefix on disk: read first
+            self._enqueue(gen)
+
+    def _enqueue(self, gen: Generation) -> None:
         with self._cond:
             if not self._stopping:
                 self._waiting.append(gen)
@@ -121,11 +136,16 @@ class BatchLoop:
         self._thread.join(timeout=_CLOSE_WAIT_S)
         if not self._thread.is_alive():
             llama_lib.llama_batch_free(self._batch)
+        self.saved.close()
 
     # --- the loop thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
+            with self._cond:
+                idle = not self._stopping and not self._waiting and self.active == 0
+            if idle and self.saved.save_idle(self.slots):
+                continue  # one state saved; look again for work before the next
             with self._cond:
                 while not self._stopping and not self._waiting and self.active == 0:
                     self._cond.wait()
@@ -180,28 +200,7 @@ class BatchLoop:
 
     def _assign(self, slot: Slot, gen: Generation, reuse: int) -> None:
         prompt = gen.prepared.tokens
-        restored = False
-        use_ram = self.ram is not None and gen.prepared.sampling.cache_prompt
-        found = self.ram.best(prompt[:-1]) if use_ram and self.ram is not None else None
-        if found is not None and found[0] > max(reuse, _MIN_REUSE - 1):
-            # An earlier conversation in RAM shares more than any slot: load it instead
-            # of recomputing, after saving what this slot held.
-            n, entry = found
-            self._save(slot)
-            if restore(self._ctx, slot.seq, entry.data) and (
-                llama_lib.llama_memory_seq_pos_max(self._mem, slot.seq) == len(entry.tokens) - 1
-            ):
-                slot.tokens = list(entry.tokens)
-                reuse = n
-                restored = True
-                assert self.ram is not None
-                self.ram.used(entry, n)
-            else:
-                log.warning("restoring a %d-token snapshot failed: evaluating the prompt", len(entry.tokens))
-                self._forget(slot)
-                reuse = 0
-        elif reuse < len(slot.tokens):
-            self._save(slot)  # its cached prompt is about to be overwritten
+        reuse, restored = self.saved.restore_into(slot, gen, reuse)
         if reuse < len(slot.tokens):
             if llama_lib.llama_memory_seq_rm(self._mem, slot.seq, reuse, -1):
                 del slot.tokens[reuse:]
@@ -221,18 +220,8 @@ class BatchLoop:
             self._busy_since = time.monotonic()
         self.active += 1
 
-    def _save(self, slot: Slot) -> None:
-        """Keep the slot's cached prompt in the RAM cache before it is overwritten."""
-        if self.ram is None or len(slot.tokens) < _MIN_SNAPSHOT_TOKENS:
-            return
-        data = snapshot(self._ctx, slot.seq)
-        if data is not None:
-            self.ram.put(slot.tokens, data)
-
     def _forget(self, slot: Slot) -> None:
-        """Drop the slot's whole sequence from the KV cache."""
-        llama_lib.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
-        slot.tokens.clear()
+        forget(self._mem, slot)
 
     def _finish(
         self, slot: Slot, reason: str | None = None, error: str | None = None, status: int = 500

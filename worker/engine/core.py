@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 
 from worker.engine.batch import BatchLoop
+from worker.engine.diskcache import DiskCache, UnsafeDirectory, checked_dir, settings_key
 from worker.engine.embed import Embedder, pooling_of
 from worker.engine.generation import Generation, Pieces, Sink
 from worker.engine.load import LlamaLog, load_llama
 from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, PromptPreparer, Sampling
 from worker.engine.tools import ToolRequest
 from worker.protocol import AppliedParams, LaunchSpec
+
+log = logging.getLogger("worker")
 
 
 class Engine:
@@ -57,6 +63,7 @@ class Engine:
             parallel=self.spec.parallel,
             prefill_chunk=self.spec.prefill_chunk,
             cache_ram_bytes=self.spec.cache_ram_mib * 2**20,
+            disk=self._disk_cache(),
         )
         if self.spec.embeddings:
             self._embedder = Embedder(
@@ -64,6 +71,32 @@ class Engine:
                 llama.n_threads,
             )
         progress(1.0)
+
+    def _disk_cache(self) -> DiskCache | None:
+        """The disk tier of the prompt cache: ``spec.cache_dir``/<settings key>. States
+        saved under another key (this model with other settings, another llama.cpp) can
+        never be restored by this worker and are removed. None (RAM only, with a warning)
+        when the directory cannot be used safely."""
+        spec = self.spec
+        if spec.cache_disk_mib <= 0 or not spec.cache_dir:
+            return None
+        key = settings_key(spec.model_path, self.n_ctx, spec.flash_attn, llama_cpp.__version__)
+        root = Path(spec.cache_dir)
+        try:
+            directory = checked_dir(root / key.hex()[:16])
+            for stale in root.iterdir():
+                if stale.is_dir() and stale != directory and len(stale.name) == 16:
+                    shutil.rmtree(stale, ignore_errors=True)
+        except (OSError, UnsafeDirectory) as e:
+            log.warning("prompt cache on disk turned off: %s; the RAM cache goes on", e)
+            return None
+        disk = DiskCache(directory, key, spec.cache_disk_mib * 2**20)
+        # Indexed before the worker says ready: the first request after a restart or a
+        # swap must find its conversation (headers only: milliseconds for thousands).
+        disk.scan()
+        log.info("prompt cache on disk: %s: %d states, %.0f MiB (up to %d MiB)", directory,
+                 disk.stats.entries, disk.stats.bytes / 2**20, spec.cache_disk_mib)
+        return disk
 
     def applied_params(self) -> AppliedParams:
         llama = self._require()

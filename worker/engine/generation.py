@@ -144,6 +144,9 @@ class Generation:
         self.started_at: float | None = None
         self.last_token_at: float | None = None
         self.done = False
+        # A state the prompt-cache thread read from disk for this request (tokens, bytes);
+        # taken by the batch loop when it admits the request.
+        self.from_disk: tuple[list[int], bytearray] | None = None
         self._chain: Any = None
         self._pending = ""  # text held back: it may be the start of a stop string
         self._utf8: Callable[..., str] = codecs.getincrementaldecoder("utf-8")(errors="replace").decode

@@ -9,12 +9,16 @@ Rules for this module:
   entries first. An entry whose tokens are a prefix of a newer one is dropped (the newer
   one serves every prompt the older one could).
 - The bookkeeping is pure Python over bytes (testable alone); only ``snapshot`` and
-  ``restore`` touch llama.cpp, and only the batch loop thread calls anything here.
+  ``restore`` touch llama.cpp and only the batch loop thread calls them. ``put`` runs on
+  the prompt-cache thread (``diskcache.CacheIO``), so the loop pays for the snapshot's
+  one copy out of the KV cache and nothing else; ``best``/``used`` run on the loop; one
+  lock keeps the two apart.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +32,7 @@ from worker.engine.slots import common_prefix
 @dataclass
 class Entry:
     tokens: list[int]
-    data: bytes
+    data: bytes | bytearray
 
 
 @dataclass
@@ -45,12 +49,16 @@ class RamCache:
         self._entries: OrderedDict[int, Entry] = OrderedDict()  # oldest first
         self._next_key = 0
         self.stats = RamCacheStats()
+        self._lock = threading.Lock()
 
-    def put(self, tokens: Sequence[int], data: bytes) -> bool:
+    def put(self, tokens: Sequence[int], data: bytes | bytearray) -> bool:
         """Keep a snapshot; False if it alone exceeds the budget."""
         if not tokens or len(data) > self.budget:
             return False
-        tokens = list(tokens)
+        with self._lock:
+            return self._put(list(tokens), data)
+
+    def _put(self, tokens: list[int], data: bytes | bytearray) -> bool:
         for key, e in list(self._entries.items()):
             if common_prefix(e.tokens, tokens) == len(e.tokens):
                 self._drop(key)  # the new snapshot holds all of this one
@@ -68,19 +76,21 @@ class RamCache:
     def best(self, head: Sequence[int]) -> tuple[int, Entry] | None:
         """The entry sharing the longest prefix with ``head`` (and that length), or None."""
         found: tuple[int, Entry] | None = None
-        for e in self._entries.values():
-            n = common_prefix(e.tokens, head)
-            if n and (found is None or n > found[0]):
-                found = (n, e)
+        with self._lock:
+            for e in self._entries.values():
+                n = common_prefix(e.tokens, head)
+                if n and (found is None or n > found[0]):
+                    found = (n, e)
         return found
 
     def used(self, entry: Entry, saved: int) -> None:
-        for key, e in self._entries.items():
-            if e is entry:
-                self._entries.move_to_end(key)
-                break
-        self.stats.hits += 1
-        self.stats.tokens_saved += saved
+        with self._lock:
+            for key, e in self._entries.items():
+                if e is entry:
+                    self._entries.move_to_end(key)
+                    break
+            self.stats.hits += 1
+            self.stats.tokens_saved += saved
 
     def _drop(self, key: int) -> None:
         e = self._entries.pop(key)
@@ -88,17 +98,23 @@ class RamCache:
         self.stats.entries = len(self._entries)
 
 
-def snapshot(ctx: Any, seq: int) -> bytes | None:
-    """The sequence's state as bytes (None if llama.cpp gives none)."""
+def snapshot(ctx: Any, seq: int) -> bytearray | None:
+    """The sequence's state (None if llama.cpp gives none). llama.cpp writes it straight
+    into the returned buffer: one copy out of the KV cache, the only part of saving a
+    state that must run on the batch loop thread (it owns the context)."""
     size = int(llama_lib.llama_state_seq_get_size(ctx, seq))
     if size <= 0:
         return None
-    buf = (ctypes.c_uint8 * size)()
-    n = int(llama_lib.llama_state_seq_get_data(ctx, buf, size, seq))
-    return bytes(buf)[:n] if n > 0 else None
+    data = bytearray(size)
+    n = int(llama_lib.llama_state_seq_get_data(ctx, (ctypes.c_uint8 * size).from_buffer(data), size, seq))
+    if n <= 0:
+        return None
+    if n < size:
+        del data[n:]
+    return data
 
 
-def restore(ctx: Any, seq: int, data: bytes) -> bool:
+def restore(ctx: Any, seq: int, data: bytes | bytearray) -> bool:
     """Load a snapshot into sequence ``seq`` (replacing what it held); False on failure."""
     buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
     return int(llama_lib.llama_state_seq_set_data(ctx, buf, len(data), seq)) > 0

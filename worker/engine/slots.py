@@ -29,6 +29,9 @@ class Slot:
     next_token: int | None = None  # the token to decode with logits next step
     admitted: int = 0  # admission order of ``gen`` (newest = largest)
     last_used: int = 0  # recency of the cache (LRU tie break, eviction order)
+    # (admitted, len(tokens)) when its state was last saved to the RAM/disk tiers: the
+    # cache changes only while a request runs in it, so an equal mark means "saved".
+    saved: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -37,6 +40,11 @@ class CacheStats:
 
     hits: int = 0  # requests that reused at least one cached prompt token
     tokens_reused: int = 0  # prompt tokens not evaluated again thanks to a slot's cache
+    # States copied out of the KV cache on the loop thread to be kept (RAM, disk): how
+    # many, and the time the loop spent on them (every slot waits meanwhile).
+    snapshots: int = 0
+    snapshot_s: float = 0.0
+    snapshot_max_s: float = 0.0
 
 
 # Shortest cached prefix worth choosing a slot for (a BOS token is shared by every prompt).

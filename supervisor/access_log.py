@@ -82,8 +82,8 @@ class RequestRecord:
             return
         self.model = ans.model or self.model
         if ans.usage is not None:
-            self.prompt_tokens = ans.usage.prompt_tokens
-            self.completion_tokens = ans.usage.completion_tokens
+            self.prompt_tokens = ans.usage.prompt_tokens or ans.usage.input_tokens
+            self.completion_tokens = ans.usage.completion_tokens or ans.usage.output_tokens
 
     def stream_usage(self, usage: StreamUsage | None) -> None:
         """Token counts and timing from a stream's usage trailer."""
@@ -99,8 +99,10 @@ class RequestRecord:
 
 
 class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # chat and completions
     completion_tokens: int = 0
+    input_tokens: int = 0  # Responses and Anthropic Messages
+    output_tokens: int = 0
 
 
 class _Answer(msgspec.Struct):

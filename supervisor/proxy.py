@@ -29,7 +29,7 @@ from aiohttp import web
 from supervisor.access_log import record
 from supervisor.http_guard import RateLimitedLog
 from supervisor.worker_process import NotReady, QueueFull, WorkerHandle, WorkerManager
-from worker.protocol import STREAM_DONE, split_usage_trailer
+from worker.protocol import has_usage_trailer, split_usage_trailer
 
 log = logging.getLogger("vram_llm.proxy")
 # Refusals (413/429/503) come in floods when clients ignore Retry-After (a crash loop, a full
@@ -325,7 +325,7 @@ class Proxy:
             await resp.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():
-                    if chunk.endswith(STREAM_DONE):  # the last one: cut the worker's usage trailer out
+                    if has_usage_trailer(chunk):  # the last one: cut the worker's usage trailer out
                         chunk, usage = split_usage_trailer(chunk)
                         rec = record(request)
                         rec.stream_usage(usage)

@@ -162,6 +162,31 @@ def test_responses_and_messages_through_the_proxy(sup: Supervisor, client: opena
     assert code == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
 
 
+def test_responses_and_messages_streams_are_counted_like_chat(sup: Supervisor, client: openai.OpenAI) -> None:
+    # Their streams end with the worker's usage trailer too: the supervisor cuts it out and
+    # counts the tokens (metrics, access log), as for chat; non-streamed answers count too.
+    before = total(scrape(sup), "vram_llm_completion_tokens_total")
+    events = list(client.responses.create(model="any", input="Count to five.", max_output_tokens=5, stream=True))
+    last = events[-1]
+    assert last.type in ("response.completed", "response.incomplete")
+    used = last.response.usage.output_tokens  # type: ignore[union-attr]
+    body = {"max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    req = urllib.request.Request(sup.base + "/v1/messages", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        lines = r.read().decode().splitlines()
+    assert not [x for x in lines if "vram-llm-usage" in x]  # the trailer never reaches the client
+    delta = next(json.loads(x[6:]) for x in lines if x.startswith("data: ") and '"message_delta"' in x)
+    used += delta["usage"]["output_tokens"]
+    code, answer = sup.post("/v1/messages", {"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+    assert code == 200
+    used += answer["usage"]["output_tokens"]
+    assert used > 0
+    poll(lambda: total(scrape(sup), "vram_llm_completion_tokens_total") >= before + used, 30,
+         "the completion tokens of both dialects counted")
+    assert total(scrape(sup), "vram_llm_completion_tokens_total") == before + used
+
+
 def test_bad_request_is_a_4xx_through_the_proxy(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="any", messages=[], max_tokens=5)

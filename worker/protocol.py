@@ -211,6 +211,17 @@ def usage_trailer(usage: StreamUsage) -> bytes:
     return USAGE_TRAILER + encoder.encode(usage) + b"\n\n"
 
 
+_TRAILER_LINE = b"\n" + USAGE_TRAILER
+
+
+def has_usage_trailer(chunk: bytes) -> bool:
+    """True when ``chunk`` carries a stream's usage trailer. Every dialect's stream puts it in
+    its last write (OpenAI's before ``data: [DONE]``, the Responses and Anthropic streams
+    after their last event). Only at the start of a line: generated text inside an event's
+    JSON may hold the same words, never a raw line break before them."""
+    return chunk.startswith(USAGE_TRAILER) or _TRAILER_LINE in chunk
+
+
 def split_usage_trailer(chunk: bytes) -> tuple[bytes, StreamUsage | None]:
     """``chunk`` without the usage trailer, and the usage it carried (None if absent or bad)."""
     start = chunk.rfind(USAGE_TRAILER)

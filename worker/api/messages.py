@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from worker.api import messages_schema as ms
-from worker.api.run import CUT_MESSAGE, GenerationFailed, Outcome, Runner, stream_failed
+from worker.api.run import CUT_MESSAGE, GenerationFailed, Outcome, Runner, stream_failed, turn_trailer
 from worker.api.shapes import enc, json_response
 from worker.engine import Generation, Prepared
 from worker.protocol import anthropic_error_body
@@ -156,6 +156,6 @@ class MessagesApi:
         tail += _event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                                          "usage": _usage(out.gen)})
         tail += _event("message_stop", {})
-        await resp.write(tail)
+        await resp.write(tail + turn_trailer(self.runner.engine.model_id, out.gen))
         await resp.write_eof()
         return resp

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from worker import openai_schema as oai
 from worker.api import responses_schema as rs
-from worker.api.run import CUT_MESSAGE, Outcome, Runner, stream_failed
+from worker.api.run import CUT_MESSAGE, Outcome, Runner, stream_failed, turn_trailer
 from worker.api.shapes import enc, json_response
 from worker.engine import ChatMessage, Prepared, PromptTooLong, Sampling
 
@@ -301,7 +301,7 @@ class ResponsesApi:
         body = self._body(rid, created, req, done, items, self._usage(out))
         self._finish(rid, req, body, conversation, out)
         tail += event(f"response.{done}", response=body)
-        await resp.write(tail)
+        await resp.write(tail + turn_trailer(self.runner.engine.model_id, out.gen))
         await resp.write_eof()
         return resp
 

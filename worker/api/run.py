@@ -38,7 +38,7 @@ from worker.engine import (
     TokenLogprob,
 )
 from worker.log_limit import LogLimiter
-from worker.protocol import LaunchSpec
+from worker.protocol import LaunchSpec, StreamUsage, usage_trailer
 
 log = logging.getLogger("worker")
 
@@ -144,6 +144,13 @@ class Outcome:
     calls: list[ParsedCall]
     finish: str
     cut: bool
+
+
+def turn_trailer(model: str, gen: Generation) -> bytes:
+    """The usage trailer a Responses or Anthropic stream ends with (the supervisor cuts it
+    out and counts the tokens, as for chat streams; worker/protocol.py)."""
+    return usage_trailer(StreamUsage(model=model, prompt_tokens=gen.prompt_tokens,
+                                     completion_tokens=gen.completion_tokens))
 
 
 async def stream_failed(

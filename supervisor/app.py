@@ -38,7 +38,7 @@ from supervisor.proxy import openai_error
 from supervisor.router import ModelCards, Router, model_not_found
 from supervisor.sdnotify import SdNotify
 from supervisor.states import WorkerState
-from supervisor.status import GpuNow, HealthVerdict, SupervisorInfo
+from supervisor.status import HealthVerdict, SupervisorInfo
 from supervisor.status_view import model_rows
 from supervisor.worker_process import WorkerManager
 
@@ -93,12 +93,12 @@ async def _status(request: web.Request) -> web.Response:
     snap.health = health_of(request.app)
     worker = snap.worker
     rows = await prep.gpus_now(worker_pids_of(worker.pid) if worker else ())
-    snap.gpus_now = msgspec.convert(rows, list[GpuNow])
+    snap.gpus_now = rows
     fleet = request.app[FLEET]
     if len(fleet.all_ids) > 1:
         snap.models = model_rows(fleet, asyncio.get_running_loop().time())
         snap.swaps = fleet.swaps
-        snap.gpus_now = msgspec.convert(await prep.gpus_now(()), list[GpuNow])
+        snap.gpus_now = await prep.gpus_now(())
     return web.Response(body=msgspec.json.encode(snap), content_type="application/json")
 
 

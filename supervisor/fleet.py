@@ -47,7 +47,6 @@ from supervisor.planning import plan_settings
 from supervisor.restart import PlanAdjust
 from supervisor.spawn import Spawner
 from supervisor.states import PROCESS_STATES, WorkerState
-from supervisor.status_view import shown_state
 from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm.fleet")
@@ -57,7 +56,7 @@ log = logging.getLogger("vram_llm.fleet")
 # directory name is bounded, whatever the length of its id.
 MODEL_DIR_MAX = 24
 
-__all__ = ["Fleet", "ListChange", "list_change", "model_dir_name", "planned_mib", "shown_state", "MODEL_DIR_MAX"]
+__all__ = ["Fleet", "ListChange", "list_change", "model_dir_name", "planned_mib", "MODEL_DIR_MAX"]
 
 
 def model_dir_name(mid: str) -> str:

@@ -27,7 +27,7 @@ from supervisor.plan_report import render_plan, summary_of
 from supervisor.planner import Plan
 from supervisor.planning import default_entry_path, make_plan, resolve_model_path
 from supervisor.restart import PlanAdjust
-from supervisor.status import PlanView
+from supervisor.status import GpuNow, PlanView
 from worker.protocol import LaunchSpec
 
 log = logging.getLogger("vram_llm.plan")
@@ -135,7 +135,7 @@ class Preparer:
         self.facts = facts
         self.probe = self._probe or make_probe(config)
         # (monotonic time of the read, the worker pids asked about, the answer)
-        self._gpus_now: tuple[float, tuple[int, ...], list[dict[str, Any]]] | None = None
+        self._gpus_now: tuple[float, tuple[int, ...], list[GpuNow]] | None = None
 
     def reload(self, config: Config | None = None) -> None:
         """Re-read the configuration (SIGHUP), or take ``config`` (read once by the fleet
@@ -175,7 +175,7 @@ class Preparer:
             prev = cur
         log.warning("GPU memory still moving after %.0fs; planning with what is free now", timeout_s)
 
-    async def gpus_now(self, worker_pids: Iterable[int] = ()) -> list[dict[str, Any]]:
+    async def gpus_now(self, worker_pids: Iterable[int] = ()) -> list[GpuNow]:
         """The inventory now, with what the worker's processes use on each GPU (NVML).
 
         "Now" is at most ``gpus_now_ttl_s`` old: a recent answer for the same worker
@@ -191,15 +191,8 @@ class Preparer:
 
         inv, used = await asyncio.to_thread(read)
         rows = [
-            {
-                "index": g.index,
-                "uuid": g.uuid,
-                "name": g.name,
-                "total_mib": g.total_mib,
-                "free_mib": g.free_mib,
-                "used_mib": g.used_mib,
-                "worker_mib": used.get(g.uuid),
-            }
+            GpuNow(index=g.index, uuid=g.uuid, name=g.name, total_mib=g.total_mib, free_mib=g.free_mib,
+                   used_mib=g.used_mib, worker_mib=used.get(g.uuid))
             for g in inv.gpus
         ]
         self._gpus_now = (time.monotonic(), pids, rows)

@@ -34,6 +34,7 @@ from supervisor.fleet import Fleet
 from supervisor.gpus import GpuProbeError
 from supervisor.nvml import process_gpu_memory
 from supervisor.states import WorkerState
+from supervisor.status import GpuNow
 from supervisor.worker_process import WorkerManager
 
 # Latency buckets from 10 ms (a cached short prompt) to 5 minutes (a long generation).
@@ -57,7 +58,7 @@ def worker_pids_of(pid: int) -> list[int]:
 class ServingMetrics(Collector):
     def __init__(self, registry: CollectorRegistry, fleet: Fleet) -> None:
         self._fleet = fleet  # every model with a manager, one or several (SIGHUP changes the list)
-        self._gpus: list[dict[str, Any]] = []
+        self._gpus: list[GpuNow] = []
         self._worker_gpus: dict[str, dict[str, int]] = {}  # model -> GPU UUID -> MiB (NVML)
         self.prompt_tokens = Counter(
             "vram_llm_prompt_tokens", "Prompt tokens processed", ["model"], registry=registry
@@ -133,7 +134,7 @@ class ServingMetrics(Collector):
             log.warning("metrics: cannot read the GPU inventory: %s", e)
             self._gpus = []
         # The first model's reading came with the rows; the others' are read here.
-        held = {first: {g["uuid"]: g["worker_mib"] for g in self._gpus if g.get("worker_mib")}}
+        held = {first: {g.uuid: g.worker_mib for g in self._gpus if g.worker_mib}}
         others = {m: p for m, p in pids.items() if m != first}
         if others:
             held.update(await asyncio.to_thread(lambda: {m: process_gpu_memory(p) for m, p in others.items()}))
@@ -157,7 +158,7 @@ class ServingMetrics(Collector):
         yield waiting
         yield busy
         yield rss
-        index = {str(g.get("uuid")): str(g.get("index")) for g in self._gpus}
+        index = {g.uuid: str(g.index) for g in self._gpus}
         held = GaugeMetricFamily("vram_llm_worker_gpu_memory_bytes",
                                  "GPU memory the model's worker processes use (NVML)", labels=["model", "gpu", "uuid"])
         for model, _ in models:
@@ -167,11 +168,9 @@ class ServingMetrics(Collector):
         used = GaugeMetricFamily("vram_llm_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu", "uuid"])
         free = GaugeMetricFamily("vram_llm_gpu_memory_free_bytes", "GPU memory free (NVML)", labels=["gpu", "uuid"])
         for g in self._gpus:
-            labels = [str(g.get("index")), str(g.get("uuid"))]
-            if g.get("used_mib") is not None:
-                used.add_metric(labels, g["used_mib"] * _MIB)
-            if g.get("free_mib") is not None:
-                free.add_metric(labels, g["free_mib"] * _MIB)
+            labels = [str(g.index), g.uuid]
+            used.add_metric(labels, g.used_mib * _MIB)
+            free.add_metric(labels, g.free_mib * _MIB)
         yield used
         yield free
 

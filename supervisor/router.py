@@ -28,7 +28,7 @@ import msgspec
 from aiohttp import web
 
 from supervisor.access_log import record
-from supervisor.fleet import Fleet, shown_state
+from supervisor.fleet import Fleet
 from supervisor.proxy import Proxy, openai_error
 from supervisor.states import PROCESS_STATES, WorkerState
 from supervisor.worker_process import WorkerManager
@@ -189,7 +189,7 @@ class ModelCards:
         finishing its requests is not servable any more), in the fleet's order."""
         fleet = self._fleet
         return tuple(
-            _Facts(mid, (mgr := fleet.managers[mid]).state, mgr.parked, fleet.entry(mid).pinned, *fleet.footprint(mid))
+            _Facts(mid, fleet.managers[mid].state, fleet.entry(mid).pinned, *fleet.footprint(mid))
             for mid in fleet.ids
         )
 
@@ -203,7 +203,7 @@ class ModelCards:
             "owned_by": "vram-llm",
             # Beyond OpenAI's shape: where the model is and what it holds.
             "loaded": f.state is WorkerState.READY,
-            "state": shown_state(f.state, f.parked),
+            "state": f.state.value,  # an unloaded model is "unloaded", a state of its own
             "gpus": sorted(set(measured) | set(planned)),
             "mib": sum((measured or planned).values()),
             "pinned": f.pinned,
@@ -215,7 +215,6 @@ class _Facts(NamedTuple):
 
     id: str
     state: WorkerState
-    parked: bool
     pinned: bool
     planned_mib: dict[str, int]  # GPU UUID -> MiB (fleet.footprint: copies, compared by value)
     measured_mib: dict[str, int]

@@ -20,12 +20,6 @@ if TYPE_CHECKING:
     from supervisor.worker_process import WorkerView
 
 
-def shown_state(state: WorkerState, parked: bool = False) -> str:
-    """The state /status and /v1/models show (an unloaded model is a state of its own now:
-    ``parked`` is kept for callers that still pass it)."""
-    return state.value
-
-
 def worker_status(view: WorkerView, now: float) -> WorkerStatus | None:
     """The current worker process, if there is one."""
     proc = view.proc

@@ -24,7 +24,7 @@ def test_gpus_now_reuses_a_recent_read_and_rereads_after_the_ttl(tmp_path: Path)
     prep = Preparer(build_config({"model": {"path": str(model)}, "gpu": {"simulate_gpus": str(sims)}}))
 
     async def free_now() -> int:
-        return int((await prep.gpus_now())[0]["free_mib"])
+        return (await prep.gpus_now())[0].free_mib
 
     async def scenario() -> tuple[int, int, int]:
         first = await free_now()

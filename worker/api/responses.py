@@ -149,6 +149,8 @@ class ResponsesApi:
         choice: Any = req.tool_choice or "auto"
         return {
             "id": rid, "object": "response", "created_at": created, "status": status,
+            # OpenAI's (and llama-server's): when it completed, only once it has.
+            "completed_at": int(time.time()) if status == "completed" else None,
             "background": False, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,

@@ -33,10 +33,11 @@ from supervisor.fleet import Fleet
 from supervisor.gpus import make_probe
 from supervisor.http_guard import ConnectionGuard, GuardedTCPSite, RateLimitedLog, effective_cap, server_logger
 from supervisor.launch import Preparer, default_entry_path
-from supervisor.metrics import ServingMetrics, worker_pids_of
+from supervisor.metrics import ServingMetrics
 from supervisor.proxy import openai_error
 from supervisor.router import ModelCards, Router, model_not_found
 from supervisor.sdnotify import SdNotify
+from supervisor.spawn import worker_pids_of
 from supervisor.states import WorkerState
 from supervisor.status import HealthVerdict, SupervisorInfo
 from supervisor.status_view import model_rows

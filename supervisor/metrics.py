@@ -19,12 +19,10 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any
 
-import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -33,8 +31,10 @@ from supervisor.access_log import Finished
 from supervisor.fleet import Fleet
 from supervisor.gpus import GpuProbeError
 from supervisor.nvml import process_gpu_memory
+from supervisor.spawn import worker_pids_of
 from supervisor.states import WorkerState
 from supervisor.status import GpuNow
+from supervisor.status_view import worker_status
 from supervisor.worker_process import WorkerManager
 
 # Latency buckets from 10 ms (a cached short prompt) to 5 minutes (a long generation).
@@ -44,15 +44,6 @@ _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0
 _MIB = 2**20
 
 log = logging.getLogger("vram_llm.metrics")
-
-
-def worker_pids_of(pid: int) -> list[int]:
-    """The worker and its descendants (NVML lists GPU memory per process)."""
-    try:
-        p = psutil.Process(pid)
-        return [pid, *(c.pid for c in p.children(recursive=True))]
-    except psutil.Error:
-        return [pid]
 
 
 class ServingMetrics(Collector):
@@ -148,13 +139,15 @@ class ServingMetrics(Collector):
         busy = GaugeMetricFamily("vram_llm_slots_busy", "Generation slots in use (worker /health active)",
                                  labels=["model"])
         rss = GaugeMetricFamily("vram_llm_worker_resident_memory_bytes", "Worker process RSS", labels=["model"])
+        now = asyncio.get_running_loop().time()
         for model, mgr in models:
-            snap_worker = self._worker(mgr)
+            # The worker as /status shows it (status_view): its last /health and the OS's reading.
+            w = worker_status(mgr.view, now)
             waiting.add_metric([model, "supervisor"], mgr.counters.waiting)
-            waiting.add_metric([model, "worker"], snap_worker.get("queued") or 0)
-            busy.add_metric([model], snap_worker.get("active") or 0)
-            if snap_worker.get("rss") is not None:
-                rss.add_metric([model], snap_worker["rss"])
+            waiting.add_metric([model, "worker"], (w.queued if w else None) or 0)
+            busy.add_metric([model], (w.active if w else None) or 0)
+            if w is not None and w.rss_mib is not None:
+                rss.add_metric([model], w.rss_mib * _MIB)
         yield waiting
         yield busy
         yield rss
@@ -173,17 +166,6 @@ class ServingMetrics(Collector):
             free.add_metric(labels, g.free_mib * _MIB)
         yield used
         yield free
-
-    def _worker(self, mgr: WorkerManager) -> dict[str, Any]:
-        """Slots and RSS of the model's current worker, from its last /health and psutil."""
-        h = mgr.last_health()
-        out: dict[str, Any] = {}
-        if h is not None:
-            pid, health = h
-            out["active"], out["queued"] = health.active, health.queued
-            with contextlib.suppress(psutil.Error):
-                out["rss"] = psutil.Process(pid).memory_info().rss
-        return out
 
 
 # The worker's prompt caches, from its last /health (counters restart with the worker).

@@ -226,3 +226,12 @@ class ProcessSpawner:
         self.stderr.clear()
         log.info("worker pid %d started", proc.pid)
         return _Process(proc, launch, spec_path, self.stderr)
+
+
+def worker_pids_of(pid: int) -> list[int]:
+    """The worker and its descendants (NVML lists GPU memory per process)."""
+    try:
+        p = psutil.Process(pid)
+        return [pid, *(c.pid for c in p.children(recursive=True))]
+    except psutil.Error:
+        return [pid]

@@ -155,3 +155,10 @@ def test_no_class_is_longer_than_about_300_lines() -> None:
                 if n > MAX_CLASS_LINES and (rel, node.name) not in LONG_CLASSES_ALLOWED:
                     long.append(f"{rel}:{node.name} ({n} lines)")
     assert not long, long
+
+
+def test_only_the_process_adapter_reads_the_os_about_processes() -> None:
+    # spawn.py is the process adapter (start, probe, stop, RSS/CPU, descendants); /status and
+    # /metrics shape its readings through status_view, never with psutil of their own.
+    users = {f.name for f in (REPO / "supervisor").glob("*.py") if "psutil" in imports_of(f)}
+    assert users == {"spawn.py"}, users

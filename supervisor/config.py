@@ -100,6 +100,9 @@ class ServerSection(_Section):
     # The prompt cache's disk tier (model.cache_disk_mib); empty: $CACHE_DIRECTORY (systemd's
     # CacheDirectory=), else $XDG_CACHE_HOME/vram-llm, else ~/.cache/vram-llm; + /prompt-cache
     cache_dir: str = ""
+    # Disk for every model's states together (each also within its own model.cache_disk_mib);
+    # the least recently used state of any model goes first. 0: no shared budget.
+    cache_disk_total_mib: NonNegInt = 0
     # Slow and idle clients (nginx's defaults): a connection that has not sent a complete
     # first request within header_timeout_s is closed; a request body with no data for
     # body_timeout_s gets 408; an idle keep-alive connection is closed after

@@ -65,6 +65,7 @@ def settings_of(config: Config, entry: ModelEntry) -> dict[str, Any]:
         "cache_ram_mib": entry.cache_ram_mib,
         "cache_disk_mib": entry.cache_disk_mib,
         "cache_dir": str(model_cache_dir(config, entry.id)),
+        "cache_disk_total_mib": config.server.cache_disk_total_mib,
         "strict_params": config.server.strict_params,
         "embeddings": entry.embeddings,
         "pooling": entry.pooling or None,

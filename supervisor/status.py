@@ -192,6 +192,7 @@ class ModelRow(_S):
     swaps_in: int = 0  # loads after the first
     in_flight: int = 0
     idle_s: float | None = None  # seconds since its last request (None: none yet)
+    disk_cache: DiskCache | None = None  # its prompt cache's disk tier, while it has a worker
 
 
 class Status(_S):

@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from supervisor.worker_process import WorkerView
 
 
+def disk_cache(view: WorkerView) -> DiskCache | None:
+    """The model's disk tier as its worker last reported it (None: off, or no report yet)."""
+    h, spec = view.last_health, None if view.launch is None else view.launch.spec
+    if h is None or spec is None or spec.cache_disk_mib <= 0 or not spec.cache_dir:
+        return None
+    return DiskCache(dir=spec.cache_dir, entries=h.disk_cache_entries, bytes=h.disk_cache_bytes,
+                     hits=h.disk_cache_hits, tokens_saved=h.disk_cache_tokens_saved, errors=h.disk_cache_errors)
+
+
 def worker_status(view: WorkerView, now: float) -> WorkerStatus | None:
     """The current worker process, if there is one."""
     proc = view.proc
@@ -39,11 +48,7 @@ def worker_status(view: WorkerView, now: float) -> WorkerStatus | None:
         w.requests_served, w.cache_hits, w.cache_tokens_reused = h.requests_served, h.cache_hits, h.cache_tokens_reused
         w.ram_cache = RamCache(entries=h.ram_cache_entries, bytes=h.ram_cache_bytes, hits=h.ram_cache_hits,
                                tokens_saved=h.ram_cache_tokens_saved)
-        spec = None if view.launch is None else view.launch.spec
-        if spec is not None and spec.cache_disk_mib > 0 and spec.cache_dir:
-            w.disk_cache = DiskCache(dir=spec.cache_dir, entries=h.disk_cache_entries, bytes=h.disk_cache_bytes,
-                                     hits=h.disk_cache_hits, tokens_saved=h.disk_cache_tokens_saved,
-                                     errors=h.disk_cache_errors)
+        w.disk_cache = disk_cache(view)
     w.rss_mib, w.cpu_percent = proc.usage()
     return w
 
@@ -93,6 +98,7 @@ def model_rows(fleet: Fleet, now: float) -> list[ModelRow]:
                 swaps_in=view.swaps_in,
                 in_flight=adm.in_flight,
                 idle_s=round(now - adm.last_used, 1) if adm.last_used else None,
+                disk_cache=disk_cache(view) if loaded else None,
             )
         )
     return rows

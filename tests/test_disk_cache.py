@@ -246,8 +246,24 @@ def test_a_swapped_out_model_serves_its_next_turn_from_disk(fleet: Any, tmp_path
     poll(lambda: (d := disk_of_a()) is not None and d["hits"] >= 1, 60, "a's /status to show the disk hit")
     d = disk_of_a()
     assert d is not None and d["hits"] == 1 and d["tokens_saved"] > 150
-    assert status_of(s)["a"]["swaps_in"] == 1
+    row = status_of(s)["a"]
+    assert row["swaps_in"] == 1
+    assert row["disk_cache"]["hits"] == 1 and row["disk_cache"]["dir"] == d["dir"]  # per model in /status too
 
 
 def status_of(s: Any) -> dict[str, dict[str, Any]]:
     return {m["id"]: m for m in s.status()["models"]}
+
+
+def test_a_shared_budget_drops_the_least_recently_used_state_of_any_model(tmp_path: Path) -> None:
+    root = checked_dir(tmp_path / "cache")
+    a = DiskCache(checked_dir(root / "model-a" / "k"), KEY, 2**20, root, 2500)
+    b = DiskCache(checked_dir(root / "model-b" / "k"), KEY, 2**20, root, 2500)
+    assert a.put(T, b"a" * 1000)
+    os.utime(next(a.dir.glob("*.kv")), ns=(1, 1))  # the oldest state of all
+    assert b.put([5] * 30, b"b" * 1000)
+    assert b.put([6] * 30, b"c" * 1000)  # over 2500 bytes for both models: a's state goes
+    assert not list(a.dir.glob("*.kv")) and len(list(b.dir.glob("*.kv"))) == 2
+    found = a.best(T)  # a's index still lists it: reading it is a miss, and it is forgotten
+    assert found is not None and a.load(found[1]) is None
+    assert a.best(T) is None and a.stats.entries == 0

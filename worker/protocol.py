@@ -105,6 +105,8 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # worker keeps them in cache_dir/<settings key> (worker/engine/diskcache.py).
     cache_disk_mib: int
     cache_dir: str
+    # Every model's disk states together (the parent of cache_dir); 0: no shared budget.
+    cache_disk_total_mib: int
     # Unknown top-level request fields: a 400 (True) or ignored and named in the
     # X-Ignored-Params response header (False, as llama-server and vLLM do).
     strict_params: bool

@@ -90,7 +90,7 @@ class Engine:
         except (OSError, UnsafeDirectory) as e:
             log.warning("prompt cache on disk turned off: %s; the RAM cache goes on", e)
             return None
-        disk = DiskCache(directory, key, spec.cache_disk_mib * 2**20)
+        disk = DiskCache(directory, key, spec.cache_disk_mib * 2**20, root.parent, spec.cache_disk_total_mib * 2**20)
         # Indexed before the worker says ready: the first request after a restart or a
         # swap must find its conversation (headers only: milliseconds for thousands).
         disk.scan()

@@ -10,7 +10,11 @@ Rules for this module:
   model never see half a file). A file that is truncated, corrupted or foreign is
   skipped with one warning and deleted; it never reaches llama.cpp.
 - The byte budget holds for the files of this key; the least recently used go first
-  (recency is the file's mtime, touched on every hit, so it survives restarts).
+  (recency is the file's mtime, touched on every hit, so it survives restarts). An optional
+  budget for every model together (``shared_root``/``shared_budget``: the cache dir that
+  holds each model's directory) is kept the same way across models: the least recently
+  used state of any model goes first. Another worker's file deleted under it is just a
+  miss for that worker (a read finds it gone and forgets it).
 - Any disk error (full, read-only, gone) turns the tier off with one warning: the worker
   goes on with its RAM cache. A directory another user can write to is never used.
 - Nothing here runs on the batch loop thread: ``CacheIO``'s thread writes, reads and
@@ -121,10 +125,14 @@ def read_head(f: object, key: bytes) -> tuple[list[int], int, bytes] | None:
 class DiskCache:
     """The entries of one settings key in one directory. Thread-safe (one lock)."""
 
-    def __init__(self, directory: Path, key: bytes, budget_bytes: int) -> None:
+    def __init__(
+        self, directory: Path, key: bytes, budget_bytes: int, shared_root: Path | None = None, shared_budget: int = 0
+    ) -> None:
         self.dir = directory
         self.key = key
         self.budget = budget_bytes
+        self.shared_root = shared_root
+        self.shared_budget = shared_budget
         self.stats = DiskStats()
         self.writable = True
         self._lock = threading.Lock()
@@ -252,6 +260,27 @@ class DiskCache:
             total -= e.size
             with contextlib.suppress(OSError):
                 e.path.unlink()
+        if self.shared_root is not None and self.shared_budget > 0:
+            self._evict_shared_locked()
+
+    def _evict_shared_locked(self) -> None:
+        """Every model's states together within ``shared_budget``, least recently used first
+        (<shared_root>/<model>/<settings key>/*.kv)."""
+        assert self.shared_root is not None
+        files: list[tuple[int, int, Path]] = []
+        for p in self.shared_root.glob(f"*/*/*{_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                files.append((st.st_mtime_ns, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files, key=lambda f: f[0]):
+            if total <= self.shared_budget:
+                break
+            total -= size
+            with contextlib.suppress(OSError):
+                p.unlink()
+            if p.parent == self.dir:
+                self._entries.pop(p.name, None)
 
     def _count_locked(self) -> None:
         self.stats.entries = len(self._entries)

@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import REPO, WorkerProcess, default_model, short_tmpdir, wait_until, worker_spec
 from tests.test_fleet import fleet
@@ -267,3 +269,15 @@ def test_a_shared_budget_drops_the_least_recently_used_state_of_any_model(tmp_pa
     found = a.best(T)  # a's index still lists it: reading it is a miss, and it is forgotten
     assert found is not None and a.load(found[1]) is None
     assert a.best(T) is None and a.stats.entries == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=40), st.lists(st.integers(0, 3), max_size=40), st.integers(0, 40))
+def test_common_prefix_agrees_with_counting_token_by_token(a: list[int], tail: list[int], cut: int) -> None:
+    from worker.engine.slots import common_prefix
+
+    b = a[:cut] + tail  # often a long shared head, as prompts of one conversation have
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    assert common_prefix(a, b) == common_prefix(b, a) == common_prefix(tuple(a), b) == n

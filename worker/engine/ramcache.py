@@ -98,12 +98,13 @@ class RamCache:
         self.stats.entries = len(self._entries)
 
 
-def snapshot(ctx: Any, seq: int) -> bytearray | None:
-    """The sequence's state (None if llama.cpp gives none). llama.cpp writes it straight
-    into the returned buffer: one copy out of the KV cache, the only part of saving a
-    state that must run on the batch loop thread (it owns the context)."""
+def snapshot(ctx: Any, seq: int, limit: int | None = None) -> bytearray | None:
+    """The sequence's state (None if llama.cpp gives none, or if it is larger than
+    ``limit`` bytes: no tier could keep it, so it is not copied at all). llama.cpp writes
+    it straight into the returned buffer: one copy out of the KV cache, the only part of
+    saving a state that must run on the batch loop thread (it owns the context)."""
     size = int(llama_lib.llama_state_seq_get_size(ctx, seq))
-    if size <= 0:
+    if size <= 0 or (limit is not None and size > limit):
         return None
     data = bytearray(size)
     n = int(llama_lib.llama_state_seq_get_data(ctx, (ctypes.c_uint8 * size).from_buffer(data), size, seq))

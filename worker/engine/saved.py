@@ -106,7 +106,8 @@ class SavedStates:
             return
         if slot.saved == (slot.admitted, len(slot.tokens)) and self.ram is None:
             return  # already on disk, and there is no RAM tier to put it in
-        data = self._snapshot(slot)
+        limit = max(self.ram.budget if self.ram is not None else 0, self.disk.budget if self.disk is not None else 0)
+        data = self._snapshot(slot, limit)
         if data is not None:
             self.io.keep(slot.tokens, data, ram=self.ram is not None)
 
@@ -120,7 +121,7 @@ class SavedStates:
             if slot.gen is None and len(slot.tokens) >= MIN_SNAPSHOT_TOKENS and slot.saved != (
                 slot.admitted, len(slot.tokens)
             ):
-                data = self._snapshot(slot)
+                data = self._snapshot(slot, io.disk.budget)
                 if data is not None:
                     io.keep(slot.tokens, data, ram=False)
                 return True
@@ -130,11 +131,13 @@ class SavedStates:
         if self.io is not None:
             self.io.close()  # the states already handed over are written first (bounded)
 
-    def _snapshot(self, slot: Slot) -> bytearray | None:
+    def _snapshot(self, slot: Slot, limit: int) -> bytearray | None:
         """The slot's state, copied out of the KV cache: the part of saving that pauses
-        the loop (timed in ``stats``)."""
+        the loop (timed in ``stats``). A state larger than ``limit`` (what the tiers could
+        keep) is not copied: a long context of a large model would pause every slot for
+        a copy that is then thrown away."""
         t0 = time.perf_counter()
-        data = snapshot(self._ctx, slot.seq)
+        data = snapshot(self._ctx, slot.seq, limit)
         paused = time.perf_counter() - t0
         slot.saved = (slot.admitted, len(slot.tokens))
         self.stats.snapshots += 1

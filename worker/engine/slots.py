@@ -52,11 +52,22 @@ _MIN_REUSE = 2
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
+    """How many leading tokens ``a`` and ``b`` share. Slices are compared (C speed) in a
+    binary search: a Python loop per token cost milliseconds per request for long
+    prompts, run against every slot, RAM entry and disk entry."""
+    if type(a) is not type(b):
+        a, b = list(a), list(b)
     m = min(len(a), len(b))
-    while n < m and a[n] == b[n]:
-        n += 1
-    return n
+    if a[:m] == b[:m]:
+        return m
+    lo, hi = 0, m  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def pick_slot(idle: Sequence[Slot], head: Sequence[int]) -> tuple[Slot, int] | None:

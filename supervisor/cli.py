@@ -90,6 +90,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--ctx-size", "model.ctx_size", "context size in tokens (default {default})", "N", int),
     Flag("--parallel", "model.parallel", "requests generated at once, sharing the context (default {default})",
          "N", int),
+    Flag("--chat-template", "model.chat_template", "chat template instead of the GGUF's: a Jinja file or "
+         "a llama.cpp built-in name (chatml, llama3, ...)", "FILE|NAME"),
     Flag("--simulate-gpus", "gpu.simulate_gpus", "plan for the GPUs listed in this JSON file", "FILE"),
     Flag("--worker-command", "worker.command", "worker command line, shell-quoted (tests)", "CMD", _command),
     Flag("--api-key", "server.api_keys", "an admin API key clients must send (repeatable; prefer "

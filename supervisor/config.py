@@ -49,6 +49,10 @@ class ModelSettings(_Section):
     n_batch: PositiveInt = 512
     threads: NonNegInt = 0  # 0: llama.cpp's default
     chat_format: str = ""  # empty: the chat template in the GGUF metadata
+    # The chat template instead of the GGUF's: a Jinja file's path or a llama.cpp built-in
+    # template name (chatml, llama3, ...); empty: the GGUF's. Used for chat, tool detection,
+    # /apply-template and /props.
+    chat_template: str = ""
     flash_attn: bool = False
     parallel: PositiveInt = 4  # requests generated at once (slots, each with ctx_size KV cells)
     prefill_chunk: PositiveInt = 64  # prompt tokens per step while others generate (docs/benchmarks.md)
@@ -56,6 +60,7 @@ class ModelSettings(_Section):
     cache_disk_mib: NonNegInt = 4096  # disk for them under server.cache_dir (survives restarts); 0: none
     embeddings: bool = False  # also serve /v1/embeddings (a second, small context)
     pooling: Literal["", "mean", "cls", "last"] = ""  # embeddings pooling; empty: the GGUF's, else mean
+    reranking: bool = False  # also serve /rerank (a reranker GGUF; a second, small context)
     tools: ToolsMode = "generic"  # a template without tool markup: the generic format, or 400
 
 

@@ -69,6 +69,8 @@ def settings_of(config: Config, entry: ModelEntry) -> dict[str, Any]:
         "strict_params": config.server.strict_params,
         "embeddings": entry.embeddings,
         "pooling": entry.pooling or None,
+        "reranking": entry.reranking,
+        "chat_template": entry.chat_template or None,
         "tools": entry.tools,
         "responses_store_size": config.server.responses_store_size,
         "responses_store_ttl_s": config.server.responses_store_ttl_s,

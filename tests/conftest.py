@@ -179,6 +179,21 @@ def worker_spec(workdir: Path, **overrides: Any) -> dict[str, Any]:
     return spec
 
 
+def own_worker(**overrides: Any) -> Iterator[WorkerProcess]:
+    """A worker of its own on the real model (for a module-scoped fixture to yield from):
+    ``overrides`` on top of ``worker_spec``, a callable value gets the workdir (a file the
+    spec names); stopped and its workdir removed at the end."""
+    workdir = short_tmpdir()
+    spec = worker_spec(workdir, **{k: v(workdir) if callable(v) else v for k, v in overrides.items()})
+    proc = WorkerProcess(workdir, spec)
+    try:
+        proc.wait_ready(timeout=180)
+        yield proc
+    finally:
+        proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture
 def tmpdir_short() -> Iterator[Path]:
     d = short_tmpdir()

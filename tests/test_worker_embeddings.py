@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 from collections.abc import Iterator
 
 import httpx
@@ -12,21 +11,14 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import WorkerProcess, short_tmpdir, worker_spec
+from tests.conftest import WorkerProcess, own_worker
 
 pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
 def embed_worker() -> Iterator[WorkerProcess]:
-    d = short_tmpdir()
-    proc = WorkerProcess(d, worker_spec(d, model_alias="embedder", embeddings=True, parallel=1))
-    try:
-        proc.wait_ready(timeout=180)
-        yield proc
-    finally:
-        proc.stop()
-        shutil.rmtree(d, ignore_errors=True)
+    yield from own_worker(model_alias="embedder", embeddings=True, parallel=1)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ SmolLM2's vocabulary: token 2 is <|im_end|> (its EOS, an end-of-generation token
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,8 +18,7 @@ import pytest
 from tests.conftest import (
     WorkerProcess,
     default_model,
-    short_tmpdir,
-    worker_spec,
+    own_worker,
 )
 from tests.conftest import (
     stream_json as stream,
@@ -253,14 +251,7 @@ def test_unknown_fields_inside_nested_objects_stay_errors(client: httpx.Client) 
 
 @pytest.fixture(scope="module")
 def strict_worker() -> Iterator[WorkerProcess]:
-    workdir = short_tmpdir()
-    proc = WorkerProcess(workdir, worker_spec(workdir, strict_params=True))
-    try:
-        proc.wait_ready(timeout=180)
-        yield proc
-    finally:
-        proc.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    yield from own_worker(strict_params=True)
 
 
 def test_strict_params_rejects_unknown_fields(strict_worker: WorkerProcess) -> None:

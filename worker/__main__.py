@@ -88,6 +88,9 @@ def load_spec(path: str) -> LaunchSpec:
         problems.append("socket_path must not be empty")
     elif len(os.fsencode(spec.socket_path)) > _MAX_UNIX_PATH:
         problems.append(f"socket_path is longer than the {_MAX_UNIX_PATH} bytes a Unix socket allows")
+    if spec.chat_template and os.sep in spec.chat_template and not os.path.isfile(spec.chat_template):
+        # A name without a separator is one of llama.cpp's built-in templates (checked at load).
+        problems.append(f"chat_template file not found: {spec.chat_template}")
     if problems:
         raise ValueError(f"invalid launch spec {path}: " + "; ".join(problems))
     return spec

@@ -41,11 +41,13 @@ class ResponseFormatText(msgspec.Struct, tag="text", tag_field="type", forbid_un
 class ResponseFormatJsonObject(
     msgspec.Struct, tag="json_object", tag_field="type", forbid_unknown_fields=True
 ):
-    pass
+    # llama-server's extension: a JSON object that follows this schema.
+    schema: dict[str, Any] | None = None
 
 
 class JsonSchemaSpec(msgspec.Struct, forbid_unknown_fields=True):
-    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    # OpenAI requires a name; llama-server does not (it only reads the schema).
+    name: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
     schema: dict[str, Any] | None = None
     description: str | None = None
     strict: bool | None = None
@@ -156,6 +158,12 @@ class _Common(msgspec.Struct, kw_only=True):
     id_slot: Annotated[int, Meta(ge=-1)] = -1
     n_keep: Annotated[int, Meta(ge=-1)] = 0
     samplers: Annotated[list[str], Meta(max_length=32)] | str | None = None
+    # llama-server's output constraints: a GBNF grammar, or a JSON schema (turned into one).
+    grammar: Annotated[str, Meta(min_length=1)] | None = None
+    json_schema: dict[str, Any] | None = None
+    # llama-server's stream extras: timings in every chunk, prompt progress before the text.
+    timings_per_token: bool = False
+    return_progress: bool = False
 
 
 class ChatRequest(_Common, kw_only=True):
@@ -167,6 +175,10 @@ class ChatRequest(_Common, kw_only=True):
     tools: Annotated[list[Tool], Meta(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # Assistant prefill (llama-server, vLLM): the answer continues the last assistant
+    # message. None: not sent (add_generation_prompt's default is true).
+    continue_final_message: bool = False
+    add_generation_prompt: bool | None = None
     store: _Ignored = None
     metadata: _Ignored = None
     service_tier: _Ignored = None
@@ -189,6 +201,78 @@ class _StrictChat(ChatRequest, forbid_unknown_fields=True, kw_only=True):
 
 class _StrictCompletion(CompletionRequest, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+# --- llama-server's native /completion and /rerank ------------------------------------
+
+
+class NativeCompletionRequest(CompletionRequest, kw_only=True):
+    """llama-server's ``POST /completion``: its defaults (temperature 0.8, top_p 0.95, no
+    token limit), a prompt that may mix strings and token ids, and its answer options."""
+
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 0.8
+    top_p: Float01 = 0.95
+    n_probs: Annotated[int, Meta(ge=0, le=20)] = 0
+    return_tokens: bool = False
+    post_sampling_probs: bool = False
+    # llama-server answers with the slot's prompt cache; stop is a list of strings there.
+    t_max_predict_ms: Annotated[int, Meta(ge=0)] = 0
+
+
+class _StrictNativeCompletion(NativeCompletionRequest, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+_native_decoders = (
+    msgspec.json.Decoder(_StrictNativeCompletion), msgspec.json.Decoder(NativeCompletionRequest)
+)
+
+
+def _decode_prompted(
+    decoders: tuple[msgspec.json.Decoder[Any], msgspec.json.Decoder[Any]], body: bytes, strict: bool
+) -> tuple[Any, tuple[str, ...]]:
+    """A completion request (OpenAI's or llama-server's) with the checks both share."""
+    req, ignored = decode_top_level(decoders, body, strict)
+    _check_common(req)
+    _check_grammar_can_end(req)
+    if isinstance(req.prompt, list) and not req.prompt:
+        raise RequestError("prompt must not be empty", param="prompt", code="invalid_value")
+    return req, ignored
+
+
+def decode_native_completion(
+    body: bytes, strict: bool = True
+) -> tuple[NativeCompletionRequest, tuple[str, ...]]:
+    """llama-server's prompt forms: a string, token ids, or strings and ids mixed (one
+    prompt); several prompts (a list of strings) are not served."""
+    req: NativeCompletionRequest
+    req, ignored = _decode_prompted(_native_decoders, body, strict)
+    if isinstance(req.prompt, list):
+        if any(isinstance(p, bool) for p in req.prompt):
+            raise RequestError("prompt may hold strings and token ids, not booleans", param="prompt",
+                               code="invalid_value")
+        if len(req.prompt) > 1 and all(isinstance(p, str) for p in req.prompt):
+            raise RequestError(
+                "only one prompt per request is supported (a list of strings is several)",
+                param="prompt", code="unsupported",
+            )
+    for name, on in (("echo", req.echo), ("suffix", bool(req.suffix)), ("post_sampling_probs", req.post_sampling_probs),
+                     ("t_max_predict_ms", req.t_max_predict_ms > 0)):
+        if on:
+            raise RequestError(f"{name} is not supported", param=name, code="unsupported")
+    if req.logprobs is not None:
+        raise RequestError("logprobs is OpenAI's field: /completion takes n_probs", param="logprobs",
+                           code="invalid_value")
+    return req, ignored
+
+
+class RerankRequest(msgspec.Struct):
+    # Unknown fields tolerated, as on /v1/embeddings (Jina's and Cohere's clients send more).
+    query: str
+    documents: Annotated[list[str], Meta(min_length=1, max_length=4096)]
+    model: str | None = None
+    top_n: Annotated[int, Meta(ge=0)] | None = None
+    return_documents: bool = False
 
 
 # --- llama-server's tokenizer endpoints -------------------------------------------------
@@ -401,16 +485,55 @@ def _check_common(req: _Common) -> None:
                 )
 
 
+class Constraint(msgspec.Struct, frozen=True):
+    """What a request constrains its output to: any JSON value (``json_mode``), JSON
+    following ``json_schema``, or a GBNF ``grammar``; ``param`` names the field it came
+    from (errors name it)."""
+
+    json_mode: bool = False
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
+    param: str | None = None
+
+
+def constraint_of(req: ChatRequest | CompletionRequest) -> Constraint:
+    """The output constraint of a chat or completion request: ``response_format``,
+    llama-server's top-level ``json_schema`` or its ``grammar`` (one of them)."""
+    fmt = req.response_format
+    sent = [name for name, on in (
+        ("response_format", isinstance(fmt, (ResponseFormatJsonObject, ResponseFormatJsonSchema))),
+        ("json_schema", req.json_schema is not None),
+        ("grammar", req.grammar is not None),
+    ) if on]
+    if len(sent) > 1:
+        raise RequestError(
+            f"{' and '.join(sent)} both constrain the output: send one", param=sent[-1],
+            code="invalid_value",
+        )
+    if req.grammar is not None:
+        return Constraint(grammar=req.grammar, param="grammar")
+    if req.json_schema is not None:
+        return Constraint(json_mode=True, json_schema=req.json_schema, param="json_schema")
+    if isinstance(fmt, ResponseFormatJsonSchema):
+        return Constraint(json_mode=True, json_schema=fmt.json_schema.schema,
+                          param="response_format.json_schema.schema")
+    if isinstance(fmt, ResponseFormatJsonObject):
+        if fmt.schema is not None:
+            return Constraint(json_mode=True, json_schema=fmt.schema, param="response_format.schema")
+        return Constraint(json_mode=True, param="response_format")
+    return Constraint()
+
+
 def _check_grammar_can_end(req: ChatRequest | CompletionRequest) -> None:
-    """A JSON response_format ends where its grammar ends: at that point only an
+    """A JSON constraint ends where its grammar ends: at that point only an
     end-of-generation token is allowed, so banning it (ignore_eos, min_tokens) would leave
     llama.cpp no token it may sample."""
-    if isinstance(req.response_format, (ResponseFormatJsonObject, ResponseFormatJsonSchema)):
+    if constraint_of(req).json_mode:
         for name, on in (("ignore_eos", req.ignore_eos), ("min_tokens", req.min_tokens > 0)):
             if on:
                 raise RequestError(
-                    f"{name} cannot be combined with a JSON response_format (the JSON value "
-                    "ends the generation)", param=name, code="invalid_value",
+                    f"{name} cannot be combined with a JSON response_format or json_schema "
+                    "(the JSON value ends the generation)", param=name, code="invalid_value",
                 )
 
 
@@ -453,6 +576,7 @@ def decode_chat(body: bytes, strict: bool = True) -> tuple[ChatRequest, tuple[st
             "top_logprobs requires logprobs to be true", param="top_logprobs", code="invalid_value"
         )
     check_messages(req.messages)
+    continues_final_message(req)
     return req, ignored
 
 
@@ -475,11 +599,36 @@ def _check_tools(req: ChatRequest) -> None:
             param="tool_choice.function.name", code="invalid_value",
         )
     forced = req.tools and choice not in (None, "none", "auto")
-    if forced and not isinstance(req.response_format, (ResponseFormatText, type(None))):
+    constraint = constraint_of(req)
+    if forced and constraint.param is not None:
         raise RequestError(
-            "a forced tool call cannot also follow a JSON response_format",
-            param="response_format", code="invalid_value",
+            f"a forced tool call cannot also follow {constraint.param.split('.')[0]}",
+            param=constraint.param.split(".")[0], code="invalid_value",
         )
+
+
+def continues_final_message(req: ChatRequest) -> bool:
+    """Assistant prefill: the answer continues the last (assistant) message, as llama-server
+    and vLLM do with continue_final_message true or add_generation_prompt false."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise RequestError(
+            "continue_final_message and add_generation_prompt cannot both be true: the answer "
+            "either continues the last assistant message or starts a new one",
+            param="continue_final_message", code="invalid_value",
+        )
+    prefill = req.continue_final_message or req.add_generation_prompt is False
+    if prefill and req.messages[-1].role != "assistant":
+        param = "continue_final_message" if req.continue_final_message else "add_generation_prompt"
+        raise RequestError(
+            f"{param} continues a final assistant message, but the last message's role is "
+            f"{req.messages[-1].role!r}", param=param, code="invalid_value",
+        )
+    if prefill and req.messages[-1].tool_calls:
+        raise RequestError(
+            "a final assistant message with tool_calls cannot be continued",
+            param="messages", code="invalid_value",
+        )
+    return prefill
 
 
 def tool_choice_of(req: ChatRequest) -> str | None:
@@ -520,12 +669,8 @@ def decode_completion(
 ) -> tuple[CompletionRequest, tuple[str, ...]]:
     """The request and the unknown top-level fields it ignored (none when ``strict``)."""
     req: CompletionRequest
-    req, ignored = decode_top_level(_completion_decoders, body, strict)
-    _check_common(req)
-    _check_grammar_can_end(req)
+    req, ignored = _decode_prompted(_completion_decoders, body, strict)
     if isinstance(req.prompt, list):
-        if not req.prompt:
-            raise RequestError("prompt must not be empty", param="prompt", code="invalid_value")
         if all(isinstance(p, str) for p in req.prompt):
             if len(req.prompt) != 1:
                 raise RequestError(

@@ -114,6 +114,12 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # "cls" or "last" (None: the GGUF's, else mean).
     embeddings: bool
     pooling: str | None = None
+    # Serve /rerank (llama-server's shape) from a second context with RANK pooling (a
+    # reranker GGUF: a classifier head on a BERT-like or Qwen3 model).
+    reranking: bool
+    # The chat template used instead of the GGUF's: a Jinja file's path or the name of one
+    # of llama.cpp's built-in templates (llama_chat_builtin_templates). None: the GGUF's.
+    chat_template: str | None
     # Tool requests when the chat template has no tool markup: "generic" (tools described in
     # the system message, a grammar-constrained JSON call) or "refuse" (400 tools_unsupported).
     tools: ToolsMode

@@ -30,6 +30,7 @@ from aiohttp import web
 from worker import openai_schema as oai
 from worker.api.chat import ChatApi
 from worker.api.completions import CompletionsApi
+from worker.api.llamacpp import LlamaCppApi
 from worker.api.messages import MessagesApi
 from worker.api.native import NativeApi
 from worker.api.responses import ResponsesApi
@@ -69,6 +70,7 @@ class WorkerServer:
         self.native = NativeApi(self.runner)
         self.responses = ResponsesApi(self.runner)
         self.messages = MessagesApi(self.runner)
+        self.llamacpp = LlamaCppApi(self.runner)
 
     @property
     def ready(self) -> bool:
@@ -83,6 +85,7 @@ class WorkerServer:
         add_get("/v1/models", self.models)
         add_get("/v1/models/{model_id}", self.model)
         add_post("/v1/chat/completions", self.chat.chat)
+        add_post("/v1/chat/completions/input_tokens", self.chat.input_tokens)
         add_post("/v1/completions", self.completions.completions)
         add_post("/v1/responses", self.responses.create)
         add_post("/v1/responses/input_tokens", self.responses.input_tokens)
@@ -94,6 +97,12 @@ class WorkerServer:
         add_post("/tokenize", self.native.tokenize)
         add_post("/detokenize", self.native.detokenize)
         add_post("/apply-template", self.native.apply_template)
+        # llama-server's own routes, in its shapes (worker/api/llamacpp.py).
+        add_post("/completion", self.llamacpp.completion)
+        add_get("/props", self.llamacpp.props)
+        add_post("/props", self.llamacpp.set_props)
+        for path in ("/rerank", "/reranking", "/v1/rerank", "/v1/reranking"):
+            add_post(path, self.llamacpp.rerank)
         return app
 
     # --- info endpoints ---

@@ -58,8 +58,9 @@ def tool_dict(tool: oai.Tool) -> dict[str, Any]:
     return {"type": "function", "function": fn}
 
 
-def sampling_of(req: Any, max_tokens: int | None, fmt: Any) -> Sampling:
+def sampling_of(req: Any, max_tokens: int | None) -> Sampling:
     """Sampling from a chat or completion request (the fields of ``oai._Common``)."""
+    constraint = oai.constraint_of(req)
     stop: tuple[str, ...] = ()
     if isinstance(req.stop, str):
         stop = (req.stop,)
@@ -78,8 +79,10 @@ def sampling_of(req: Any, max_tokens: int | None, fmt: Any) -> Sampling:
         # repetition_penalty is vLLM's (and Hugging Face's) name for repeat_penalty.
         repeat_penalty=req.repetition_penalty or req.repeat_penalty,
         logit_bias=req.logit_bias,
-        json_mode=isinstance(fmt, (oai.ResponseFormatJsonObject, oai.ResponseFormatJsonSchema)),
-        json_schema=fmt.json_schema.schema if isinstance(fmt, oai.ResponseFormatJsonSchema) else None,
+        json_mode=constraint.json_mode,
+        json_schema=constraint.json_schema,
+        grammar=constraint.grammar,
+        constraint_param=constraint.param,
         typical_p=req.typical_p,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
@@ -94,13 +97,13 @@ class ChatApi:
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def _prepare(self, request: web.Request) -> tuple[oai.ChatRequest, Prepared, dict[str, str]]:
         runner = self.runner
         runner.require_ready()
         req, ignored = oai.decode_chat(await request.read(), runner.spec.strict_params)
         headers = runner.ignored_params(request, ignored)
         messages = chat_messages(req.messages)
-        sampling = sampling_of(req, oai.max_tokens_of(req, None), req.response_format)
+        sampling = sampling_of(req, oai.max_tokens_of(req, None))
         if req.logprobs:
             sampling = dataclasses.replace(sampling, logprobs=req.top_logprobs or 0)
         choice = oai.tool_choice_of(req)
@@ -108,7 +111,22 @@ class ChatApi:
         if choice is not None and req.tools:
             tools = ToolRequest([tool_dict(t) for t in req.tools], choice, req.parallel_tool_calls)
         engine = runner.engine
-        prepared = await runner.prepare(lambda: engine.prepare_chat(messages, sampling, tools), "messages")
+        prefill = oai.continues_final_message(req)
+        prepared = await runner.prepare(
+            lambda: engine.prepare_chat(messages, sampling, tools, prefill), "messages"
+        )
+        return req, prepared, headers
+
+    async def input_tokens(self, request: web.Request) -> web.Response:
+        """llama-server's ``POST /v1/chat/completions/input_tokens``: the prompt tokens a chat
+        request would evaluate (template, tools and prefill applied), nothing generated."""
+        _, prepared, headers = await self._prepare(request)
+        return json_response(enc.encode({"input_tokens": len(prepared.tokens)}), headers=headers)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        runner = self.runner
+        req, prepared, headers = await self._prepare(request)
+        engine = runner.engine
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -43,7 +43,7 @@ class CompletionsApi:
         else:
             prompt = req.prompt  # type: ignore[assignment]
         max_tokens = oai.max_tokens_of(req, 16)  # 16: OpenAI's default
-        sampling = sampling_of(req, max_tokens, req.response_format)
+        sampling = sampling_of(req, max_tokens)
         if req.logprobs is not None:
             sampling = dataclasses.replace(sampling, logprobs=req.logprobs)
         engine = runner.engine

@@ -76,7 +76,12 @@ class MessagesApi:
         tools = ms.tools_of(req)
         sampling = ms.sampling_of(req)
         engine = runner.engine
-        prepared = await runner.prepare(lambda: engine.prepare_chat(messages, sampling, tools), "messages")
+        # Anthropic's prefill: a final assistant turn is the start of the answer, continued.
+        last = messages[-1]
+        prefill = last.role == "assistant" and not last.tool_calls and bool(last.content)
+        prepared = await runner.prepare(
+            lambda: engine.prepare_chat(messages, sampling, tools, prefill), "messages"
+        )
         return req, prepared, headers
 
     async def count_tokens(self, request: web.Request) -> web.Response:

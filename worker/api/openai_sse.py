@@ -13,7 +13,7 @@ from aiohttp import web
 from worker import openai_schema as oai
 from worker.api.run import Piece, Run, Runner, cut_error, is_cut, stream_failed
 from worker.api.shapes import json_response
-from worker.engine import Prepared
+from worker.engine import Generation, Prepared
 from worker.protocol import STREAM_DONE, StreamUsage, usage_trailer
 
 log = logging.getLogger("worker")
@@ -29,6 +29,8 @@ async def stream_openai(
     with_ids: bool,
     headers: dict[str, str],
     should_stop: Callable[[], bool] | None = None,
+    done: bytes = STREAM_DONE,
+    on_gen: Callable[[Generation], None] | None = None,
 ) -> web.StreamResponse:
     """Stream a generation as SSE.
 
@@ -36,7 +38,9 @@ async def stream_openai(
     since the previous one, and ``final_chunks`` gets those not sent yet (tokens whose
     text was held back or cut by a stop string), so the chunks' ids add up to all;
     the same for logprobs when the request asked for them. ``should_stop`` (asked after
-    each write) ends the generation early as finished (the repeat rule).
+    each write) ends the generation early as finished (the repeat rule). ``done`` ends
+    the stream (llama-server's native /completion sends no ``[DONE]``); ``on_gen`` as in
+    ``Runner.run``.
     """
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
@@ -58,7 +62,7 @@ async def stream_openai(
         return should_stop is not None and should_stop()
 
     try:
-        run = await runner.run(prepared, start, write, with_ids)
+        run = await runner.run(prepared, start, write, with_ids, on_gen)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception as e:
@@ -84,6 +88,6 @@ async def stream_openai(
             gen.token_ids[sent:] if with_ids else None,
             gen.logprobs[sent:] if prepared.sampling.logprobs is not None else None,
         )
-        await resp.write(final_chunks(run, rest) + trailer + STREAM_DONE)
+        await resp.write(final_chunks(run, rest) + trailer + done)
     await resp.write_eof()
     return resp

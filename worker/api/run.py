@@ -229,6 +229,7 @@ class Runner:
         on_start: Callable[[], Awaitable[None]] | None,
         on_pieces: Callable[[list[Piece]], Awaitable[bool | None]],
         with_ids: bool = False,
+        on_gen: Callable[[Generation], None] | None = None,
     ) -> Run:
         """Queue a generation and follow it to its end; raises GenerationFailed.
 
@@ -237,8 +238,12 @@ class Runner:
         it returns True the generation is stopped (it finished: ``Run.stopped``) and later
         pieces are dropped. If this task is cancelled (client gone) or a callback fails,
         the generation is cancelled: the batch loop frees its slot at its next step.
+        ``on_gen`` gets the generation before it is queued (llama-server's answers name
+        its slot and timings).
         """
         gen = self.engine.generation(prepared, threading.Event())
+        if on_gen is not None:
+            on_gen(gen)
         sink = _AsyncSink(
             asyncio.get_running_loop(), gen, with_ids, prepared.sampling.logprobs is not None
         )

@@ -15,7 +15,7 @@ import llama_cpp.llama_cpp as llama_lib
 
 from worker.engine.batch import BatchLoop
 from worker.engine.diskcache import DiskCache, UnsafeDirectory, checked_dir, settings_key
-from worker.engine.embed import Embedder, pooling_of
+from worker.engine.embed import Embedder, pooling_of, rerank_tokens
 from worker.engine.generation import Generation, Pieces, Sink
 from worker.engine.load import LlamaLog, load_llama
 from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, PromptPreparer, Sampling
@@ -37,6 +37,7 @@ class Engine:
         self._pieces: Pieces | None = None
         self.loop: BatchLoop | None = None  # the scheduler; None until loaded
         self._embedder: Embedder | None = None  # with spec.embeddings, once loaded
+        self._ranker: Embedder | None = None  # with spec.reranking, once loaded
         self._abort_load = threading.Event()
         self.n_ctx = 0  # one slot's context once loaded
 
@@ -69,6 +70,11 @@ class Engine:
             self._embedder = Embedder(
                 llama, int(llama_lib.llama_n_batch(ctx)), pooling_of(llama, self.spec.pooling),
                 llama.n_threads,
+            )
+        if self.spec.reranking:
+            self._ranker = Embedder(
+                llama, int(llama_lib.llama_n_batch(ctx)), llama_lib.LLAMA_POOLING_TYPE_RANK,
+                llama.n_threads, rank=True,
             )
         progress(1.0)
 
@@ -119,6 +125,21 @@ class Engine:
             tool_format=self._preparer.tool_format if self._preparer is not None else None,
         )
 
+    def template_info(self) -> tuple[str, str, str]:
+        """The chat template in use (the [model] chat_template override, else the GGUF's;
+        a built-in template by its name) and the BOS and EOS tokens' text (llama-server's
+        /props fields)."""
+        llama = self._require()
+        if self.spec.chat_template and llama.chat_handler is not None:
+            template = self.spec.chat_template  # a llama.cpp built-in, rendered by name
+        else:
+            template = llama.metadata.get("tokenizer.chat_template", "")
+
+        def text(token: int) -> str:
+            return bytes(llama.detokenize([token], special=True)).decode("utf-8", "replace") if token >= 0 else ""
+
+        return template, text(llama.token_bos()), text(llama.token_eos())
+
     def close(self) -> None:
         """Stop the batch loop (running generations end "cancelled"), then free the model."""
         if self.loop is not None:
@@ -127,6 +148,9 @@ class Engine:
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
+        if self._ranker is not None:
+            self._ranker.close()
+            self._ranker = None
         if self._llama is not None:
             self._llama.close()
             self._llama = None
@@ -139,11 +163,12 @@ class Engine:
     # --- preparing requests (any thread) ----------------------------------------------
 
     def prepare_chat(
-        self, messages: list[ChatMessage], sampling: Sampling, tools: ToolRequest | None = None
+        self, messages: list[ChatMessage], sampling: Sampling, tools: ToolRequest | None = None,
+        continue_final: bool = False,
     ) -> Prepared:
         self._require()
         assert self._preparer is not None
-        return self._preparer.prepare_chat(messages, sampling, tools)
+        return self._preparer.prepare_chat(messages, sampling, tools, continue_final)
 
     def prepare_completion(self, prompt: str | list[int], sampling: Sampling) -> Prepared:
         self._require()
@@ -161,6 +186,9 @@ class Engine:
         self._require()
         assert self._preparer is not None
         return self._preparer.tokenize(content, add_special, parse_special)
+
+    def n_vocab(self) -> int:
+        return int(self._require().n_vocab())
 
     def piece(self, token: int) -> bytes:
         self._require()
@@ -197,6 +225,21 @@ class Engine:
                         )
                 tokens.append(list(item))
         return self._embedder.embed(tokens), sum(map(len, tokens))
+
+    # --- reranking (any thread; one request at a time) ------------------------------
+
+    @property
+    def serves_reranking(self) -> bool:
+        return self._ranker is not None
+
+    def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
+        """The relevance score of each document for ``query`` (the reranker's raw output,
+        as llama-server gives it) and the number of tokens evaluated."""
+        llama = self._require()
+        assert self._ranker is not None
+        pairs = [rerank_tokens(llama, query, d) for d in documents]
+        scores = self._ranker.embed(pairs, param="documents")
+        return [s[0] if s else 0.0 for s in scores], sum(map(len, pairs))
 
     # --- generating --------------------------------------------------------------------
 

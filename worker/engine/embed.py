@@ -9,6 +9,9 @@ Rules for this module:
   ``_MAX_SEQS`` inputs per decode); one embedding request runs at a time (a lock).
 - Pooling: the configured one, else the GGUF's, else mean (a generative model's GGUF says
   none, which gives no per-input vector). Vectors are L2-normalized, as OpenAI's are.
+- Reranking (``rank=True``) is the same context with llama.cpp's RANK pooling: each
+  input (query and document together, ``rerank_tokens``) gives the model's classifier
+  outputs (``n_cls_out`` floats, one for a reranker), returned raw as llama-server does.
 """
 
 from __future__ import annotations
@@ -41,18 +44,49 @@ def pooling_of(llama: llama_cpp.Llama, configured: str | None) -> int:
     return llama_lib.LLAMA_POOLING_TYPE_MEAN
 
 
+def rerank_tokens(llama: llama_cpp.Llama, query: str, document: str) -> list[int]:
+    """One (query, document) pair as a reranker reads it, as llama-server builds it: the
+    GGUF's rerank template if it has one, else BOS? query EOS? SEP? document EOS? (each
+    special token as the vocabulary asks)."""
+    template = llama.metadata.get("tokenizer.chat_template.rerank")
+    if template:
+        text = template.replace("{query}", query).replace("{document}", document)
+        return list(llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    vocab = llama._model.vocab
+    eos = llama_lib.llama_vocab_eos(vocab)
+    if eos < 0:
+        eos = llama_lib.llama_vocab_sep(vocab)
+    add_eos = bool(llama_lib.llama_vocab_get_add_eos(vocab))
+    out: list[int] = []
+    if llama_lib.llama_vocab_get_add_bos(vocab):
+        out.append(llama_lib.llama_vocab_bos(vocab))
+    out += llama.tokenize(query.encode("utf-8"), add_bos=False, special=False)
+    if add_eos:
+        out.append(eos)
+    if llama_lib.llama_vocab_get_add_sep(vocab):
+        out.append(llama_lib.llama_vocab_sep(vocab))
+    out += llama.tokenize(document.encode("utf-8"), add_bos=False, special=False)
+    if add_eos:
+        out.append(eos)
+    return out
+
+
 class Embedder:
-    def __init__(self, llama: llama_cpp.Llama, n_batch: int, pooling: int, n_threads: int) -> None:
+    def __init__(
+        self, llama: llama_cpp.Llama, n_batch: int, pooling: int, n_threads: int, rank: bool = False
+    ) -> None:
         params = llama_lib.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = _MAX_SEQS
         params.kv_unified = True  # the inputs of one decode share the n_batch cells
         params.embeddings = True
-        params.pooling_type = pooling
+        params.pooling_type = llama_lib.LLAMA_POOLING_TYPE_RANK if rank else pooling
         params.n_threads = params.n_threads_batch = n_threads
         self._ctx = LlamaContext(model=llama._model, params=params, verbose=False)
         self.n_batch = n_batch
-        self.n_embd = int(llama.n_embd())
+        self.rank = rank
+        # RANK pooling gives the classifier's outputs per sequence, not a hidden state.
+        self.n_embd = int(llama_lib.llama_model_n_cls_out(llama._model.model)) if rank else int(llama.n_embd())
         self._batch = llama_lib.llama_batch_init(n_batch, 0, 1)
         self._lock = threading.Lock()
 
@@ -61,14 +95,14 @@ class Embedder:
             llama_lib.llama_batch_free(self._batch)
             self._ctx.close()
 
-    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+    def embed(self, inputs: list[list[int]], param: str = "input") -> list[list[float]]:
         for i, toks in enumerate(inputs):
             if not toks:
-                raise InvalidInput("an input must not be empty", f"input[{i}]")
+                raise InvalidInput("an input must not be empty", f"{param}[{i}]")
             if len(toks) > self.n_batch:
                 raise InvalidInput(
                     f"input of {len(toks)} tokens is longer than the embedding context "
-                    f"({self.n_batch} tokens, [model] n_batch)", f"input[{i}]",
+                    f"({self.n_batch} tokens, [model] n_batch)", f"{param}[{i}]",
                 )
         out: list[list[float]] = []
         with self._lock:
@@ -105,6 +139,9 @@ class Embedder:
             if not ptr:
                 raise RuntimeError("llama.cpp returned no pooled embedding")
             v = np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).astype(np.float64)
+            if self.rank:
+                vectors.append(v.tolist())
+                continue
             norm = float(np.linalg.norm(v))
             vectors.append((v / norm if norm > 0 else v).tolist())
         return vectors

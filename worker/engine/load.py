@@ -205,4 +205,74 @@ def load_llama(
         llama_lib.llama_model_default_params = model_defaults
         llama_lib.llama_context_default_params = context_defaults
     log.flush()
+    if spec.chat_template:
+        try:
+            override_chat_template(llama, spec.chat_template)
+        except LoadError:
+            llama.close()
+            raise
     return llama
+
+
+def builtin_templates() -> list[str]:
+    """The names of llama.cpp's built-in chat templates (``llama_chat_builtin_templates``)."""
+    n = llama_lib.llama_chat_builtin_templates((ctypes.c_char_p * 0)(), 0)
+    names = (ctypes.c_char_p * n)()
+    llama_lib.llama_chat_builtin_templates(names, n)
+    return [bytes(x).decode() for x in names if x is not None]
+
+
+def override_chat_template(llama: llama_cpp.Llama, value: str) -> None:
+    """Use ``value`` instead of the GGUF's chat template everywhere the template is read
+    (chat, tool-call detection, /apply-template, /props): a llama.cpp built-in template
+    name is rendered by llama.cpp's own C++ formatter (``llama_chat_apply_template``), any
+    other value is a Jinja file, which takes the GGUF template's place in the metadata."""
+    if value in builtin_templates():
+        llama.chat_handler = _builtin_handler(value)  # type: ignore[assignment]
+        llama.chat_format = None
+        return
+    try:
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(
+            f"chat_template {value!r} is neither a readable Jinja file ({e}) nor one of "
+            f"llama.cpp's built-in templates: {', '.join(builtin_templates())}"
+        ) from None
+    eos_id, bos_id = llama.token_eos(), llama.token_bos()
+    llama.metadata["tokenizer.chat_template"] = text
+    llama._chat_handlers["chat_template.default"] = llama_chat_format.Jinja2ChatFormatter(
+        template=text,
+        eos_token=llama._model.token_get_text(eos_id) if eos_id != -1 else "",
+        bos_token=llama._model.token_get_text(bos_id) if bos_id != -1 else "",
+        stop_token_ids=[eos_id],
+    ).to_chat_handler()
+    llama.chat_format = "chat_template.default"
+    llama.chat_handler = None
+
+
+def _builtin_handler(name: str) -> Callable[..., Any]:
+    """A chat handler (llama-cpp-python's calling convention) rendering with llama.cpp's
+    built-in template ``name``; the prompt text goes to ``create_completion`` as the
+    Jinja handlers' does (worker/engine/prompt.py captures it there)."""
+
+    def handler(*, llama: Any, messages: list[dict[str, Any]], **_: Any) -> Any:
+        keep: list[Any] = []
+        chat = (llama_lib.llama_chat_message * len(messages))()
+        for i, m in enumerate(messages):
+            role, content = str(m.get("role", "")).encode(), str(m.get("content") or "").encode()
+            keep += (role, content)
+            chat[i].role, chat[i].content = role, content
+        tmpl = name.encode()
+        size = 4096 + 2 * sum(len(x) for x in keep)
+        buf = ctypes.create_string_buffer(size)
+        n = llama_lib.llama_chat_apply_template(tmpl, chat, len(messages), True, buf, size)
+        if n > size:
+            buf = ctypes.create_string_buffer(n)
+            n = llama_lib.llama_chat_apply_template(tmpl, chat, len(messages), True, buf, n)
+        if n < 0:
+            raise ValueError(f"llama.cpp's {name} template could not render these messages")
+        prompt = buf.raw[:n].decode("utf-8", errors="replace")
+        return llama.create_completion(prompt=prompt, stop=[])
+
+    return handler

@@ -65,6 +65,8 @@ class Sampling:
     logit_bias: dict[str, float] | None = None
     json_mode: bool = False  # constrain the output to JSON
     json_schema: dict[str, Any] | None = None  # ... matching this schema
+    grammar: str | None = None  # a GBNF grammar (llama-server's ``grammar``) instead
+    constraint_param: str | None = None  # the request field the constraint came from
     # Extensions of llama-server and vLLM (README "Request extensions"):
     typical_p: float = 1.0  # locally typical sampling; 1.0 = off
     ignore_eos: bool = False  # end-of-generation tokens are never sampled
@@ -235,13 +237,22 @@ class PromptPreparer:
         return fmt
 
     def prepare_chat(
-        self, messages: list[ChatMessage], sampling: Sampling, tools: ToolRequest | None = None
+        self, messages: list[ChatMessage], sampling: Sampling, tools: ToolRequest | None = None,
+        continue_final: bool = False,
     ) -> Prepared:
+        """``continue_final``: the answer continues the last message (an assistant's
+        prefill), as llama-server does it: the conversation before it is rendered with the
+        generation prompt and the prefill's text follows, without an end of turn."""
         fmt = self._tool_format(tools)
         template_tools = tools.tools if tools else None
+        prefill = ""
+        if continue_final:
+            prefill, messages = messages[-1].content, messages[:-1]
         if tools is not None and fmt == GENERIC:
             messages, template_tools = _generic_messages(messages, tools), None
         tokens, fmt_stop = self._render_chat(messages, template_tools)
+        if prefill:
+            tokens = tokens + self.tokenize(prefill, add_special=False, parse_special=True)
         stop = tuple(dict.fromkeys([*sampling.stop, *fmt_stop]))
         tool_grammar = None
         if tools is not None:
@@ -356,24 +367,30 @@ class PromptPreparer:
                 grammar = LlamaGrammar.from_string(tool_grammar, verbose=False)
             except Exception as e:
                 raise InvalidInput(f"no grammar for these tools' JSON schemas: {e}", param) from None
+        elif sampling.grammar is not None:
+            param = sampling.constraint_param or "grammar"
+            grammar = LlamaGrammar.from_string(sampling.grammar, verbose=False)
         elif sampling.json_schema is not None:
-            param = "response_format.json_schema.schema"
+            param = sampling.constraint_param or "response_format.json_schema.schema"
             try:
                 grammar = LlamaGrammar.from_json_schema(json.dumps(sampling.json_schema), verbose=False)
             except Exception as e:
                 raise InvalidInput(f"unsupported JSON schema: {e}", param) from None
         elif sampling.json_mode:
-            param = "response_format"
+            param = sampling.constraint_param or "response_format"
             grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         else:
             return None
         # A grammar llama.cpp cannot parse gives a NULL sampler, which would crash the
-        # generation later; try it here, where it is still a client error.
+        # generation later; try it here, where it is still a client error (a request's own
+        # GBNF with a syntax error, an undefined rule or no root rule included).
         vocab = self._llama._model.vocab
         sampler = llama_lib.llama_sampler_init_grammar(
             vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
         )
         if not sampler:
-            raise InvalidInput("llama.cpp could not compile a grammar for this schema", param)
+            what = "this grammar (see llama.cpp's GBNF syntax: a root rule, every rule defined)" \
+                if sampling.grammar is not None else "a grammar for this schema"
+            raise InvalidInput(f"llama.cpp could not parse {what}", param)
         llama_lib.llama_sampler_free(sampler)
         return grammar

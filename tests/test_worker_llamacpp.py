@@ -1,0 +1,325 @@
+"""llama-server's own endpoints and fields on the real worker (SmolLM2): POST /completion in
+its native shape, grammar / json_schema / response_format.schema, assistant prefill,
+/v1/chat/completions/input_tokens, GET/POST /props, /rerank, and the [model] chat_template
+override. Field names are llama-server's (tools/server: server-task.cpp, server-context.cpp,
+server-common.cpp)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import WorkerProcess, own_worker, sse_events
+
+pytestmark = pytest.mark.model
+
+CHAT = "/v1/chat/completions"
+PROMPT = "The capital of France is"
+
+# server_task_result_cmpl_final::to_json_non_oaicompat's keys (completion_probabilities
+# only with n_probs, outside a stream).
+FINAL_KEYS = {
+    "index", "content", "tokens", "id_slot", "stop", "model", "tokens_predicted", "tokens_evaluated",
+    "generation_settings", "prompt", "has_new_line", "truncated", "stop_type", "stopping_word",
+    "tokens_cached", "timings",
+}
+PARTIAL_KEYS = {"index", "content", "tokens", "stop", "id_slot", "tokens_predicted", "tokens_evaluated"}
+TIMINGS_KEYS = {
+    "cache_n", "prompt_n", "prompt_ms", "prompt_per_token_ms", "prompt_per_second",
+    "predicted_n", "predicted_ms", "predicted_per_token_ms", "predicted_per_second",
+}
+# task_params::to_json (only_metrics=false) keys a client reads most.
+SETTINGS_KEYS = {
+    "seed", "temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_last_n", "repeat_penalty",
+    "presence_penalty", "frequency_penalty", "mirostat", "stop", "max_tokens", "n_predict", "n_keep",
+    "ignore_eos", "stream", "logit_bias", "n_probs", "min_keep", "grammar", "samplers",
+    "timings_per_token", "post_sampling_probs",
+}
+
+
+def completion(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    r = client.post("/completion", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def stream_completion(client: httpx.Client, **body: Any) -> list[dict[str, Any]]:
+    with client.stream("POST", "/completion", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(r.iter_lines()))
+    assert "[DONE]" not in events  # llama-server's native stream has no [DONE]
+    return events
+
+
+# --- POST /completion -----------------------------------------------------------------------
+
+
+def test_completion_has_llama_servers_shape(client: httpx.Client) -> None:
+    body = completion(client, prompt=PROMPT, n_predict=6, temperature=0, return_tokens=True)
+    assert set(body) == FINAL_KEYS
+    assert body["stop"] is True and body["index"] == 0 and body["truncated"] is False
+    assert body["model"] == "smollm2-test"
+    assert body["stop_type"] == "limit" and body["stopping_word"] == ""
+    assert body["tokens_predicted"] == len(body["tokens"]) == 6
+    assert body["tokens_evaluated"] > 3 and body["tokens_cached"] == body["tokens_evaluated"] + 6
+    assert body["prompt"].endswith(PROMPT)
+    assert 0 <= body["id_slot"] < 4
+    assert set(body["timings"]) == TIMINGS_KEYS and body["timings"]["predicted_n"] == 6
+    assert body["timings"]["prompt_n"] + body["timings"]["cache_n"] == body["tokens_evaluated"]
+    settings = body["generation_settings"]
+    assert SETTINGS_KEYS <= set(settings)
+    assert (settings["n_predict"], settings["temperature"], settings["seed"]) == (6, 0.0, 0xFFFFFFFF)
+    # return_tokens off: the field is there, empty, as llama-server sends it.
+    assert completion(client, prompt=PROMPT, n_predict=2, temperature=0)["tokens"] == []
+
+
+def test_completion_prompt_as_tokens_or_mixed_gives_the_same_answer(client: httpx.Client) -> None:
+    text = completion(client, prompt=PROMPT, n_predict=5, temperature=0)
+    ids = client.post("/tokenize", json={"content": PROMPT, "add_special": True}).json()["tokens"]
+    by_ids = completion(client, prompt=ids, n_predict=5, temperature=0)
+    tail = client.post("/tokenize", json={"content": " of France is"}).json()["tokens"]
+    mixed = completion(client, prompt=["The capital", *tail], n_predict=5, temperature=0)
+    assert by_ids["content"] == text["content"]
+    assert by_ids["prompt"] == text["prompt"] == mixed["prompt"]
+
+
+def test_completion_stop_word_and_eos_stop_types(client: httpx.Client) -> None:
+    full = completion(client, prompt=PROMPT, n_predict=8, temperature=0)["content"]
+    word = full.split()[1]  # the second word of the greedy answer
+    stopped = completion(client, prompt=PROMPT, n_predict=8, temperature=0, stop=[word])
+    assert (stopped["stop_type"], stopped["stopping_word"]) == ("word", word)
+    assert word not in stopped["content"] and full.startswith(stopped["content"])
+    chat_like = completion(client, prompt="<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n",
+                           n_predict=60, temperature=0)
+    assert chat_like["stop_type"] == "eos"
+
+
+def test_completion_stream_chunks_and_final_event(client: httpx.Client) -> None:
+    whole = completion(client, prompt=PROMPT, n_predict=6, temperature=0)
+    events = stream_completion(client, prompt=PROMPT, n_predict=6, temperature=0, timings_per_token=True,
+                               return_progress=True, return_tokens=True)
+    *parts, last = events
+    assert parts[0]["prompt_progress"]["total"] == whole["tokens_evaluated"]
+    assert set(parts[0]["prompt_progress"]) == {"total", "cache", "processed", "time_ms"}
+    for p in parts:
+        assert PARTIAL_KEYS <= set(p) and p["stop"] is False
+        assert set(p["timings"]) == TIMINGS_KEYS  # timings_per_token
+    assert "".join(p["content"] for p in parts) == whole["content"]
+    assert sum(len(p["tokens"]) for p in parts) == 6
+    assert set(last) == FINAL_KEYS and last["stop"] is True and last["content"] == ""
+    assert last["tokens_predicted"] == 6 and last["timings"]["predicted_n"] == 6
+    # Without the options: no timings or progress in the pieces.
+    plain = stream_completion(client, prompt=PROMPT, n_predict=3, temperature=0)
+    assert all(set(p) == PARTIAL_KEYS for p in plain[:-1])
+
+
+def test_completion_n_probs(client: httpx.Client) -> None:
+    body = completion(client, prompt=PROMPT, n_predict=3, temperature=0, n_probs=2, return_tokens=True)
+    probs = body["completion_probabilities"]
+    assert [p["id"] for p in probs] == body["tokens"]
+    for p in probs:
+        assert set(p) == {"id", "token", "bytes", "logprob", "top_logprobs"}
+        assert len(p["top_logprobs"]) == 2
+        assert all(set(t) == {"id", "token", "bytes", "logprob"} and t["id"] >= 0 for t in p["top_logprobs"])
+        assert p["top_logprobs"][0]["id"] == p["id"]  # greedy: the best is the one sampled
+
+
+# --- grammar, json_schema, response_format.schema ---------------------------------------------
+
+
+YES_NO = 'root ::= "yes" | "no"'
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+
+
+def test_grammar_constrains_every_route(client: httpx.Client) -> None:
+    native = completion(client, prompt="Is the sky blue?", n_predict=5, grammar=YES_NO)
+    assert native["content"] in ("yes", "no") and native["generation_settings"]["grammar"] == YES_NO
+    r = client.post("/v1/completions", json={"prompt": "Is the sky blue?", "max_tokens": 5, "grammar": YES_NO})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] in ("yes", "no")
+    r = client.post(CHAT, json={"messages": [{"role": "user", "content": "Is the sky blue?"}],
+                                "max_tokens": 5, "grammar": YES_NO})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] in ("yes", "no")
+
+
+@pytest.mark.parametrize("fmt", [
+    {"json_schema": SCHEMA},
+    {"response_format": {"type": "json_object", "schema": SCHEMA}},
+    {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},  # no name
+], ids=["json_schema", "json_object-schema", "json_schema-no-name"])
+def test_json_schema_forms_on_chat_and_completions(client: httpx.Client, fmt: dict[str, Any]) -> None:
+    r = client.post(CHAT, json={"messages": [{"role": "user", "content": "Give a number as JSON."}],
+                                "max_tokens": 30, "temperature": 0, **fmt})
+    assert r.status_code == 200, r.text
+    value = json.loads(r.json()["choices"][0]["message"]["content"])
+    assert set(value) == {"n"} and isinstance(value["n"], int)
+    r = client.post("/v1/completions", json={"prompt": "A number as JSON:", "max_tokens": 30, "temperature": 0, **fmt})
+    assert r.status_code == 200, r.text
+    assert set(json.loads(r.json()["choices"][0]["text"])) == {"n"}
+    if "json_schema" in fmt:  # llama-server's /completion takes the top-level json_schema
+        native = completion(client, prompt="A number as JSON:", n_predict=30, temperature=0, **fmt)
+        assert set(json.loads(native["content"])) == {"n"}
+
+
+@pytest.mark.parametrize("path,base", [
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/completion", {"prompt": "hi"}),
+])
+@pytest.mark.parametrize("bad", ['root ::= ("yes"', "root ::= undefined_rule", 'start ::= "a"'])
+def test_invalid_grammar_is_a_400_naming_grammar(client: httpx.Client, path: str, base: dict[str, Any], bad: str) -> None:
+    r = client.post(path, json={**base, "max_tokens": 2, "grammar": bad})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["type"]) == ("grammar", "invalid_request_error")
+
+
+# --- assistant prefill --------------------------------------------------------------------------
+
+
+USER_TURN = {"role": "user", "content": "Introduce yourself."}
+PREFILL = {"role": "assistant", "content": "Hello! My name is"}
+
+
+def count(client: httpx.Client, body: dict[str, Any], path: str = CHAT + "/input_tokens") -> int:
+    r = client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"input_tokens"}
+    return int(r.json()["input_tokens"])
+
+
+def test_prefill_continues_the_last_assistant_message(client: httpx.Client) -> None:
+    prefill_ids = client.post("/tokenize", json={"content": PREFILL["content"]}).json()["tokens"]
+    alone = count(client, {"messages": [USER_TURN]})
+    for flags in ({"continue_final_message": True}, {"add_generation_prompt": False},
+                  {"continue_final_message": True, "add_generation_prompt": False}):
+        assert count(client, {"messages": [USER_TURN, PREFILL], **flags}) == alone + len(prefill_ids)
+    # Without the flags the assistant message is a finished turn and a new one starts.
+    assert count(client, {"messages": [USER_TURN, PREFILL]}) > alone + len(prefill_ids)
+    r = client.post(CHAT, json={"messages": [USER_TURN, PREFILL], "continue_final_message": True,
+                                "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert "<|im_start|>" not in r.json()["choices"][0]["message"]["content"]
+    # Anthropic's Messages API: a final assistant turn is a prefill by definition.
+    n = count(client, {"messages": [USER_TURN, PREFILL]}, "/v1/messages/count_tokens")
+    assert n == alone + len(prefill_ids)
+
+
+@pytest.mark.parametrize("flags,param", [
+    ({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+    ({"add_generation_prompt": False, "messages": [USER_TURN]}, "add_generation_prompt"),
+    ({"continue_final_message": True, "messages": [USER_TURN]}, "continue_final_message"),
+])
+def test_prefill_mistakes_are_400s(client: httpx.Client, flags: dict[str, Any], param: str) -> None:
+    r = client.post(CHAT, json={"messages": [USER_TURN, PREFILL], "max_tokens": 2, **flags})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_input_tokens_match_the_chat_usage(client: httpx.Client) -> None:
+    body = {"messages": [USER_TURN], "max_tokens": 1}
+    n = count(client, body)
+    r = client.post(CHAT, json=body)
+    assert r.json()["usage"]["prompt_tokens"] == n
+
+
+# --- /props -----------------------------------------------------------------------------------------
+
+
+def test_props_has_llama_servers_shape(worker: WorkerProcess, client: httpx.Client) -> None:
+    r = client.get("/props")
+    assert r.status_code == 200, r.text
+    props = r.json()
+    assert {"default_generation_settings", "total_slots", "model_alias", "model_path", "modalities",
+            "endpoint_slots", "endpoint_props", "endpoint_metrics", "chat_template", "bos_token",
+            "eos_token", "build_info"} <= set(props)
+    dgs = props["default_generation_settings"]
+    assert dgs["n_ctx"] == 1024 and dgs["params"]["temperature"] == 0.8 and dgs["params"]["n_predict"] == -1
+    assert "stop" not in dgs["params"]  # /props shows the metrics-only settings
+    assert props["total_slots"] == 4 and props["model_alias"] == "smollm2-test"
+    assert props["modalities"] == {"vision": False, "audio": False}
+    assert "<|im_start|>" in props["chat_template"] and props["eos_token"] == "<|im_end|>"
+    r = client.post("/props", json={"n_ctx": 8})
+    assert r.status_code == 501
+    assert r.json()["error"]["type"] == "not_supported_error"
+
+
+# --- /rerank and the chat_template override: a worker of their own --------------------------------
+
+TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
+)
+
+
+def _template_file(workdir: Path) -> str:
+    (workdir / "tmpl.jinja").write_text(TEMPLATE)
+    return str(workdir / "tmpl.jinja")
+
+
+@pytest.fixture(scope="module")
+def rerank_worker() -> Iterator[WorkerProcess]:
+    yield from own_worker(model_alias="ranker", reranking=True, parallel=1, chat_template=_template_file)
+
+
+def test_rerank_shape_order_and_top_n(rerank_worker: WorkerProcess) -> None:
+    docs = ["Paris is the capital of France.", "Bananas are yellow.", "The Eiffel Tower is in Paris."]
+    with rerank_worker.client() as c:
+        for path in ("/rerank", "/v1/rerank", "/reranking", "/v1/reranking"):
+            r = c.post(path, json={"query": "capital of France", "documents": docs})
+            assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"model", "object", "usage", "results"}
+        assert body["object"] == "list" and body["model"] == "ranker"
+        assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+        results = body["results"]
+        assert sorted(x["index"] for x in results) == [0, 1, 2]
+        assert all(set(x) == {"index", "relevance_score"} for x in results)
+        scores = [x["relevance_score"] for x in results]
+        assert scores == sorted(scores, reverse=True)  # SmolLM2 is no reranker: only the order is checked
+        top = c.post("/rerank", json={"query": "capital of France", "documents": docs, "top_n": 1,
+                                      "return_documents": True}).json()["results"]
+        assert len(top) == 1 and top[0]["index"] == results[0]["index"]
+        assert top[0]["document"] == {"text": docs[top[0]["index"]]}
+        r = c.post("/rerank", json={"query": "q", "documents": []})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "documents"
+
+
+def test_rerank_without_the_setting_names_it(client: httpx.Client) -> None:
+    r = client.post("/rerank", json={"query": "q", "documents": ["a"]})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == ("model", "reranking_disabled") and "reranking = true" in err["message"]
+
+
+def test_chat_template_file_overrides_the_ggufs_everywhere(rerank_worker: WorkerProcess) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    with rerank_worker.client() as c:
+        prompt = c.post("/apply-template", json={"messages": msgs}).json()["prompt"]
+        assert prompt.endswith("[USER] hi\n[ASSISTANT] ") and "<|im_start|>" not in prompt
+        assert c.get("/props").json()["chat_template"] == TEMPLATE
+        assert c.get("/health").json()["params"]["tool_format"] == "generic"  # no tool markup
+        r = c.post(CHAT, json={"messages": msgs, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+def test_builtin_chat_template_renders_with_llama_cpp() -> None:
+    from worker.engine.load import _builtin_handler, builtin_templates
+
+    assert "chatml" in builtin_templates() and "llama3" in builtin_templates()
+
+    class Capture:
+        prompt = ""
+
+        def create_completion(self, prompt: str, stop: list[str]) -> None:
+            Capture.prompt = prompt
+
+    _builtin_handler("chatml")(llama=Capture(), messages=[{"role": "user", "content": "hi"}])
+    assert Capture.prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -16,6 +16,7 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
 MESSAGES = "/v1/messages"
+NATIVE = "/completion"  # llama-server's own shape
 FN = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
 USER = [{"role": "user", "content": "hi"}]
 HUGE_TEXT = "hello " * 3000  # ~3000 tokens, the test worker's context is 1024
@@ -35,6 +36,10 @@ def resp(**fields: Any) -> bytes:
 
 def msg(**fields: Any) -> bytes:
     return json.dumps({"messages": USER, "max_tokens": 2, **fields}).encode()
+
+
+def native(**fields: Any) -> bytes:
+    return json.dumps({"prompt": "hi", "n_predict": 2, **fields}).encode()
 
 
 def raw(obj: Any) -> bytes:
@@ -185,6 +190,39 @@ CASES: list[tuple[str, str, str, bytes | None, int, str | None, str | None]] = [
     ("responses-delete-unknown", "DELETE", RESPONSES + "/resp_nope", None, 404, None, "not_found"),
     ("responses-put", "PUT", RESPONSES, resp(), 405, None, "method_not_allowed"),
     ("responses-count-bad", "POST", RESPONSES + "/input_tokens", resp(input=5), 400, "input", None),
+    # llama-server's routes and fields (issue 25).
+    ("native-no-prompt", "POST", NATIVE, raw({"n_predict": 2}), 400, "prompt", None),
+    ("native-prompt-int", "POST", NATIVE, raw({"prompt": 5}), 400, "prompt", None),
+    ("native-prompt-bool", "POST", NATIVE, native(prompt=["a", True]), 400, "prompt[1]", None),
+    ("native-two-prompts", "POST", NATIVE, native(prompt=["a", "b"]), 400, "prompt", "unsupported"),
+    ("native-token-outside-vocab", "POST", NATIVE, native(prompt=[10**9]), 400, "prompt[0]", None),
+    ("native-n-probs-high", "POST", NATIVE, native(n_probs=50), 400, "n_probs", None),
+    ("native-n-predict-zero", "POST", NATIVE, native(n_predict=0), 400, "n_predict", "unsupported"),
+    ("native-openai-logprobs", "POST", NATIVE, native(logprobs=2), 400, "logprobs", None),
+    ("native-temperature-high", "POST", NATIVE, native(temperature=9), 400, "temperature", None),
+    ("native-grammar-bad", "POST", NATIVE, native(grammar="root ::= ("), 400, "grammar", None),
+    ("native-json-schema-bad-ref", "POST", NATIVE, native(json_schema={"$ref": "#/nope"}), 400, "json_schema", None),
+    ("native-grammar-and-schema", "POST", NATIVE, native(grammar='root ::= "a"', json_schema={}), 400, "grammar", None),
+    ("native-context-exceeded", "POST", NATIVE, native(prompt=HUGE_TEXT), 400, "prompt", "context_length_exceeded"),
+    ("native-stream-grammar-bad", "POST", NATIVE, native(stream=True, grammar="root ::= nope"), 400, "grammar", None),
+    ("chat-grammar-bad", "POST", CHAT, chat(grammar='root ::= "a'), 400, "grammar", None),
+    ("chat-grammar-not-string", "POST", CHAT, chat(grammar=5), 400, "grammar", None),
+    ("chat-grammar-and-format", "POST", CHAT, chat(grammar='root ::= "a"', response_format={"type": "json_object"}), 400, "grammar", None),
+    ("chat-json-object-schema-int", "POST", CHAT, chat(response_format={"type": "json_object", "schema": 5}), 400, "response_format.schema", None),
+    ("chat-json-object-schema-bad-ref", "POST", CHAT, chat(response_format={"type": "json_object", "schema": {"$ref": "#/x"}}), 400, "response_format.schema", None),
+    ("chat-json-schema-top-level-bad", "POST", CHAT, chat(json_schema={"type": 5}), 400, "json_schema", None),
+    ("completions-grammar-bad", "POST", COMPLETIONS, comp(grammar="root ::= undefined"), 400, "grammar", None),
+    ("chat-prefill-both-flags", "POST", CHAT, chat(continue_final_message=True, add_generation_prompt=True), 400, "continue_final_message", None),
+    ("chat-prefill-no-assistant", "POST", CHAT, chat(continue_final_message=True), 400, "continue_final_message", None),
+    ("chat-prefill-flag-not-bool", "POST", CHAT, chat(add_generation_prompt="no"), 400, "add_generation_prompt", None),
+    ("input-tokens-no-messages", "POST", CHAT + "/input_tokens", raw({}), 400, "messages", None),
+    ("input-tokens-grammar-bad", "POST", CHAT + "/input_tokens", chat(grammar="root ::= ("), 400, "grammar", None),
+    ("rerank-not-configured", "POST", "/rerank", raw({"query": "q", "documents": ["a"]}), 400, "model", "reranking_disabled"),
+    ("rerank-no-query", "POST", "/v1/rerank", raw({"documents": ["a"]}), 400, "query", None),
+    ("rerank-documents-empty", "POST", "/rerank", raw({"query": "q", "documents": []}), 400, "documents", None),
+    ("rerank-document-int", "POST", "/reranking", raw({"query": "q", "documents": [1]}), 400, "documents[0]", None),
+    ("rerank-top-n-negative", "POST", "/rerank", raw({"query": "q", "documents": ["a"], "top_n": -1}), 400, "top_n", None),
+    ("props-put", "PUT", "/props", raw({}), 405, None, "method_not_allowed"),
 ]
 
 

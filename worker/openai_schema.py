@@ -248,9 +248,6 @@ def decode_native_completion(
     req: NativeCompletionRequest
     req, ignored = _decode_prompted(_native_decoders, body, strict)
     if isinstance(req.prompt, list):
-        if any(isinstance(p, bool) for p in req.prompt):
-            raise RequestError("prompt may hold strings and token ids, not booleans", param="prompt",
-                               code="invalid_value")
         if len(req.prompt) > 1 and all(isinstance(p, str) for p in req.prompt):
             raise RequestError(
                 "only one prompt per request is supported (a list of strings is several)",

@@ -18,7 +18,6 @@ import dataclasses
 import time
 from typing import Any
 
-import llama_cpp
 import msgspec
 from aiohttp import web
 from msgspec import UNSET, UnsetType
@@ -405,7 +404,7 @@ class LlamaCppApi:
             "chat_template": template,
             "bos_token": bos,
             "eos_token": eos,
-            "build_info": f"vram-llm (llama-cpp-python {llama_cpp.__version__})",
+            "build_info": f"vram-llm (llama-cpp-python {engine.applied_params().llama_cpp_version})",
         }
         return json_response(enc.encode(body))
 

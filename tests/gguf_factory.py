@@ -180,3 +180,71 @@ def write_loadable(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_reranker(path: Path, n_layers: int = 2, n_embd: int = 32, n_head: int = 2, n_ctx_train: int = 1024,
+                   seed: int = 0) -> Path:
+    """A reranker llama.cpp really loads: the BERT architecture with a classification head
+    (``cls``, ``cls.output``: one output), RANK pooling, SmolLM2's tokenizer (told to add
+    BOS and EOS, so a pair reads BOS query EOS document EOS) and random weights (~7 MB,
+    F32). Its scores are garbage; their shape and order are real."""
+    from gguf.constants import PoolingType
+
+    fields = tokenizer_fields(default_tokenizer_source())
+    vocab = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))  # type: ignore[arg-type]
+    n_ff = 4 * n_embd
+    w = GGUFWriter(path, "bert")
+    w.add_name("factory reranker")
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_block_count(n_layers)
+    w.add_layer_norm_eps(1e-12)
+    w.add_causal_attention(False)
+    w.add_token_type_count(2)
+    w.add_pooling_type(PoolingType.RANK)
+    special = {"tokenizer.chat_template", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"}
+    for key, value, vtype, sub in fields:
+        if key not in special:
+            w.add_key_value(key, value, vtype, sub_type=sub)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(True)
+    rng = np.random.default_rng(seed)
+
+    def tensor(name: str, shape: tuple[int, ...], fill: float | None = None) -> None:
+        data = np.full(shape, fill, np.float32) if fill is not None else rng.normal(0.0, 0.05, size=shape).astype(np.float32)
+        w.add_tensor(name, data)
+
+    def norm(name: str) -> None:
+        tensor(f"{name}.weight", (n_embd,), 1.0)
+        tensor(f"{name}.bias", (n_embd,), 0.0)
+
+    def linear(name: str, n_out: int, n_in: int) -> None:
+        tensor(f"{name}.weight", (n_out, n_in))
+        tensor(f"{name}.bias", (n_out,), 0.0)
+
+    tensor("token_embd.weight", (vocab, n_embd))
+    tensor("token_types.weight", (2, n_embd))
+    tensor("position_embd.weight", (n_ctx_train, n_embd))
+    norm("token_embd_norm")
+    for i in range(n_layers):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            linear(f"blk.{i}.{name}", n_embd, n_embd)
+        norm(f"blk.{i}.attn_output_norm")
+        norm(f"blk.{i}.layer_output_norm")
+        linear(f"blk.{i}.ffn_up", n_ff, n_embd)
+        linear(f"blk.{i}.ffn_down", n_embd, n_ff)
+    linear("cls", n_embd, n_embd)
+    linear("cls.output", 1, n_embd)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def default_tokenizer_source() -> Path:
+    from supervisor.default_model import default_model_path
+
+    return default_model_path()

@@ -323,3 +323,43 @@ def test_builtin_chat_template_renders_with_llama_cpp() -> None:
 
     _builtin_handler("chatml")(llama=Capture(), messages=[{"role": "user", "content": "hi"}])
     assert Capture.prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_timings_per_token_on_openai_streams(client: httpx.Client) -> None:
+    for path, body in ((CHAT, {"messages": [USER_TURN]}), ("/v1/completions", {"prompt": PROMPT})):
+        with client.stream("POST", path, json={**body, "max_tokens": 4, "temperature": 0, "stream": True,
+                                               "timings_per_token": True}) as r:
+            assert r.status_code == 200, r.read()
+            events = list(sse_events(r.iter_lines()))
+        assert events[-1] == "[DONE]"
+        timed = [e for e in events[:-1] if "timings" in e]
+        assert timed and all(set(e["timings"]) == TIMINGS_KEYS for e in timed)
+        assert timed[-1]["timings"]["predicted_n"] == 4
+        # Not asked: OpenAI's chunks, nothing added.
+        with client.stream("POST", path, json={**body, "max_tokens": 2, "stream": True}) as r:
+            assert all("timings" not in e for e in list(sse_events(r.iter_lines()))[:-1])
+
+
+@pytest.fixture(scope="module")
+def bert_reranker() -> Iterator[WorkerProcess]:
+    from tests.gguf_factory import write_reranker
+
+    yield from own_worker(model_path=lambda d: str(write_reranker(d / "reranker.gguf")), model_alias="bert-ranker",
+                          reranking=True, parallel=1, n_ctx=512)
+
+
+def test_rerank_on_a_bert_reranker_gguf(bert_reranker: WorkerProcess) -> None:
+    """A real classification head (cls, cls.output; llama.cpp's RANK pooling): one raw score
+    per document, and BOS query EOS document EOS tokens per pair (the vocabulary asks for
+    them), as llama-server's format_prompt_rerank builds them."""
+    docs = ["Paris is the capital of France.", "Bananas are yellow.", "Paris"]
+    with bert_reranker.client() as c:
+        r = c.post("/v1/rerank", json={"model": "bert-ranker", "query": "capital of France", "documents": docs})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        pair = [len(c.post("/tokenize", json={"content": x}).json()["tokens"]) for x in ("capital of France", *docs)]
+    results = body["results"]
+    assert sorted(x["index"] for x in results) == [0, 1, 2]
+    assert [x["relevance_score"] for x in results] == sorted((x["relevance_score"] for x in results), reverse=True)
+    assert len({x["relevance_score"] for x in results}) == 3  # a different pair, a different score
+    assert body["usage"]["prompt_tokens"] == sum(pair[0] + n + 3 for n in pair[1:])

@@ -14,7 +14,7 @@ from msgspec import UNSET
 
 from worker import openai_schema as oai
 from worker.api.openai_sse import stream_openai
-from worker.api.run import Piece, Run, Runner, cut_error, finish_of
+from worker.api.run import Piece, Run, Runner, Stopwatch, cut_error, finish_of
 from worker.api.shapes import (
     ChatChoice,
     ChatChunk,
@@ -130,7 +130,8 @@ class ChatApi:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, prepared, cid, include_usage, req.return_token_ids, headers)
+            clock = Stopwatch() if req.timings_per_token else None
+            return await self._stream(request, prepared, cid, include_usage, req.return_token_ids, headers, clock)
         out = await runner.complete(prepared)
         if out.cut:
             return json_response(cut_error(), 503)
@@ -155,8 +156,9 @@ class ChatApi:
 
     async def _stream(
         self, request: web.Request, prepared: Prepared, cid: str, include_usage: bool,
-        with_ids: bool, headers: dict[str, str],
+        with_ids: bool, headers: dict[str, str], clock: Stopwatch | None = None,
     ) -> web.StreamResponse:
+        """``clock``: llama-server's timings_per_token (each chunk carries ``timings``)."""
         created = int(time.time())
         model = self.runner.engine.model_id
         chunk_cls = ChatChunkWithUsage if include_usage else ChatChunk
@@ -167,7 +169,11 @@ class ChatApi:
                 0, delta, finish, logprobs=None if lps is None else chat_logprobs(lps),
                 token_ids=UNSET if ids is None else ids,
             )
-            return sse(chunk_cls(cid, created, model, [choice]))
+            out = chunk_cls(cid, created, model, [choice])
+            if clock is not None:
+                clock.piece()
+                out.timings = clock.timings()
+            return sse(out)
 
         # With tools, plain text streams as it comes and a call is held from its marker
         # on, then parsed at the end and sent as delta.tool_calls (tools.CallStream).
@@ -223,4 +229,5 @@ class ChatApi:
         return await stream_openai(
             self.runner, request, prepared, first, piece_chunk, final, with_ids, headers,
             should_stop=(lambda: split.repeated) if split is not None else None,
+            on_gen=clock.on_gen if clock is not None else None,
         )

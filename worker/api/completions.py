@@ -12,7 +12,7 @@ from msgspec import UNSET
 from worker import openai_schema as oai
 from worker.api.chat import sampling_of, usage_of
 from worker.api.openai_sse import stream_openai
-from worker.api.run import Piece, Run, Runner, cut_error, finish_of
+from worker.api.run import Piece, Run, Runner, Stopwatch, cut_error, finish_of
 from worker.api.shapes import (
     TextChoice,
     TextChunk,
@@ -51,7 +51,8 @@ class CompletionsApi:
         cid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, prepared, cid, include_usage, req.return_token_ids, headers)
+            clock = Stopwatch() if req.timings_per_token else None
+            return await self._stream(request, prepared, cid, include_usage, req.return_token_ids, headers, clock)
         out = await runner.complete(prepared)
         if out.cut:
             return json_response(cut_error(), 503)
@@ -73,8 +74,9 @@ class CompletionsApi:
 
     async def _stream(
         self, request: web.Request, prepared: Prepared, cid: str, include_usage: bool,
-        with_ids: bool, headers: dict[str, str],
+        with_ids: bool, headers: dict[str, str], clock: Stopwatch | None = None,
     ) -> web.StreamResponse:
+        """``clock``: llama-server's timings_per_token (each chunk carries ``timings``)."""
         created = int(time.time())
         model = self.runner.engine.model_id
         chunk_cls = TextChunkWithUsage if include_usage else TextChunk
@@ -87,7 +89,11 @@ class CompletionsApi:
                 logprobs = text_logprobs(lps, offset[0])
                 offset[0] += sum(len(t) for t in logprobs.tokens)
             choice = TextChoice(0, text, finish, logprobs=logprobs, token_ids=UNSET if ids is None else ids)
-            return sse(chunk_cls(cid, created, model, [choice]))
+            out = chunk_cls(cid, created, model, [choice])
+            if clock is not None:
+                clock.piece()
+                out.timings = clock.timings()
+            return sse(out)
 
         def final(run: Run, rest: Piece) -> bytes:
             out = chunk(finish_of(run.gen), rest)
@@ -101,4 +107,5 @@ class CompletionsApi:
             first = sse(chunk_cls(cid, created, model, [choice]))
         return await stream_openai(
             self.runner, request, prepared, first, lambda piece: chunk(None, piece), final, with_ids, headers,
+            on_gen=clock.on_gen if clock is not None else None,
         )

@@ -25,28 +25,14 @@ from msgspec import UNSET, UnsetType
 from worker import openai_schema as oai
 from worker.api.chat import sampling_of
 from worker.api.openai_sse import stream_openai
-from worker.api.run import GenerationFailed, Piece, Run, Runner, cut_error, is_cut
-from worker.api.shapes import enc, json_response, piece_text
+from worker.api.run import GenerationFailed, Piece, Run, Runner, Stopwatch, cut_error, is_cut, millis
+from worker.api.shapes import Timings, enc, json_response, piece_text
 from worker.engine import Generation, Prepared, TokenLogprob
 
 # llama.cpp's LLAMA_DEFAULT_SEED: what llama-server reports when no seed was sent.
 _DEFAULT_SEED = 0xFFFFFFFF
 # The sampler order of our chains (worker/engine/chains.py), in llama-server's names.
 _SAMPLERS = ["penalties", "top_k", "typ_p", "top_p", "min_p", "temperature"]
-
-
-class Timings(msgspec.Struct):
-    """llama-server's ``timings`` (result_timings::to_json)."""
-
-    cache_n: int
-    prompt_n: int
-    prompt_ms: float
-    prompt_per_token_ms: float
-    prompt_per_second: float
-    predicted_n: int
-    predicted_ms: float
-    predicted_per_token_ms: float
-    predicted_per_second: float
 
 
 class Progress(msgspec.Struct):
@@ -108,34 +94,6 @@ class Final(msgspec.Struct):
     tokens_cached: int
     timings: Timings
     completion_probabilities: list[TokenProb] | UnsetType = UNSET
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
-
-
-def timings_of(gen: Generation, first_at: float | None, now: float) -> Timings:
-    """The prompt phase runs from the slot's start to the first text piece, the predicted
-    phase from there to the last token (the first token's sampling counts to the prompt
-    phase; llama-server splits at the same point)."""
-    start = gen.started_at if gen.started_at is not None else now
-    first = first_at if first_at is not None else (gen.last_token_at or now)
-    last = gen.last_token_at if gen.done and gen.last_token_at is not None else now
-    prompt_n = max(gen.prompt_tokens - gen.prompt_cached, 0)
-    prompt_ms = _ms(max(first - start, 0.0))
-    predicted_n = gen.completion_tokens
-    predicted_ms = _ms(max(last - first, 0.0))
-
-    def per_token(ms: float, n: int) -> float:
-        return round(ms / n, 3) if n else 0.0
-
-    def per_second(ms: float, n: int) -> float:
-        return round(1000.0 * n / ms, 3) if ms > 0 else 0.0
-
-    return Timings(
-        gen.prompt_cached, prompt_n, prompt_ms, per_token(prompt_ms, prompt_n), per_second(prompt_ms, prompt_n),
-        predicted_n, predicted_ms, per_token(predicted_ms, predicted_n), per_second(predicted_ms, predicted_n),
-    )
 
 
 def generation_settings(req: oai.NativeCompletionRequest, only_metrics: bool = False) -> dict[str, Any]:
@@ -211,18 +169,13 @@ def _stop_type(gen: Generation) -> str:
     return "none"
 
 
-class _Follow:
-    """One request's generation as llama-server reports it: its slot, and when its first
-    text arrived (the end of the prompt phase)."""
+class _Follow(Stopwatch):
+    """One request's generation as llama-server reports it: its slot and its timings."""
 
     def __init__(self, runner: Runner) -> None:
+        super().__init__()
         self.runner = runner
-        self.gen: Generation | None = None
         self.slot = -1
-        self.first_at: float | None = None
-
-    def set(self, gen: Generation) -> None:
-        self.gen = gen
 
     def started(self) -> None:
         """The slot a running generation occupies (read on the event loop while the batch
@@ -232,8 +185,7 @@ class _Follow:
             self.slot = next((s.seq for s in loop.slots if s.gen is self.gen), -1)
 
     def piece_arrived(self) -> None:
-        if self.first_at is None:
-            self.first_at = time.monotonic()
+        self.piece()
         self.started()
 
 
@@ -304,7 +256,7 @@ class LlamaCppApi:
             parts.extend(p[0] for p in ps)
 
         try:
-            run = await runner.run(prepared, on_start, pieces, on_gen=follow.set)
+            run = await runner.run(prepared, on_start, pieces, on_gen=follow.on_gen)
         except GenerationFailed as e:
             raise oai.RequestError(e.message, type="server_error", code=None, status=e.status) from None
         if is_cut(run.gen, run.stopped):
@@ -328,7 +280,7 @@ class LlamaCppApi:
             truncated=False,  # a prompt longer than the context is a 400, never cut
             stop_type=_stop_type(gen), stopping_word=gen.stop_string or "",
             tokens_cached=gen.prompt_tokens + gen.completion_tokens,
-            timings=timings_of(gen, follow.first_at, time.monotonic()),
+            timings=follow.timings(),
         )
 
     async def _stream(
@@ -347,11 +299,11 @@ class LlamaCppApi:
                 0, text, ids or [], False, follow.slot, gen.completion_tokens, gen.prompt_tokens,
             )
             if req.timings_per_token:
-                chunk.timings = timings_of(gen, follow.first_at, now)
+                chunk.timings = follow.timings()
             if progress:
                 total, cached = gen.prompt_tokens, gen.prompt_cached
                 start = gen.started_at or now
-                chunk.prompt_progress = Progress(total, cached, total - cached, _ms(now - start))
+                chunk.prompt_progress = Progress(total, cached, total - cached, millis(now - start))
             if with_probs and lps:
                 chunk.completion_probabilities = self._probs(ids or [], lps)
             return b"data: " + enc.encode(chunk) + b"\n\n"
@@ -378,7 +330,7 @@ class LlamaCppApi:
         # Tokens travel with each piece when asked (return_tokens) or for n_probs' ids.
         return await stream_openai(
             self.runner, request, prepared, None, piece_chunk, final, req.return_tokens or with_probs,
-            headers, done=b"", on_gen=follow.set,
+            headers, done=b"", on_gen=follow.on_gen,
         )
 
     # --- /props --------------------------------------------------------------------------

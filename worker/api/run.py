@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from worker import openai_schema as oai
-from worker.api.shapes import names_for_humans
+from worker.api.shapes import Timings, names_for_humans
 from worker.engine import (
     CallStream,
     Engine,
@@ -115,6 +115,54 @@ class _AsyncSink:
 
     def ended(self) -> None:
         self._send(_END)
+
+
+class Stopwatch:
+    """A generation's llama-server ``timings``: give ``on_gen`` to ``Runner.run`` and call
+    ``piece`` as text arrives (the first piece ends the prompt phase)."""
+
+    def __init__(self) -> None:
+        self.gen: Generation | None = None
+        self.first_at: float | None = None
+
+    def on_gen(self, gen: Generation) -> None:
+        self.gen = gen
+
+    def piece(self) -> None:
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+
+    def timings(self) -> Timings:
+        assert self.gen is not None
+        return timings_of(self.gen, self.first_at, time.monotonic())
+
+
+def millis(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def timings_of(gen: Generation, first_at: float | None, now: float) -> Timings:
+    """The prompt phase runs from the slot's start to the first text piece, the predicted
+    phase from there to the last token (the first token's sampling counts to the prompt
+    phase; llama-server splits at the same point)."""
+    start = gen.started_at if gen.started_at is not None else now
+    first = first_at if first_at is not None else (gen.last_token_at or now)
+    last = gen.last_token_at if gen.done and gen.last_token_at is not None else now
+    prompt_n = max(gen.prompt_tokens - gen.prompt_cached, 0)
+    prompt_ms = millis(max(first - start, 0.0))
+    predicted_n = gen.completion_tokens
+    predicted_ms = millis(max(last - first, 0.0))
+
+    def per_token(ms: float, n: int) -> float:
+        return round(ms / n, 3) if n else 0.0
+
+    def per_second(ms: float, n: int) -> float:
+        return round(1000.0 * n / ms, 3) if ms > 0 else 0.0
+
+    return Timings(
+        gen.prompt_cached, prompt_n, prompt_ms, per_token(prompt_ms, prompt_n), per_second(prompt_ms, prompt_n),
+        predicted_n, predicted_ms, per_token(predicted_ms, predicted_n), per_second(predicted_ms, predicted_n),
+    )
 
 
 class GenerationFailed(Exception):

@@ -129,6 +129,20 @@ class ChatChoice(msgspec.Struct):
     token_ids: TokenIds = UNSET
 
 
+class Timings(msgspec.Struct):
+    """llama-server's ``timings`` (result_timings::to_json)."""
+
+    cache_n: int
+    prompt_n: int
+    prompt_ms: float
+    prompt_per_token_ms: float
+    prompt_per_second: float
+    predicted_n: int
+    predicted_ms: float
+    predicted_per_token_ms: float
+    predicted_per_second: float
+
+
 class ChatCompletion(msgspec.Struct):
     id: str
     created: int
@@ -162,6 +176,7 @@ class ChatChunk(msgspec.Struct):
     object: str = "chat.completion.chunk"
     system_fingerprint: None = None
     prompt_token_ids: TokenIds = UNSET  # on the first chunk
+    timings: Timings | UnsetType = UNSET  # llama-server's timings_per_token
 
 
 class ChatChunkWithUsage(ChatChunk):
@@ -195,6 +210,7 @@ class TextChunk(msgspec.Struct):
     choices: list[TextChoice]
     object: str = "text_completion"
     system_fingerprint: None = None
+    timings: Timings | UnsetType = UNSET  # llama-server's timings_per_token
 
 
 class TextChunkWithUsage(TextChunk):

@@ -204,6 +204,8 @@ CASES: list[tuple[str, str, str, bytes | None, int, str | None, str | None]] = [
     ("native-json-schema-bad-ref", "POST", NATIVE, native(json_schema={"$ref": "#/nope"}), 400, "json_schema", None),
     ("native-grammar-and-schema", "POST", NATIVE, native(grammar='root ::= "a"', json_schema={}), 400, "grammar", None),
     ("native-context-exceeded", "POST", NATIVE, native(prompt=HUGE_TEXT), 400, "prompt", "context_length_exceeded"),
+    ("native-logit-bias-pair-short", "POST", NATIVE, native(logit_bias=[[28]]), 400, "logit_bias[0]", None),
+    ("native-logit-bias-too-high", "POST", NATIVE, native(logit_bias={"28": 500}), 400, "logit_bias", None),
     ("native-stream-grammar-bad", "POST", NATIVE, native(stream=True, grammar="root ::= nope"), 400, "grammar", None),
     ("chat-grammar-bad", "POST", CHAT, chat(grammar='root ::= "a'), 400, "grammar", None),
     ("chat-grammar-not-string", "POST", CHAT, chat(grammar=5), 400, "grammar", None),

@@ -363,3 +363,18 @@ def test_rerank_on_a_bert_reranker_gguf(bert_reranker: WorkerProcess) -> None:
     assert [x["relevance_score"] for x in results] == sorted((x["relevance_score"] for x in results), reverse=True)
     assert len({x["relevance_score"] for x in results}) == 3  # a different pair, a different score
     assert body["usage"]["prompt_tokens"] == sum(pair[0] + n + 3 for n in pair[1:])
+
+
+def test_completion_logit_bias_in_llama_servers_forms(client: httpx.Client) -> None:
+    # Token 28 is "," in SmolLM2's vocabulary (test_worker_api's logit_bias test).
+    for bias in ([[28, 100]], [[",", 100]], {",": 100}, {"28": 100}):
+        body = completion(client, prompt="Hello", n_predict=3, temperature=0, logit_bias=bias)
+        assert body["content"] == ",,,", bias
+        assert body["generation_settings"]["logit_bias"] == [{"bias": 100.0, "token": 28}]
+    # false bans: the greedy first token never comes back.
+    first = completion(client, prompt=PROMPT, n_predict=1, temperature=0, return_tokens=True)["tokens"][0]
+    banned = completion(client, prompt=PROMPT, n_predict=1, temperature=0, return_tokens=True,
+                        logit_bias=[[first, False]])
+    assert banned["tokens"][0] != first
+    # SillyTavern sends an empty list when it has no biases.
+    assert completion(client, prompt=PROMPT, n_predict=1, logit_bias=[])["tokens_predicted"] == 1

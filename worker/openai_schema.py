@@ -212,11 +212,35 @@ class NativeCompletionRequest(CompletionRequest, kw_only=True):
 
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 0.8
     top_p: Float01 = 0.95
+    # llama-server's forms: {"token id or text": bias} or [[token id or text, bias], ...];
+    # a bias of false bans the token(s). Turned into token ids by the route (text_biases).
+    logit_bias: (
+        dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)] | bool]
+        | Annotated[list[tuple[int | str, Annotated[float, Meta(ge=-100.0, le=100.0)] | bool]], Meta(max_length=4096)]
+        | None
+    ) = None  # type: ignore[assignment]
     n_probs: Annotated[int, Meta(ge=0, le=20)] = 0
     return_tokens: bool = False
     post_sampling_probs: bool = False
     # llama-server answers with the slot's prompt cache; stop is a list of strings there.
     t_max_predict_ms: Annotated[int, Meta(ge=0)] = 0
+
+
+def native_biases(req: NativeCompletionRequest) -> list[tuple[int | str, float]]:
+    """llama-server's logit_bias as (token id or text to tokenize, bias) pairs: a key of
+    digits is a token id, any other a text; false is a ban (-inf), true is skipped."""
+    lb = req.logit_bias
+    pairs: list[tuple[int | str, float | bool]] = []
+    if isinstance(lb, dict):
+        pairs = [(int(k) if k.isdigit() else k, v) for k, v in lb.items()]
+    elif lb:
+        pairs = list(lb)
+    out: list[tuple[int | str, float]] = []
+    for key, value in pairs:
+        if value is True:
+            continue
+        out.append((key, float("-inf") if value is False else float(value)))
+    return out
 
 
 class _StrictNativeCompletion(NativeCompletionRequest, forbid_unknown_fields=True, kw_only=True):
@@ -472,7 +496,7 @@ def _check_common(req: _Common) -> None:
             "repetition_penalty and repeat_penalty are two names of one setting: send one",
             param="repetition_penalty", code="invalid_value",
         )
-    if req.logit_bias:
+    if req.logit_bias and not isinstance(req, NativeCompletionRequest):  # (text keys there)
         for key in req.logit_bias:
             if not key.isdigit():
                 raise RequestError(

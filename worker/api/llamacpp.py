@@ -101,6 +101,7 @@ def generation_settings(req: oai.NativeCompletionRequest, only_metrics: bool = F
     Samplers we do not run (DRY, XTC, mirostat, dynamic temperature, top-n-sigma) show
     llama.cpp's values that turn them off, which is what they are here."""
     n_predict = oai.max_tokens_of(req, None)
+    biases = req.logit_bias if isinstance(req.logit_bias, dict) else {}  # ids by now (the route's)
     out: dict[str, Any] = {
         "seed": _DEFAULT_SEED if req.seed is None else req.seed & 0xFFFFFFFF,
         "temperature": req.temperature,
@@ -132,7 +133,7 @@ def generation_settings(req: oai.NativeCompletionRequest, only_metrics: bool = F
         "n_discard": 0,
         "ignore_eos": req.ignore_eos,
         "stream": req.stream,
-        "logit_bias": [{"bias": v, "token": int(k)} for k, v in (req.logit_bias or {}).items()],
+        "logit_bias": [{"bias": v, "token": int(k)} for k, v in biases.items()],
         "n_probs": req.n_probs,
         "min_keep": 0,
         "grammar": req.grammar or "",
@@ -210,6 +211,20 @@ class LlamaCppApi:
                 out.append(part)
         return out
 
+    def _token_biases(self, req: oai.NativeCompletionRequest) -> dict[str, float]:
+        """llama-server's logit_bias forms as the token-id keyed dict every route uses (a
+        text's tokens each get its bias, as llama-server does)."""
+        engine = self.runner.engine
+        n_vocab = engine.n_vocab()
+        out: dict[str, float] = {}
+        for key, value in oai.native_biases(req):
+            if isinstance(key, str):
+                for t in engine.tokenize(key, add_special=False, parse_special=False):
+                    out[str(t)] = value
+            elif 0 <= key < n_vocab:  # llama-server skips ids outside the vocabulary
+                out[str(key)] = value
+        return out
+
     def _ids_of_pieces(self) -> dict[bytes, int]:
         """Token id by its text, for top_logprobs (the engine reports alternatives by text;
         when two tokens share a text the lower id is named)."""
@@ -236,6 +251,9 @@ class LlamaCppApi:
         headers = runner.ignored_params(request, ignored)
         engine = runner.engine
         prompt = await runner.off_loop(lambda: self._prompt_tokens(req.prompt))
+        if req.logit_bias:
+            biases = await runner.off_loop(lambda: self._token_biases(req))
+            req = msgspec.structs.replace(req, logit_bias=biases or None)
         sampling = sampling_of(req, oai.max_tokens_of(req, None))
         if req.n_probs:
             sampling = dataclasses.replace(sampling, logprobs=req.n_probs)

@@ -90,6 +90,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--ctx-size", "model.ctx_size", "context size in tokens (default {default})", "N", int),
     Flag("--parallel", "model.parallel", "requests generated at once, sharing the context (default {default})",
          "N", int),
+    Flag("--token-gap-ms", "model.token_gap_ms", "running streams' inter-token gap kept while new prompts "
+         "are read (default {default})", "MS", int),
+    Flag("--draft-max", "model.draft_max", "tokens drafted from the context per step, 0: none "
+         "(default {default})", "N", int),
     Flag("--simulate-gpus", "gpu.simulate_gpus", "plan for the GPUs listed in this JSON file", "FILE"),
     Flag("--worker-command", "worker.command", "worker command line, shell-quoted (tests)", "CMD", _command),
     Flag("--api-key", "server.api_keys", "an admin API key clients must send (repeatable; prefer "

@@ -51,7 +51,12 @@ class ModelSettings(_Section):
     chat_format: str = ""  # empty: the chat template in the GGUF metadata
     flash_attn: bool = False
     parallel: PositiveInt = 4  # requests generated at once (slots, each with ctx_size KV cells)
-    prefill_chunk: PositiveInt = 64  # prompt tokens per step while others generate (docs/benchmarks.md)
+    # Running streams' inter-token gap the scheduler keeps while it reads newcomers' prompts
+    # (worker/engine/scheduler.py: from the measured cost of a step), and the least prompt
+    # tokens a step takes beside them whatever the cost.
+    token_gap_ms: PositiveInt = 1000
+    prefill_chunk: PositiveInt = 16
+    draft_max: NonNegInt = 8  # tokens drafted from the context per step (drafts.py); 0: none
     cache_ram_mib: NonNegInt = 1024  # host RAM for earlier prompts' KV snapshots; 0: none
     cache_disk_mib: NonNegInt = 4096  # disk for them under server.cache_dir (survives restarts); 0: none
     embeddings: bool = False  # also serve /v1/embeddings (a second, small context)

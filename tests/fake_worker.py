@@ -231,6 +231,8 @@ class FakeWorker:
             gpu_offload_supported=True,
             parallel=1,  # one request at a time, whatever the spec asks (see the top of this file)
             prefill_chunk=spec.prefill_chunk,
+            token_gap_ms=spec.token_gap_ms,
+            draft_max=spec.draft_max,
         )
         since = None if self.last_token_at is None else time.monotonic() - self.last_token_at
         return Health(

@@ -24,8 +24,9 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from supervisor import routes
 from supervisor.access_log import RequestLog
-from supervisor.auth import WORKER_ROOT_PATHS, KeyStore
+from supervisor.auth import KeyStore
 from supervisor.config import Config, ModelEntry, resolved_models, resolved_runtime_dir
 from supervisor.dialect_errors import anthropic_errors
 from supervisor.fastpath import FastPath
@@ -144,12 +145,17 @@ def build_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Applica
     cards = app[CARDS] = ModelCards(fleet)
     app.router.add_get("/v1/models", cards.models)
     app.router.add_get("/v1/models/{id}", cards.model)
-    # The rest of /v1 and llama-server's tokenizer endpoints at the root are the workers':
-    # the request's "model" field picks the worker (the router's rule; one model serves any).
+    # llama-server answers the list at the root too; POST /models/{id}/load is one segment longer.
+    app.router.add_get(routes.MODELS_ALIAS, cards.models)
+    app.router.add_get(routes.MODELS_ALIAS + "/{id}", cards.model)
+    # The rest of /v1, its root aliases and llama-server's native endpoints at the root are
+    # the workers' (the table: supervisor/routes.py): the request's "model" field picks the
+    # worker (the router's rule; one model serves any).
     router = Router(fleet, fleet.config.server.body_timeout_s)
     app.router.add_route("*", "/v1/{tail:.*}", router.handle, expect_handler=router.expect_handler)
-    for path in WORKER_ROOT_PATHS:
+    for path in (*routes.V1_ALIASES, *routes.WORKER_ROOT_PATHS):
         app.router.add_route("*", path, router.handle, expect_handler=router.expect_handler)
+    app.router.add_post(routes.SLOT_ACTION_PREFIX + "{id}", router.handle, expect_handler=router.expect_handler)
     app.router.add_post("/models/{id}/load", lambda r: _load_unload(r, True))
     app.router.add_post("/models/{id}/unload", lambda r: _load_unload(r, False))
     app.router.add_route("*", "/{tail:.*}", _not_found)

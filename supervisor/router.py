@@ -30,6 +30,7 @@ from aiohttp import web
 from supervisor.access_log import record
 from supervisor.fleet import Fleet
 from supervisor.proxy import Proxy, openai_error
+from supervisor.routes import worker_path
 from supervisor.states import PROCESS_STATES, WorkerState
 from supervisor.worker_process import WorkerManager
 from worker.protocol import MAX_BODY_BYTES
@@ -53,6 +54,9 @@ def model_not_found(mid: str) -> web.Response:
 
 
 class Router:
+    """The handler of every proxied route: the API under /v1, its root aliases (proxied to
+    the /v1 path: supervisor/routes.py) and llama-server's native root endpoints."""
+
     def __init__(self, fleet: Fleet, body_timeout_s: float) -> None:
         self._fleet = fleet
         self._body_timeout_s = body_timeout_s
@@ -141,7 +145,8 @@ class Router:
         # A no-op when loaded; otherwise the request waits for the load (and a request clears
         # an earlier "no room" refusal, which would otherwise answer 503 until an operator's load).
         self._fleet.load(mid)
-        return await self.proxy(mid).handle(request, prebody=raw)
+        upstream = worker_path(request.path)
+        return await self.proxy(mid).handle(request, prebody=raw, upstream_path=None if upstream == request.path else upstream)
 
 
 class ModelCards:

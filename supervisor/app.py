@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from supervisor import routes
 from supervisor.access_log import RequestLog
 from supervisor.auth import KeyStore
-from supervisor.config import Config, ModelEntry, resolved_models, resolved_runtime_dir
+from supervisor.config import Config, ModelEntry, base_url, listen_hosts, resolved_models, resolved_runtime_dir
 from supervisor.dialect_errors import anthropic_errors
 from supervisor.fastpath import FastPath
 from supervisor.fleet import Fleet
@@ -173,7 +173,8 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     entries = resolved_models(config, default_entry_path)  # ConfigError: cli reports it
     keys = KeyStore.from_config(config)  # raises ConfigError too
     log.info("API keys: %s", keys.describe())
-    keys.warn_if_exposed(config.server.host)
+    for host in listen_hosts(config):
+        keys.warn_if_exposed(host)
     base = resolved_runtime_dir(config)
     base.mkdir(parents=True, exist_ok=True)
     # SIGTERM/SIGINT from here on end the server in order (and remove the runtime dir),
@@ -245,18 +246,23 @@ async def _serve_in(
     watchdog_task: asyncio.Task[None] | None = None
     old_exception_handler = loop.get_exception_handler()
     try:
-        site = GuardedTCPSite(runner, config.server.host, config.server.port, guard, fast.wrap)
-        try:
-            await site.start()
-        except OSError as e:
-            log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, e)
-            return 1
+        # One site per address (server.host may list several, IPv6 included: asyncio binds an
+        # IPv6 socket IPV6_V6ONLY, so "0.0.0.0" and "::" can both be listed); all share the
+        # guard, the fast path and the app. One that cannot bind ends the start (runner.cleanup
+        # below stops the others).
+        hosts = listen_hosts(config)
+        sites = [GuardedTCPSite(runner, h, config.server.port, guard, fast.wrap) for h in hosts]
+        for host, site in zip(hosts, sites):
+            try:
+                await site.start()
+            except OSError as e:
+                log.error("cannot listen on %s: %s", base_url(host, config.server.port), e)
+                return 1
         guard.start()
         loop.set_exception_handler(guard.exception_handler)
         log.info(
-            "listening on http://%s:%d (at most %d connections)",
-            config.server.host,
-            config.server.port,
+            "listening on %s (at most %d connections)",
+            ", ".join(base_url(h, config.server.port) for h in hosts),
             guard.max_connections,
         )
 
@@ -287,7 +293,8 @@ async def _serve_in(
         log.info("shutting down: no new connections; waiting up to %.0fs for %d request(s) in flight",
                  config.shutdown.grace_s, fleet.in_flight)
         notify.stopping()
-        await site.stop()
+        for site in sites:
+            await site.stop()
         if not await fleet.wait_no_requests(loop.time() + config.shutdown.grace_s):
             log.warning("grace period over: %d request(s) still in flight will be cut", fleet.in_flight)
         fleet.request_shutdown()

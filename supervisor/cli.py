@@ -53,13 +53,21 @@ def _command(value: str) -> list[str]:
     return argv
 
 
+def _hosts(values: list[str]) -> str | list[str]:
+    """--host, repeated and/or comma-separated (llama-server's form): one address stays a
+    string, several are server.host's list (checked by the schema, naming the entry)."""
+    hosts = [h.strip() for v in values for h in v.split(",")]
+    return hosts[0] if len(hosts) == 1 else hosts
+
+
 @dataclass(frozen=True)
 class Flag:
     name: str
     key: str  # dotted Config path
     help: str  # "{default}" is replaced by the schema's default
     metavar: str | None = None
-    convert: Callable[[str], Any] | None = None  # str -> value before schema decoding
+    # str (a repeated flag: the list of them) -> value before schema decoding
+    convert: Callable[[Any], Any] | None = None
     const: bool | None = None  # a switch: sets the key to this value
     repeat: bool = False  # may be given several times: the key gets the list of values
 
@@ -77,7 +85,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--model", "model.path", "GGUF model file (default: the embedded SmolLM2-135M-Instruct); repeat it, "
          "as PATH or ID=PATH, to serve several models", "[ID=]PATH", repeat=True),
     Flag("--models-dir", "models_dir", "serve every .gguf file in this directory (id = file stem)", "DIR"),
-    Flag("--host", "server.host", "address to listen on (default {default})", "HOST"),
+    Flag("--host", "server.host", "address to listen on (default {default}); several: a comma list "
+         "(127.0.0.1,::1) or the flag repeated", "HOST", _hosts, repeat=True),
     Flag("--port", "server.port", "port to listen on (default {default})", "PORT", int),
     Flag("--reserve-mib", "gpu.reserve_mib", "VRAM left free on every GPU (default {default})", "MIB", int),
     Flag("--device-order", "gpu.device_order", "order of GPUs in the split (default {default})"),
@@ -181,6 +190,8 @@ def load_config(args: argparse.Namespace) -> Config:
         for f in FLAGS:
             if msg.startswith(f"flag: {f.key}:"):
                 raise ConfigError(f"{f.name}{msg[len('flag: ' + f.key):]}") from None
+            if msg.startswith(f"flag: {f.key}"):  # an entry of a list ("server.host[1] ...")
+                raise ConfigError(f"{f.name}: {msg[len('flag: '):]}") from None
         raise
 
 

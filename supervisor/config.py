@@ -12,6 +12,7 @@ Rules for this module:
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import sys
@@ -92,7 +93,9 @@ class ModelEntry(ModelSettings, kw_only=True):
 
 
 class ServerSection(_Section):
-    host: str = "127.0.0.1"
+    # An address, or a list of them (each an IPv4 or IPv6 address or a host name); the first
+    # is the one `vram-llm status` asks (listen_hosts).
+    host: str | list[str] = "127.0.0.1"
     port: Port = 8080
     api_keys: list[str] = msgspec.field(default_factory=list)  # admin keys (--api-key); see supervisor/auth.py
     api_keys_file: str = ""  # one "[NAME:]KEY [inference|admin]" per line; re-read on SIGHUP
@@ -299,8 +302,6 @@ def _check(cfg: Config, source: str) -> None:
                 f"{source}: gpu.reserve_overrides key {k!r}: expected a GPU UUID (GPU-...) "
                 "or an NVML index like \"0\""
             )
-    if not cfg.server.host:
-        raise ConfigError(f"{source}: server.host must not be empty")
     ids = [m.id for m in cfg.models]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -315,6 +316,50 @@ def _check(cfg: Config, source: str) -> None:
                 f"{source}: {where}: parallel ({ms.parallel}) must be <= n_batch ({ms.n_batch}): "
                 "every slot decodes one token per batch"
             )
+
+
+# A host name (RFC 1123 labels); an address is checked by ipaddress.
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _unbracketed(host: str) -> str:
+    """An IPv6 address may be written in brackets, as in a URL."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def listen_hosts(cfg: Config) -> list[str]:
+    """The addresses to listen on, in order (server.host, one or a list)."""
+    hosts = [cfg.server.host] if isinstance(cfg.server.host, str) else cfg.server.host
+    return [_unbracketed(h) for h in hosts]
+
+
+def base_url(host: str, port: int) -> str:
+    """``http://host:port`` with an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _host_problems(host: str | list[str]) -> list[str]:
+    hosts = [host] if isinstance(host, str) else host
+    if not hosts:
+        return ["server.host: give at least one address"]
+    out: list[str] = []
+    for i, h in enumerate(hosts):
+        where = "server.host" if isinstance(host, str) else f"server.host[{i}]"
+        bare = _unbracketed(h)
+        if not bare:
+            out.append(f"{where} must not be empty")
+            continue
+        try:
+            ipaddress.ip_address(bare)
+        except ValueError:
+            if ":" in bare or not _HOST_NAME.fullmatch(bare):
+                out.append(
+                    f"{where}: {h!r} is not an IP address or host name (one address per entry; "
+                    "the port is server.port)"
+                )
+    if len(set(hosts)) != len(hosts):
+        out.append(f"server.host lists an address twice: {hosts}")
+    return out
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -346,6 +391,9 @@ def build_config(
         # A bad value that came from a flag: say so, the file is not to blame.
         raise _explain(e, "flag" if key in flagged else source, merged) from None
     _check(cfg, source)
+    for key, problems in (("server.host", _host_problems(cfg.server.host)),):
+        if problems:  # the first; a value that came from a flag: say so
+            raise ConfigError(f"{'flag' if key in flagged else source}: {problems[0]}")
     return cfg
 
 

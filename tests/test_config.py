@@ -13,6 +13,7 @@ from supervisor.config import (
     Config,
     ConfigError,
     build_config,
+    listen_hosts,
     tomllib,
     load_config,
     resolved_runtime_dir,
@@ -70,6 +71,15 @@ def test_no_file_means_defaults() -> None:
         ('[model]\npath = "/x"\n[[models]]\nid = "a"\npath = "/a"\n', ["both name models"]),
         ("[model]\nparallel = 600\n", ["model: parallel (600) must be <= n_batch (512)"]),
         ('[[models]]\nid = "a"\npath = "/a"\nparallel = 8\nn_batch = 4\n', ["models (a): parallel (8) must be <= n_batch (4)"]),
+        # issue 25: several listen addresses.
+        ("[server]\nhost = []\n", ["server.host: give at least one address"]),
+        ("[server]\nhost = ''\n", ["server.host must not be empty"]),
+        ("[server]\nhost = ['127.0.0.1', '']\n", ["server.host[1] must not be empty"]),
+        ("[server]\nhost = ['127.0.0.1', '127.0.0.1']\n", ["server.host lists an address twice"]),
+        ("[server]\nhost = '127.0.0.1:8080'\n", ["server.host: '127.0.0.1:8080' is not an IP address", "server.port"]),
+        ("[server]\nhost = ['::1', 'a b']\n", ["server.host[1]: 'a b' is not an IP address or host name"]),
+        ("[server]\nhost = 5\n", ["server.host", "Expected `str | array`"]),
+        ("[server]\nhost = [5]\n", ["server.host", "Expected `str`"]),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, toml: str, needles: list[str]) -> None:
@@ -94,6 +104,18 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     cfg = load_config(p, {"server.port": 9100, "gpu.devices": [1, 2]})
     assert (cfg.server.port, cfg.server.host, cfg.gpu.devices) == (9100, "0.0.0.0", [1, 2])
     assert cfg.gpu.reserve_overrides == {"1": 10}
+
+
+@pytest.mark.parametrize(
+    ("host", "hosts"),
+    [
+        ("0.0.0.0", ["0.0.0.0"]),
+        (["127.0.0.1", "::1"], ["127.0.0.1", "::1"]),
+        (["[::1]", "localhost", "gpu-box.lan"], ["::1", "localhost", "gpu-box.lan"]),  # brackets as in a URL
+    ],
+)
+def test_listen_hosts(host: str | list[str], hosts: list[str]) -> None:
+    assert listen_hosts(build_config({"server": {"host": host}})) == hosts
 
 
 def test_bad_override_blames_the_flag() -> None:

@@ -5,20 +5,25 @@ fake worker: what is checked here is routing, keys and metrics, not generation).
   to the worker by "model" under their own path, the /v1 aliases under the /v1 path (the
   fake worker names the path it was asked for in X-Fake-Worker-Path).
 - The same API keys as /v1, the access log and metrics with a bounded path label.
+- Several listen addresses, IPv6 included.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from tests.supervisor_harness import Supervisor, key_file, poll, scrape, serving, total
+from tests.supervisor_harness import REPO, Supervisor, key_file, poll, scrape, serving, total
 
 INF = "inference-key-0123456789"
 ADMIN = "admin-key-0123456789abc"
@@ -135,3 +140,53 @@ def test_root_paths_are_counted_under_a_bounded_path_label(sup: Supervisor) -> N
     access = [json.loads(ln) for ln in sup.log().splitlines() if '"vram_llm.access"' in ln]
     seen = {(a["method"], a["path"], a["status"]) for a in access}
     assert {("POST", "/completion", 404), ("POST", "/chat/completions", 200)} <= seen
+
+
+# --- several listen addresses -------------------------------------------------------------------
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def _health(host: str, port: int) -> int:
+    url = f"http://[{host}]:{port}/health" if ":" in host else f"http://{host}:{port}/health"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return int(r.status)
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1 cannot be bound)")
+def test_listens_on_ipv4_and_ipv6_and_status_asks_the_first(tmp_path: Path) -> None:
+    s = Supervisor(tmp_path, {"worker": WORKER}, args=["--host", "::1,127.0.0.1"], fake_worker=True)
+    try:
+        s.wait_ready(60)
+        assert _health("127.0.0.1", s.port) == 200 and _health("::1", s.port) == 200
+        # `vram-llm status` with the same flags asks the first address, [::1].
+        r = subprocess.run(
+            [sys.executable, "-m", "supervisor", "status", "--config", str(s.config_path), "--host", "::1,127.0.0.1",
+             "--json"],
+            capture_output=True, text=True, timeout=60, cwd=str(REPO),
+        )
+        assert r.returncode == 0 and json.loads(r.stdout)["state"] == "ready", r.stderr
+        assert s.stop() == 0  # every site closed, nothing left behind
+        with pytest.raises(OSError):
+            _health("::1", s.port)
+    finally:
+        s.kill_hard()
+
+
+def test_an_address_that_cannot_be_bound_ends_the_start(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface of this machine: bind fails, exit 1.
+    s = Supervisor(tmp_path, {"worker": WORKER}, args=["--host", "127.0.0.1", "--host", "192.0.2.1"], fake_worker=True)
+    try:
+        code = poll(lambda: s.proc.poll() is not None and (s.proc.returncode,), 60, "the supervisor to exit")[0]
+        assert code == 1, s.log()
+        assert not list(s.runtime.iterdir())
+        with pytest.raises(OSError):
+            _health("127.0.0.1", s.port)  # the first address is closed again
+    finally:
+        s.kill_hard()

@@ -28,6 +28,7 @@ from supervisor import routes
 from supervisor.access_log import RequestLog
 from supervisor.auth import KeyStore
 from supervisor.config import Config, ModelEntry, base_url, listen_hosts, resolved_models, resolved_runtime_dir
+from supervisor.cors import Cors, CorsPolicy
 from supervisor.dialect_errors import anthropic_errors
 from supervisor.fastpath import FastPath
 from supervisor.fleet import Fleet
@@ -51,6 +52,7 @@ REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegist
 SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log", RequestLog)
 CARDS: web.AppKey[ModelCards] = web.AppKey("cards", ModelCards)
+CORS: web.AppKey[Cors] = web.AppKey("cors", Cors)
 
 
 def _first(app: web.Application) -> tuple[WorkerManager, Preparer]:
@@ -136,6 +138,8 @@ def build_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Applica
     app[REQUEST_LOG] = RequestLog(app[SERVING].observe)
     app[REQUEST_LOG].install(app)  # outermost: ids and log lines for refusals too
     app.middlewares.insert(1, anthropic_errors)  # refusals on /v1/messages in Anthropic's shape
+    app[CORS] = Cors(CorsPolicy.from_config(fleet.config))
+    app[CORS].install(app)  # preflights answered before the keys (serve() installs those after)
     app[REGISTRY] = reg
     app.router.add_get("/health", _health)
     app.router.add_get("/status", _status)
@@ -241,7 +245,7 @@ async def _serve_in(
     )
     await runner.setup()
     # GET /v1/models answered before aiohttp's request machinery (its rules: supervisor/fastpath.py).
-    fast = FastPath(app[CARDS], keys, app[REQUEST_LOG], guard, config.server.keepalive_timeout_s)
+    fast = FastPath(app[CARDS], keys, app[REQUEST_LOG], guard, config.server.keepalive_timeout_s, app[CORS])
     mgr_task: asyncio.Task[None] | None = None
     watchdog_task: asyncio.Task[None] | None = None
     old_exception_handler = loop.get_exception_handler()
@@ -271,6 +275,7 @@ async def _serve_in(
             notify.reloading()
             read = fleet.request_reload()  # a bad new config keeps the old one (logged)
             keys.reload(read or fleet.config)  # a revoked key stops working now, whatever else failed
+            app[CORS].reload(read or fleet.config)
             if sent_ready:  # systemd ends the reload job on READY=1 (sd_notify(3)), else times out
                 notify.ready()
 

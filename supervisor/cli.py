@@ -60,6 +60,11 @@ def _hosts(values: list[str]) -> str | list[str]:
     return hosts[0] if len(hosts) == 1 else hosts
 
 
+def _origins(value: str) -> list[str]:
+    """--cors-origins: a comma list of origins, or "*"."""
+    return [o.strip() for o in value.split(",") if o.strip()]
+
+
 @dataclass(frozen=True)
 class Flag:
     name: str
@@ -101,6 +106,8 @@ FLAGS: tuple[Flag, ...] = (
          "N", int),
     Flag("--simulate-gpus", "gpu.simulate_gpus", "plan for the GPUs listed in this JSON file", "FILE"),
     Flag("--worker-command", "worker.command", "worker command line, shell-quoted (tests)", "CMD", _command),
+    Flag("--cors-origins", "server.cors_origins", "browser origins allowed to call the API (CORS), a comma "
+         "list of scheme://host[:port], or * for any (default: none, no CORS headers)", "ORIGINS", _origins),
     Flag("--api-key", "server.api_keys", "an admin API key clients must send (repeatable; prefer "
          "server.api_keys_file, which `ps` does not show)", "KEY", repeat=True),
 )

@@ -97,6 +97,9 @@ class ServerSection(_Section):
     # is the one `vram-llm status` asks (listen_hosts).
     host: str | list[str] = "127.0.0.1"
     port: Port = 8080
+    # Browser origins allowed to call the API (CORS): exact origins ("https://app.example",
+    # scheme://host[:port]) or ["*"] for any (then without credentials); empty: no CORS headers.
+    cors_origins: list[str] = msgspec.field(default_factory=list)
     api_keys: list[str] = msgspec.field(default_factory=list)  # admin keys (--api-key); see supervisor/auth.py
     api_keys_file: str = ""  # one "[NAME:]KEY [inference|admin]" per line; re-read on SIGHUP
     runtime_dir: str = ""  # empty: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir
@@ -320,6 +323,8 @@ def _check(cfg: Config, source: str) -> None:
 
 # A host name (RFC 1123 labels); an address is checked by ipaddress.
 _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+# An origin as a browser sends it: scheme://host[:port], lower case, no path (RFC 6454).
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 
 
 def _unbracketed(host: str) -> str:
@@ -362,6 +367,30 @@ def _host_problems(host: str | list[str]) -> list[str]:
     return out
 
 
+def _origin_problems(origins: list[str]) -> list[str]:
+    out: list[str] = []
+    if "*" in origins and len(origins) > 1:
+        out.append('server.cors_origins: "*" (any origin) stands alone: remove the other origins or the "*"')
+    for i, o in enumerate(origins):
+        where = f"server.cors_origins[{i}]"
+        if o == "*":
+            continue
+        if o == "null":
+            out.append(f"{where}: the origin 'null' (sandboxed pages, file://) cannot be allowed: any page can send it")
+        elif not _ORIGIN.fullmatch(o):
+            m = _ORIGIN.match(o.lower())
+            hint = ""
+            if m is not None:
+                hint = " (no path, not even a trailing '/')" if m.end() < len(o) else " (in lower case, as browsers send it)"
+            out.append(
+                f"{where}: {o!r} is not an origin: expected scheme://host[:port] such as "
+                f"'https://app.example' or 'http://localhost:3000'{hint}"
+            )
+    if len(set(origins)) != len(origins):
+        out.append(f"server.cors_origins lists an origin twice: {origins}")
+    return out
+
+
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``data["a"]["b"] = value`` for ``dotted == "a.b"``, creating sections."""
     *sections, last = dotted.split(".")
@@ -391,7 +420,10 @@ def build_config(
         # A bad value that came from a flag: say so, the file is not to blame.
         raise _explain(e, "flag" if key in flagged else source, merged) from None
     _check(cfg, source)
-    for key, problems in (("server.host", _host_problems(cfg.server.host)),):
+    for key, problems in (
+        ("server.host", _host_problems(cfg.server.host)),
+        ("server.cors_origins", _origin_problems(cfg.server.cors_origins)),
+    ):
         if problems:  # the first; a value that came from a flag: say so
             raise ConfigError(f"{'flag' if key in flagged else source}: {problems[0]}")
     return cfg

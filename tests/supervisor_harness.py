@@ -162,7 +162,7 @@ def key_file(tmp: Path, inference: str, admin: str) -> Path:
 
 
 @contextlib.contextmanager
-def serving(s: Supervisor, ready_timeout_s: float = 60.0) -> Iterator[Supervisor]:
+def ready_supervisor(s: Supervisor, ready_timeout_s: float = 60.0) -> Iterator[Supervisor]:
     """``s`` once ready; afterwards it must stop cleanly (exit 0, nothing left), else it is killed."""
     try:
         s.wait_ready(ready_timeout_s)

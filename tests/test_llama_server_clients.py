@@ -1,16 +1,18 @@
 """Issue 25, the supervisor's side: llama-server's clients against a running supervisor (the
-fake worker: what is checked here is routing, keys and metrics, not generation).
+fake worker: what is checked here is routing, keys, metrics, CORS and listening, not generation).
 
 - Root paths: the openai SDK with a base URL without /v1; llama-server's native paths go
   to the worker by "model" under their own path, the /v1 aliases under the /v1 path (the
   fake worker names the path it was asked for in X-Fake-Worker-Path).
 - The same API keys as /v1, the access log and metrics with a bounded path label.
+- CORS: preflights without a key, refused origins never echoed, headers on every answer.
 - Several listen addresses, IPv6 included.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -23,20 +25,21 @@ from typing import Any
 import openai
 import pytest
 
-from tests.supervisor_harness import REPO, Supervisor, key_file, poll, scrape, serving, total
+from tests.supervisor_harness import REPO, Supervisor, key_file, poll, ready_supervisor, scrape, total
 
 INF = "inference-key-0123456789"
 ADMIN = "admin-key-0123456789abc"
+ORIGIN = "https://app.example"
 WORKER = {"health_interval_s": 0.2, "health_timeout_s": 1.0, "stop_timeout_s": 3.0}
 
 
 @pytest.fixture(scope="module")
 def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     tmp = tmp_path_factory.mktemp("llama-clients")
-    server = {"api_keys_file": str(key_file(tmp, INF, ADMIN))}
+    server = {"api_keys_file": str(key_file(tmp, INF, ADMIN)), "cors_origins": [ORIGIN, "http://localhost:3000"]}
     s = Supervisor(tmp, {"worker": WORKER, "server": server}, args=["--log-format", "json"], fake_worker=True)
     s.api_key = ADMIN
-    with serving(s) as ready:
+    with ready_supervisor(s) as ready:
         yield ready
 
 
@@ -140,6 +143,71 @@ def test_root_paths_are_counted_under_a_bounded_path_label(sup: Supervisor) -> N
     access = [json.loads(ln) for ln in sup.log().splitlines() if '"vram_llm.access"' in ln]
     seen = {(a["method"], a["path"], a["status"]) for a in access}
     assert {("POST", "/completion", 404), ("POST", "/chat/completions", 200)} <= seen
+
+
+# --- CORS -------------------------------------------------------------------------------------
+
+def preflight_of(s: Supervisor, path: str, origin: str, method: str = "POST") -> tuple[int, dict[str, str], bytes]:
+    return call(s, "OPTIONS", path, None, {
+        "Origin": origin, "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang",
+    })
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/chat/completions", "/v1/models", "/completion", "/status"])
+def test_preflight_needs_no_key(sup: Supervisor, path: str) -> None:
+    code, h, _ = preflight_of(sup, path, ORIGIN)
+    assert code == 204, h
+    assert h["Access-Control-Allow-Origin"] == ORIGIN and h["Access-Control-Allow-Credentials"] == "true"
+    assert "POST" in h["Access-Control-Allow-Methods"] and "x-stainless-lang" in h["Access-Control-Allow-Headers"]
+    assert int(h["Access-Control-Max-Age"]) > 0 and "Origin" in h["Vary"]
+    assert "X-Fake-Worker-Path" not in h  # answered by the supervisor, not proxied
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "http://app.example", "null", ORIGIN + ".evil.example"])
+def test_a_refused_origin_is_never_echoed(sup: Supervisor, origin: str) -> None:
+    code, h, raw = preflight_of(sup, "/v1/chat/completions", origin)
+    assert code == 403 and json.loads(raw)["error"]["code"] == "cors_origin_not_allowed"
+    assert not any(k.lower().startswith("access-control-allow") for k in h), h
+    code, h, _ = call(sup, "POST", "/v1/chat/completions", {"max_tokens": 1}, {**bearer(), "Origin": origin})
+    assert "Access-Control-Allow-Origin" not in h and h["Vary"] == "Origin"
+
+
+def test_actual_answers_carry_cors_headers(sup: Supervisor) -> None:
+    o = {"Origin": ORIGIN}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    answers = {
+        "ok": call(sup, "POST", "/v1/chat/completions", body, {**bearer(), **o}),
+        "root alias": call(sup, "POST", "/chat/completions", body, {**bearer(), **o}),
+        "streamed": call(sup, "POST", "/v1/chat/completions", {**body, "stream": True}, {**bearer(), **o}),
+        "401": call(sup, "POST", "/v1/chat/completions", body, o),
+        "404": call(sup, "GET", "/nowhere", None, {**bearer(ADMIN), **o}),
+        "models (not the fast path)": call(sup, "GET", "/v1/models", None, {**bearer(), **o}),
+    }
+    assert answers["ok"][0] == 200 and answers["401"][0] == 401 and answers["404"][0] == 404
+    assert b"data: [DONE]" in answers["streamed"][2]
+    for what, (_, h, _) in answers.items():
+        assert h.get("Access-Control-Allow-Origin") == ORIGIN, what
+        assert h.get("Access-Control-Allow-Credentials") == "true", what
+        assert h.get("Vary") == "Origin", what
+        assert "X-Request-Id" in h["Access-Control-Expose-Headers"] and h.get("X-Request-Id"), what
+    # Without an Origin (not a browser): no Allow-Origin, but the answer says it varies by it.
+    _, h, _ = call(sup, "POST", "/v1/chat/completions", body, bearer())
+    assert "Access-Control-Allow-Origin" not in h and h["Vary"] == "Origin"
+
+
+def test_the_second_origin_and_a_sighup_change(sup: Supervisor) -> None:
+    assert preflight_of(sup, "/v1/models", "http://localhost:3000", "GET")[0] == 204
+    original = sup.config_path.read_text()
+    sup.config_path.write_text(original.replace(f'"{ORIGIN}", ', ""))
+    try:
+        sup.proc.send_signal(signal.SIGHUP)
+        poll(lambda: preflight_of(sup, "/v1/models", ORIGIN)[0] == 403, 10, "the origin removed by SIGHUP to be refused")
+        assert preflight_of(sup, "/v1/models", "http://localhost:3000", "GET")[0] == 204
+    finally:
+        sup.config_path.write_text(original)
+        sup.proc.send_signal(signal.SIGHUP)
+        poll(lambda: preflight_of(sup, "/v1/models", ORIGIN)[0] == 204, 10, "the origin to be back")
 
 
 # --- several listen addresses -------------------------------------------------------------------

@@ -121,9 +121,17 @@ def test_host_flags_and_the_address_status_asks(argv: list[str], host: str | lis
         (["--host", "127.0.0.1,"], "--host: server.host[1] must not be empty"),
         (["--host", "127.0.0.1:8080"], "--host: '127.0.0.1:8080' is not an IP address or host name"),
         (["--host", "::1", "--host", "::1"], "--host: server.host lists an address twice"),
+        (["--cors-origins", "*,https://a.example"], '--cors-origins: "*" (any origin) stands alone'),
+        (["--cors-origins", "https://a.example/"], "--cors-origins: server.cors_origins[0]"),
     ],
 )
-def test_bad_host_flags_name_the_flag(argv: list[str], needle: str) -> None:
+def test_bad_host_and_cors_flags_name_the_flag(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(build_parser().parse_args(["serve", *argv]))
     assert needle in str(e.value)
+
+
+def test_cors_flag_is_a_comma_list() -> None:
+    cfg = load_config(build_parser().parse_args(["serve", "--cors-origins", "https://a.example, http://localhost:3000"]))
+    assert cfg.server.cors_origins == ["https://a.example", "http://localhost:3000"]
+    assert load_config(build_parser().parse_args(["serve", "--cors-origins", "*"])).server.cors_origins == ["*"]

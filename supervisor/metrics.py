@@ -86,7 +86,8 @@ class ServingMetrics(Collector):
         rec = done.record
         # A fixed set of path labels (supervisor/routes.py): no client-chosen path is a label.
         group = path_group(done.path)
-        api = group in ("/v1", "native")
+        # A CORS preflight (answered by the supervisor in microseconds) is counted, not timed.
+        api = group in ("/v1", "native") and done.method != "OPTIONS"
         # Requests no model answers (/health, /metrics, an unknown id) count under the first.
         model = rec.model or self._pairs()[0][0]
         key = (model, group, str(done.status))

@@ -164,6 +164,20 @@ def test_preflight_needs_no_key(sup: Supervisor, path: str) -> None:
     assert "X-Fake-Worker-Path" not in h  # answered by the supervisor, not proxied
 
 
+def test_preflights_are_counted_not_timed(sup: Supervisor) -> None:
+    before = scrape(sup)
+    for _ in range(3):
+        assert preflight_of(sup, "/v1/chat/completions", ORIGIN)[0] == 204
+
+    def counted() -> bool:
+        n = total(scrape(sup), "vram_llm_http_requests_total", path="/v1", code="204")
+        return n - total(before, "vram_llm_http_requests_total", path="/v1", code="204") == 3
+
+    poll(counted, 10, "3 preflights counted")
+    durations = "vram_llm_request_duration_seconds_count"
+    assert total(scrape(sup), durations) == total(before, durations)
+
+
 @pytest.mark.parametrize("origin", ["https://evil.example", "http://app.example", "null", ORIGIN + ".evil.example"])
 def test_a_refused_origin_is_never_echoed(sup: Supervisor, origin: str) -> None:
     code, h, raw = preflight_of(sup, "/v1/chat/completions", origin)

@@ -1,9 +1,10 @@
 """Several models: route each /v1 request to its model's proxy by the request's "model".
 
 Rules of this module:
-- OpenAI semantics: the JSON body's ``model`` picks the model; no ``model`` (or a request
-  without a JSON body, e.g. a GET) goes to the first model of the list; an unknown id is a
-  404 ``model_not_found`` in OpenAI's error shape, answered without touching any worker.
+- OpenAI semantics: the JSON body's ``model`` picks the model, else the query's ``model``
+  (llama-server's router mode: ``GET /props?model=ID``); no ``model`` (e.g. a plain GET) goes
+  to the first model of the list; an unknown id is a 404 ``model_not_found`` in OpenAI's
+  error shape, answered without touching any worker.
 - ``GET /v1/models`` is answered here (``ModelCards``), with one model as with several: the
   supervisor knows every configured model, loaded or not, and where it is, so the list
   answers at once, while a worker loads or restarts too (``state`` says so), without a
@@ -138,6 +139,10 @@ class Router:
                 named = _decode_model(raw).model
             except (msgspec.DecodeError, msgspec.ValidationError):
                 named = None  # not JSON, or "model" not a string: the worker explains
+        if named is None:
+            # A request without a body names its model in the query, as llama-server's router
+            # mode asks (GET /props?model=ID); passed on to the worker as it came.
+            named = request.query.get("model") or None
         mid = self.model_for(named)
         if mid not in self._fleet.ids:
             return model_not_found(mid)

@@ -78,9 +78,13 @@ def allow_headers(requested: str | None) -> str:
     return ", ".join(n for n in names if _TOKEN.fullmatch(n)) or DEFAULT_ALLOW_HEADERS
 
 
-def preflight(policy: CorsPolicy, origin: str | None, requested_headers: str | None) -> tuple[int, dict[str, str]]:
+def preflight(
+    policy: CorsPolicy, origin: str | None, requested_headers: str | None, private_network: bool = False
+) -> tuple[int, dict[str, str]]:
     """A preflight's status and headers: 204 and the ``Allow-*`` headers for an allowed
-    origin, else 403 with no ``Access-Control-Allow-Origin``."""
+    origin, else 403 with no ``Access-Control-Allow-Origin``. ``private_network``: the
+    browser asked ``Access-Control-Request-Private-Network: true`` (Chrome, for a public page
+    calling a server on a private or loopback address); an allowed origin is let through."""
     headers = {"Vary": PREFLIGHT_VARY}
     if not policy.allows(origin):
         return 403, headers
@@ -91,6 +95,8 @@ def preflight(policy: CorsPolicy, origin: str | None, requested_headers: str | N
     headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
     headers["Access-Control-Allow-Headers"] = allow_headers(requested_headers)
     headers["Access-Control-Max-Age"] = str(MAX_AGE_S)
+    if private_network:
+        headers["Access-Control-Allow-Private-Network"] = "true"
     return 204, headers
 
 
@@ -139,8 +145,12 @@ class Cors:
     ) -> web.StreamResponse:
         if not is_preflight(request.method, request.headers):
             return await handler(request)
-        status, headers = preflight(self.policy, request.headers.get("Origin"), request.headers.get(
-            "Access-Control-Request-Headers"))
+        status, headers = preflight(
+            self.policy,
+            request.headers.get("Origin"),
+            request.headers.get("Access-Control-Request-Headers"),
+            request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true",
+        )
         if status == 204:
             return web.Response(status=204, headers=headers)
         why = "this origin is not in server.cors_origins" if self.policy.enabled else (

@@ -77,6 +77,13 @@ def test_response_headers(policy: CorsPolicy, origin: str | None, want: dict[str
     assert response_headers(policy, origin) == want
 
 
+def test_private_network_access_only_when_asked_and_allowed() -> None:
+    # Chrome asks before a public page may call a server on a private or loopback address.
+    assert preflight(LISTED, A, None, private_network=True)[1]["Access-Control-Allow-Private-Network"] == "true"
+    assert "Access-Control-Allow-Private-Network" not in preflight(LISTED, A, None)[1]
+    assert preflight(LISTED, "https://evil.example", None, private_network=True) == REFUSED
+
+
 def test_credentials_only_with_explicit_origins() -> None:
     for origin in (A, "null", "https://x.example", None):
         assert "Access-Control-Allow-Credentials" not in response_headers(ANY, origin)

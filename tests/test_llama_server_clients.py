@@ -162,6 +162,14 @@ def test_preflight_needs_no_key(sup: Supervisor, path: str) -> None:
     assert "POST" in h["Access-Control-Allow-Methods"] and "x-stainless-lang" in h["Access-Control-Allow-Headers"]
     assert int(h["Access-Control-Max-Age"]) > 0 and "Origin" in h["Vary"]
     assert "X-Fake-Worker-Path" not in h  # answered by the supervisor, not proxied
+    assert "Access-Control-Allow-Private-Network" not in h  # not asked for
+
+
+def test_private_network_preflight(sup: Supervisor) -> None:
+    code, h, _ = call(sup, "OPTIONS", "/v1/models", None, {
+        "Origin": ORIGIN, "Access-Control-Request-Method": "GET", "Access-Control-Request-Private-Network": "true",
+    })
+    assert code == 204 and h["Access-Control-Allow-Private-Network"] == "true"
 
 
 def test_preflights_are_counted_not_timed(sup: Supervisor) -> None:

@@ -141,7 +141,8 @@ def build_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Applica
     app[CORS] = Cors(CorsPolicy.from_config(fleet.config))
     app[CORS].install(app)  # preflights answered before the keys (serve() installs those after)
     app[REGISTRY] = reg
-    app.router.add_get("/health", _health)
+    for path in routes.HEALTH_PATHS:
+        app.router.add_get(path, _health)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
     # The supervisor lists the models itself, one or several (no worker round trip; it

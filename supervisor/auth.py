@@ -40,7 +40,7 @@ from aiohttp import web
 from supervisor.access_log import KEY_NAME
 from supervisor.config import Config, ConfigError
 from supervisor.proxy import openai_error
-from supervisor.routes import is_api
+from supervisor.routes import HEALTH_PATHS, is_api
 
 log = logging.getLogger("vram_llm.auth")
 
@@ -177,7 +177,7 @@ def presented_key_of(authorization: str | None, x_api_key: str | None) -> str | 
 
 def required_scope(path: str) -> Scope | None:
     """None: open; otherwise the least scope a key needs for this path."""
-    if path == "/health":
+    if path in HEALTH_PATHS:
         return None  # load balancers probe it without credentials
     if is_api(path):  # /v1/*, its root aliases, llama-server's native endpoints (supervisor/routes.py)
         return "inference"

@@ -39,6 +39,9 @@ WORKER_ROOT_PATHS: tuple[str, ...] = (
 # POST /slots/{id}?action=save|restore|erase (llama-server's slot actions), proxied as is.
 SLOT_ACTION_PREFIX = "/slots/"
 
+# llama-server answers its health check at both; open, as /health.
+HEALTH_PATHS: tuple[str, ...] = ("/health", "/v1/health")
+
 # GET /models and /models/{id}: the model list, as /v1/models (answered by the supervisor).
 # They do not collide with POST /models/{id}/load|unload (one more segment, admin scope).
 MODELS_ALIAS = "/models"
@@ -63,11 +66,13 @@ def is_models_alias(path: str) -> bool:
 def path_group(path: str) -> PathGroup:
     """The metrics label of a path, from a fixed set: the OpenAI/Anthropic API under ``/v1``
     and its root aliases are ``/v1``; llama-server's native endpoints are ``native``."""
+    if path in HEALTH_PATHS:
+        return "/health"
     if path.startswith("/v1/") or path in V1_ALIASES or is_models_alias(path):
         return "/v1"
     if path in WORKER_ROOT_PATHS or is_slot_action(path):
         return "native"
-    if path in ("/health", "/status", "/metrics"):
+    if path in ("/status", "/metrics"):
         return path  # type: ignore[return-value]
     return "other"
 

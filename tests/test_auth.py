@@ -91,7 +91,7 @@ def test_key_file_comments_duplicates_and_flag_keys(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("path", "scope"),
-    [("/health", None), ("/v1/models", "inference"), ("/v1/chat/completions", "inference"),
+    [("/health", None), ("/v1/health", None), ("/v1/models", "inference"), ("/v1/chat/completions", "inference"),
      ("/status", "admin"), ("/metrics", "admin"), ("/anything", "admin"), ("/v1", "admin"),
      ("/tokenize", "inference"), ("/detokenize", "inference"), ("/apply-template", "inference"),
      # issue 25: llama-server's paths take the same keys as /v1; the admin routes stay admin.

@@ -112,6 +112,11 @@ def test_a_root_path_is_routed_by_model_like_v1(sup: Supervisor) -> None:
     assert headers.get("X-Fake-Worker-Path") == "/completion"
 
 
+def test_v1_health_is_open_as_health(sup: Supervisor) -> None:
+    code, h, raw = call(sup, "GET", "/v1/health")
+    assert code == 200 and json.loads(raw) == {"status": "ok"} and "X-Fake-Worker-Path" not in h
+
+
 def test_get_slots_is_not_routed_here_and_admin_routes_stay(sup: Supervisor) -> None:
     code, headers, _ = call(sup, "GET", "/slots", None, bearer(ADMIN))
     assert code == 404 and "X-Fake-Worker-Path" not in headers  # issue 26 routes GET /slots

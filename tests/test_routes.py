@@ -34,7 +34,7 @@ def test_every_alias_is_the_root_of_its_v1_path() -> None:
         ("/embeddings", "/v1"), ("/models", "/v1"), ("/models/m", "/v1"), ("/v1/rerank", "/v1"),
         ("/completion", "native"), ("/props", "native"), ("/rerank", "native"), ("/reranking", "native"),
         ("/infill", "native"), ("/tokenize", "native"), ("/slots/3", "native"),
-        ("/health", "/health"), ("/status", "/status"), ("/metrics", "/metrics"),
+        ("/health", "/health"), ("/v1/health", "/health"), ("/status", "/status"), ("/metrics", "/metrics"),
         # Anything else is one label, whatever the client sends: no label per path.
         ("/models/m/load", "other"), ("/slots", "other"), ("/slots/", "other"), ("/slots/1/2", "other"),
         ("/random-1234", "other"), ("/", "other"), ("/v1", "other"), ("/modelsx", "other"),

@@ -140,8 +140,8 @@ class Router:
             except (msgspec.DecodeError, msgspec.ValidationError):
                 named = None  # not JSON, or "model" not a string: the worker explains
         if named is None:
-            # A request without a body names its model in the query, as llama-server's router
-            # mode asks (GET /props?model=ID); passed on to the worker as it came.
+            # A request whose body names no model (a GET has none) may name it in the query, as
+            # llama-server's router mode asks (GET /props?model=ID); passed on as it came.
             named = request.query.get("model") or None
         mid = self.model_for(named)
         if mid not in self._fleet.ids:

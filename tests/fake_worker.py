@@ -372,6 +372,12 @@ async def _read(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+async def _say_path(request: web.Request, response: web.StreamResponse) -> None:
+    # What the supervisor asked for (its route table rewrites some paths), on every answer,
+    # 404s for the paths this fake does not serve included.
+    response.headers["X-Fake-Worker-Path"] = request.path_qs
+
+
 def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
@@ -384,6 +390,7 @@ async def serve(spec: LaunchSpec, start_index: int) -> int:
     app.router.add_get("/v1/fake/read", _read)
     app.router.add_post("/v1/chat/completions", fake.handle_chat)
     app.router.add_post("/v1/completions", fake.handle_completions)
+    app.on_response_prepare.append(_say_path)
 
     loop = asyncio.get_running_loop()
     if _env_flag("FAKE_WORKER_IGNORE_SIGTERM"):

@@ -39,7 +39,7 @@ access_log = logging.getLogger("vram_llm.access")
 REQUEST_ID_HEADER = "X-Request-Id"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _RECORD = "vram_llm_record"
-_QUIET = frozenset({"/health", "/metrics"})
+_QUIET = frozenset({"/health", "/v1/health", "/metrics"})
 # What the log learns about the caller (written by supervisor/auth.py): the key's name, never the key.
 KEY_NAME = "vram_llm_key_name"
 

@@ -24,9 +24,11 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from supervisor import routes
 from supervisor.access_log import RequestLog
-from supervisor.auth import WORKER_ROOT_PATHS, KeyStore
-from supervisor.config import Config, ModelEntry, resolved_models, resolved_runtime_dir
+from supervisor.auth import KeyStore
+from supervisor.config import Config, ModelEntry, base_url, listen_hosts, resolved_models, resolved_runtime_dir
+from supervisor.cors import Cors, CorsPolicy
 from supervisor.dialect_errors import anthropic_errors
 from supervisor.fastpath import FastPath
 from supervisor.fleet import Fleet
@@ -50,6 +52,7 @@ REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegist
 SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log", RequestLog)
 CARDS: web.AppKey[ModelCards] = web.AppKey("cards", ModelCards)
+CORS: web.AppKey[Cors] = web.AppKey("cors", Cors)
 
 
 def _first(app: web.Application) -> tuple[WorkerManager, Preparer]:
@@ -135,8 +138,11 @@ def build_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Applica
     app[REQUEST_LOG] = RequestLog(app[SERVING].observe)
     app[REQUEST_LOG].install(app)  # outermost: ids and log lines for refusals too
     app.middlewares.insert(1, anthropic_errors)  # refusals on /v1/messages in Anthropic's shape
+    app[CORS] = Cors(CorsPolicy.from_config(fleet.config))
+    app[CORS].install(app)  # preflights answered before the keys (serve() installs those after)
     app[REGISTRY] = reg
-    app.router.add_get("/health", _health)
+    for path in routes.HEALTH_PATHS:
+        app.router.add_get(path, _health)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
     # The supervisor lists the models itself, one or several (no worker round trip; it
@@ -144,12 +150,17 @@ def build_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Applica
     cards = app[CARDS] = ModelCards(fleet)
     app.router.add_get("/v1/models", cards.models)
     app.router.add_get("/v1/models/{id}", cards.model)
-    # The rest of /v1 and llama-server's tokenizer endpoints at the root are the workers':
-    # the request's "model" field picks the worker (the router's rule; one model serves any).
+    # llama-server answers the list at the root too; POST /models/{id}/load is one segment longer.
+    app.router.add_get(routes.MODELS_ALIAS, cards.models)
+    app.router.add_get(routes.MODELS_ALIAS + "/{id}", cards.model)
+    # The rest of /v1, its root aliases and llama-server's native endpoints at the root are
+    # the workers' (the table: supervisor/routes.py): the request's "model" field picks the
+    # worker (the router's rule; one model serves any).
     router = Router(fleet, fleet.config.server.body_timeout_s)
     app.router.add_route("*", "/v1/{tail:.*}", router.handle, expect_handler=router.expect_handler)
-    for path in WORKER_ROOT_PATHS:
+    for path in (*routes.V1_ALIASES, *routes.WORKER_ROOT_PATHS):
         app.router.add_route("*", path, router.handle, expect_handler=router.expect_handler)
+    app.router.add_post(routes.SLOT_ACTION_PREFIX + "{id}", router.handle, expect_handler=router.expect_handler)
     app.router.add_post("/models/{id}/load", lambda r: _load_unload(r, True))
     app.router.add_post("/models/{id}/unload", lambda r: _load_unload(r, False))
     app.router.add_route("*", "/{tail:.*}", _not_found)
@@ -167,7 +178,8 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     entries = resolved_models(config, default_entry_path)  # ConfigError: cli reports it
     keys = KeyStore.from_config(config)  # raises ConfigError too
     log.info("API keys: %s", keys.describe())
-    keys.warn_if_exposed(config.server.host)
+    for host in listen_hosts(config):
+        keys.warn_if_exposed(host)
     base = resolved_runtime_dir(config)
     base.mkdir(parents=True, exist_ok=True)
     # SIGTERM/SIGINT from here on end the server in order (and remove the runtime dir),
@@ -234,23 +246,28 @@ async def _serve_in(
     )
     await runner.setup()
     # GET /v1/models answered before aiohttp's request machinery (its rules: supervisor/fastpath.py).
-    fast = FastPath(app[CARDS], keys, app[REQUEST_LOG], guard, config.server.keepalive_timeout_s)
+    fast = FastPath(app[CARDS], keys, app[REQUEST_LOG], guard, config.server.keepalive_timeout_s, app[CORS])
     mgr_task: asyncio.Task[None] | None = None
     watchdog_task: asyncio.Task[None] | None = None
     old_exception_handler = loop.get_exception_handler()
     try:
-        site = GuardedTCPSite(runner, config.server.host, config.server.port, guard, fast.wrap)
-        try:
-            await site.start()
-        except OSError as e:
-            log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, e)
-            return 1
+        # One site per address (server.host may list several, IPv6 included: asyncio binds an
+        # IPv6 socket IPV6_V6ONLY, so "0.0.0.0" and "::" can both be listed); all share the
+        # guard, the fast path and the app. One that cannot bind ends the start (runner.cleanup
+        # below stops the others).
+        hosts = listen_hosts(config)
+        sites = [GuardedTCPSite(runner, h, config.server.port, guard, fast.wrap) for h in hosts]
+        for host, site in zip(hosts, sites):
+            try:
+                await site.start()
+            except OSError as e:
+                log.error("cannot listen on %s: %s", base_url(host, config.server.port), e)
+                return 1
         guard.start()
         loop.set_exception_handler(guard.exception_handler)
         log.info(
-            "listening on http://%s:%d (at most %d connections)",
-            config.server.host,
-            config.server.port,
+            "listening on %s (at most %d connections)",
+            ", ".join(base_url(h, config.server.port) for h in hosts),
             guard.max_connections,
         )
 
@@ -259,6 +276,7 @@ async def _serve_in(
             notify.reloading()
             read = fleet.request_reload()  # a bad new config keeps the old one (logged)
             keys.reload(read or fleet.config)  # a revoked key stops working now, whatever else failed
+            app[CORS].reload(read or fleet.config)
             if sent_ready:  # systemd ends the reload job on READY=1 (sd_notify(3)), else times out
                 notify.ready()
 
@@ -281,7 +299,8 @@ async def _serve_in(
         log.info("shutting down: no new connections; waiting up to %.0fs for %d request(s) in flight",
                  config.shutdown.grace_s, fleet.in_flight)
         notify.stopping()
-        await site.stop()
+        for site in sites:
+            await site.stop()
         if not await fleet.wait_no_requests(loop.time() + config.shutdown.grace_s):
             log.warning("grace period over: %d request(s) still in flight will be cut", fleet.in_flight)
         fleet.request_shutdown()

@@ -9,8 +9,9 @@ Rules of this module:
       [NAME:]KEY [SCOPE]
 
   NAME is ``[A-Za-z0-9._-]{1,64}`` (what logs show; default ``line-N``), KEY is at least 16
-  printable characters without spaces, SCOPE is ``inference`` (``/v1/*`` and the tokenizer routes; the default)
-  or ``admin`` (everything: ``/status``, ``/metrics`` and the admin routes as well).
+  printable characters without spaces, SCOPE is ``inference`` (``/v1/*``, its root aliases
+  and llama-server's native routes: supervisor/routes.py; the default) or ``admin``
+  (everything: ``/status``, ``/metrics`` and the admin routes as well).
 - The secret is never logged, shown in ``/status`` or echoed in an error: the rest of the
   supervisor only ever sees the key's NAME (``request[KEY_NAME]``).
 - Lookup is constant-time over the whole key set: the presented key and every stored key
@@ -39,6 +40,7 @@ from aiohttp import web
 from supervisor.access_log import KEY_NAME
 from supervisor.config import Config, ConfigError
 from supervisor.proxy import openai_error
+from supervisor.routes import HEALTH_PATHS, is_api
 
 log = logging.getLogger("vram_llm.auth")
 
@@ -173,15 +175,11 @@ def presented_key_of(authorization: str | None, x_api_key: str | None) -> str | 
     return header or None
 
 
-# llama-server's tokenizer endpoints, answered by the worker (inference, like /v1/*).
-WORKER_ROOT_PATHS: tuple[str, ...] = ("/tokenize", "/detokenize", "/apply-template")
-
-
 def required_scope(path: str) -> Scope | None:
     """None: open; otherwise the least scope a key needs for this path."""
-    if path == "/health":
+    if path in HEALTH_PATHS:
         return None  # load balancers probe it without credentials
-    if path.startswith("/v1/") or path in WORKER_ROOT_PATHS:
+    if is_api(path):  # /v1/*, its root aliases, llama-server's native endpoints (supervisor/routes.py)
         return "inference"
     return "admin"  # /status, /metrics, admin routes, and anything unknown
 

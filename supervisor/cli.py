@@ -53,13 +53,26 @@ def _command(value: str) -> list[str]:
     return argv
 
 
+def _hosts(values: list[str]) -> str | list[str]:
+    """--host, repeated and/or comma-separated (llama-server's form): one address stays a
+    string, several are server.host's list (checked by the schema, naming the entry)."""
+    hosts = [h.strip() for v in values for h in v.split(",")]
+    return hosts[0] if len(hosts) == 1 else hosts
+
+
+def _origins(value: str) -> list[str]:
+    """--cors-origins: a comma list of origins, or "*"."""
+    return [o.strip() for o in value.split(",") if o.strip()]
+
+
 @dataclass(frozen=True)
 class Flag:
     name: str
     key: str  # dotted Config path
     help: str  # "{default}" is replaced by the schema's default
     metavar: str | None = None
-    convert: Callable[[str], Any] | None = None  # str -> value before schema decoding
+    # str (a repeated flag: the list of them) -> value before schema decoding
+    convert: Callable[[Any], Any] | None = None
     const: bool | None = None  # a switch: sets the key to this value
     repeat: bool = False  # may be given several times: the key gets the list of values
 
@@ -77,7 +90,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--model", "model.path", "GGUF model file (default: the embedded SmolLM2-135M-Instruct); repeat it, "
          "as PATH or ID=PATH, to serve several models", "[ID=]PATH", repeat=True),
     Flag("--models-dir", "models_dir", "serve every .gguf file in this directory (id = file stem)", "DIR"),
-    Flag("--host", "server.host", "address to listen on (default {default})", "HOST"),
+    Flag("--host", "server.host", "address to listen on (default {default}); several: a comma list "
+         "(127.0.0.1,::1) or the flag repeated", "HOST", _hosts, repeat=True),
     Flag("--port", "server.port", "port to listen on (default {default})", "PORT", int),
     Flag("--reserve-mib", "gpu.reserve_mib", "VRAM left free on every GPU (default {default})", "MIB", int),
     Flag("--device-order", "gpu.device_order", "order of GPUs in the split (default {default})"),
@@ -92,8 +106,14 @@ FLAGS: tuple[Flag, ...] = (
          "N", int),
     Flag("--chat-template", "model.chat_template", "chat template instead of the GGUF's: a Jinja file or "
          "a llama.cpp built-in name (chatml, llama3, ...)", "FILE|NAME"),
+    Flag("--token-gap-ms", "model.token_gap_ms", "running streams' inter-token gap kept while new prompts "
+         "are read (default {default})", "MS", int),
+    Flag("--draft-max", "model.draft_max", "tokens drafted from the context per step, 0: none "
+         "(default {default})", "N", int),
     Flag("--simulate-gpus", "gpu.simulate_gpus", "plan for the GPUs listed in this JSON file", "FILE"),
     Flag("--worker-command", "worker.command", "worker command line, shell-quoted (tests)", "CMD", _command),
+    Flag("--cors-origins", "server.cors_origins", "browser origins allowed to call the API (CORS), a comma "
+         "list of scheme://host[:port], or * for any (default: none, no CORS headers)", "ORIGINS", _origins),
     Flag("--api-key", "server.api_keys", "an admin API key clients must send (repeatable; prefer "
          "server.api_keys_file, which `ps` does not show)", "KEY", repeat=True),
 )
@@ -183,6 +203,8 @@ def load_config(args: argparse.Namespace) -> Config:
         for f in FLAGS:
             if msg.startswith(f"flag: {f.key}:"):
                 raise ConfigError(f"{f.name}{msg[len('flag: ' + f.key):]}") from None
+            if msg.startswith(f"flag: {f.key}"):  # an entry of a list ("server.host[1] ...")
+                raise ConfigError(f"{f.name}: {msg[len('flag: '):]}") from None
         raise
 
 

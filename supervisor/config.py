@@ -12,6 +12,7 @@ Rules for this module:
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import sys
@@ -55,7 +56,12 @@ class ModelSettings(_Section):
     chat_template: str = ""
     flash_attn: bool = False
     parallel: PositiveInt = 4  # requests generated at once (slots, each with ctx_size KV cells)
-    prefill_chunk: PositiveInt = 64  # prompt tokens per step while others generate (docs/benchmarks.md)
+    # Running streams' inter-token gap the scheduler keeps while it reads newcomers' prompts
+    # (worker/engine/scheduler.py: from the measured cost of a step), and the least prompt
+    # tokens a step takes beside them whatever the cost.
+    token_gap_ms: PositiveInt = 1000
+    prefill_chunk: PositiveInt = 16
+    draft_max: NonNegInt = 8  # tokens drafted from the context per step (drafts.py); 0: none
     cache_ram_mib: NonNegInt = 1024  # host RAM for earlier prompts' KV snapshots; 0: none
     cache_disk_mib: NonNegInt = 4096  # disk for them under server.cache_dir (survives restarts); 0: none
     embeddings: bool = False  # also serve /v1/embeddings (a second, small context)
@@ -97,8 +103,13 @@ class ModelEntry(ModelSettings, kw_only=True):
 
 
 class ServerSection(_Section):
-    host: str = "127.0.0.1"
+    # An address, or a list of them (each an IPv4 or IPv6 address or a host name); the first
+    # is the one `vram-llm status` asks (listen_hosts).
+    host: str | list[str] = "127.0.0.1"
     port: Port = 8080
+    # Browser origins allowed to call the API (CORS): exact origins ("https://app.example",
+    # scheme://host[:port]) or ["*"] for any (then without credentials); empty: no CORS headers.
+    cors_origins: list[str] = msgspec.field(default_factory=list)
     api_keys: list[str] = msgspec.field(default_factory=list)  # admin keys (--api-key); see supervisor/auth.py
     api_keys_file: str = ""  # one "[NAME:]KEY [inference|admin]" per line; re-read on SIGHUP
     runtime_dir: str = ""  # empty: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir
@@ -304,8 +315,6 @@ def _check(cfg: Config, source: str) -> None:
                 f"{source}: gpu.reserve_overrides key {k!r}: expected a GPU UUID (GPU-...) "
                 "or an NVML index like \"0\""
             )
-    if not cfg.server.host:
-        raise ConfigError(f"{source}: server.host must not be empty")
     ids = [m.id for m in cfg.models]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -320,6 +329,76 @@ def _check(cfg: Config, source: str) -> None:
                 f"{source}: {where}: parallel ({ms.parallel}) must be <= n_batch ({ms.n_batch}): "
                 "every slot decodes one token per batch"
             )
+
+
+# A host name (RFC 1123 labels); an address is checked by ipaddress.
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+# An origin as a browser sends it: scheme://host[:port], lower case, no path (RFC 6454).
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def _unbracketed(host: str) -> str:
+    """An IPv6 address may be written in brackets, as in a URL."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def listen_hosts(cfg: Config) -> list[str]:
+    """The addresses to listen on, in order (server.host, one or a list)."""
+    hosts = [cfg.server.host] if isinstance(cfg.server.host, str) else cfg.server.host
+    return [_unbracketed(h) for h in hosts]
+
+
+def base_url(host: str, port: int) -> str:
+    """``http://host:port`` with an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _host_problems(host: str | list[str]) -> list[str]:
+    hosts = [host] if isinstance(host, str) else host
+    if not hosts:
+        return ["server.host: give at least one address"]
+    out: list[str] = []
+    for i, h in enumerate(hosts):
+        where = "server.host" if isinstance(host, str) else f"server.host[{i}]"
+        bare = _unbracketed(h)
+        if not bare:
+            out.append(f"{where} must not be empty")
+            continue
+        try:
+            ipaddress.ip_address(bare)
+        except ValueError:
+            if ":" in bare or not _HOST_NAME.fullmatch(bare):
+                out.append(
+                    f"{where}: {h!r} is not an IP address or host name (one address per entry; "
+                    "the port is server.port)"
+                )
+    if len(set(hosts)) != len(hosts):
+        out.append(f"server.host lists an address twice: {hosts}")
+    return out
+
+
+def _origin_problems(origins: list[str]) -> list[str]:
+    out: list[str] = []
+    if "*" in origins and len(origins) > 1:
+        out.append('server.cors_origins: "*" (any origin) stands alone: remove the other origins or the "*"')
+    for i, o in enumerate(origins):
+        where = f"server.cors_origins[{i}]"
+        if o == "*":
+            continue
+        if o == "null":
+            out.append(f"{where}: the origin 'null' (sandboxed pages, file://) cannot be allowed: any page can send it")
+        elif not _ORIGIN.fullmatch(o):
+            m = _ORIGIN.match(o.lower())
+            hint = ""
+            if m is not None:
+                hint = " (no path, not even a trailing '/')" if m.end() < len(o) else " (in lower case, as browsers send it)"
+            out.append(
+                f"{where}: {o!r} is not an origin: expected scheme://host[:port] such as "
+                f"'https://app.example' or 'http://localhost:3000'{hint}"
+            )
+    if len(set(origins)) != len(origins):
+        out.append(f"server.cors_origins lists an origin twice: {origins}")
+    return out
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -351,6 +430,12 @@ def build_config(
         # A bad value that came from a flag: say so, the file is not to blame.
         raise _explain(e, "flag" if key in flagged else source, merged) from None
     _check(cfg, source)
+    for key, problems in (
+        ("server.host", _host_problems(cfg.server.host)),
+        ("server.cors_origins", _origin_problems(cfg.server.cors_origins)),
+    ):
+        if problems:  # the first; a value that came from a flag: say so
+            raise ConfigError(f"{'flag' if key in flagged else source}: {problems[0]}")
     return cfg
 
 

@@ -20,7 +20,9 @@ Rules of this module:
   exactly one Host; at most one of each header read here and of each aiohttp refuses twice
   (its SINGLETON_HEADERS); no header that announces a body
   or another protocol (Content-Length, Transfer-Encoding, Expect, Upgrade, TE, Trailer,
-  HTTP2-Settings); Connection only ``close`` or ``keep-alive``; the chunk ends with the one
+  HTTP2-Settings); no Origin (a browser's request: its CORS headers are aiohttp's, by
+  supervisor/cors.py; an answer here carries the CORS headers of a request without one,
+  ``Cors.plain_headers``); Connection only ``close`` or ``keep-alive``; the chunk ends with the one
   blank line and nothing after it. Anything else (a request split over two reads, two
   pipelined in one read, a lowercase method, HTTP/1.0, a query string) passes through, and
   aiohttp handles it, errors included.
@@ -73,6 +75,7 @@ from aiohttp.http_parser import SINGLETON_HEADERS
 
 from supervisor.access_log import Finished, RequestLog, RequestRecord, request_id_for
 from supervisor.auth import KeyStore, key_digest, presented_key_of
+from supervisor.cors import Cors
 from supervisor.http_guard import ConnectionGuard
 
 MAX_REQUEST_BYTES = 8192
@@ -88,7 +91,9 @@ _HEADER_BLOCK = re.compile(
     rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*\r\n){0," + str(MAX_HEADER_LINES).encode() + rb"}"
 )
 # Headers that announce a body, another protocol or hop-by-hop behaviour: aiohttp's job.
-_PASS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", b"http2-settings"})
+_PASS = frozenset({
+    b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", b"http2-settings", b"origin",
+})
 _READ = frozenset({b"host", b"connection", b"authorization", b"x-api-key", b"x-request-id"})
 # Headers that may appear once: the ones read here, and those aiohttp's strict parser refuses
 # twice (400 "Duplicate ... header found"): a repeat passes through, so the verdict is aiohttp's.
@@ -180,9 +185,16 @@ class FastPath:
     """What every fast connection shares: the cards, the keys, the log, the guard."""
 
     def __init__(
-        self, cards: Cards, keys: KeyStore, requests: RequestLog, guard: ConnectionGuard, keepalive_timeout_s: float
+        self,
+        cards: Cards,
+        keys: KeyStore,
+        requests: RequestLog,
+        guard: ConnectionGuard,
+        keepalive_timeout_s: float,
+        cors: Cors | None = None,
     ) -> None:
         self._cards = cards
+        self._cors = cors
         self._keys = keys
         self._requests = requests
         self.guard = guard
@@ -225,17 +237,18 @@ class FastPath:
         if body is None:
             return False  # no such model: aiohttp's 404
         rec = RequestRecord(request_id_for(req.request_id), started)
-        # The header order aiohttp writes for this route (X-Request-Id comes from its
-        # on_response_prepare hook, after the rest).
+        # The header order aiohttp writes for this route (X-Request-Id and then the CORS
+        # headers come from its on_response_prepare hooks, after the rest).
         transport.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\nServer: %s\r\n"
-            b"%sX-Request-Id: %s\r\n\r\n%s"
+            b"%sX-Request-Id: %s\r\n%s\r\n%s"
             % (
                 len(body),
                 self._date.now(),
                 _SERVER,
                 b"Connection: close\r\n" if req.close else b"",
                 rec.request_id.encode("ascii"),
+                b"" if self._cors is None else self._cors.plain_headers(),
                 body,
             )
         )

@@ -62,6 +62,8 @@ def settings_of(config: Config, entry: ModelEntry) -> dict[str, Any]:
         "chat_format": entry.chat_format or None,
         "parallel": entry.parallel,
         "prefill_chunk": entry.prefill_chunk,
+        "token_gap_ms": entry.token_gap_ms,
+        "draft_max": entry.draft_max,
         "cache_ram_mib": entry.cache_ram_mib,
         "cache_disk_mib": entry.cache_disk_mib,
         "cache_dir": str(model_cache_dir(config, entry.id)),

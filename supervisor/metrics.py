@@ -31,6 +31,7 @@ from supervisor.access_log import Finished
 from supervisor.fleet import Fleet
 from supervisor.gpus import GpuProbeError
 from supervisor.nvml import process_gpu_memory
+from supervisor.routes import path_group
 from supervisor.spawn import worker_pids_of
 from supervisor.states import WorkerState
 from supervisor.status import GpuNow
@@ -83,11 +84,13 @@ class ServingMetrics(Collector):
     def observe(self, done: Finished) -> None:
         """One ended request (called by the access log middleware)."""
         rec = done.record
-        api = done.path.startswith("/v1/")
+        # A fixed set of path labels (supervisor/routes.py): no client-chosen path is a label.
+        group = path_group(done.path)
+        # A CORS preflight (answered by the supervisor in microseconds) is counted, not timed.
+        api = group in ("/v1", "native") and done.method != "OPTIONS"
         # Requests no model answers (/health, /metrics, an unknown id) count under the first.
         model = rec.model or self._pairs()[0][0]
-        key = (model, "/v1" if api else done.path if done.path in ("/health", "/status", "/metrics") else "other",
-               str(done.status))
+        key = (model, group, str(done.status))
         # The label children, looked up once: labels() costs more than the increment, on
         # every request (no label set is ever removed, so a kept child stays the exported one).
         counter = self._counted.get(key)

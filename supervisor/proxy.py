@@ -124,9 +124,13 @@ class Proxy:
         self._wait_timeout_s = wait_timeout_s  # read per request: SIGHUP may change it
         self._body_timeout_s = body_timeout_s
 
-    async def handle(self, request: web.Request, prebody: bytes | None = None) -> web.StreamResponse:
+    async def handle(
+        self, request: web.Request, prebody: bytes | None = None, upstream_path: str | None = None
+    ) -> web.StreamResponse:
         """Forward one request; ``prebody``: its body, already read (by the router, to find
-        the model it names), replayed instead of read from the client."""
+        the model it names), replayed instead of read from the client; ``upstream_path``:
+        the worker's path for it when not the request's own (a root alias of a /v1 route,
+        supervisor/routes.py), the query string kept."""
         adm = self._mgr.admission
         rec = record(request)
         rid = rec.request_id
@@ -144,6 +148,10 @@ class Proxy:
             body.prime(prebody)
         headers = _forward_headers(request.headers)
         headers["X-Request-Id"] = rid
+        target = request.path_qs
+        if upstream_path is not None:
+            query = request.rel_url.raw_query_string
+            target = upstream_path + ("?" + query if query else "")
         # Generation requests (POST) take one of the worker's generation slots; the model
         # list and other reads only need a ready worker.
         slot = request.method == "POST"
@@ -185,7 +193,7 @@ class Proxy:
                 try:
                     upstream = await handle.session.request(
                         request.method,
-                        "http://worker" + request.path_qs,
+                        "http://worker" + target,
                         headers=headers,
                         data=None if body is None else body.stream(),
                         allow_redirects=False,

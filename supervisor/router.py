@@ -1,9 +1,10 @@
 """Several models: route each /v1 request to its model's proxy by the request's "model".
 
 Rules of this module:
-- OpenAI semantics: the JSON body's ``model`` picks the model; no ``model`` (or a request
-  without a JSON body, e.g. a GET) goes to the first model of the list; an unknown id is a
-  404 ``model_not_found`` in OpenAI's error shape, answered without touching any worker.
+- OpenAI semantics: the JSON body's ``model`` picks the model, else the query's ``model``
+  (llama-server's router mode: ``GET /props?model=ID``); no ``model`` (e.g. a plain GET) goes
+  to the first model of the list; an unknown id is a 404 ``model_not_found`` in OpenAI's
+  error shape, answered without touching any worker.
 - ``GET /v1/models`` is answered here (``ModelCards``), with one model as with several: the
   supervisor knows every configured model, loaded or not, and where it is, so the list
   answers at once, while a worker loads or restarts too (``state`` says so), without a
@@ -30,6 +31,7 @@ from aiohttp import web
 from supervisor.access_log import record
 from supervisor.fleet import Fleet
 from supervisor.proxy import Proxy, openai_error
+from supervisor.routes import worker_path
 from supervisor.states import PROCESS_STATES, WorkerState
 from supervisor.worker_process import WorkerManager
 from worker.protocol import MAX_BODY_BYTES
@@ -53,6 +55,9 @@ def model_not_found(mid: str) -> web.Response:
 
 
 class Router:
+    """The handler of every proxied route: the API under /v1, its root aliases (proxied to
+    the /v1 path: supervisor/routes.py) and llama-server's native root endpoints."""
+
     def __init__(self, fleet: Fleet, body_timeout_s: float) -> None:
         self._fleet = fleet
         self._body_timeout_s = body_timeout_s
@@ -134,6 +139,10 @@ class Router:
                 named = _decode_model(raw).model
             except (msgspec.DecodeError, msgspec.ValidationError):
                 named = None  # not JSON, or "model" not a string: the worker explains
+        if named is None:
+            # A request whose body names no model (a GET has none) may name it in the query, as
+            # llama-server's router mode asks (GET /props?model=ID); passed on as it came.
+            named = request.query.get("model") or None
         mid = self.model_for(named)
         if mid not in self._fleet.ids:
             return model_not_found(mid)
@@ -141,7 +150,8 @@ class Router:
         # A no-op when loaded; otherwise the request waits for the load (and a request clears
         # an earlier "no room" refusal, which would otherwise answer 503 until an operator's load).
         self._fleet.load(mid)
-        return await self.proxy(mid).handle(request, prebody=raw)
+        upstream = worker_path(request.path)
+        return await self.proxy(mid).handle(request, prebody=raw, upstream_path=None if upstream == request.path else upstream)
 
 
 class ModelCards:

@@ -22,17 +22,16 @@ from typing import Any, TypeVar
 import msgspec
 
 from supervisor.auth import client_key
-from supervisor.config import Config
+from supervisor.config import Config, base_url, listen_hosts
 from supervisor.status import RestartRecord, Status, decode_status
 
 
 def status_url(config: Config) -> str:
-    host = config.server.host
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.server.port}/status"
+    """The first address the server listens on; a wildcard one is asked on its loopback
+    ("::" binds IPv6 only: asyncio's sockets are IPV6_V6ONLY)."""
+    host = listen_hosts(config)[0]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{base_url(host, config.server.port)}/status"
 
 
 def fetch_status(url: str, timeout_s: float = 5.0, api_key: str | None = None) -> Status:

@@ -231,6 +231,8 @@ class FakeWorker:
             gpu_offload_supported=True,
             parallel=1,  # one request at a time, whatever the spec asks (see the top of this file)
             prefill_chunk=spec.prefill_chunk,
+            token_gap_ms=spec.token_gap_ms,
+            draft_max=spec.draft_max,
         )
         since = None if self.last_token_at is None else time.monotonic() - self.last_token_at
         return Health(
@@ -370,6 +372,12 @@ async def _read(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+async def _say_path(request: web.Request, response: web.StreamResponse) -> None:
+    # What the supervisor asked for (its route table rewrites some paths), on every answer,
+    # 404s for the paths this fake does not serve included.
+    response.headers["X-Fake-Worker-Path"] = request.path_qs
+
+
 def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
@@ -382,6 +390,7 @@ async def serve(spec: LaunchSpec, start_index: int) -> int:
     app.router.add_get("/v1/fake/read", _read)
     app.router.add_post("/v1/chat/completions", fake.handle_chat)
     app.router.add_post("/v1/completions", fake.handle_completions)
+    app.on_response_prepare.append(_say_path)
 
     loop = asyncio.get_running_loop()
     if _env_flag("FAKE_WORKER_IGNORE_SIGTERM"):

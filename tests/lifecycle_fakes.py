@@ -79,7 +79,8 @@ def health(status: str = "ok", *, progress: float = 1.0, since_token: float | No
     params = AppliedParams(model_path="/m.gguf", n_gpu_layers=0, tensor_split=None, split_mode="layer", main_gpu=0,
                            n_ctx=4096, n_batch=512, n_threads=1, chat_format=None, cuda_visible_devices=None,
                            cuda_device_order=None, llama_cpp_version="fake", gpu_offload_supported=False,
-                           parallel=parallel, prefill_chunk=0)
+                           parallel=parallel, prefill_chunk=0, token_gap_ms=1,
+                           draft_max=0)
     return Health(status=status, pid=1, progress=progress, seconds_since_token=since_token,  # type: ignore[arg-type]
                   params=params if status == "ok" else None)
 

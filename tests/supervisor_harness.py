@@ -60,10 +60,10 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(s: Supervisor) -> Samples:
-    """/metrics parsed: (sample name, sorted labels) -> value."""
+    """/metrics parsed: (sample name, sorted labels) -> value (with ``s.api_key`` if set)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
+    with urllib.request.urlopen(urllib.request.Request(s.base + "/metrics", headers=s._headers()), timeout=10) as r:
         text = r.read().decode()
     return {
         (smp.name, tuple(sorted(smp.labels.items()))): smp.value
@@ -152,6 +152,24 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def key_file(tmp: Path, inference: str, admin: str) -> Path:
+    """An api_keys_file with one inference key ("app") and one admin key ("ops")."""
+    path = tmp / "keys"
+    path.write_text(f"app:{inference}\nops:{admin} admin\n")
+    return path
+
+
+@contextlib.contextmanager
+def ready_supervisor(s: Supervisor, ready_timeout_s: float = 60.0) -> Iterator[Supervisor]:
+    """``s`` once ready; afterwards it must stop cleanly (exit 0, nothing left), else it is killed."""
+    try:
+        s.wait_ready(ready_timeout_s)
+        yield s
+        assert s.stop() == 0
+    finally:
+        s.kill_hard()
 
 
 class Supervisor:

@@ -91,9 +91,16 @@ def test_key_file_comments_duplicates_and_flag_keys(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("path", "scope"),
-    [("/health", None), ("/v1/models", "inference"), ("/v1/chat/completions", "inference"),
+    [("/health", None), ("/v1/health", None), ("/v1/models", "inference"), ("/v1/chat/completions", "inference"),
      ("/status", "admin"), ("/metrics", "admin"), ("/anything", "admin"), ("/v1", "admin"),
-     ("/tokenize", "inference"), ("/detokenize", "inference"), ("/apply-template", "inference")],
+     ("/tokenize", "inference"), ("/detokenize", "inference"), ("/apply-template", "inference"),
+     # issue 25: llama-server's paths take the same keys as /v1; the admin routes stay admin.
+     ("/chat/completions", "inference"), ("/completions", "inference"), ("/embeddings", "inference"),
+     ("/models", "inference"), ("/models/m1", "inference"), ("/models/m1/load", "admin"),
+     ("/models/m1/unload", "admin"), ("/completion", "inference"), ("/props", "inference"),
+     ("/rerank", "inference"), ("/reranking", "inference"), ("/v1/rerank", "inference"),
+     ("/slots/0", "inference"), ("/slots", "admin"), ("/slots/0/x", "admin"), ("/infill", "inference"),
+     ("/chat/completions/input_tokens", "inference")],
 )
 def test_route_scopes(path: str, scope: str | None) -> None:
     assert required_scope(path) == scope

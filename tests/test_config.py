@@ -13,6 +13,7 @@ from supervisor.config import (
     Config,
     ConfigError,
     build_config,
+    listen_hosts,
     tomllib,
     load_config,
     resolved_runtime_dir,
@@ -70,6 +71,23 @@ def test_no_file_means_defaults() -> None:
         ('[model]\npath = "/x"\n[[models]]\nid = "a"\npath = "/a"\n', ["both name models"]),
         ("[model]\nparallel = 600\n", ["model: parallel (600) must be <= n_batch (512)"]),
         ('[[models]]\nid = "a"\npath = "/a"\nparallel = 8\nn_batch = 4\n', ["models (a): parallel (8) must be <= n_batch (4)"]),
+        # issue 25: several listen addresses, CORS origins.
+        ("[server]\nhost = []\n", ["server.host: give at least one address"]),
+        ("[server]\nhost = ''\n", ["server.host must not be empty"]),
+        ("[server]\nhost = ['127.0.0.1', '']\n", ["server.host[1] must not be empty"]),
+        ("[server]\nhost = ['127.0.0.1', '127.0.0.1']\n", ["server.host lists an address twice"]),
+        ("[server]\nhost = '127.0.0.1:8080'\n", ["server.host: '127.0.0.1:8080' is not an IP address", "server.port"]),
+        ("[server]\nhost = ['::1', 'a b']\n", ["server.host[1]: 'a b' is not an IP address or host name"]),
+        ("[server]\nhost = 5\n", ["server.host", "Expected `str | array`"]),
+        ("[server]\nhost = [5]\n", ["server.host", "Expected `str`"]),
+        ("[server]\ncors_origins = 'https://a.example'\n", ["server.cors_origins", "Expected `array`"]),
+        ("[server]\ncors_origins = ['*', 'https://a.example']\n", ['server.cors_origins: "*" (any origin) stands alone']),
+        ("[server]\ncors_origins = ['https://a.example/']\n", ["server.cors_origins[0]: 'https://a.example/' is not an origin", "trailing"]),
+        ("[server]\ncors_origins = ['x', 'a.example']\n", ["server.cors_origins[0]: 'x' is not an origin", "scheme://host[:port]"]),
+        ("[server]\ncors_origins = ['https://A.example']\n", ["server.cors_origins[0]", "lower case"]),
+        ("[server]\ncors_origins = ['https://a.example/app']\n", ["server.cors_origins[0]", "no path"]),
+        ("[server]\ncors_origins = ['null']\n", ["server.cors_origins[0]: the origin 'null'"]),
+        ("[server]\ncors_origins = ['http://a.example', 'http://a.example']\n", ["server.cors_origins lists an origin twice"]),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, toml: str, needles: list[str]) -> None:
@@ -94,6 +112,23 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     cfg = load_config(p, {"server.port": 9100, "gpu.devices": [1, 2]})
     assert (cfg.server.port, cfg.server.host, cfg.gpu.devices) == (9100, "0.0.0.0", [1, 2])
     assert cfg.gpu.reserve_overrides == {"1": 10}
+
+
+@pytest.mark.parametrize(
+    ("host", "hosts"),
+    [
+        ("0.0.0.0", ["0.0.0.0"]),
+        (["127.0.0.1", "::1"], ["127.0.0.1", "::1"]),
+        (["[::1]", "localhost", "gpu-box.lan"], ["::1", "localhost", "gpu-box.lan"]),  # brackets as in a URL
+    ],
+)
+def test_listen_hosts(host: str | list[str], hosts: list[str]) -> None:
+    assert listen_hosts(build_config({"server": {"host": host}})) == hosts
+
+
+def test_cors_origins_accepted() -> None:
+    for origins in ([], ["*"], ["https://app.example", "http://localhost:3000", "http://[::1]:8080", "tauri://localhost"]):
+        assert build_config({"server": {"cors_origins": origins}}).server.cors_origins == origins
 
 
 def test_bad_override_blames_the_flag() -> None:

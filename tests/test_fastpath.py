@@ -22,7 +22,7 @@ from supervisor.access_log import Finished, RequestLog
 from supervisor.auth import KeyStore, key_digest, parse_key_line
 from supervisor.fastpath import MAX_REQUEST_BYTES, FastPath, FastRequest, parse
 from supervisor.http_guard import ConnectionGuard
-from tests.supervisor_harness import Supervisor, poll, total
+from tests.supervisor_harness import Supervisor, key_file, poll, ready_supervisor, total
 
 INF = "inf-key-0123456789abcdef"
 ADMIN = "adm-key-0123456789abcdef"
@@ -69,6 +69,7 @@ def test_accepted(chunk: bytes, want: FastRequest) -> None:
         req(headers=H + b"Expect: 100-continue\r\n"),
         req(headers=H + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"),
         req(headers=H + b"TE: trailers\r\n"),
+        req(headers=H + b"Origin: https://app.example\r\n"),  # a browser's: CORS headers are aiohttp's
         req(headers=H + b"Connection: close, keep-alive\r\n"),
         req(headers=H + b"Connection: \r\n"),
         req(b"get /v1/models HTTP/1.1"),
@@ -306,17 +307,13 @@ WORKER = {"health_interval_s": 0.2, "health_timeout_s": 1.0, "stop_timeout_s": 3
 @pytest.fixture(scope="module")
 def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     tmp = tmp_path_factory.mktemp("fastpath")
-    keys = tmp / "keys"
-    keys.write_text(f"app:{INF}\nops:{ADMIN} admin\n")
-    sections: dict[str, dict[str, Any]] = {"worker": WORKER, "server": {"api_keys_file": str(keys), "keepalive_timeout_s": 1.0}}
-    s = Supervisor(tmp, sections, args=["--log-format", "json"], fake_worker=True)
+    # With CORS on, every answer says Vary: Origin, the fast one included (issue 25).
+    server = {"api_keys_file": str(key_file(tmp, INF, ADMIN)), "keepalive_timeout_s": 1.0,
+              "cors_origins": ["https://app.example"]}
+    s = Supervisor(tmp, {"worker": WORKER, "server": server}, args=["--log-format", "json"], fake_worker=True)
     s.api_key = ADMIN
-    try:
-        s.wait_ready(60)
-        yield s
-        assert s.stop() == 0
-    finally:
-        s.kill_hard()
+    with ready_supervisor(s) as ready:
+        yield ready
 
 
 def exchange(s: Supervisor, *requests: bytes) -> list[tuple[bytes, bytes]]:
@@ -356,6 +353,7 @@ def test_the_fast_answer_is_the_routes_answer(sup: Supervisor) -> None:
         assert [k for k, _ in fast_h] == [k for k, _ in slow_h]  # the same headers, in the same order
         assert {k: v for k, v in fast_h if k != "Date"} == {k: v for k, v in slow_h if k != "Date"}
         assert dict(fast_h)["X-Request-Id"] == "same-id"
+        assert dict(fast_h)["Vary"] == "Origin" and "Access-Control-Allow-Origin" not in dict(fast_h)
 
 
 def test_keys_are_enforced(sup: Supervisor) -> None:

@@ -398,3 +398,33 @@ def test_a_restart_does_not_count_its_own_old_footprint(fleet: Any) -> None:
     os.kill(st["worker"]["pid"], signal.SIGKILL)
     st = s.wait_state("ready", 60, lambda st: st["restarts"] == 1)
     assert st["plan"]["n_gpu_layers"] == -1 and st["swaps"] == 0
+
+
+def test_llama_server_root_paths_are_routed_by_model(fleet: Any) -> None:
+    # issue 25: /completion, /props, /chat/completions... go to the model the body names, or
+    # for a request without a body the query's ?model= (llama-server's router mode).
+    s = fleet(ROOM_FOR_TWO, ["a", "b"])
+    poll(lambda: models_state(s)["a"] == "ready", 60, "model a ready")
+
+    def native(model: str) -> float:
+        return total(scrape(s), "vram_llm_http_requests_total", model=model, path="native")
+
+    def send(method: str, path: str, body: dict[str, Any] | None = None) -> int:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(s.base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:  # the fake worker has no /completion, /props: its 404
+            return e.code
+
+    before = {m: native(m) for m in ("a", "b")}
+    send("POST", "/completion", {"model": "b", "prompt": "hi"})
+    send("GET", "/props?model=b")
+    send("GET", "/props")  # no model: the first
+    poll(lambda: native("b") - before["b"] == 2 and native("a") - before["a"] == 1, 10, "the requests counted by model")
+    code, body = s.post("/completion", {"model": "nope", "prompt": "hi"})
+    assert code == 404 and body["error"]["code"] == "model_not_found"
+    assert s.get("/props?model=nope")[0] == 404
+    code, body = s.post("/chat/completions", {"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert code == 200 and body["model"] == "b"

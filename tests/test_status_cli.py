@@ -1,12 +1,16 @@
-"""`vram-llm status` rendering, as a pure function of a /status document."""
+"""`vram-llm status` rendering, as a pure function of a /status document; the address it asks."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import pytest
+
+from supervisor.cli import build_parser, load_config
+from supervisor.config import ConfigError
 from supervisor.status import decode_status
-from supervisor.status_cli import collapse_history, exit_code, render
+from supervisor.status_cli import collapse_history, exit_code, render, status_url
 
 
 def failure(at: float, pid: int, kind: str = "crash", what: str = "exit code 1 (FAILURE)") -> dict[str, Any]:
@@ -88,3 +92,46 @@ def test_the_status_plan_has_every_field_of_the_planners_plan() -> None:
     assert names(GpuPlan) == set(PlanGpu.__struct_fields__)
     assert names(ModelSummary) == set(PlanModel.__struct_fields__)
     assert names(Estimate) | {"total_mib"} == set(PlanEstimate.__struct_fields__)
+
+
+# --- issue 25: several listen addresses -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "host", "url"),
+    [
+        ([], "127.0.0.1", "http://127.0.0.1:8080/status"),
+        (["--host", "127.0.0.1,::1"], ["127.0.0.1", "::1"], "http://127.0.0.1:8080/status"),
+        (["--host", "::1", "--host", "127.0.0.1"], ["::1", "127.0.0.1"], "http://[::1]:8080/status"),
+        (["--host", "::1,127.0.0.1", "--host", "10.0.0.5"], ["::1", "127.0.0.1", "10.0.0.5"], "http://[::1]:8080/status"),
+        (["--host", "0.0.0.0"], "0.0.0.0", "http://127.0.0.1:8080/status"),  # asked on its loopback
+        (["--host", "::,0.0.0.0"], ["::", "0.0.0.0"], "http://[::1]:8080/status"),  # "::" is IPv6 only
+        (["--host", "gpu-box.lan", "--port", "9000"], "gpu-box.lan", "http://gpu-box.lan:9000/status"),
+    ],
+)
+def test_host_flags_and_the_address_status_asks(argv: list[str], host: str | list[str], url: str) -> None:
+    cfg = load_config(build_parser().parse_args(["status", *argv]))
+    assert cfg.server.host == host
+    assert status_url(cfg) == url
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--host", "127.0.0.1,"], "--host: server.host[1] must not be empty"),
+        (["--host", "127.0.0.1:8080"], "--host: '127.0.0.1:8080' is not an IP address or host name"),
+        (["--host", "::1", "--host", "::1"], "--host: server.host lists an address twice"),
+        (["--cors-origins", "*,https://a.example"], '--cors-origins: "*" (any origin) stands alone'),
+        (["--cors-origins", "https://a.example/"], "--cors-origins: server.cors_origins[0]"),
+    ],
+)
+def test_bad_host_and_cors_flags_name_the_flag(argv: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(build_parser().parse_args(["serve", *argv]))
+    assert needle in str(e.value)
+
+
+def test_cors_flag_is_a_comma_list() -> None:
+    cfg = load_config(build_parser().parse_args(["serve", "--cors-origins", "https://a.example, http://localhost:3000"]))
+    assert cfg.server.cors_origins == ["https://a.example", "http://localhost:3000"]
+    assert load_config(build_parser().parse_args(["serve", "--cors-origins", "*"])).server.cors_origins == ["*"]

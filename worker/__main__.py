@@ -76,6 +76,10 @@ def load_spec(path: str) -> LaunchSpec:
         problems.append("parallel must be between 1 and n_batch (one token per slot per step)")
     if spec.prefill_chunk < 1:
         problems.append("prefill_chunk must be >= 1")
+    if spec.token_gap_ms < 1:
+        problems.append("token_gap_ms must be >= 1")
+    if spec.draft_max < 0:
+        problems.append("draft_max must be >= 0")
     if spec.cache_ram_mib < 0:
         problems.append("cache_ram_mib must be >= 0")
     if spec.n_gpu_layers < -1:

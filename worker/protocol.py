@@ -96,9 +96,12 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Requests generated at once (llama.cpp sequences of one context, each with a KV
     # cache of n_ctx cells); 1 serves one request at a time. At most n_batch.
     parallel: int
-    # Prompt tokens one decode step takes while other requests are generating: bounds
-    # the pause a newcomer's prompt causes in running streams.
+    # The scheduler (worker/engine/scheduler.py): running streams' inter-token gap kept while
+    # newcomers' prompts are read, from the measured step cost, and the least prompt tokens
+    # a step takes beside them. Drafts from the context: at most draft_max tokens a step.
+    token_gap_ms: int
     prefill_chunk: int
+    draft_max: int
     # Host RAM (MiB) for snapshots of earlier prompts' KV (0: none).
     cache_ram_mib: int
     # The disk tier under it: MiB of states kept in cache_dir (0 or an empty dir: none); the
@@ -147,6 +150,8 @@ class AppliedParams(msgspec.Struct, kw_only=True):
     gpu_offload_supported: bool
     parallel: int
     prefill_chunk: int
+    token_gap_ms: int
+    draft_max: int
     # How tool calls are written and parsed: "hermes", "llama3", "mistral" (the template's own
     # markup), "generic" (no markup: JSON in a grammar), or None (tools refused).
     tool_format: str | None = None
@@ -187,6 +192,19 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     # many it can hold (n_ctx per slot x slots), as llama-server's kv_cache_usage_ratio.
     kv_tokens: int = 0
     kv_capacity: int = 0
+    # Drafts from the context: tokens drafted and accepted (llama-server's draft_n and
+    # draft_n_accepted, summed over requests).
+    draft_tokens: int = 0
+    draft_tokens_accepted: int = 0
+    # The batch steps: how many, their decode rows, how many read prompt tokens and how many
+    # read two slots' prompts or more together, and seconds in whole steps and inside
+    # llama_decode alone (their difference is the Python around each step).
+    steps: int = 0
+    step_rows: int = 0
+    prompt_steps: int = 0
+    shared_prompt_steps: int = 0
+    step_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 health_decoder = msgspec.json.Decoder(Health)

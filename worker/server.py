@@ -120,6 +120,14 @@ class WorkerServer:
                 cache_tokens_reused=loop.stats.tokens_reused,
                 kv_tokens=loop.kv_tokens(),
                 kv_capacity=loop.n_ctx * len(loop.slots),
+                draft_tokens=loop.drafts.drafted,
+                draft_tokens_accepted=loop.drafts.accepted,
+                steps=loop.steps.steps,
+                step_rows=loop.steps.rows,
+                prompt_steps=loop.steps.prompt_steps,
+                shared_prompt_steps=loop.steps.shared_prompt_steps,
+                step_seconds=round(loop.steps.step_s, 6),
+                decode_seconds=round(loop.steps.decode_s, 6),
             )
             if loop.ram is not None:
                 ram = loop.ram.stats

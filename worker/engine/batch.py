@@ -1,16 +1,18 @@
 """The batch loop: ONE thread owns the llama.cpp context and serves every slot.
 
 Rules for this module (llama-server's ``update_slots`` is the model):
-- Each step builds ONE ``llama_batch``: first one token of every slot that is decoding
-  (logits on), then prompt chunks of slots still reading their prompt (logits off), and
-  calls ``llama_decode`` once. Each decoding slot then samples from its own row: row i
-  is the i-th decoding slot, and exactly those rows have logits, so "sampling a row
-  without logits" (a llama.cpp abort) cannot happen.
-- A step never holds more than ``n_batch`` tokens (the other llama.cpp abort): at most
-  ``parallel`` decoding tokens (``parallel <= n_batch`` is checked at launch) plus prompt
-  tokens up to the rest. While any slot is decoding, a step takes at most
-  ``prefill_chunk`` prompt tokens, so a long newcomer delays running streams by at most
-  one chunk per token.
+- Each step builds ONE ``llama_batch``: first the rows of every slot that is decoding (its
+  next token, then its draft, logits on), then prompt chunks of slots still reading their
+  prompt (logits off), and calls ``llama_decode`` once. Each decoding slot then samples its
+  own rows in order (``_take``); exactly those rows have logits, so "sampling a row without
+  logits" (a llama.cpp abort) cannot happen.
+- What a step holds is scheduler.py's decision (``plan_step``) from the measured cost of
+  earlier steps: running streams keep their inter-token gap within ``token_gap_s`` (at
+  least ``prefill_chunk`` prompt tokens a step), a burst's prompts are read together, and
+  a step never holds more than ``n_batch`` tokens (the other llama.cpp abort): drafts
+  only fill what the slots' own rows leave.
+- Drafts come from the slot's own context (drafts.py); a rejected draft's cells are
+  removed from the sequence at once, so ``Slot.tokens`` still mirrors the KV cache.
 - Requests are admitted in arrival order when a slot is free. Each slot is a llama.cpp
   sequence with n_ctx KV cells of its own (load.py says why not one shared cache), and
   the prompt check plus the ``max_tokens`` clamp (prompt.py) keep every request inside
@@ -31,7 +33,6 @@ Rules for this module (llama-server's ``update_slots`` is the model):
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -41,9 +42,12 @@ from typing import Any
 import llama_cpp.llama_cpp as llama_lib
 
 from worker.engine.diskcache import DiskCache
+from worker.engine.drafts import Drafter, DraftStats
 from worker.engine.generation import Generation, Sink
 from worker.engine.saved import SavedStates, forget
+from worker.engine.scheduler import SlotWork, StepCost, StepStats, plan_step
 from worker.engine.slots import CacheStats, Slot, pick_slot
+from worker.engine.tokenbatch import TokenBatch
 
 log = logging.getLogger("worker")
 
@@ -60,6 +64,8 @@ class BatchLoop:
         prefill_chunk: int,
         cache_ram_bytes: int,
         disk: DiskCache | None = None,
+        token_gap_s: float = 0.5,
+        draft_max: int = 0,
     ) -> None:
         if not 1 <= parallel <= n_batch:
             raise ValueError(f"parallel ({parallel}) must be between 1 and n_batch ({n_batch})")
@@ -67,14 +73,15 @@ class BatchLoop:
         self._mem = llama_lib.llama_get_memory(ctx)
         self.n_ctx = n_ctx
         self.n_batch = n_batch
-        self.prefill_chunk = max(1, prefill_chunk)
-        self.slots = [Slot(seq) for seq in range(parallel)]
-        batch = self._batch = llama_lib.llama_batch_init(n_batch, 0, 1)
-        for i in range(n_batch):
-            batch.n_seq_id[i] = 1
-        self._token_addr = ctypes.addressof(batch.token.contents)
-        self._pos_addr = ctypes.addressof(batch.pos.contents)
-        self._logits_addr = ctypes.addressof(batch.logits.contents)
+        self.prefill_chunk = max(1, prefill_chunk)  # the scheduler's floor beside running streams
+        self.gap_s = token_gap_s
+        self.cost = StepCost()
+        self.steps = StepStats()  # written by the loop thread, read by /health
+        self.drafts = DraftStats()
+        if llama_lib.llama_model_is_recurrent(llama_lib.llama_get_model(ctx)):
+            draft_max = 0  # a rejected draft is removed from the KV cache: recurrent state cannot be
+        self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
+        self._batch = TokenBatch(n_batch)
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -135,7 +142,7 @@ class BatchLoop:
             self._cond.notify()
         self._thread.join(timeout=_CLOSE_WAIT_S)
         if not self._thread.is_alive():
-            llama_lib.llama_batch_free(self._batch)
+            self._batch.free()
         self.saved.close()
 
     # --- the loop thread ------------------------------------------------------------------
@@ -211,6 +218,7 @@ class BatchLoop:
             self.stats.hits += 1
             self.stats.tokens_reused += reuse
         slot.gen = gen
+        slot.drafter.reset()
         slot.prefilled = reuse
         slot.next_token = prompt[-1] if reuse == len(prompt) - 1 else None
         gen.prompt_cached = gen.prompt_evaluated = reuse
@@ -243,26 +251,24 @@ class BatchLoop:
         for slot in self.slots:
             if slot.next_token is not None and len(slot.tokens) >= self.n_ctx:
                 self._finish(slot, "length")  # the slot is full (the max_tokens clamp prevents it)
-        decoding = [s for s in self.slots if s.gen is not None and s.next_token is not None]
-        filling = sorted(
-            (s for s in self.slots if s.gen is not None and s.next_token is None),
-            key=lambda s: s.admitted,
-        )
-        budget = self.n_batch - len(decoding)
-        if decoding:
-            budget = min(budget, self.prefill_chunk)
-        chunks: list[tuple[Slot, int]] = []
-        for s in filling:
-            if budget <= 0:
-                break
-            assert s.gen is not None
-            take = min(budget, len(s.gen.prepared.tokens) - 1 - s.prefilled)
-            chunks.append((s, take))
-            budget -= take
-        total = len(decoding) + sum(take for _, take in chunks)
-        if total == 0:
-            return
-        self._decode(decoding, chunks, total)
+        busy = {s.seq: s for s in self.slots if s.gen is not None}
+        drafts: dict[int, list[int]] = {}
+        work: list[SlotWork] = []
+        spare = self.n_batch - sum(1 for s in busy.values() if s.next_token is not None)
+        for s in busy.values():
+            gen = s.gen
+            assert gen is not None
+            if s.next_token is None:
+                work.append(SlotWork(s.seq, s.admitted, len(gen.prepared.tokens) - 1 - s.prefilled, False))
+                continue
+            most = min(spare, self.n_ctx - len(s.tokens) - 1, gen.prepared.max_tokens - gen.completion_tokens - 1)
+            draft = drafts[s.seq] = s.drafter.propose(s.tokens, s.next_token, most)
+            spare -= len(draft)
+            work.append(SlotWork(s.seq, s.admitted, 0, gen.completion_tokens > 0, 1 + len(draft)))
+        plan = plan_step(work, self.cost, self.n_batch, self.gap_s, self.prefill_chunk)
+        if plan.decode or plan.chunks:
+            decoding = [(busy[k], drafts[k]) for k in plan.decode]
+            self._decode(decoding, [(busy[k], take) for k, take in plan.chunks])
 
     def _end_newest(self, why: str) -> None:
         slot = max((s for s in self.slots if s.gen is not None), key=lambda s: s.admitted)
@@ -277,30 +283,20 @@ class BatchLoop:
         else:
             self._finish(slot, error=f"{why}; retry the request", status=503)
 
-    def _decode(self, decoding: list[Slot], chunks: list[tuple[Slot, int]], total: int) -> None:
+    def _decode(self, decoding: list[tuple[Slot, list[int]]], chunks: list[tuple[Slot, int]]) -> None:
+        t0 = time.perf_counter()
         batch = self._batch
-        seq_id = batch.seq_id
-        i = 0
-        for s in decoding:
-            batch.token[i] = s.next_token  # type: ignore[assignment]
-            batch.pos[i] = len(s.tokens)
-            seq_id[i][0] = s.seq
-            batch.logits[i] = 1
-            i += 1
+        batch.clear()
+        for s, draft in decoding:
+            assert s.next_token is not None
+            batch.add(s.seq, (s.next_token, *draft), len(s.tokens), True)
+        rows = batch.n
         for s, take in chunks:
             assert s.gen is not None
-            tokens = s.gen.prepared.tokens[s.prefilled : s.prefilled + take]
-            pos0 = len(s.tokens)
-            ctypes.memmove(self._token_addr + 4 * i, (ctypes.c_int32 * take)(*tokens), 4 * take)
-            ctypes.memmove(self._pos_addr + 4 * i, (ctypes.c_int32 * take)(*range(pos0, pos0 + take)), 4 * take)
-            ctypes.memset(self._logits_addr + i, 0, take)
-            seq = s.seq
-            for j in range(i, i + take):
-                seq_id[j][0] = seq
-            i += take
-        assert i == total <= self.n_batch
-        batch.n_tokens = total
-        rc = llama_lib.llama_decode(self._ctx, batch)
+            batch.add(s.seq, s.gen.prepared.tokens[s.prefilled : s.prefilled + take], len(s.tokens), False)
+        t1 = time.perf_counter()
+        rc = batch.decode(self._ctx)
+        self.steps.decode_s += time.perf_counter() - t1
         if rc == 1:
             # No free cells although every slot stays within its own: nothing was stored.
             # End the newest request and plan again rather than retry forever.
@@ -309,7 +305,7 @@ class BatchLoop:
         if rc != 0:
             # Some ubatches may have landed in the KV cache: trim every slot involved back
             # to what its token list says, and fail their requests.
-            for s in [*decoding, *(s for s, _ in chunks)]:
+            for s in [*(s for s, _ in decoding), *(s for s, _ in chunks)]:
                 llama_lib.llama_memory_seq_rm(self._mem, s.seq, len(s.tokens), -1)
                 self._finish(s, error=f"llama_decode failed (code {rc})")
             return
@@ -324,19 +320,35 @@ class BatchLoop:
             gen.last_token_at = now
             if s.prefilled == len(prompt) - 1:
                 s.next_token = prompt[-1]  # decoded alone next step when nobody else runs
-        ctx = self._ctx
-        for row, s in enumerate(decoding):
-            gen = s.gen
-            assert gen is not None and s.next_token is not None
-            s.tokens.append(s.next_token)
-            gen.prompt_evaluated = gen.prompt_tokens
-            try:
-                token = gen.next_token(ctx, row)
-            except Exception as e:
-                log.exception("generation failed")
-                self._finish(s, error=f"internal error: {e}")
-                continue
-            if token is None:
-                self._finish(s)
-            else:
-                s.next_token = token
+        row = 0
+        for s, draft in decoding:
+            self._take(s, row, draft)
+            row += 1 + len(draft)
+        self.steps.count(rows, [take for _, take in chunks], time.perf_counter() - t0)
+        self.cost.observe(rows, batch.n - rows, time.perf_counter() - t0)
+
+    def _take(self, s: Slot, row: int, draft: list[int]) -> None:
+        """Sample slot ``s``'s rows in order, keeping drafted tokens while each is what the
+        request's chain sampled (drafts.py says why that keeps its output's distribution),
+        and remove the rest of the draft from the KV cache."""
+        gen = s.gen
+        assert gen is not None and s.next_token is not None
+        s.tokens.append(s.next_token)
+        gen.prompt_evaluated = gen.prompt_tokens
+        kept, error = 0, None
+        try:
+            token = gen.next_token(self._ctx, row)
+            while token is not None and kept < len(draft) and token == draft[kept]:
+                s.tokens.append(token)
+                kept += 1
+                token = gen.next_token(self._ctx, row + kept)
+        except Exception as e:
+            log.exception("generation failed")
+            token, error = None, f"internal error: {e}"
+        if kept < len(draft):
+            llama_lib.llama_memory_seq_rm(self._mem, s.seq, len(s.tokens), -1)
+        s.drafter.verified(len(draft), kept)
+        if token is None:
+            self._finish(s, error=error)
+        else:
+            s.next_token = token

@@ -63,6 +63,8 @@ class Engine:
             n_batch=int(llama_lib.llama_n_batch(ctx)),
             parallel=self.spec.parallel,
             prefill_chunk=self.spec.prefill_chunk,
+            token_gap_s=self.spec.token_gap_ms / 1000,
+            draft_max=self.spec.draft_max,
             cache_ram_bytes=self.spec.cache_ram_mib * 2**20,
             disk=self._disk_cache(),
         )
@@ -122,6 +124,8 @@ class Engine:
             gpu_offload_supported=bool(llama_lib.llama_supports_gpu_offload()),
             parallel=self.spec.parallel,
             prefill_chunk=self.spec.prefill_chunk,
+            token_gap_ms=self.spec.token_gap_ms,
+            draft_max=self.spec.draft_max,
             tool_format=self._preparer.tool_format if self._preparer is not None else None,
         )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from worker.engine.drafts import Drafter, DraftStats
 from worker.engine.generation import Generation
 
 
@@ -32,6 +33,7 @@ class Slot:
     # (admitted, len(tokens)) when its state was last saved to the RAM/disk tiers: the
     # cache changes only while a request runs in it, so an equal mark means "saved".
     saved: tuple[int, int] = (0, 0)
+    drafter: Drafter = field(default_factory=lambda: Drafter(0, DraftStats()))  # drafts.py
 
 
 @dataclass

@@ -1,0 +1,133 @@
+"""The batch step's scheduler and the context drafter: pure decisions, tested as tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.engine.drafts import Drafter, DraftStats
+from worker.engine.scheduler import HOLD_TOKENS, SlotWork, StepCost, plan_step
+
+
+def _cost(decode: dict[int, float], per_token: float) -> StepCost:
+    return StepCost(decode_s=dict(decode), prompt_token_s=per_token)
+
+
+CPU = _cost({1: 0.010, 4: 0.028}, 0.0035)  # two CPU cores, SmolLM2 (bench.scheduler)
+GPU = _cost({1: 0.004, 4: 0.005}, 0.00002)
+
+
+@pytest.mark.parametrize(
+    ("cost", "rows", "gap_s", "floor", "room", "want"),
+    [
+        (CPU, 4, 1.0, 16, 508, 277),  # (1.0 - 0.028) / 0.0035
+        (CPU, 4, 0.1, 16, 508, 20),
+        (CPU, 4, 0.02, 16, 508, 16),  # the rows alone exceed the gap: the floor
+        (CPU, 4, 0.02, 16, 8, 8),  # never more than the batch has room for
+        (GPU, 4, 0.05, 16, 508, 508),  # a GPU reads a whole batch within the gap
+        (CPU, 0, 0.05, 16, 512, 512),  # nobody generates: as much as the batch holds
+        (CPU, 2, 1.0, 16, 0, 0),
+        (StepCost(), 4, 0.5, 16, 508, 100),  # nothing measured yet: a prompt token guessed at 5 ms
+    ],
+)
+def test_prompt_budget_fits_the_gap(cost: StepCost, rows: int, gap_s: float, floor: int, room: int,
+                                    want: int) -> None:
+    assert cost.prompt_budget(rows, gap_s, floor, room) == want
+
+
+def test_cost_is_learned_from_steps() -> None:
+    cost = StepCost()
+    cost.observe(2, 0, 0.020)
+    assert cost.rows_s(2) == pytest.approx(0.020)
+    assert cost.rows_s(1) == pytest.approx(0.010)  # scaled down from the nearest measured
+    assert cost.rows_s(8) == pytest.approx(0.020)  # never scaled up: the nearest measured
+    cost.observe(2, 100, 0.320)  # 0.3 s for 100 prompt tokens beside 2 rows
+    assert cost.prompt_token_s == pytest.approx(0.003)
+    for _ in range(30):  # the device got slower: the estimate follows
+        cost.observe(2, 100, 0.620)
+    assert cost.prompt_token_s == pytest.approx(0.006, rel=0.01)
+    cost.observe(0, 50, 0.1)  # a prompt-only step
+    assert cost.prompt_token_s < 0.006
+
+
+def _w(key: int, to_read: int, started: bool = False, rows: int = 1, admitted: int | None = None) -> SlotWork:
+    return SlotWork(key, key if admitted is None else admitted, to_read, started, rows)
+
+
+@pytest.mark.parametrize(
+    ("work", "want_decode", "want_chunks", "want_held"),
+    [
+        # A lone request: its prompt in one step, then its last token alone.
+        ([_w(0, 300)], (), ((0, 300),), ()),
+        ([_w(0, 0)], (0,), (), ()),
+        # A burst of four from idle: read together in full batches, oldest first; a slot
+        # whose prompt is read waits for the others, then all four start together.
+        ([_w(0, 511), _w(1, 511), _w(2, 511), _w(3, 511)], (), ((0, 511), (1, 1)), ()),
+        ([_w(0, 0), _w(1, 510), _w(2, 511), _w(3, 511)], (), ((1, 510), (2, 2)), (0,)),
+        ([_w(0, 0), _w(1, 0), _w(2, 0), _w(3, 0)], (0, 1, 2, 3), (), ()),
+        # More to read than llama-server reads in one batch: a read slot starts at once.
+        ([_w(0, 0), _w(1, HOLD_TOKENS + 1)], (0,), ((1, 511),), ()),
+        # A newcomer among running streams: a chunk the gap allows beside their rows.
+        ([_w(0, 0, True), _w(1, 0, True), _w(2, 0, True), _w(3, 500)], (0, 1, 2), ((3, 277),), ()),
+        # Drafted rows count: fewer prompt tokens fit.
+        ([_w(0, 0, True, rows=4), _w(1, 900)], (0,), ((1, 277),), ()),
+        # A fresh slot beside running streams does not wait (only a burst from idle does).
+        ([_w(0, 0, True), _w(1, 0), _w(2, 100)], (0, 1), ((2, 100),), ()),
+        # Oldest prompt first, whatever the slot order.
+        ([_w(0, 600, admitted=5), _w(1, 600, admitted=2)], (), ((1, 512),), ()),
+    ],
+)
+def test_plan_step(work: list[SlotWork], want_decode: tuple[int, ...], want_chunks: tuple[tuple[int, int], ...],
+                   want_held: tuple[int, ...]) -> None:
+    cost = _cost({3: 0.028, 4: 0.028, 2: 0.02}, 0.0035)
+    plan = plan_step(work, cost, 512, 1.0, 16)
+    assert (plan.decode, plan.chunks, plan.held) == (want_decode, want_chunks, want_held)
+    assert sum(w.rows for w in work if w.key in plan.decode) + sum(t for _, t in plan.chunks) <= 512
+
+
+# --- drafts ----------------------------------------------------------------------------------
+
+
+def test_draft_copies_what_followed_the_last_ngram() -> None:
+    d = Drafter(8, DraftStats())
+    ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 2]
+    assert d.propose(ctx, 3, 8) == [4, 5, 6, 7]  # "2 3" occurred: copy from there (first draft: 4)
+    assert d.propose([5, 6, 7], 8, 8) == []  # nothing repeats
+    d.reset()
+    assert d.propose([5, 6, 7, 5, 6], 7, 2) == [5, 6]  # at most what the caller has room for
+
+
+def test_longest_ngram_wins_and_latest_occurrence() -> None:
+    d = Drafter(8, DraftStats())
+    # "9 3" occurred followed by 100; "1 9 3" occurred (earlier) followed by 200.
+    ctx = [1, 9, 3, 200, 7, 9, 3, 100, 1, 9]
+    assert d.propose(ctx, 3, 1) == [200]
+    d.reset()
+    ctx2 = [5, 3, 100, 5, 3, 101, 8, 5]  # "5 3" twice: the later one
+    assert d.propose(ctx2, 3, 1) == [101]
+
+
+def test_index_is_incremental() -> None:
+    d = Drafter(8, DraftStats())
+    tokens = [1, 2, 3, 4]
+    assert d.propose(tokens, 9, 4) == []
+    tokens += [9, 1, 2]  # the slot's sequence grows between steps
+    assert d.propose(tokens, 3, 4) == [4, 9, 1, 2]
+
+
+def test_draft_length_follows_acceptance_and_pauses_when_low() -> None:
+    stats = DraftStats()
+    d = Drafter(16, stats)
+    ctx = list(range(40)) * 2
+    assert len(d.propose(ctx[:45], ctx[45], 16)) == 4
+    d.verified(4, 4)
+    assert len(d.propose(ctx[:45], ctx[45], 16)) == 8  # a full accept doubles it
+    d.verified(8, 8)
+    assert len(d.propose(ctx[:45], ctx[45], 16)) == 16
+    d.verified(16, 2)
+    assert len(d.propose(ctx[:45], ctx[45], 16)) == 3  # back to what was accepted plus one
+    assert (stats.drafted, stats.accepted) == (28, 14)
+    for _ in range(5):
+        d.verified(3, 0)
+    assert d.propose(ctx[:45], ctx[45], 16) == []  # acceptance stayed low: paused
+    d2 = Drafter(0, DraftStats())
+    assert d2.propose(ctx[:45], ctx[45], 16) == []  # draft_max = 0: never

@@ -84,6 +84,9 @@ class RequestRecord:
         if ans.usage is not None:
             self.prompt_tokens = ans.usage.prompt_tokens or ans.usage.input_tokens
             self.completion_tokens = ans.usage.completion_tokens or ans.usage.output_tokens
+        elif ans.tokens_evaluated is not None:  # llama-server's native /completion answer
+            self.prompt_tokens = ans.tokens_evaluated
+            self.completion_tokens = ans.tokens_predicted or 0
 
     def stream_usage(self, usage: StreamUsage | None) -> None:
         """Token counts and timing from a stream's usage trailer."""
@@ -108,6 +111,8 @@ class _Usage(msgspec.Struct):
 class _Answer(msgspec.Struct):
     model: str | None = None
     usage: _Usage | None = None
+    tokens_evaluated: int | None = None  # llama-server's /completion (no usage block)
+    tokens_predicted: int | None = None
 
 
 _answer_decoder = msgspec.json.Decoder(_Answer)

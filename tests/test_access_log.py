@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from supervisor.access_log import JsonFormatter, request_id_for
+from supervisor.access_log import JsonFormatter, RequestRecord, request_id_for
 from tests.supervisor_harness import REPO, Supervisor, poll
 from worker.protocol import STREAM_DONE, StreamUsage, split_usage_trailer, usage_trailer
 
@@ -138,3 +138,17 @@ def test_worker_logs_the_request_id(tmp_path: Path) -> None:
         assert s.stop() == 0
     finally:
         s.kill_hard()
+
+
+def test_body_usage_reads_openai_and_llama_server_answers() -> None:
+    cases = [
+        (b'{"model": "m", "usage": {"prompt_tokens": 5, "completion_tokens": 2}}', (5, 2)),
+        (b'{"model": "m", "usage": {"input_tokens": 7, "output_tokens": 3}}', (7, 3)),
+        # llama-server's native /completion: no usage block, its own counters.
+        (b'{"model": "m", "content": "x", "tokens_evaluated": 9, "tokens_predicted": 4}', (9, 4)),
+        (b'{"content": "x"}', (None, None)),
+    ]
+    for body, counts in cases:
+        rec = RequestRecord("r", 0.0)
+        rec.body_usage(body)
+        assert (rec.prompt_tokens, rec.completion_tokens) == counts, body

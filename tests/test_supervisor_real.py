@@ -190,6 +190,31 @@ def test_responses_and_messages_streams_are_counted_like_chat(sup: Supervisor, c
     assert total(scrape(sup), "vram_llm_completion_tokens_total") == before + used
 
 
+def test_llama_servers_native_routes_through_the_proxy(sup: Supervisor) -> None:
+    # Issue 25: /completion (its stream has no [DONE]: the trailer comes after the last event),
+    # /props and the chat token count, through the supervisor to the real worker; the
+    # trailer never reaches the client and both /completion answers' tokens are counted.
+    before = total(scrape(sup), "vram_llm_completion_tokens_total")
+    code, answer = sup.post("/completion", {"prompt": "The capital of France is", "n_predict": 3, "temperature": 0})
+    assert code == 200 and answer["stop"] is True and answer["tokens_predicted"] == 3
+    body = {"prompt": "The capital of France is", "n_predict": 4, "stream": True}
+    req = urllib.request.Request(sup.base + "/completion", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        lines = r.read().decode().splitlines()
+    assert not [x for x in lines if "vram-llm-usage" in x or x == "data: [DONE]"]
+    events = [json.loads(x[6:]) for x in lines if x.startswith("data: ")]
+    assert events[-1]["stop"] is True and events[-1]["tokens_predicted"] == 4
+    poll(lambda: total(scrape(sup), "vram_llm_completion_tokens_total") >= before + 7, 30,
+         "both /completion answers' tokens counted")
+    with urllib.request.urlopen(sup.base + "/props", timeout=60) as r:
+        props = json.loads(r.read())
+    assert props["default_generation_settings"]["n_ctx"] == 2048 and props["total_slots"] >= 1
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    counted = [sup.post(p, chat) for p in ("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens")]
+    assert counted[0] == counted[1] and counted[0][0] == 200 and counted[0][1]["input_tokens"] > 0
+
+
 def test_bad_request_is_a_4xx_through_the_proxy(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="any", messages=[], max_tokens=5)

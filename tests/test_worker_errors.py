@@ -225,6 +225,12 @@ CASES: list[tuple[str, str, str, bytes | None, int, str | None, str | None]] = [
     ("rerank-document-int", "POST", "/reranking", raw({"query": "q", "documents": [1]}), 400, "documents[0]", None),
     ("rerank-top-n-negative", "POST", "/rerank", raw({"query": "q", "documents": ["a"], "top_n": -1}), 400, "top_n", None),
     ("props-put", "PUT", "/props", raw({}), 405, None, "method_not_allowed"),
+    ("slots-save-traversal", "POST", "/slots/0?action=save", raw({"filename": "../../etc/x"}), 400, "filename", None),
+    ("slots-save-no-filename", "POST", "/slots/0?action=save", raw({}), 400, "filename", None),
+    ("slots-filename-int", "POST", "/slots/0?action=restore", raw({"filename": 5}), 400, "filename", None),
+    ("slots-restore-missing", "POST", "/slots/0?action=restore", raw({"filename": "nope.bin"}), 404, "filename", "not_found"),
+    ("slots-bad-action", "POST", "/slots/0?action=load", raw({"filename": "a"}), 400, "action", None),
+    ("slots-bad-id", "POST", "/slots/12?action=erase", None, 400, "id_slot", None),
 ]
 
 

@@ -73,6 +73,18 @@ def test_gguf_llama_cpp_cannot_load_is_failure(tmpdir_short: Path) -> None:
     assert not os.path.exists(spec["socket_path"])
 
 
+@pytest.mark.parametrize("template,when", [
+    ("no-such-builtin", "at load: only llama.cpp knows its built-in names"),
+    ("/nonexistent/template.jinja", "before loading: a path that is not there"),
+])
+def test_unknown_chat_template_is_bad_spec(tmpdir_short: Path, template: str, when: str) -> None:
+    spec = worker_spec(tmpdir_short, chat_template=template)
+    code, err = _exit_code(tmpdir_short, spec)
+    assert code == ExitCode.BAD_SPEC, (when, err)
+    assert "chat_template" in err and "Traceback" not in err
+    assert not os.path.exists(spec["socket_path"])
+
+
 def _spec(**fields: Any) -> bytes:
     """A complete launch spec with ``fields`` changed (None: left out), as the worker reads it."""
     spec = {**worker_spec(Path("/tmp")), "model_path": "m.gguf", "socket_path": "/tmp/x.sock", **fields}

@@ -378,3 +378,56 @@ def test_completion_logit_bias_in_llama_servers_forms(client: httpx.Client) -> N
     assert banned["tokens"][0] != first
     # SillyTavern sends an empty list when it has no biases.
     assert completion(client, prompt=PROMPT, n_predict=1, logit_bias=[])["tokens_predicted"] == 1
+
+
+# --- POST /slots/{id}?action=save|restore|erase -------------------------------------------------
+
+
+def test_slot_save_erase_restore(client: httpx.Client) -> None:
+    completion(client, prompt="Slot files keep a conversation: " + PROMPT, n_predict=4, temperature=0)
+    saved = [client.post(f"/slots/{i}?action=save", json={"filename": f"slot{i}.bin"}).json() for i in range(4)]
+    used = next(s for s in saved if s["n_saved"] > 0)  # the slot that served it
+    assert set(used) == {"id_slot", "filename", "n_saved", "n_written", "timings"}
+    assert used["n_written"] > 0 and set(used["timings"]) == {"save_ms"}
+    i, name = used["id_slot"], used["filename"]
+    erased = client.post(f"/slots/{i}?action=erase").json()
+    assert erased == {"id_slot": i, "n_erased": used["n_saved"]}
+    r = client.post(f"/slots/{i}?action=restore", json={"filename": name})
+    assert r.status_code == 200, r.text
+    restored = r.json()
+    assert set(restored) == {"id_slot", "filename", "n_restored", "n_read", "timings"}
+    assert (restored["n_restored"], restored["n_read"]) == (used["n_saved"], used["n_written"])
+    # The restored slot serves the same prompt again from its cache.
+    again = completion(client, prompt="Slot files keep a conversation: " + PROMPT, n_predict=1, temperature=0,
+                       cache_prompt=True)
+    assert again["timings"]["cache_n"] > 0
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/slots/0?action=save", {"filename": "../escape.bin"}, 400, "filename"),
+    ("/slots/0?action=save", {"filename": "dir/file.bin"}, 400, "filename"),
+    ("/slots/0?action=save", {"filename": ".hidden"}, 400, "filename"),
+    ("/slots/0?action=save", {}, 400, "filename"),
+    ("/slots/0?action=restore", {"filename": "never-saved.bin"}, 404, "filename"),
+    ("/slots/0?action=copy", {"filename": "a.bin"}, 400, "action"),
+    ("/slots/0", {"filename": "a.bin"}, 400, "action"),
+    ("/slots/99?action=erase", {}, 400, "id_slot"),
+    ("/slots/-1?action=erase", {}, 400, "id_slot"),
+    ("/slots/x?action=erase", {}, 400, "id_slot"),
+])
+def test_slot_action_mistakes(client: httpx.Client, path: str, body: dict[str, Any], status: int, param: str) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_slot_action_on_a_generating_slot_is_409(worker: WorkerProcess) -> None:
+    with worker.client() as c, worker.client() as other:
+        with c.stream("POST", "/completion", json={"prompt": PROMPT, "n_predict": 400, "ignore_eos": True,
+                                                   "stream": True}) as r:
+            first = json.loads(next(line for line in r.iter_lines() if line.startswith("data: "))[6:])
+            assert first["id_slot"] >= 0
+            busy = other.post(f"/slots/{first['id_slot']}?action=save", json={"filename": "busy.bin"})
+        # Leaving the stream closes it: the worker cancels the generation.
+    assert busy.status_code == 409, busy.text
+    assert (busy.json()["error"]["code"], busy.json()["error"]["param"]) == ("slot_busy", "id_slot")

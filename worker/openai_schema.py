@@ -296,6 +296,11 @@ class RerankRequest(msgspec.Struct):
     return_documents: bool = False
 
 
+class SlotFileRequest(msgspec.Struct):
+    # llama-server's body for save and restore (erase sends none); unknown fields tolerated.
+    filename: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+
+
 # --- llama-server's tokenizer endpoints -------------------------------------------------
 
 

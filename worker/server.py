@@ -36,7 +36,7 @@ from worker.api.native import NativeApi
 from worker.api.responses import ResponsesApi
 from worker.api.run import Runner
 from worker.api.shapes import ModelCard, ModelList, enc, json_response
-from worker.engine import Engine, LoadCancelled, LoadError, OutOfMemory
+from worker.engine import BadSetting, Engine, LoadCancelled, LoadError, OutOfMemory
 from worker.protocol import (
     ExitCode,
     Health,
@@ -101,6 +101,7 @@ class WorkerServer:
         add_post("/completion", self.llamacpp.completion)
         add_get("/props", self.llamacpp.props)
         add_post("/props", self.llamacpp.set_props)
+        add_post("/slots/{id_slot}", self.llamacpp.slot_action)
         for path in ("/rerank", "/reranking", "/v1/rerank", "/v1/reranking"):
             add_post(path, self.llamacpp.rerank)
         return app
@@ -292,6 +293,9 @@ async def serve(spec: LaunchSpec, engine: Engine, stop: asyncio.Event) -> ExitCo
             exc = loader.exception()
             if isinstance(exc, LoadCancelled) or stop.is_set():
                 code = ExitCode.OK
+            elif isinstance(exc, BadSetting):
+                log.error("invalid launch spec: %s", exc)
+                code = ExitCode.BAD_SPEC
             elif isinstance(exc, OutOfMemory):
                 log.error("%s", exc)
                 code = ExitCode.OOM

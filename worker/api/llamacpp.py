@@ -14,6 +14,7 @@ Rules for this module:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import Any
@@ -27,7 +28,7 @@ from worker.api.chat import sampling_of
 from worker.api.openai_sse import stream_openai
 from worker.api.run import GenerationFailed, Piece, Run, Runner, Stopwatch, cut_error, is_cut, millis
 from worker.api.shapes import Timings, enc, json_response, piece_text
-from worker.engine import Generation, Prepared, TokenLogprob
+from worker.engine import SLOT_ACTIONS, Generation, Prepared, SlotBusy, SlotFileMissing, TokenLogprob
 
 # llama.cpp's LLAMA_DEFAULT_SEED: what llama-server reports when no seed was sent.
 _DEFAULT_SEED = 0xFFFFFFFF
@@ -383,6 +384,35 @@ class LlamaCppApi:
             "This server does not support changing global properties: settings come from the "
             "config file ([model] section)", type="not_supported_error", code="not_supported", status=501,
         )
+
+    # --- POST /slots/{id}?action=save|restore|erase ---------------------------------------
+
+    async def slot_action(self, request: web.Request) -> web.Response:
+        """llama-server's slot files: the slot's cached prompt (tokens and KV state) saved to
+        a named file under the model's cache_dir, restored into a slot, or erased."""
+        runner = self.runner
+        runner.require_ready()
+        raw_id = request.match_info["id_slot"]
+        if not raw_id.isdigit():
+            raise oai.RequestError(f"id_slot must be a slot number, got {raw_id!r}", param="id_slot",
+                                   code="invalid_value")
+        action = request.query.get("action", "")
+        if action not in SLOT_ACTIONS:
+            raise oai.RequestError(f"action must be one of {', '.join(SLOT_ACTIONS)}, got {action!r}",
+                                   param="action", code="invalid_value")
+        body = await request.read()
+        filename = None
+        if action != "erase" or body.strip():
+            filename = oai.decode_as(oai.SlotFileRequest, body).filename
+        engine = runner.engine
+        fut = await runner.off_loop(lambda: engine.slot_action(action, int(raw_id), filename))
+        try:
+            result = await asyncio.wrap_future(fut)
+        except SlotBusy as e:
+            raise oai.RequestError(str(e), param="id_slot", code="slot_busy", status=409) from None
+        except SlotFileMissing as e:
+            raise oai.RequestError(str(e), param="filename", code="not_found", status=404) from None
+        return json_response(enc.encode(result))
 
     # --- POST /rerank --------------------------------------------------------------------
 

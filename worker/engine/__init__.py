@@ -20,12 +20,15 @@ their cached prompts), ``batch`` (the decode loop and admission), ``core`` (``En
 
 from worker.engine.core import Engine
 from worker.engine.generation import Generation, Sink, TokenLogprob
-from worker.engine.load import LlamaLog, LoadCancelled, LoadError, OutOfMemory
+from worker.engine.load import BadSetting, LlamaLog, LoadCancelled, LoadError, OutOfMemory
 from worker.engine.prompt import ChatMessage, InvalidInput, Prepared, PromptTooLong, Sampling
+from worker.engine.slotfiles import ACTIONS as SLOT_ACTIONS
+from worker.engine.slotfiles import SlotBusy, SlotFileMissing
 from worker.engine.stops import _held_back, _stop_at
 from worker.engine.tools import CallStream, ParsedCall, StreamSplit, ToolRequest, parse_calls
 
 __all__ = [
+    "BadSetting",
     "CallStream",
     "ChatMessage",
     "Engine",
@@ -37,7 +40,10 @@ __all__ = [
     "OutOfMemory",
     "Prepared",
     "PromptTooLong",
+    "SLOT_ACTIONS",
     "Sampling",
+    "SlotBusy",
+    "SlotFileMissing",
     "Sink",
     "StreamSplit",
     "ParsedCall",

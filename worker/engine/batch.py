@@ -28,7 +28,9 @@ Rules for this module (llama-server's ``update_slots`` is the model):
   ``saved.SavedStates``'s: the loop only copies a state out of the KV cache; a request
   whose longest cached prefix is on disk is read by the prompt-cache thread before it is
   admitted, never by the loop.
-- Other threads only call ``submit`` and ``close`` and read the counters.
+- Other threads only call ``submit``, ``slot_chore`` and ``close`` and read the counters.
+  A chore (llama-server's slot save/restore/erase, slotfiles.py) runs on this thread
+  between steps, on an idle slot only.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import llama_cpp.llama_cpp as llama_lib
 
@@ -46,11 +50,13 @@ from worker.engine.drafts import Drafter, DraftStats
 from worker.engine.generation import Generation, Sink
 from worker.engine.saved import SavedStates, forget
 from worker.engine.scheduler import SlotWork, StepCost, StepStats, plan_step
+from worker.engine.slotfiles import SlotBusy
 from worker.engine.slots import CacheStats, Slot, pick_slot
 from worker.engine.tokenbatch import TokenBatch
 
 log = logging.getLogger("worker")
 
+T = TypeVar("T")
 _CLOSE_WAIT_S = 30.0
 
 
@@ -83,6 +89,7 @@ class BatchLoop:
         self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
         self._batch = TokenBatch(n_batch)
         self._waiting: deque[Generation] = deque()
+        self._chores: deque[tuple[int, Callable[[Slot], Any], Future[Any]]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._clock = 0  # recency of slot caches
@@ -112,6 +119,31 @@ class BatchLoop:
                 self._cond.notify()
                 return
         gen.end("cancelled")
+
+    def slot_chore(self, seq: int, fn: Callable[[Slot], T]) -> Future[T]:
+        """Run ``fn(slot)`` on the loop thread between steps; the future fails with SlotBusy
+        while a request runs in the slot (its cells are in use)."""
+        fut: Future[T] = Future()
+        with self._cond:
+            if self._stopping:
+                fut.set_exception(RuntimeError("the worker is stopping"))
+            else:
+                self._chores.append((seq, fn, fut))
+                self._cond.notify()
+        return fut
+
+    def _do_chores(self) -> None:
+        with self._cond:
+            chores, self._chores = self._chores, deque()
+        for seq, fn, fut in chores:
+            slot = self.slots[seq]
+            if slot.gen is not None:
+                fut.set_exception(SlotBusy(f"slot {seq} is generating; retry when it is idle"))
+                continue
+            try:
+                fut.set_result(fn(slot))
+            except Exception as e:
+                fut.set_exception(e)
 
     @property
     def queued(self) -> int:
@@ -149,15 +181,19 @@ class BatchLoop:
 
     def _run(self) -> None:
         while True:
+            if self._chores:
+                self._do_chores()
             with self._cond:
                 idle = not self._stopping and not self._waiting and self.active == 0
             if idle and self.saved.save_idle(self.slots):
                 continue  # one state saved; look again for work before the next
             with self._cond:
-                while not self._stopping and not self._waiting and self.active == 0:
+                while not self._stopping and not self._waiting and self.active == 0 and not self._chores:
                     self._cond.wait()
                 if self._stopping:
                     break
+                if not self._waiting and self.active == 0:
+                    continue  # woken for a chore only: done at the top, no step to run
                 gone = [g for g in self._waiting if g.cancel.is_set()]
                 for g in gone:
                     self._waiting.remove(g)
@@ -180,6 +216,9 @@ class BatchLoop:
                         self._finish(slot, error=f"internal error: {e}")
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
+            chores, self._chores = self._chores, deque()
+        for _, _, fut in chores:
+            fut.set_exception(RuntimeError("the worker is stopping"))
         for slot in self.slots:
             if slot.gen is not None:
                 self._finish(slot, "cancelled")

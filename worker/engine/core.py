@@ -7,12 +7,14 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 
+from worker.engine import slotfiles
 from worker.engine.batch import BatchLoop
 from worker.engine.diskcache import DiskCache, UnsafeDirectory, checked_dir, settings_key
 from worker.engine.embed import Embedder, pooling_of, rerank_tokens
@@ -229,6 +231,26 @@ class Engine:
                         )
                 tokens.append(list(item))
         return self._embedder.embed(tokens), sum(map(len, tokens))
+
+    # --- llama-server's slot files (any thread; the work runs on the loop thread) -------
+
+    def slot_action(self, action: str, seq: int, filename: str | None) -> Future[dict[str, Any]]:
+        """Save, restore or erase slot ``seq``'s cache (slotfiles.py); InvalidInput for a bad
+        slot or file name; the future fails with SlotBusy / SlotFileMissing."""
+        self._require()
+        assert self.loop is not None
+        if not 0 <= seq < len(self.loop.slots):
+            raise InvalidInput(f"id_slot must be between 0 and {len(self.loop.slots) - 1}", "id_slot")
+        ctx = self._require()._ctx.ctx
+        if action == "erase":
+            return self.loop.slot_chore(seq, lambda slot: slotfiles.erase(ctx, slot))
+        if filename is None:
+            raise InvalidInput(f"{action} needs a filename", "filename")
+        path = slotfiles.slot_file(self.spec.cache_dir, filename)
+        if action == "save":
+            return self.loop.slot_chore(seq, lambda slot: slotfiles.save(ctx, slot, path))
+        n_ctx = self.n_ctx
+        return self.loop.slot_chore(seq, lambda slot: slotfiles.restore(ctx, slot, path, n_ctx))
 
     # --- reranking (any thread; one request at a time) ------------------------------
 

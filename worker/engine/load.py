@@ -47,6 +47,11 @@ class OutOfMemory(LoadError):
     """Loading failed and llama.cpp logged out-of-memory lines."""
 
 
+class BadSetting(LoadError):
+    """A setting of the launch spec that only the loaded model can check is wrong (an
+    unknown built-in chat template name): restarting cannot help."""
+
+
 class LoadCancelled(LoadError):
     """Loading was aborted on purpose (the worker is stopping)."""
 
@@ -235,7 +240,7 @@ def override_chat_template(llama: llama_cpp.Llama, value: str) -> None:
         with open(value, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise LoadError(
+        raise BadSetting(
             f"chat_template {value!r} is neither a readable Jinja file ({e}) nor one of "
             f"llama.cpp's built-in templates: {', '.join(builtin_templates())}"
         ) from None

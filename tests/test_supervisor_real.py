@@ -213,6 +213,11 @@ def test_llama_servers_native_routes_through_the_proxy(sup: Supervisor) -> None:
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
     counted = [sup.post(p, chat) for p in ("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens")]
     assert counted[0] == counted[1] and counted[0][0] == 200 and counted[0][1]["input_tokens"] > 0
+    # Slot files: the action travels in the query string.
+    code, saved = sup.post("/slots/0?action=save", {"filename": "through-proxy.bin"})
+    assert code == 200 and saved["filename"] == "through-proxy.bin", saved
+    code, erased = sup.post("/slots/0?action=erase", {})
+    assert code == 200 and erased["n_erased"] == saved["n_saved"], erased
 
 
 def test_bad_request_is_a_4xx_through_the_proxy(client: openai.OpenAI) -> None:

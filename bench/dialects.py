@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.procs import Procs, add_server_args, start_llama_server, start_supervisor
+from bench.procs import Procs, add_server_args, run_and_report, start_llama_server, start_supervisor
 
 PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
 ASK = "What is the weather in Paris?"
@@ -124,19 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.llama_server:
         print("bench.dialects: skipped: no llama-server binary to compare with (--llama-server PATH or env LLAMA_SERVER)")
         return 0
-    from supervisor.default_model import default_model_path
-
-    model = str(Path(a.model).resolve()) if a.model else str(default_model_path())
-    try:
-        res = run(a, model)
-    except (RuntimeError, TimeoutError, OSError) as e:
-        print(f"bench.dialects: failed: {e}", file=sys.stderr)
-        return 1
-    print(render(res))
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(res, indent=2))
-    return 0
-
+    return run_and_report("bench.dialects", a, lambda model: run(a, model), render)
 
 if __name__ == "__main__":
     sys.exit(main())

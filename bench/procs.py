@@ -41,6 +41,25 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx-size", type=int, default=4096)
 
 
+def run_and_report(
+    name: str, a: argparse.Namespace, run: Callable[[str], dict[str, Any]], render: Callable[[dict[str, Any]], str],
+) -> int:
+    """The end of a comparison bench's main: ``run(model)`` on ``a.model`` (default: the
+    embedded model), its table printed, the JSON written to ``a.json_out``; 1 on a failure."""
+    from supervisor.default_model import default_model_path
+
+    model = str(Path(a.model).resolve()) if a.model else str(default_model_path())
+    try:
+        res = run(model)
+    except (RuntimeError, TimeoutError, OSError) as e:
+        print(f"{name}: failed: {e}", file=sys.stderr)
+        return 1
+    print(render(res))
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -247,12 +266,16 @@ class Supervisor:
         return int(w["pid"]) if w else None
 
 
-def start_supervisor(procs: Procs, model: str, threads: int, n_ctx: int, log_level: str = "WARNING") -> Supervisor:
+def start_supervisor(
+    procs: Procs, model: str, threads: int, n_ctx: int, log_level: str = "WARNING",
+    model_settings: dict[str, Any] | None = None,
+) -> Supervisor:
+    """``model_settings``: more [model] keys (reranking, parallel, ...)."""
     port = free_port()
     runtime = procs.tmp / "run"
     runtime.mkdir(exist_ok=True)
     sections: dict[str, dict[str, Any]] = {
-        "model": {"path": model, "threads": threads, "ctx_size": n_ctx},
+        "model": {"path": model, "threads": threads, "ctx_size": n_ctx, **(model_settings or {})},
         "server": {"host": "127.0.0.1", "port": port, "runtime_dir": str(runtime)},
         # Restart immediately and never give up: the restart-cost and chaos phases kill the
         # worker dozens of times on purpose; the default back-off (1 s, doubling, give up
@@ -337,7 +360,10 @@ class InProc:
         return json.loads(line)  # type: ignore[no-any-return]
 
 
-def start_llama_server(procs: Procs, binary: str, model: str, threads: int, n_ctx: int, n_gpu_layers: int) -> tuple[Started, str]:
+def start_llama_server(
+    procs: Procs, binary: str, model: str, threads: int, n_ctx: int, n_gpu_layers: int, extra: tuple[str, ...] = (),
+) -> tuple[Started, str]:
+    """``extra``: more options (--reranking, --slot-save-path DIR/, ...)."""
     port = free_port()
     s = procs.start(
         "llama-server",
@@ -345,7 +371,7 @@ def start_llama_server(procs: Procs, binary: str, model: str, threads: int, n_ct
          "-t", str(threads), "-tb", str(threads), "-np", "1", "-ngl", str(n_gpu_layers),
          # Same kernels as the worker, which runs without flash attention (llama-server's
          # default "auto" turns it on and is then not the same computation).
-         "-fa", "off"],
+         "-fa", "off", *extra],
     )
     base = f"http://127.0.0.1:{port}"
     wait_http_ok(procs, s, base + "/health", 300.0)

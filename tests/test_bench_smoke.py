@@ -118,11 +118,29 @@ def test_models_latency_bench_runs(tmp_path: Path) -> None:
     assert card["state"] == "ready" and card["loaded"] is True
 
 
-def test_bench_dialects_skips_cleanly_without_llama_server() -> None:
-    # There is no llama-server binary on CI: the comparison says so and starts nothing.
+def _skips_without_llama_server(module: str) -> dict[str, str]:
+    """There is no llama-server binary on CI: a comparison says so and starts nothing. The
+    environment without LLAMA_SERVER, for the caller's further runs."""
     env = {k: v for k, v in __import__("os").environ.items() if k != "LLAMA_SERVER"}
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    proc = subprocess.run([sys.executable, "-m", "bench.dialects"], cwd=str(REPO), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", module], cwd=str(REPO), capture_output=True, text=True,
                           timeout=120, env=env, check=False)
     assert proc.returncode == 0 and "skipped" in proc.stdout, proc.stdout + proc.stderr
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    return env
+
+
+def test_bench_dialects_skips_cleanly_without_llama_server() -> None:
+    _skips_without_llama_server("bench.dialects")
+
+
+def test_bench_llama_native_skips_without_llama_server_and_runs_ours_only() -> None:
+    env = _skips_without_llama_server("bench.llama_native")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    proc = subprocess.run([sys.executable, "-m", "bench.llama_native", "--ours-only", "--threads", "2"], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for line in ("completion: vram-llm 200", "props: vram-llm 200", "slot restore: vram-llm 200",
+                 "completion bad grammar: vram-llm 400", "rerank: vram-llm 200: model, object, results, usage"):
+        assert line in proc.stdout, proc.stdout
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before

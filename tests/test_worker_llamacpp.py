@@ -67,7 +67,8 @@ def test_completion_has_llama_servers_shape(client: httpx.Client) -> None:
     assert body["model"] == "smollm2-test"
     assert body["stop_type"] == "limit" and body["stopping_word"] == ""
     assert body["tokens_predicted"] == len(body["tokens"]) == 6
-    assert body["tokens_evaluated"] > 3 and body["tokens_cached"] == body["tokens_evaluated"] + 6
+    # The KV cache holds all but the last sampled token (never decoded), as llama-server counts.
+    assert body["tokens_evaluated"] > 3 and body["tokens_cached"] == body["tokens_evaluated"] + 5
     assert body["prompt"].endswith(PROMPT)
     assert 0 <= body["id_slot"] < 4
     assert set(body["timings"]) == TIMINGS_KEYS and body["timings"]["predicted_n"] == 6
@@ -191,7 +192,7 @@ PREFILL = {"role": "assistant", "content": "Hello! My name is"}
 def count(client: httpx.Client, body: dict[str, Any], path: str = CHAT + "/input_tokens") -> int:
     r = client.post(path, json=body)
     assert r.status_code == 200, r.text
-    assert set(r.json()) == {"input_tokens"}
+    assert set(r.json()) <= {"input_tokens", "object"}
     return int(r.json()["input_tokens"])
 
 
@@ -244,7 +245,9 @@ def test_props_has_llama_servers_shape(worker: WorkerProcess, client: httpx.Clie
     assert dgs["n_ctx"] == 1024 and dgs["params"]["temperature"] == 0.8 and dgs["params"]["n_predict"] == -1
     assert "stop" not in dgs["params"]  # /props shows the metrics-only settings
     assert props["total_slots"] == 4 and props["model_alias"] == "smollm2-test"
-    assert props["modalities"] == {"vision": False, "audio": False}
+    assert props["modalities"] == {"vision": False, "video": False, "audio": False}
+    assert props["model_ftype"] == "Q4_1"
+    assert props["chat_template_caps"]["supports_tools"] is False  # SmolLM2's template has no tool markup
     assert "<|im_start|>" in props["chat_template"] and props["eos_token"] == "<|im_end|>"
     r = client.post("/props", json={"n_ctx": 8})
     assert r.status_code == 501

@@ -121,7 +121,8 @@ class ChatApi:
         """llama-server's ``POST /v1/chat/completions/input_tokens``: the prompt tokens a chat
         request would evaluate (template, tools and prefill applied), nothing generated."""
         _, prepared, headers = await self._prepare(request)
-        return json_response(enc.encode({"input_tokens": len(prepared.tokens)}), headers=headers)
+        body = {"input_tokens": len(prepared.tokens), "object": "response.input_tokens"}  # llama-server's
+        return json_response(enc.encode(body), headers=headers)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         runner = self.runner

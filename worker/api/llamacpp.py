@@ -122,11 +122,13 @@ def generation_settings(req: oai.NativeCompletionRequest, only_metrics: bool = F
         "dry_multiplier": 0.0,
         "dry_base": 1.75,
         "dry_allowed_length": 2,
-        "dry_penalty_last_n": -1,
+        "dry_penalty_last_n": 64,
         "dry_sequence_breakers": ["\n", ":", '"', "*"],
         "mirostat": 0,
         "mirostat_tau": 5.0,
         "mirostat_eta": 0.1,
+        "adaptive_target": -1.0,
+        "adaptive_decay": 0.9,
         "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or ()),
         "max_tokens": -1 if n_predict is None else n_predict,
         "n_predict": -1 if n_predict is None else n_predict,
@@ -144,13 +146,12 @@ def generation_settings(req: oai.NativeCompletionRequest, only_metrics: bool = F
         "chat_format": "Content-only",
         "reasoning_format": "none",
         "reasoning_in_content": False,
-        "thinking_forced_open": False,
+        "generation_prompt": "",
         "samplers": list(_SAMPLERS),
-        "speculative.n_max": 16,
-        "speculative.n_min": 0,
-        "speculative.p_min": 0.75,
+        "speculative.types": "none",
         "timings_per_token": req.timings_per_token,
         "post_sampling_probs": req.post_sampling_probs,
+        "backend_sampling": False,
         "lora": [],
     }
     if only_metrics:  # /props: the settings without the per-request lists
@@ -298,7 +299,8 @@ class LlamaCppApi:
             generation_settings=settings, prompt=prompt_text, has_new_line="\n" in content,
             truncated=False,  # a prompt longer than the context is a 400, never cut
             stop_type=_stop_type(gen), stopping_word=gen.stop_string or "",
-            tokens_cached=gen.prompt_tokens + gen.completion_tokens,
+            # The KV cache holds every token but the last sampled one (never decoded).
+            tokens_cached=gen.prompt_tokens + max(gen.completion_tokens - 1, 0),
             timings=follow.timings(),
         )
 
@@ -359,6 +361,8 @@ class LlamaCppApi:
         runner.require_ready()
         engine = runner.engine
         template, bos, eos = await runner.off_loop(engine.template_info)
+        params = engine.applied_params()
+        tools = params.tool_format not in (None, "generic")  # the template's own tool markup
         body = {
             "default_generation_settings": {
                 "params": generation_settings(_DEFAULTS, only_metrics=True),
@@ -366,16 +370,32 @@ class LlamaCppApi:
             },
             "total_slots": runner.spec.parallel,
             "model_alias": engine.model_id,
+            "model_ftype": engine.model_ftype(),
             "model_path": runner.spec.model_path,
-            "modalities": {"vision": False, "audio": False},
+            "modalities": {"vision": False, "video": False, "audio": False},
+            "media_marker": "",  # text only: no media in prompts
             "endpoint_slots": True,
             "endpoint_props": False,
             "endpoint_metrics": True,
-            "webui": False,
+            "ui": False,  # no web UI is served
+            "ui_settings": {},
             "chat_template": template,
+            "chat_template_caps": {
+                "supports_object_arguments": tools,
+                "supports_parallel_tool_calls": tools,
+                "supports_preserve_reasoning": False,
+                "supports_reasoning_effort": False,
+                "supports_string_content": True,
+                "supports_system_role": True,
+                "supports_tool_calls": tools,
+                "supports_tools": tools,
+                "supports_typed_content": False,
+            },
             "bos_token": bos,
             "eos_token": eos,
-            "build_info": f"vram-llm (llama-cpp-python {engine.applied_params().llama_cpp_version})",
+            "build_info": f"vram-llm (llama-cpp-python {params.llama_cpp_version})",
+            "is_sleeping": False,
+            "cors_proxy_enabled": False,
         }
         return json_response(enc.encode(body))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -145,6 +146,14 @@ class Engine:
             return bytes(llama.detokenize([token], special=True)).decode("utf-8", "replace") if token >= 0 else ""
 
         return template, text(llama.token_bos()), text(llama.token_eos())
+
+    def model_ftype(self) -> str:
+        """The weights' type as llama.cpp names it (``Q4_1``, ``F16``; llama-server's
+        /props model_ftype): the last word of llama_model_desc."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_lib.llama_model_desc(self._require()._model.model, buf, len(buf))
+        desc = buf.raw[: max(n, 0)].decode("utf-8", "replace").split()
+        return desc[-1] if desc else ""
 
     def close(self) -> None:
         """Stop the batch loop (running generations end "cancelled"), then free the model."""

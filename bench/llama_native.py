@@ -9,7 +9,8 @@ Sends the same requests to ``vram-llm serve`` and to llama-server on the same mo
 (tests/gguf_factory.py ``write_reranker``: random weights, so the scores are garbage; the
 shape is not). It compares what a client parses: the status and every key path of the
 answer (nested objects' keys as ``a.b``, a list's items as ``a[]``; for a stream, the
-first and the last event). Values are not compared (two servers, two samplers).
+first and the last event). Values are not compared (two servers, two samplers), except a
+greedy (temperature 0) /completion's text.
 
 Without ``--llama-server`` (or env LLAMA_SERVER) there is nothing to compare: it says so
 and exits 0, starting nothing; ``--ours-only`` then prints vram-llm's shapes alone.
@@ -91,9 +92,13 @@ def send(base: str, method: str, path: str, body: dict[str, Any] | None) -> dict
         return {"http": status, "first": key_paths(events[0]) if events else [],
                 "last": key_paths(events[-1]) if events else [], "done": bool(lines) and lines[-1] == "[DONE]"}
     try:
-        return {"http": status, "keys": key_paths(json.loads(raw))}
+        obj = json.loads(raw)
     except ValueError:
         return {"http": status, "body": raw[:200]}
+    out: dict[str, Any] = {"http": status, "keys": key_paths(obj)}
+    if isinstance(obj, dict) and body is not None and body.get("temperature") == 0 and "content" in obj:
+        out["content"] = obj["content"]  # greedy: the same model should write the same text
+    return out
 
 
 def diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -198,7 +198,7 @@ CASES: list[tuple[str, str, str, bytes | None, int, str | None, str | None]] = [
     ("native-token-outside-vocab", "POST", NATIVE, native(prompt=[10**9]), 400, "prompt[0]", None),
     ("native-n-probs-high", "POST", NATIVE, native(n_probs=50), 400, "n_probs", None),
     ("native-n-predict-zero", "POST", NATIVE, native(n_predict=0), 400, "n_predict", "unsupported"),
-    ("native-openai-logprobs", "POST", NATIVE, native(logprobs=2), 400, "logprobs", None),
+    ("native-logprobs-high", "POST", NATIVE, native(logprobs=9), 400, "logprobs", None),
     ("native-temperature-high", "POST", NATIVE, native(temperature=9), 400, "temperature", None),
     ("native-grammar-bad", "POST", NATIVE, native(grammar="root ::= ("), 400, "grammar", None),
     ("native-json-schema-bad-ref", "POST", NATIVE, native(json_schema={"$ref": "#/nope"}), 400, "json_schema", None),

@@ -129,6 +129,10 @@ def test_completion_n_probs(client: httpx.Client) -> None:
         assert len(p["top_logprobs"]) == 2
         assert all(set(t) == {"id", "token", "bytes", "logprob"} and t["id"] >= 0 for t in p["top_logprobs"])
         assert p["top_logprobs"][0]["id"] == p["id"]  # greedy: the best is the one sampled
+    # OpenAI's logprobs stands for n_probs when n_probs is not sent (llama-server's rule).
+    alias = completion(client, prompt=PROMPT, n_predict=3, temperature=0, logprobs=2, return_tokens=True)
+    assert [p["id"] for p in alias["completion_probabilities"]] == body["tokens"]
+    assert alias["generation_settings"]["n_probs"] == 2
 
 
 # --- grammar, json_schema, response_format.schema ---------------------------------------------

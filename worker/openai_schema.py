@@ -213,7 +213,8 @@ class NativeCompletionRequest(CompletionRequest, kw_only=True):
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 0.8
     top_p: Float01 = 0.95
     # llama-server's forms: {"token id or text": bias} or [[token id or text, bias], ...];
-    # a bias of false bans the token(s). Turned into token ids by the route (text_biases).
+    # a bias of false bans the token(s). Turned into token ids by the route
+    # (LlamaCppApi._token_biases: texts need the tokenizer).
     logit_bias: (
         dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)] | bool]
         | Annotated[list[tuple[int | str, Annotated[float, Meta(ge=-100.0, le=100.0)] | bool]], Meta(max_length=4096)]
@@ -222,7 +223,7 @@ class NativeCompletionRequest(CompletionRequest, kw_only=True):
     n_probs: Annotated[int, Meta(ge=0, le=20)] = 0
     return_tokens: bool = False
     post_sampling_probs: bool = False
-    # llama-server answers with the slot's prompt cache; stop is a list of strings there.
+    # llama-server's time limit on the generation phase: not served (a 400 when set).
     t_max_predict_ms: Annotated[int, Meta(ge=0)] = 0
 
 
@@ -281,9 +282,9 @@ def decode_native_completion(
                      ("t_max_predict_ms", req.t_max_predict_ms > 0)):
         if on:
             raise RequestError(f"{name} is not supported", param=name, code="unsupported")
-    if req.logprobs is not None:
-        raise RequestError("logprobs is OpenAI's field: /completion takes n_probs", param="logprobs",
-                           code="invalid_value")
+    if req.logprobs is not None and not req.n_probs:
+        # llama-server takes OpenAI's logprobs for n_probs when n_probs is not sent.
+        req = msgspec.structs.replace(req, n_probs=req.logprobs, logprobs=None)
     return req, ignored
 
 

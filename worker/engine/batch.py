@@ -50,7 +50,7 @@ from worker.engine.drafts import Drafter, DraftStats
 from worker.engine.generation import Generation, Sink
 from worker.engine.saved import SavedStates, forget
 from worker.engine.scheduler import SlotWork, StepCost, StepStats, plan_step
-from worker.engine.slotfiles import SlotBusy
+from worker.engine.slotfiles import SlotChores
 from worker.engine.slots import CacheStats, Slot, pick_slot
 from worker.engine.tokenbatch import TokenBatch
 
@@ -89,8 +89,8 @@ class BatchLoop:
         self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
         self._batch = TokenBatch(n_batch)
         self._waiting: deque[Generation] = deque()
-        self._chores: deque[tuple[int, Callable[[Slot], Any], Future[Any]]] = deque()
         self._cond = threading.Condition()
+        self._chores = SlotChores(self._cond)
         self._stopping = False
         self._clock = 0  # recency of slot caches
         self._admissions = 0
@@ -121,29 +121,8 @@ class BatchLoop:
         gen.end("cancelled")
 
     def slot_chore(self, seq: int, fn: Callable[[Slot], T]) -> Future[T]:
-        """Run ``fn(slot)`` on the loop thread between steps; the future fails with SlotBusy
-        while a request runs in the slot (its cells are in use)."""
-        fut: Future[T] = Future()
-        with self._cond:
-            if self._stopping:
-                fut.set_exception(RuntimeError("the worker is stopping"))
-            else:
-                self._chores.append((seq, fn, fut))
-                self._cond.notify()
-        return fut
-
-    def _do_chores(self) -> None:
-        with self._cond:
-            chores, self._chores = self._chores, deque()
-        for seq, fn, fut in chores:
-            slot = self.slots[seq]
-            if slot.gen is not None:
-                fut.set_exception(SlotBusy(f"slot {seq} is generating; retry when it is idle"))
-                continue
-            try:
-                fut.set_result(fn(slot))
-            except Exception as e:
-                fut.set_exception(e)
+        """Run ``fn(slot)`` on the loop thread between steps (slotfiles.SlotChores)."""
+        return self._chores.add(seq, fn, lambda: self._stopping)
 
     @property
     def queued(self) -> int:
@@ -182,7 +161,7 @@ class BatchLoop:
     def _run(self) -> None:
         while True:
             if self._chores:
-                self._do_chores()
+                self._chores.run(self.slots)
             with self._cond:
                 idle = not self._stopping and not self._waiting and self.active == 0
             if idle and self.saved.save_idle(self.slots):
@@ -216,9 +195,7 @@ class BatchLoop:
                         self._finish(slot, error=f"internal error: {e}")
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
-            chores, self._chores = self._chores, deque()
-        for _, _, fut in chores:
-            fut.set_exception(RuntimeError("the worker is stopping"))
+        self._chores.fail_all()
         for slot in self.slots:
             if slot.gen is not None:
                 self._finish(slot, "cancelled")

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import re
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import llama_cpp.llama_cpp as llama_lib
 
@@ -24,6 +28,7 @@ from worker.engine.prompt import InvalidInput
 from worker.engine.saved import forget
 from worker.engine.slots import Slot
 
+T = TypeVar("T")
 ACTIONS = ("save", "restore", "erase")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -34,6 +39,52 @@ class SlotBusy(Exception):
 
 class SlotFileMissing(Exception):
     """A restore named a file that is not there (or not a state llama.cpp can read)."""
+
+
+class SlotChores:
+    """Work for the batch loop thread on one slot, queued by any thread: ``add`` gives a
+    future, the loop calls ``run`` between steps (a slot that is generating fails its
+    chore with SlotBusy) and ``fail_all`` when it stops. ``cond`` is the loop's condition:
+    adding wakes the loop, which waits while nothing is pending (``bool(chores)``)."""
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self._cond = cond
+        self._queue: deque[tuple[int, Callable[[Slot], Any], Future[Any]]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def add(self, seq: int, fn: Callable[[Slot], T], stopping: Callable[[], bool]) -> Future[T]:
+        """``stopping`` is read under the loop's lock: a chore added once the loop has
+        stopped fails at once instead of waiting for a loop that is gone."""
+        fut: Future[T] = Future()
+        with self._cond:
+            if stopping():
+                fut.set_exception(RuntimeError("the worker is stopping"))
+            else:
+                self._queue.append((seq, fn, fut))
+                self._cond.notify()
+        return fut
+
+    def run(self, slots: list[Slot]) -> None:
+        """On the loop thread only."""
+        with self._cond:
+            chores, self._queue = self._queue, deque()
+        for seq, fn, fut in chores:
+            slot = slots[seq]
+            if slot.gen is not None:
+                fut.set_exception(SlotBusy(f"slot {seq} is generating; retry when it is idle"))
+                continue
+            try:
+                fut.set_result(fn(slot))
+            except Exception as e:
+                fut.set_exception(e)
+
+    def fail_all(self) -> None:
+        with self._cond:
+            chores, self._queue = self._queue, deque()
+        for _, _, fut in chores:
+            fut.set_exception(RuntimeError("the worker is stopping"))
 
 
 def slot_file(directory: str, filename: str) -> Path:

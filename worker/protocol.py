@@ -181,6 +181,10 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     # many it can hold (n_ctx per slot x slots), as llama-server's kv_cache_usage_ratio.
     kv_tokens: int = 0
     kv_capacity: int = 0
+    # Of kv_tokens, those of slots generating now: the KV a scheduler counts as in use
+    # (an idle slot's cached prompt is given up to the next request that needs the slot,
+    # as vLLM counts its cached free blocks as free).
+    kv_tokens_active: int = 0
 
 
 health_decoder = msgspec.json.Decoder(Health)

@@ -86,8 +86,8 @@ class Pool:
                 s.kill_hard()
 
 
-def chat_once(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+def chat_once(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None, model: str = "x") -> tuple[int, str]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
@@ -104,9 +104,10 @@ def chat_once(url: str, timeout: float = 60.0, headers: dict[str, str] | None = 
 class Clients:
     """``n`` clients, each sending one chat after another through ``url`` until ``stop``."""
 
-    def __init__(self, url: str, n: int = 4, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, n: int = 4, headers: dict[str, str] | None = None, model: str = "x") -> None:
         self.url = url
         self.headers = headers
+        self.model = model
         self.results: list[tuple[int, str]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -122,7 +123,7 @@ class Clients:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            got = chat_once(self.url, headers=self.headers)
+            got = chat_once(self.url, headers=self.headers, model=self.model)
             with self._lock:
                 self.results.append(got)
 

@@ -8,20 +8,23 @@ have is a skip that says why, never a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
-from tests.supervisor_harness import Supervisor, poll
+from tests.supervisor_harness import Supervisor, free_port, poll
 
 # The settings the README's "Several boxes" recipe gives each instance: /health turns 503
 # at once on SIGTERM; new requests are still served for drain_s (longer than the balancer's
@@ -162,3 +165,72 @@ def stopped_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> Non
             proc.kill()
             proc.wait(timeout)
 
+
+
+@contextlib.contextmanager
+def behind_balancer(
+    tmp: Path, name: str, start: Callable[[Pool, int, IO[bytes]], subprocess.Popen[bytes]],
+    headers: dict[str, str] | None = None, model: str = "x", timeout: float = 60.0,
+) -> Iterator[tuple[Pool, str]]:
+    """Two instances and the balancer ``start`` runs on a free port (its output in
+    tmp/NAME.log), once it serves a request; everything stopped after."""
+    pool = Pool(tmp)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path = tmp / f"{name}.log"
+    log = open(log_path, "wb")
+    try:
+        port = free_port()
+        proc = start(pool, port, log)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+        def serving() -> bool:
+            assert proc is not None and proc.poll() is None, f"{name} exited:\n{log_path.read_text()[-3000:]}"
+            return chat_once(url, timeout=30, headers=headers, model=model)[0] == 200
+
+        poll(serving, timeout, f"{name} to serve a request", interval=0.2)
+        yield pool, url
+    finally:
+        if proc is not None:
+            stopped_process(proc)
+        log.close()
+        pool.close()
+
+
+def _failures(clients: Clients) -> str:
+    return f"{len(clients.failed())} of {clients.count()} failed: {clients.failed()[:5]}"
+
+
+def sigterm_one_under_load(pool: Pool, url: str, headers: dict[str, str] | None = None, model: str = "x",
+                           timeout: float = 60.0) -> Clients:
+    """4 looping clients; once both instances served, SIGTERM to "a": it must exit 0, and
+    "b" serve what follows. Returns the clients (stopped) for the caller's verdict."""
+    a = pool.members["a"]
+    with Clients(url, 4, headers=headers, model=model) as clients:
+        poll(lambda: min(pool.served().values()) >= 10, timeout, "both instances to serve requests")
+        a.proc.send_signal(signal.SIGTERM)
+        assert a.proc.wait(90) == 0
+        served_b = pool.served()["b"]
+        wait_more(clients, 20, timeout, "20 more answers after instance a is gone")
+        assert pool.served()["b"] >= served_b + 10  # b took over
+    assert clients.failed() == [], _failures(clients)
+    assert pool.members["b"].get("/health")[0] == 200
+    return clients
+
+
+def kill_one_worker_under_load(pool: Pool, url: str, headers: dict[str, str] | None = None, model: str = "x",
+                               timeout: float = 60.0) -> Clients:
+    """4 looping clients; kill -9 of instance "b"'s worker: its supervisor restarts it,
+    "a" serves meanwhile, and no request fails."""
+    a, b = pool.members["a"], pool.members["b"]
+    with Clients(url, 4, headers=headers, model=model) as clients:
+        poll(lambda: min(pool.served().values()) >= 10, timeout, "both instances to serve requests")
+        st = b.status()
+        b.worker_pids.add(st["worker"]["pid"])
+        served_a = pool.served()["a"]
+        os.kill(st["worker"]["pid"], signal.SIGKILL)
+        b.wait_state("ready", 60, lambda s: s["worker"]["generation"] > st["worker"]["generation"])
+        wait_more(clients, 20, timeout, "20 more answers once b is back")
+        assert pool.served()["a"] > served_a  # a served meanwhile
+    assert clients.failed() == [], _failures(clients)
+    assert a.status()["restarts"] == 0 and b.status()["restarts"] == 1
+    return clients

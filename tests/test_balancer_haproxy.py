@@ -8,16 +8,14 @@ model answers, and its answers take milliseconds on a busy box.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from tests.balancers import Clients, Pool, chat_once, installed_or_skip, stopped_process, wait_more
-from tests.supervisor_harness import free_port, poll
+from tests.balancers import Pool, behind_balancer, installed_or_skip, kill_one_worker_under_load, sigterm_one_under_load
 
 
 def haproxy_config(port: int, members: dict[str, int]) -> str:
@@ -54,57 +52,26 @@ backend vram_llm
 @pytest.fixture
 def haproxy_pool(tmp_path: Path) -> Iterator[tuple[Pool, str]]:
     binary = installed_or_skip("haproxy", "haproxy")
-    pool = Pool(tmp_path)
-    proc: subprocess.Popen[bytes] | None = None
-    log = open(tmp_path / "haproxy.log", "wb")
-    try:
-        port = free_port()
+
+    def start(pool: Pool, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
         cfg = tmp_path / "haproxy.cfg"
         cfg.write_text(haproxy_config(port, {n: s.port for n, s in pool.members.items()}))
         check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True)
         assert check.returncode == 0, check.stderr.decode()
-        proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        poll(lambda: chat_once(url, timeout=10)[0] == 200, 30, "HAProxy to serve a request")
-        yield pool, url
-    finally:
-        if proc is not None:
-            stopped_process(proc)
-        log.close()
-        pool.close()
+        return subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+
+    with behind_balancer(tmp_path, "haproxy", start) as got:
+        yield got
 
 
 def test_haproxy_spreads_and_a_sigterm_loses_no_request(haproxy_pool: tuple[Pool, str]) -> None:
     """4 looping clients: both instances serve (leastconn); SIGTERM to one mid-load: it
     leaves the rotation by its /health, finishes what it has and exits 0; not one request
     fails, and the other instance serves everything after."""
-    pool, url = haproxy_pool
-    a, b = pool.members["a"], pool.members["b"]
-    with Clients(url, 4) as clients:
-        poll(lambda: min(pool.served().values()) >= 10, 60, "both instances to serve requests")
-        a.proc.send_signal(signal.SIGTERM)
-        assert a.proc.wait(90) == 0
-        served_b = pool.served()["b"]
-        wait_more(clients, 20, 60, "20 more answers after instance a is gone")
-        assert pool.served()["b"] >= served_b + 10  # b took over
-    assert clients.failed() == [], f"{len(clients.failed())} of {clients.count()} failed: {clients.failed()[:5]}"
-    assert clients.count() >= 40
-    assert b.get("/health")[0] == 200
+    assert sigterm_one_under_load(*haproxy_pool).count() >= 40
 
 
 def test_haproxy_keeps_serving_when_one_worker_is_killed(haproxy_pool: tuple[Pool, str]) -> None:
     """kill -9 of instance b's worker under 4 looping clients: b's supervisor restarts it
     (its /health is 503 meanwhile), HAProxy serves from a, and no request fails."""
-    pool, url = haproxy_pool
-    a, b = pool.members["a"], pool.members["b"]
-    with Clients(url, 4) as clients:
-        poll(lambda: min(pool.served().values()) >= 10, 60, "both instances to serve requests")
-        st = b.status()
-        b.worker_pids.add(st["worker"]["pid"])
-        served_a = pool.served()["a"]
-        os.kill(st["worker"]["pid"], signal.SIGKILL)
-        b.wait_state("ready", 60, lambda s: s["worker"]["generation"] > st["worker"]["generation"])
-        assert pool.served()["a"] > served_a  # a served meanwhile
-        wait_more(clients, 20, 60, "20 more answers once b is back")
-    assert clients.failed() == [], f"{len(clients.failed())} of {clients.count()} failed: {clients.failed()[:5]}"
-    assert a.status()["restarts"] == 0 and b.status()["restarts"] == 1
+    kill_one_worker_under_load(*haproxy_pool)

@@ -10,19 +10,19 @@ once and reused: ``$VRAM_LLM_LITELLM_VENV``, else ``~/.cache/vram-llm/litellm-ve
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from tests.balancers import Clients, Pool, chat_once, stopped_process, wait_more
-from tests.supervisor_harness import free_port, poll
+from tests.balancers import Pool, behind_balancer, kill_one_worker_under_load, sigterm_one_under_load
 
 VENV = Path(os.environ.get("VRAM_LLM_LITELLM_VENV", Path.home() / ".cache" / "vram-llm" / "litellm-venv"))
 MASTER_KEY = "sk-vram-llm-test-0123456789abcdef"  # LiteLLM's proxy refuses to start without one
+AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
 # The first run may install LiteLLM (minutes); later ones find it.
 pytestmark = pytest.mark.timeout(1200)
 
@@ -73,65 +73,26 @@ general_settings:
 @pytest.fixture
 def litellm_pool(tmp_path: Path) -> Iterator[tuple[Pool, str]]:
     binary = litellm_or_skip()
-    pool = Pool(tmp_path)
-    proc: subprocess.Popen[bytes] | None = None
-    log = open(tmp_path / "litellm.log", "wb")
-    try:
-        port = free_port()
+
+    def start(pool: Pool, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
         cfg = tmp_path / "litellm.yaml"
         cfg.write_text(litellm_config({n: s.port for n, s in pool.members.items()}))
         env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
-        proc = subprocess.Popen([str(binary), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)],
+        return subprocess.Popen([str(binary), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
 
-        def serving() -> bool:
-            assert proc is not None and proc.poll() is None, (tmp_path / "litellm.log").read_text()[-3000:]
-            return chat_once(url, timeout=30, headers=_auth(), model="smol")[0] == 200
-
-        poll(serving, 120, "LiteLLM's proxy to serve a request", interval=0.5)
-        yield pool, url
-    finally:
-        if proc is not None:
-            stopped_process(proc)
-        log.close()
-        pool.close()
-
-
-def _auth() -> dict[str, str]:
-    return {"Authorization": f"Bearer {MASTER_KEY}"}
+    with behind_balancer(tmp_path, "litellm", start, headers=AUTH, model="smol", timeout=120) as got:
+        yield got
 
 
 def test_litellm_spreads_and_a_sigterm_loses_no_request(litellm_pool: tuple[Pool, str]) -> None:
     """4 looping clients through LiteLLM: both deployments serve; SIGTERM to one mid-load:
     LiteLLM retries what that one refuses (503 shutting_down, then a refused connection) on
     the other, and not one request fails."""
-    pool, url = litellm_pool
-    a, b = pool.members["a"], pool.members["b"]
-    with Clients(url, 4, headers=_auth(), model="smol") as clients:
-        poll(lambda: min(pool.served().values()) >= 10, 120, "both deployments to serve requests")
-        a.proc.send_signal(signal.SIGTERM)
-        assert a.proc.wait(90) == 0
-        served_b = pool.served()["b"]
-        wait_more(clients, 20, 120, "20 more answers after instance a is gone")
-        assert pool.served()["b"] >= served_b + 10
-    assert clients.failed() == [], f"{len(clients.failed())} of {clients.count()} failed: {clients.failed()[:5]}"
-    assert b.get("/health")[0] == 200
+    sigterm_one_under_load(*litellm_pool, headers=AUTH, model="smol", timeout=120)
 
 
 def test_litellm_keeps_serving_when_one_worker_is_killed(litellm_pool: tuple[Pool, str]) -> None:
     """kill -9 of instance b's worker under 4 looping clients: no request fails (b's
     supervisor resends what its dead worker held; LiteLLM retries anything b refuses)."""
-    pool, url = litellm_pool
-    b = pool.members["b"]
-    with Clients(url, 4, headers=_auth(), model="smol") as clients:
-        poll(lambda: min(pool.served().values()) >= 10, 120, "both deployments to serve requests")
-        st = b.status()
-        b.worker_pids.add(st["worker"]["pid"])
-        served_a = pool.served()["a"]
-        os.kill(st["worker"]["pid"], signal.SIGKILL)
-        b.wait_state("ready", 60, lambda s: s["worker"]["generation"] > st["worker"]["generation"])
-        wait_more(clients, 20, 120, "20 more answers once b is back")
-        assert pool.served()["a"] > served_a
-    assert clients.failed() == [], f"{len(clients.failed())} of {clients.count()} failed: {clients.failed()[:5]}"
-    assert b.status()["restarts"] == 1 and pool.members["a"].status()["restarts"] == 0
+    kill_one_worker_under_load(*litellm_pool, headers=AUTH, model="smol", timeout=120)

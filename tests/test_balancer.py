@@ -8,8 +8,10 @@ fake worker; the gauges and /slots on the real worker (SmolLM2, 4 slots).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -275,3 +277,73 @@ def test_sighup_that_changes_the_first_model_turns_health_503_until_it_is_ready(
     poll(lambda: s.get("/health")[0] == 200, 60, "/health 200 once b is ready")
     assert models_state(s)["b"] == "ready"
     remember_pids(s)
+
+
+# --- /slots against the real llama-server, where its binary is given -----------------------------
+
+LLAMA_SERVER = os.environ.get("LLAMA_SERVER", "")
+
+
+def _json_type(v: Any) -> str:
+    return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+
+
+def _same_shape(ours: dict[str, Any], theirs: dict[str, Any], where: str) -> None:
+    """Every field we send is one llama-server sends, with the same JSON type."""
+    for k, v in ours.items():
+        assert k in theirs, f"{where}.{k}: llama-server has no such field ({sorted(theirs)})"
+        assert _json_type(v) == _json_type(theirs[k]) or theirs[k] is None, (where, k, v, theirs[k])
+
+
+@pytest.mark.model
+def test_slots_shape_matches_llama_server(short_tmp: Path) -> None:
+    """GET /slots of vram-llm and of llama-server (LLAMA_SERVER=path), both with 2 slots of
+    512 tokens on SmolLM2, one of them generating: our fields are theirs, typed alike."""
+    if not (LLAMA_SERVER and os.access(LLAMA_SERVER, os.X_OK)):
+        pytest.skip("set LLAMA_SERVER to a llama-server binary to compare /slots with it")
+    from supervisor.default_model import default_model_path
+    from tests.balancers import stopped_process
+    from tests.supervisor_harness import free_port
+
+    port = free_port()
+    log = open(short_tmp / "llama-server.log", "wb")
+    s = Supervisor(short_tmp, {"model": {"parallel": 2, "ctx_size": 512, "threads": 1},
+                               "worker": {"health_interval_s": 0.2}})
+    ls: subprocess.Popen[bytes] | None = None
+    try:
+        ls = subprocess.Popen([LLAMA_SERVER, "-m", str(default_model_path()), "--host", "127.0.0.1",
+                               "--port", str(port), "-np", "2", "-c", "1024", "-t", "1"],
+                              stdout=log, stderr=subprocess.STDOUT)
+        ls_base = f"http://127.0.0.1:{port}"
+        poll(lambda: urllib.request.urlopen(ls_base + "/health", timeout=5).status == 200, 120, "llama-server ready")
+        s.wait_ready(180)
+        body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 400,
+                "ignore_eos": True}
+        threads = [threading.Thread(target=lambda b=base: _post(b, body, 600), daemon=True)
+                   for base in (ls_base, s.base)]
+        for t in threads:
+            t.start()
+
+        def busy(base: str) -> list[dict[str, Any]] | None:
+            with urllib.request.urlopen(base + "/slots", timeout=10) as r:
+                got = json.loads(r.read())
+            return got if any(x["is_processing"] for x in got) else None
+
+        theirs = poll(lambda: busy(ls_base), 120, "a llama-server slot processing")
+        ours = poll(lambda: busy(s.base), 120, "a vram-llm slot processing")
+        assert len(ours) == len(theirs) == 2
+        t_busy = next(x for x in theirs if x["is_processing"])
+        o_busy = next(x for x in ours if x["is_processing"])
+        _same_shape(o_busy, t_busy, "slot")
+        _same_shape(o_busy["params"], t_busy["params"], "params")
+        assert isinstance(t_busy["next_token"], list) and len(t_busy["next_token"]) == 1
+        _same_shape(o_busy["next_token"][0], t_busy["next_token"][0], "next_token[0]")
+        assert o_busy["n_ctx"] == t_busy["n_ctx"] == 512
+        for t in threads:
+            t.join(600)
+        assert s.stop(60) == 0
+    finally:
+        if ls is not None:
+            stopped_process(ls)
+        log.close()
+        s.kill_hard()

@@ -239,8 +239,9 @@ def test_scheduler_gauges_and_slots_with_four_streams(short_tmp: Path) -> None:
         code, slots = s.get("/slots?fail_on_no_slot=1")  # no ?model=: the first
         assert code == 200 and not any(x["is_processing"] for x in slots), slots
         assert {x["id"]: x["id_task"] > 0 for x in slots} == {0: True, 1: True, 2: True, 3: True}
-        m = scrape(s)
-        assert total(m, "llamacpp:tokens_predicted_total", model_name="a") == 1000
+        # Counted when each request's log line is written, which may come just after its answer.
+        m = poll(lambda: (m := scrape(s)) and total(m, "llamacpp:tokens_predicted_total", model_name="a") == 1000
+                 and m, 30, "1000 tokens counted")
         assert total(m, "llamacpp:kv_cache_usage_ratio", model_name="a") > 0  # cached prompts stay
         assert {mm["id"]: mm["state"] for mm in s.status()["models"]}["b"] == "unloaded"
 

@@ -221,7 +221,7 @@ def test_scheduler_gauges_and_slots_with_four_streams(short_tmp: Path) -> None:
         code, slots = s.get("/slots?model=a")
         assert code == 200 and len(slots) == 4, slots
         for i, slot in enumerate(slots):
-            assert slot["id"] == i and slot["n_ctx"] == 512 and slot["speculative"] is False
+            assert slot["id"] == i and slot["n_ctx"] == 512 and slot["speculative"] is True  # drafts on by default
             assert isinstance(slot["id_task"], int)
             if slot["is_processing"]:
                 assert slot["params"]["n_predict"] == 200 and slot["params"]["temperature"] == 0

@@ -28,7 +28,7 @@ def slot_json(slot: Slot, n_ctx: int) -> dict[str, Any]:
         # llama-server's task id; ours is the slot's admission number (-1: never used).
         "id_task": slot.admitted if slot.admitted else -1,
         "n_ctx": n_ctx,
-        "speculative": False,
+        "speculative": slot.drafter.limit > 0,  # drafts from the context (engine/drafts.py)
         "is_processing": gen is not None,
     }
     if gen is None:
@@ -36,7 +36,7 @@ def slot_json(slot: Slot, n_ctx: int) -> dict[str, Any]:
     p = gen.prepared
     s = p.sampling
     out["params"] = {
-        "seed": -1 if s.seed is None else s.seed,  # llama-server's LLAMA_DEFAULT_SEED reads -1 here
+        "seed": 0xFFFFFFFF if s.seed is None else s.seed,  # LLAMA_DEFAULT_SEED, as llama-server shows it
         "temperature": s.temperature,
         "top_k": s.top_k,
         "top_p": s.top_p,
@@ -49,7 +49,6 @@ def slot_json(slot: Slot, n_ctx: int) -> dict[str, Any]:
         "n_predict": p.max_tokens,
         "ignore_eos": s.ignore_eos,
         "n_probs": s.logprobs or 0,
-        "stop": list(p.stop),
     }
     done = gen.completion_tokens
     out["next_token"] = [{

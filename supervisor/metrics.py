@@ -194,6 +194,13 @@ _CACHES = (
     ("disk_cache_hits", "Requests restored from disk", "disk_cache_hits", CounterMetricFamily),
     ("disk_cache_tokens_saved", "Prompt tokens restored from disk", "disk_cache_tokens_saved", CounterMetricFamily),
     ("disk_cache_errors", "Damaged disk states dropped and failed writes", "disk_cache_errors", CounterMetricFamily),
+    # The batch loop (worker/engine/batch.py): drafts from the context and the steps.
+    ("draft_tokens", "Tokens drafted from the context", "draft_tokens", CounterMetricFamily),
+    ("draft_tokens_accepted", "Drafted tokens the model confirmed", "draft_tokens_accepted", CounterMetricFamily),
+    ("batch_steps", "Batch steps (one llama_decode each)", "steps", CounterMetricFamily),
+    ("batch_step_seconds", "Seconds in batch steps (building, decoding, sampling)", "step_seconds",
+     CounterMetricFamily),
+    ("batch_decode_seconds", "Seconds inside llama_decode", "decode_seconds", CounterMetricFamily),
 )
 
 
@@ -291,6 +298,11 @@ def _scheduler(models: list[tuple[str, WorkerManager]], tokens: dict[str, list[i
     l_tokens = GaugeMetricFamily("llamacpp:kv_cache_tokens", "KV-cache tokens.", labels=label)
     l_prompt = CounterMetricFamily("llamacpp:prompt_tokens", "Number of prompt tokens processed.", labels=label)
     l_pred = CounterMetricFamily("llamacpp:tokens_predicted", "Number of generation tokens processed.", labels=label)
+    # Drafts and steps from the worker's last /health, under llama-server's names.
+    l_steps = CounterMetricFamily("llamacpp:n_decode", "Total number of llama_decode() calls", labels=label)
+    l_drafted = CounterMetricFamily("llamacpp:spec_decode_num_draft_tokens", "Number of draft tokens", labels=label)
+    l_accepted = CounterMetricFamily("llamacpp:spec_decode_num_accepted_tokens", "Number of accepted draft tokens",
+                                     labels=label)
     for model, mgr in models:
         view = mgr.view
         ld = load_of(view.state, mgr.admission.generating, mgr.admission.waiting, view.last_health)
@@ -302,4 +314,9 @@ def _scheduler(models: list[tuple[str, WorkerManager]], tokens: dict[str, list[i
         prompt, predicted = tokens.get(model, (0, 0))
         l_prompt.add_metric([model], prompt)
         l_pred.add_metric([model], predicted)
-    yield from (v_wait, v_run, v_kv, v_info, l_run, l_wait, l_ratio, l_tokens, l_prompt, l_pred)
+        h = view.last_health
+        l_steps.add_metric([model], h.steps if h else 0)
+        l_drafted.add_metric([model], h.draft_tokens if h else 0)
+        l_accepted.add_metric([model], h.draft_tokens_accepted if h else 0)
+    yield from (v_wait, v_run, v_kv, v_info, l_run, l_wait, l_ratio, l_tokens, l_prompt, l_pred, l_steps, l_drafted,
+                l_accepted)

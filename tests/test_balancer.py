@@ -243,6 +243,13 @@ def test_scheduler_gauges_and_slots_with_four_streams(short_tmp: Path) -> None:
         m = poll(lambda: (m := scrape(s)) and total(m, "llamacpp:tokens_predicted_total", model_name="a") == 1000
                  and m, 30, "1000 tokens counted")
         assert total(m, "llamacpp:kv_cache_usage_ratio", model_name="a") > 0  # cached prompts stay
+        # The batch loop's steps and drafts, from the worker's /health (polled: it lags a little).
+        m = poll(lambda: (m := scrape(s)) and total(m, "llamacpp:n_decode_total", model_name="a") > 0 and m, 30,
+                 "the steps counted")
+        drafted = total(m, "llamacpp:spec_decode_num_draft_tokens_total", model_name="a")
+        accepted = total(m, "llamacpp:spec_decode_num_accepted_tokens_total", model_name="a")
+        assert 0 <= accepted <= drafted == total(m, "vram_llm_draft_tokens_total", model="a")
+        assert total(m, "vram_llm_batch_steps_total", model="a") == total(m, "llamacpp:n_decode_total", model_name="a")
         assert {mm["id"]: mm["state"] for mm in s.status()["models"]}["b"] == "unloaded"
 
         code, _ = s.post("/models/a/unload", {})

@@ -78,6 +78,9 @@ class BatchLoop:
         self.cost = StepCost()
         self.steps = StepStats()  # written by the loop thread, read by /health
         self.drafts = DraftStats()
+        # None: the acceptance a drafted token needs comes from the measured step cost; a
+        # number pins it (tests and benches: 0 drafts as on a GPU, whatever this CPU costs).
+        self.draft_threshold: float | None = None
         if llama_lib.llama_model_is_recurrent(llama_lib.llama_get_model(ctx)):
             draft_max = 0  # a rejected draft is removed from the KV cache: recurrent state cannot be
         self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
@@ -255,6 +258,8 @@ class BatchLoop:
         drafts: dict[int, list[int]] = {}
         work: list[SlotWork] = []
         spare = self.n_batch - sum(1 for s in busy.values() if s.next_token is not None)
+        threshold = self.cost.draft_threshold(self.n_batch - spare) if self.draft_threshold is None \
+            else self.draft_threshold
         for s in busy.values():
             gen = s.gen
             assert gen is not None
@@ -262,7 +267,7 @@ class BatchLoop:
                 work.append(SlotWork(s.seq, s.admitted, len(gen.prepared.tokens) - 1 - s.prefilled, False))
                 continue
             most = min(spare, self.n_ctx - len(s.tokens) - 1, gen.prepared.max_tokens - gen.completion_tokens - 1)
-            draft = drafts[s.seq] = s.drafter.propose(s.tokens, s.next_token, most)
+            draft = drafts[s.seq] = s.drafter.propose(s.tokens, s.next_token, most, threshold)
             spare -= len(draft)
             work.append(SlotWork(s.seq, s.admitted, 0, gen.completion_tokens > 0, 1 + len(draft)))
         plan = plan_step(work, self.cost, self.n_batch, self.gap_s, self.prefill_chunk)

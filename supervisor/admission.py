@@ -116,6 +116,12 @@ class Admission:
         """Requests the worker(s) answer now (taken by ``acquire``, not yet released)."""
         return sum(o.in_flight for o in self._on.values())
 
+    @property
+    def generating(self) -> int:
+        """Requests holding a generation slot now (every worker generation: a reload's old
+        worker finishing its answers included): what a scheduler calls "running"."""
+        return sum(o.generating for o in self._on.values())
+
     def in_worker(self, gen: int) -> int:
         o = self._on.get(gen)
         return 0 if o is None else o.in_flight

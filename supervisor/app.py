@@ -3,8 +3,10 @@
 Rules of this module:
 - ``serve(config)`` is a coroutine; cli.py chooses the event loop (uvloop) and
   configures logging. This module installs the signal handlers.
-- Shutdown order matters: stop accepting, let in-flight requests finish (bounded by
-  shutdown.grace_s), stop the worker, close the HTTP runner, remove the runtime dir.
+- Shutdown order matters: /health 503 and new requests refused (after shutdown.drain_s:
+  supervisor/balancer.py), let in-flight requests finish (bounded by shutdown.grace_s) with
+  the port still open, stop accepting, stop the worker, close the HTTP runner, remove the
+  runtime dir.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from supervisor import routes
 from supervisor.access_log import RequestLog
 from supervisor.auth import KeyStore
+from supervisor.balancer import Drain, slots
 from supervisor.config import Config, ModelEntry, base_url, listen_hosts, resolved_models, resolved_runtime_dir
 from supervisor.cors import Cors, CorsPolicy
 from supervisor.dialect_errors import anthropic_errors
@@ -53,6 +56,7 @@ SERVING: web.AppKey[ServingMetrics] = web.AppKey("serving", ServingMetrics)
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log", RequestLog)
 CARDS: web.AppKey[ModelCards] = web.AppKey("cards", ModelCards)
 CORS: web.AppKey[Cors] = web.AppKey("cors", Cors)
+DRAIN: web.AppKey[Drain] = web.AppKey("drain", Drain)
 
 
 def _first(app: web.Application) -> tuple[WorkerManager, Preparer]:
@@ -68,6 +72,10 @@ def health_of(app: web.Application) -> HealthVerdict:
     A model that serves every request (the fleet's fallback: the only one) is the service
     itself: it must be ready now."""
     fleet = app[FLEET]
+    if app[DRAIN].draining:
+        # SIGTERM: out of every balancer's rotation at once, while running answers finish.
+        return HealthVerdict(ok=False, status="draining",
+                             reason=f"shutting down: {fleet.in_flight} request(s) in flight finish first")
     if fleet.fallback is None:
         ok, why = fleet.ready_for_health()
         return HealthVerdict(ok=ok, status="ok" if ok else "loading", reason="" if ok else why,
@@ -131,6 +139,7 @@ def build_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Applica
     """The HTTP app of a fleet (one model is a fleet of one)."""
     app = web.Application(middlewares=[] if guard is None else [guard.middleware])
     app[FLEET] = fleet
+    app[DRAIN] = Drain()
     reg = CollectorRegistry()
     # Every model with a manager (SIGHUP may add and remove them); one model is labelled with
     # its id, which is [model]'s alias or file stem.
@@ -145,6 +154,7 @@ def build_app(fleet: Fleet, guard: ConnectionGuard | None = None) -> web.Applica
         app.router.add_get(path, _health)
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/slots", lambda r: slots(r, fleet))  # llama-server's, for paddler
     # The supervisor lists the models itself, one or several (no worker round trip; it
     # answers while a worker loads). Other methods on these paths fall through below.
     cards = app[CARDS] = ModelCards(fleet)
@@ -232,6 +242,7 @@ async def _serve_in(
         max_connections=effective_cap(config.server.max_connections),
     )
     app = build_app(fleet, guard)
+    app[DRAIN].install(app)  # refusals during a drain get an id and a log line too
     keys.install(app)  # inside the request log: refusals get an id and a log line too
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request, which stops the worker's generation.
@@ -296,13 +307,22 @@ async def _serve_in(
             log.critical("worker manager stopped unexpectedly: %r", exc)
             return 1
 
-        log.info("shutting down: no new connections; waiting up to %.0fs for %d request(s) in flight",
-                 config.shutdown.grace_s, fleet.in_flight)
+        # The drain (supervisor/balancer.py): /health 503 now, the port open while requests in
+        # flight finish, new requests served for drain_s (balancers that have not looked at
+        # /health yet), then refused 503 so a retrying balancer sends them elsewhere.
+        drain_s, grace_s = config.shutdown.drain_s, config.shutdown.grace_s
+        log.info("shutting down: /health is 503; new requests %s; waiting up to %.0fs for %d request(s) in flight",
+                 f"served for {drain_s:g}s more, then refused" if drain_s > 0 else "refused",
+                 drain_s + grace_s, fleet.in_flight)
         notify.stopping()
+        started = loop.time()
+        app[DRAIN].begin(drain_s)
+        if drain_s > 0:
+            await asyncio.sleep(drain_s)  # a SIGTERM's wait, not a poll: nothing to check meanwhile
+        if not await fleet.wait_no_requests(started + drain_s + grace_s):
+            log.warning("grace period over: %d request(s) still in flight will be cut", fleet.in_flight)
         for site in sites:
             await site.stop()
-        if not await fleet.wait_no_requests(loop.time() + config.shutdown.grace_s):
-            log.warning("grace period over: %d request(s) still in flight will be cut", fleet.in_flight)
         fleet.request_shutdown()
         await mgr_task
         return 0

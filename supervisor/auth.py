@@ -9,9 +9,11 @@ Rules of this module:
       [NAME:]KEY [SCOPE]
 
   NAME is ``[A-Za-z0-9._-]{1,64}`` (what logs show; default ``line-N``), KEY is at least 16
-  printable characters without spaces, SCOPE is ``inference`` (``/v1/*``, its root aliases
-  and llama-server's native routes: supervisor/routes.py; the default) or ``admin``
-  (everything: ``/status``, ``/metrics`` and the admin routes as well).
+  printable characters without spaces, SCOPE is ``inference`` (``/v1/*``, its root aliases,
+  llama-server's native routes and ``GET /slots``: supervisor/routes.py; the default) or
+  ``admin`` (everything: ``/status``, ``/metrics`` and the admin routes as well).
+  ``server.metrics_open`` opens ``/metrics`` like ``/health`` (schedulers that scrape
+  without a key).
 - The secret is never logged, shown in ``/status`` or echoed in an error: the rest of the
   supervisor only ever sees the key's NAME (``request[KEY_NAME]``).
 - Lookup is constant-time over the whole key set: the presented key and every stored key
@@ -175,11 +177,12 @@ def presented_key_of(authorization: str | None, x_api_key: str | None) -> str | 
     return header or None
 
 
-def required_scope(path: str) -> Scope | None:
-    """None: open; otherwise the least scope a key needs for this path."""
-    if path in HEALTH_PATHS:
+def required_scope(path: str, metrics_open: bool = False) -> Scope | None:
+    """None: open; otherwise the least scope a key needs for this path. ``metrics_open``
+    (server.metrics_open): /metrics is open too, for schedulers that scrape without a key."""
+    if path in HEALTH_PATHS or (metrics_open and path == "/metrics"):
         return None  # load balancers probe it without credentials
-    if is_api(path):  # /v1/*, its root aliases, llama-server's native endpoints (supervisor/routes.py)
+    if is_api(path):  # /v1/*, its root aliases, llama-server's native endpoints and GET /slots (routes.py)
         return "inference"
     return "admin"  # /status, /metrics, admin routes, and anything unknown
 
@@ -194,12 +197,13 @@ def _auth_error(status: int, message: str, code: str, type_: str) -> web.Respons
 class KeyStore:
     """The current key set; ``match`` is the only read, ``reload`` the only write."""
 
-    def __init__(self, keys: tuple[ApiKey, ...] = ()) -> None:
+    def __init__(self, keys: tuple[ApiKey, ...] = (), metrics_open: bool = False) -> None:
         self._keys = keys
+        self._metrics_open = metrics_open
 
     @classmethod
     def from_config(cls, config: Config) -> KeyStore:
-        return cls(load_keys(config))
+        return cls(load_keys(config), config.server.metrics_open)
 
     def install(self, app: web.Application) -> None:
         app.middlewares.append(self.middleware)
@@ -218,6 +222,7 @@ class KeyStore:
             log.error("API keys: keeping the previous %d key(s): %s", len(self._keys), e)
             return
         self._keys = keys
+        self._metrics_open = config.server.metrics_open
         log.info("API keys reloaded: %s", self.describe())
 
     def match(self, secret: str) -> ApiKey | None:
@@ -245,7 +250,7 @@ class KeyStore:
 
     def check_digest(self, path: str, digest: bytes | None) -> tuple[int, ApiKey | None]:
         """``check`` with the presented key's ``key_digest`` (None: no key presented)."""
-        need = required_scope(path)
+        need = required_scope(path, self._metrics_open)
         if need is None or not self._keys:
             return 200, None
         key = None if digest is None else self.match_digest(digest)

@@ -130,6 +130,8 @@ class ServerSection(_Section):
     # the longest idle one is closed to make room.
     max_connections: PositiveInt = 1024
     strict_params: bool = False  # unknown request fields: 400 instead of ignored
+    # /metrics without a key when keys are configured (a scheduler's scrape: no secret there)
+    metrics_open: bool = False
     # /v1/responses kept for previous_response_id and GET (per model, in the worker's memory).
     responses_store_size: NonNegInt = 1024
     responses_store_ttl_s: Seconds = 3600.0
@@ -177,6 +179,9 @@ class AdmissionSection(_Section):
 
 class ShutdownSection(_Section):
     grace_s: Seconds = 30.0
+    # SIGTERM: /health is 503 at once; new requests are still served this long (balancers
+    # that only notice by their health checks), then answered 503 (retrying ones move on).
+    drain_s: NonNegSeconds = 0.0
 
 
 class Config(_Section):

@@ -104,7 +104,9 @@ class Fleet(FleetChanges):
         self.config = config  # the configuration in force (SIGHUP replaces it only when valid)
         self.ids = [e.id for e in entries]  # the models requests may name, in config order
         self.first = self.ids[0]
-        self._first_at_start = self.first  # /health: the model loaded at start without preload
+        # /health: the model loaded at start without preload (after a SIGHUP that changed or
+        # restarted the first model, that one: fleet_changes.py)
+        self._first_at_start = self.first
         self.ledger = Ledger()
         self.probe = AccountedProbe(base_probe, self.taken_mib, simulated=bool(config.gpu.simulate_gpus))
         self.preparers: dict[str, Preparer] = {}

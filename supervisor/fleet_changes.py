@@ -93,6 +93,8 @@ class FleetChanges:
     _tasks_changed: asyncio.Event
     _retiring: dict[str, asyncio.Task[None]]
     _readd: dict[str, Preparer]  # retiring, but listed again: added once gone
+    _first_at_start: str  # /health waits for this one to have been ready
+    _ready_once: set[str]
     _waiting: dict[asyncio.Future[Launch], str]
 
     def _add(self, prep: Preparer, mdir: Path, unloaded: bool) -> None:
@@ -168,6 +170,13 @@ class FleetChanges:
             self._add(staged[mid], self._runtime_dir / self.dir_name(mid), unloaded=self._parks_when_added(staged[mid].entry))
         if self.first != old_ids[0] and self.managers[self.first].state is WorkerState.UNLOADED:
             self.managers[self.first].load()  # the first is loaded, as at start
+        if self.first in change.restart or (
+            self.first != old_ids[0] and self.managers[self.first].state is not WorkerState.READY
+        ):
+            # /health is 503 until the model that answers requests without "model" is ready
+            # (again): a balancer must not send them to a box that would make them wait.
+            self._first_at_start = self.first
+            self._ready_once.discard(self.first)
         log.warning(
             "SIGHUP: models added: %s; removed: %s; restarting: %s; first (no \"model\" field): %s",
             ", ".join(change.added) or "none",

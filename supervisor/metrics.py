@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -37,6 +37,7 @@ from supervisor.states import WorkerState
 from supervisor.status import GpuNow
 from supervisor.status_view import worker_status
 from supervisor.worker_process import WorkerManager
+from worker.protocol import Health
 
 # Latency buckets from 10 ms (a cached short prompt) to 5 minutes (a long generation).
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -72,6 +73,8 @@ class ServingMetrics(Collector):
         self.itl = hist("vram_llm_inter_token_latency_seconds",
                         "Mean gap between generated tokens, one sample per streamed answer", _ITL)
         self.queue_wait = hist("vram_llm_queue_wait_seconds", "Time a request waited for a ready worker", _LATENCY)
+        # llamacpp:prompt_tokens_total and llamacpp:tokens_predicted_total (model -> count)
+        self._tokens: dict[str, list[int]] = {}
         self._counted: dict[tuple[str, str, str], Any] = {}  # label children: see observe
         self._timed: dict[str, Any] = {}
         registry.register(self)
@@ -99,6 +102,10 @@ class ServingMetrics(Collector):
         counter.inc()
         if not api:
             return
+        if rec.prompt_tokens or rec.completion_tokens:
+            tally = self._tokens.setdefault(model, [0, 0])
+            tally[0] += rec.prompt_tokens or 0
+            tally[1] += rec.completion_tokens or 0
         if rec.prompt_tokens:
             self.prompt_tokens.labels(model).inc(rec.prompt_tokens)
         if rec.completion_tokens:
@@ -137,6 +144,7 @@ class ServingMetrics(Collector):
     def collect(self) -> Iterator[Any]:
         models = self._pairs()
         yield from _lifecycle(models)
+        yield from _scheduler(models, self._tokens)
         waiting = GaugeMetricFamily("vram_llm_queue_depth", "Requests waiting for a ready worker or a slot",
                                     labels=["model", "where"])
         busy = GaugeMetricFamily("vram_llm_slots_busy", "Generation slots in use (worker /health active)",
@@ -186,6 +194,13 @@ _CACHES = (
     ("disk_cache_hits", "Requests restored from disk", "disk_cache_hits", CounterMetricFamily),
     ("disk_cache_tokens_saved", "Prompt tokens restored from disk", "disk_cache_tokens_saved", CounterMetricFamily),
     ("disk_cache_errors", "Damaged disk states dropped and failed writes", "disk_cache_errors", CounterMetricFamily),
+    # The batch loop (worker/engine/batch.py): drafts from the context and the steps.
+    ("draft_tokens", "Tokens drafted from the context", "draft_tokens", CounterMetricFamily),
+    ("draft_tokens_accepted", "Drafted tokens the model confirmed", "draft_tokens_accepted", CounterMetricFamily),
+    ("batch_steps", "Batch steps (one llama_decode each)", "steps", CounterMetricFamily),
+    ("batch_step_seconds", "Seconds in batch steps (building, decoding, sampling)", "step_seconds",
+     CounterMetricFamily),
+    ("batch_decode_seconds", "Seconds inside llama_decode", "decode_seconds", CounterMetricFamily),
 )
 
 
@@ -236,3 +251,72 @@ def _lifecycle(models: list[tuple[str, WorkerManager]]) -> Iterator[Any]:
     yield from (state, in_flight, waiting, served, restarts, streak, crash_loop, next_attempt)
     yield from (fam for fam, _ in caches)
     yield kv_ratio
+
+
+# --- the names schedulers read -------------------------------------------------------------
+# The Gateway API Inference Extension's endpoint picker reads vLLM's names by default and
+# dashboards written for llama-server read llama-server's: both sets are exported next to
+# ours, always (a handful of samples per model; nothing to configure in the picker), with
+# vLLM's ``model_name`` label. README "Metrics" maps them to our own series.
+
+
+class Load(NamedTuple):
+    """What a scheduler should see of one model now."""
+
+    running: int  # requests holding a generation slot
+    waiting: int  # requests waiting for a slot or for the model to be ready
+    kv_active: float  # KV cells of running requests / all KV cells (0..1)
+    kv_used: float  # KV cells holding anything, idle slots' cached prompts included (0..1)
+    kv_tokens: int
+    kv_capacity: int  # 0: no ready worker
+
+
+def load_of(state: WorkerState, generating: int, waiting: int, health: Health | None) -> Load:
+    """PURE. A model without a ready worker (unloaded, loading, backing off, failed,
+    stopping) reports no KV at all, whatever its last worker said before it went: the
+    picker must not avoid a fresh worker because of a dead one's cache. Requests waiting
+    for it count as waiting, and requests a reload's old worker still answers as running."""
+    if state is not WorkerState.READY or health is None or health.kv_capacity <= 0:
+        return Load(generating, waiting, 0.0, 0.0, 0, 0)
+    cap = health.kv_capacity
+    return Load(generating, waiting, min(1.0, health.kv_tokens_active / cap), min(1.0, health.kv_tokens / cap),
+                health.kv_tokens, cap)
+
+
+def _scheduler(models: list[tuple[str, WorkerManager]], tokens: dict[str, list[int]]) -> Iterator[Any]:
+    label = ["model_name"]
+    v_wait = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to be processed", labels=label)
+    v_run = GaugeMetricFamily("vllm:num_requests_running", "Requests in model execution batches", labels=label)
+    v_kv = GaugeMetricFamily("vllm:kv_cache_usage_perc",
+                             "KV-cache usage of running requests. 1 means 100 percent usage", labels=label)
+    v_info = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache (a block is one token cell)",
+                               labels=[*label, "block_size", "num_gpu_blocks"])
+    l_run = GaugeMetricFamily("llamacpp:requests_processing", "Number of requests processing.", labels=label)
+    l_wait = GaugeMetricFamily("llamacpp:requests_deferred", "Number of requests deferred.", labels=label)
+    l_ratio = GaugeMetricFamily("llamacpp:kv_cache_usage_ratio", "KV-cache usage. 1 means 100 percent usage.",
+                                labels=label)
+    l_tokens = GaugeMetricFamily("llamacpp:kv_cache_tokens", "KV-cache tokens.", labels=label)
+    l_prompt = CounterMetricFamily("llamacpp:prompt_tokens", "Number of prompt tokens processed.", labels=label)
+    l_pred = CounterMetricFamily("llamacpp:tokens_predicted", "Number of generation tokens processed.", labels=label)
+    # Drafts and steps from the worker's last /health, under llama-server's names.
+    l_steps = CounterMetricFamily("llamacpp:n_decode", "Total number of llama_decode() calls", labels=label)
+    l_drafted = CounterMetricFamily("llamacpp:spec_decode_num_draft_tokens", "Number of draft tokens", labels=label)
+    l_accepted = CounterMetricFamily("llamacpp:spec_decode_num_accepted_tokens", "Number of accepted draft tokens",
+                                     labels=label)
+    for model, mgr in models:
+        view = mgr.view
+        ld = load_of(view.state, mgr.admission.generating, mgr.admission.waiting, view.last_health)
+        for fam, value in ((v_wait, ld.waiting), (v_run, ld.running), (v_kv, ld.kv_active), (l_run, ld.running),
+                           (l_wait, ld.waiting), (l_ratio, ld.kv_used), (l_tokens, ld.kv_tokens)):
+            fam.add_metric([model], value)
+        if ld.kv_capacity:
+            v_info.add_metric([model, "1", str(ld.kv_capacity)], 1.0)
+        prompt, predicted = tokens.get(model, (0, 0))
+        l_prompt.add_metric([model], prompt)
+        l_pred.add_metric([model], predicted)
+        h = view.last_health
+        l_steps.add_metric([model], h.steps if h else 0)
+        l_drafted.add_metric([model], h.draft_tokens if h else 0)
+        l_accepted.add_metric([model], h.draft_tokens_accepted if h else 0)
+    yield from (v_wait, v_run, v_kv, v_info, l_run, l_wait, l_ratio, l_tokens, l_prompt, l_pred, l_steps, l_drafted,
+                l_accepted)

@@ -11,7 +11,8 @@ Rules of this module:
   issue 25 asks: clients written for OpenAI come first.
 - llama-server's own root endpoints (``/completion``, ``/props``, ``/rerank``, the
   tokenizer, ``POST /slots/{id}``) go to the worker under their own path, routed by the
-  request's ``model`` like ``/v1``. ``GET /slots`` is not routed here (issue 26 owns it).
+  request's ``model`` like ``/v1``. ``GET /slots`` is answered by the supervisor
+  (balancer.py: from the ready worker, outside admission).
 - A new path gets a row here, not an ``if`` somewhere else: the metrics label groups
   paths into a fixed set (``path_group``), so no client-chosen path becomes a label value.
 """
@@ -38,6 +39,8 @@ WORKER_ROOT_PATHS: tuple[str, ...] = (
 
 # POST /slots/{id}?action=save|restore|erase (llama-server's slot actions), proxied as is.
 SLOT_ACTION_PREFIX = "/slots/"
+# GET /slots: llama-server's slot list, answered by the supervisor (balancer.py) for paddler.
+SLOTS_PATH = "/slots"
 
 # llama-server answers its health check at both; open, as /health.
 HEALTH_PATHS: tuple[str, ...] = ("/health", "/v1/health")
@@ -70,7 +73,7 @@ def path_group(path: str) -> PathGroup:
         return "/health"
     if path.startswith("/v1/") or path in V1_ALIASES or is_models_alias(path):
         return "/v1"
-    if path in WORKER_ROOT_PATHS or is_slot_action(path):
+    if path in WORKER_ROOT_PATHS or is_slot_action(path) or path == SLOTS_PATH:
         return "native"
     if path in ("/status", "/metrics"):
         return path  # type: ignore[return-value]

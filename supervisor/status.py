@@ -48,6 +48,13 @@ class WorkerStatus(_S, omit_defaults=True):
     cache_tokens_reused: int | None = None
     ram_cache: RamCache | None = None  # the host-RAM cache of KV snapshots
     disk_cache: DiskCache | None = None  # its disk tier (absent when off)
+    # The batch loop: drafts from the context (tokens drafted, accepted) and its steps (how
+    # many; seconds in whole steps and inside llama_decode alone).
+    draft_tokens: int | None = None
+    draft_tokens_accepted: int | None = None
+    steps: int | None = None
+    step_seconds: float | None = None
+    decode_seconds: float | None = None
     # From the OS (absent when the process cannot be read).
     rss_mib: float | None = None
     cpu_percent: float | None = None

@@ -152,6 +152,13 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
                 f"{disk.tokens_saved} tokens saved" + (f", {disk.errors} errors" if disk.errors else "")
                 + f" ({disk.dir})"
             )
+        if w.steps:
+            drafted, accepted = w.draft_tokens or 0, w.draft_tokens_accepted or 0
+            out.append(
+                f"         batch steps: {w.steps}, {1000 * (w.step_seconds or 0) / w.steps:.1f} ms each "
+                f"({1000 * (w.decode_seconds or 0) / w.steps:.1f} in llama_decode); drafts: {accepted} of "
+                f"{drafted} tokens accepted"
+            )
     else:
         out.append("worker:  none running")
     req = st.requests

@@ -49,6 +49,8 @@ def worker_status(view: WorkerView, now: float) -> WorkerStatus | None:
         w.ram_cache = RamCache(entries=h.ram_cache_entries, bytes=h.ram_cache_bytes, hits=h.ram_cache_hits,
                                tokens_saved=h.ram_cache_tokens_saved)
         w.disk_cache = disk_cache(view)
+        w.draft_tokens, w.draft_tokens_accepted = h.draft_tokens, h.draft_tokens_accepted
+        w.steps, w.step_seconds, w.decode_seconds = h.steps, h.step_seconds, h.decode_seconds
     w.rss_mib, w.cpu_percent = proc.usage()
     return w
 

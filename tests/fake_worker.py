@@ -4,7 +4,8 @@ Run as ``python tests/fake_worker.py --spec PATH`` (the real worker's CLI). It r
 ``worker.protocol.LaunchSpec`` and serves the same HTTP API on ``spec.socket_path``:
 GET /health (503 "loading" with progress, then 200 with ``Health`` including ``params``
 that echo the spec and this process's CUDA environment), GET /v1/models, and
-POST /v1/chat/completions and /v1/completions (non-streaming and SSE). GET /v1/fake/read
+POST /v1/chat/completions and /v1/completions (non-streaming and SSE), GET /slots (llama-server's
+shape, one slot). GET /v1/fake/read
 answers {} at once: a read the supervisor proxies without a generation slot (it answers
 /v1/models itself), for tests that need many requests at the worker's socket. It never loads a
 model: a completion is the tokens "tok0 tok1 ...", one every FAKE_WORKER_TOKEN_INTERVAL_S,
@@ -260,6 +261,14 @@ class FakeWorker:
         }
         return web.json_response(body)
 
+    async def handle_slots(self, request: web.Request) -> web.Response:
+        """llama-server's GET /slots for its one slot (worker/api/slots.py has the real one)."""
+        busy = self.active > 0
+        if busy and request.query.get("fail_on_no_slot", "") not in ("", "0"):
+            return web.json_response({"error": {"code": 503, "message": "no slot available"}}, status=503)
+        return web.json_response([{"id": 0, "id_task": self.requests_served, "n_ctx": self.spec.n_ctx,
+                                   "speculative": False, "is_processing": busy}])
+
     # --- generation ---------------------------------------------------------------------
 
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
@@ -388,6 +397,7 @@ async def serve(spec: LaunchSpec, start_index: int) -> int:
     app.router.add_get("/health", fake.handle_health)
     app.router.add_get("/v1/models", fake.handle_models)
     app.router.add_get("/v1/fake/read", _read)
+    app.router.add_get("/slots", fake.handle_slots)
     app.router.add_post("/v1/chat/completions", fake.handle_chat)
     app.router.add_post("/v1/completions", fake.handle_completions)
     app.on_response_prepare.append(_say_path)

@@ -99,7 +99,7 @@ def test_key_file_comments_duplicates_and_flag_keys(tmp_path: Path) -> None:
      ("/models", "inference"), ("/models/m1", "inference"), ("/models/m1/load", "admin"),
      ("/models/m1/unload", "admin"), ("/completion", "inference"), ("/props", "inference"),
      ("/rerank", "inference"), ("/reranking", "inference"), ("/v1/rerank", "inference"),
-     ("/slots/0", "inference"), ("/slots", "admin"), ("/slots/0/x", "admin"), ("/infill", "inference"),
+     ("/slots/0", "inference"), ("/slots", "inference"), ("/slots/0/x", "admin"), ("/infill", "inference"),
      ("/chat/completions/input_tokens", "inference")],
 )
 def test_route_scopes(path: str, scope: str | None) -> None:

@@ -177,7 +177,9 @@ def test_the_shipped_config_is_valid_and_matches_the_deployment(tmp_path: Path) 
     assert c["startupProbe"]["httpGet"]["path"] == "/health"
     # SIGKILL must not cut a drain the configuration allows.
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["spec"]["terminationGracePeriodSeconds"] >= pre_stop + cfg.shutdown.grace_s + cfg.worker.stop_timeout_s
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= (
+        pre_stop + cfg.shutdown.drain_s + cfg.shutdown.grace_s + cfg.worker.stop_timeout_s
+    )
 
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}

@@ -36,7 +36,7 @@ def test_every_alias_is_the_root_of_its_v1_path() -> None:
         ("/infill", "native"), ("/tokenize", "native"), ("/slots/3", "native"),
         ("/health", "/health"), ("/v1/health", "/health"), ("/status", "/status"), ("/metrics", "/metrics"),
         # Anything else is one label, whatever the client sends: no label per path.
-        ("/models/m/load", "other"), ("/slots", "other"), ("/slots/", "other"), ("/slots/1/2", "other"),
+        ("/models/m/load", "other"), ("/slots", "native"), ("/slots/", "other"), ("/slots/1/2", "other"),
         ("/random-1234", "other"), ("/", "other"), ("/v1", "other"), ("/modelsx", "other"),
     ],
 )

@@ -90,44 +90,71 @@ def test_plan_step(work: list[SlotWork], want_decode: tuple[int, ...], want_chun
 def test_draft_copies_what_followed_the_last_ngram() -> None:
     d = Drafter(8, DraftStats())
     ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 2]
-    assert d.propose(ctx, 3, 8) == [4, 5, 6, 7]  # "2 3" occurred: copy from there (first draft: 4)
-    assert d.propose([5, 6, 7], 8, 8) == []  # nothing repeats
+    assert d.propose(ctx, 3, 8, 0.0) == [4, 5, 6, 7, 8, 9, 10, 11]  # "2 3" occurred: copy from there
+    assert d.propose([5, 6, 7], 8, 8, 0.0) == []  # nothing repeats
     d.reset()
-    assert d.propose([5, 6, 7, 5, 6], 7, 2) == [5, 6]  # at most what the caller has room for
+    assert d.propose([5, 6, 7, 5, 6], 7, 2, 0.0) == [5, 6]  # at most what the caller has room for
 
 
 def test_longest_ngram_wins_and_latest_occurrence() -> None:
     d = Drafter(8, DraftStats())
     # "9 3" occurred followed by 100; "1 9 3" occurred (earlier) followed by 200.
     ctx = [1, 9, 3, 200, 7, 9, 3, 100, 1, 9]
-    assert d.propose(ctx, 3, 1) == [200]
+    assert d.propose(ctx, 3, 1, 0.0) == [200]
     d.reset()
     ctx2 = [5, 3, 100, 5, 3, 101, 8, 5]  # "5 3" twice: the later one
-    assert d.propose(ctx2, 3, 1) == [101]
+    assert d.propose(ctx2, 3, 1, 0.0) == [101]
 
 
 def test_index_is_incremental() -> None:
     d = Drafter(8, DraftStats())
     tokens = [1, 2, 3, 4]
-    assert d.propose(tokens, 9, 4) == []
+    assert d.propose(tokens, 9, 4, 0.0) == []
     tokens += [9, 1, 2]  # the slot's sequence grows between steps
-    assert d.propose(tokens, 3, 4) == [4, 9, 1, 2]
+    assert d.propose(tokens, 3, 4, 0.0) == [4, 9, 1, 2]
 
 
-def test_draft_length_follows_acceptance_and_pauses_when_low() -> None:
+@pytest.mark.parametrize(
+    ("accepted", "rejected", "threshold", "want"),
+    [
+        (2, 1, 0.5, 1),  # the prior (alpha 2/3) on an unmeasured device: one token
+        (2, 1, 0.6, 1),  # one stream on two CPU cores
+        (2, 1, 0.86, 0),  # four streams on two CPU cores: rows cost as much as tokens
+        (2, 1, 0.03, 8),  # a GPU: rows almost free, the setting's limit
+        (19, 1, 0.6, 8),  # alpha 0.95: long drafts pay even on a CPU (0.95^8 = 0.66)
+        (9, 1, 0.86, 1),  # alpha 0.9 beats four CPU streams' threshold by one token
+        (1, 9, 0.03, 1),  # alpha 0.1: one token still pays on a GPU
+    ],
+)
+def test_draft_length_is_what_pays_for_its_rows(accepted: float, rejected: float, threshold: float,
+                                                want: int) -> None:
+    d = Drafter(8, DraftStats())
+    d._acc, d._rej = accepted, rejected
+    assert d.length(threshold) == want
+
+
+def test_acceptance_is_learned_and_drafting_pauses_then_retries() -> None:
     stats = DraftStats()
     d = Drafter(16, stats)
     ctx = list(range(40)) * 2
-    assert len(d.propose(ctx[:45], ctx[45], 16)) == 4
-    d.verified(4, 4)
-    assert len(d.propose(ctx[:45], ctx[45], 16)) == 8  # a full accept doubles it
-    d.verified(8, 8)
-    assert len(d.propose(ctx[:45], ctx[45], 16)) == 16
-    d.verified(16, 2)
-    assert len(d.propose(ctx[:45], ctx[45], 16)) == 3  # back to what was accepted plus one
-    assert (stats.drafted, stats.accepted) == (28, 14)
-    for _ in range(5):
-        d.verified(3, 0)
-    assert d.propose(ctx[:45], ctx[45], 16) == []  # acceptance stayed low: paused
-    d2 = Drafter(0, DraftStats())
-    assert d2.propose(ctx[:45], ctx[45], 16) == []  # draft_max = 0: never
+    assert len(d.propose(ctx[:45], ctx[45], 16, 0.6)) == 1
+    for _ in range(6):
+        d.verified(4, 4)  # everything accepted: alpha grows, drafts get longer
+    assert d.alpha > 0.95 and len(d.propose(ctx[:45], ctx[45], 16, 0.6)) >= 8
+    assert (stats.drafted, stats.accepted, stats.drafts) == (24, 24, 6)
+    for _ in range(8):
+        d.verified(2, 0)  # rejected: alpha falls below what pays
+    assert d.propose(ctx[:45], ctx[45], 16, 0.6) == []
+    for _ in range(64):  # the cooldown: the prior again
+        d.propose(ctx[:45], ctx[45], 16, 0.6)
+    assert d.alpha == pytest.approx(2 / 3)
+    assert Drafter(0, DraftStats()).propose(ctx[:45], ctx[45], 16, 0.0) == []  # draft_max = 0: never
+
+
+def test_draft_threshold_from_measured_rows() -> None:
+    cpu = _cost({1: 0.010, 4: 0.028}, 0.0035)  # a = 4 ms, b = 6 ms
+    assert cpu.draft_threshold(1) == pytest.approx(0.6)
+    assert cpu.draft_threshold(4) == pytest.approx(0.857, abs=0.001)
+    gpu = _cost({1: 0.0040, 8: 0.0047}, 0.00002)
+    assert gpu.draft_threshold(1) < 0.03
+    assert StepCost().draft_threshold(4) == 0.5  # nothing measured

@@ -205,6 +205,10 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     shared_prompt_steps: int = 0
     step_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # Of kv_tokens, those of slots generating now: the KV a scheduler counts as in use
+    # (an idle slot's cached prompt is given up to the next request that needs the slot,
+    # as vLLM counts its cached free blocks as free).
+    kv_tokens_active: int = 0
 
 
 health_decoder = msgspec.json.Decoder(Health)

@@ -36,6 +36,7 @@ from worker.api.native import NativeApi
 from worker.api.responses import ResponsesApi
 from worker.api.run import Runner
 from worker.api.shapes import ModelCard, ModelList, enc, json_response
+from worker.api.slots import active_kv_tokens, slots_json
 from worker.engine import BadSetting, Engine, LoadCancelled, LoadError, OutOfMemory
 from worker.protocol import (
     ExitCode,
@@ -97,6 +98,7 @@ class WorkerServer:
         add_post("/tokenize", self.native.tokenize)
         add_post("/detokenize", self.native.detokenize)
         add_post("/apply-template", self.native.apply_template)
+        add_get("/slots", self.slots)
         # llama-server's own routes, in its shapes (worker/api/llamacpp.py).
         add_post("/completion", self.llamacpp.completion)
         add_get("/props", self.llamacpp.props)
@@ -120,6 +122,7 @@ class WorkerServer:
                 cache_hits=loop.stats.hits,
                 cache_tokens_reused=loop.stats.tokens_reused,
                 kv_tokens=loop.kv_tokens(),
+                kv_tokens_active=active_kv_tokens(loop.slots),
                 kv_capacity=loop.n_ctx * len(loop.slots),
                 draft_tokens=loop.drafts.drafted,
                 draft_tokens_accepted=loop.drafts.accepted,
@@ -157,6 +160,18 @@ class WorkerServer:
             params=self.params,
             **common,
         )
+        return json_response(encoder.encode(body))
+
+    async def slots(self, request: web.Request) -> web.Response:
+        """llama-server's GET /slots (worker/api/slots.py); ``?fail_on_no_slot=1``: 503 when
+        no slot is idle, as llama-server answers."""
+        self.runner.require_ready()
+        loop = self.engine.loop
+        body = [] if loop is None else slots_json(loop.slots, loop.n_ctx)
+        if request.query.get("fail_on_no_slot", "") not in ("", "0", "false") and not any(
+            not s["is_processing"] for s in body
+        ):
+            raise oai.RequestError("no slot available", type="unavailable_error", code=None, status=503)
         return json_response(encoder.encode(body))
 
     def _card(self) -> ModelCard:

@@ -28,7 +28,7 @@ Rules for this module (llama-server's ``update_slots`` is the model):
   ``saved.SavedStates``'s: the loop only copies a state out of the KV cache; a request
   whose longest cached prefix is on disk is read by the prompt-cache thread before it is
   admitted, never by the loop.
-- Other threads only call ``submit``, ``slot_chore`` and ``close`` and read the counters.
+- Other threads only call ``submit``, ``chores.add`` and ``close`` and read the counters.
   A chore (llama-server's slot save/restore/erase, slotfiles.py) runs on this thread
   between steps, on an idle slot only.
 """
@@ -39,9 +39,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 import llama_cpp.llama_cpp as llama_lib
 
@@ -56,7 +54,6 @@ from worker.engine.tokenbatch import TokenBatch
 
 log = logging.getLogger("worker")
 
-T = TypeVar("T")
 _CLOSE_WAIT_S = 30.0
 
 
@@ -84,13 +81,16 @@ class BatchLoop:
         self.cost = StepCost()
         self.steps = StepStats()  # written by the loop thread, read by /health
         self.drafts = DraftStats()
+        # None: the acceptance a drafted token needs comes from the measured step cost; a
+        # number pins it (tests and benches: 0 drafts as on a GPU, whatever this CPU costs).
+        self.draft_threshold: float | None = None
         if llama_lib.llama_model_is_recurrent(llama_lib.llama_get_model(ctx)):
             draft_max = 0  # a rejected draft is removed from the KV cache: recurrent state cannot be
         self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
         self._batch = TokenBatch(n_batch)
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
-        self._chores = SlotChores(self._cond)
+        self.chores = SlotChores(self._cond, lambda: self._stopping)  # slot files' work (slotfiles.py)
         self._stopping = False
         self._clock = 0  # recency of slot caches
         self._admissions = 0
@@ -119,10 +119,6 @@ class BatchLoop:
                 self._cond.notify()
                 return
         gen.end("cancelled")
-
-    def slot_chore(self, seq: int, fn: Callable[[Slot], T]) -> Future[T]:
-        """Run ``fn(slot)`` on the loop thread between steps (slotfiles.SlotChores)."""
-        return self._chores.add(seq, fn, lambda: self._stopping)
 
     @property
     def queued(self) -> int:
@@ -160,14 +156,13 @@ class BatchLoop:
 
     def _run(self) -> None:
         while True:
-            if self._chores:
-                self._chores.run(self.slots)
+            self.chores.run(self.slots)
             with self._cond:
                 idle = not self._stopping and not self._waiting and self.active == 0
             if idle and self.saved.save_idle(self.slots):
                 continue  # one state saved; look again for work before the next
             with self._cond:
-                while not self._stopping and not self._waiting and self.active == 0 and not self._chores:
+                while not self._stopping and not self._waiting and self.active == 0 and not self.chores:
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -195,7 +190,7 @@ class BatchLoop:
                         self._finish(slot, error=f"internal error: {e}")
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
-        self._chores.fail_all()
+        self.chores.fail_all()
         for slot in self.slots:
             if slot.gen is not None:
                 self._finish(slot, "cancelled")
@@ -271,6 +266,8 @@ class BatchLoop:
         drafts: dict[int, list[int]] = {}
         work: list[SlotWork] = []
         spare = self.n_batch - sum(1 for s in busy.values() if s.next_token is not None)
+        threshold = self.cost.draft_threshold(self.n_batch - spare) if self.draft_threshold is None \
+            else self.draft_threshold
         for s in busy.values():
             gen = s.gen
             assert gen is not None
@@ -278,7 +275,7 @@ class BatchLoop:
                 work.append(SlotWork(s.seq, s.admitted, len(gen.prepared.tokens) - 1 - s.prefilled, False))
                 continue
             most = min(spare, self.n_ctx - len(s.tokens) - 1, gen.prepared.max_tokens - gen.completion_tokens - 1)
-            draft = drafts[s.seq] = s.drafter.propose(s.tokens, s.next_token, most)
+            draft = drafts[s.seq] = s.drafter.propose(s.tokens, s.next_token, most, threshold)
             spare -= len(draft)
             work.append(SlotWork(s.seq, s.admitted, 0, gen.completion_tokens > 0, 1 + len(draft)))
         plan = plan_step(work, self.cost, self.n_batch, self.gap_s, self.prefill_chunk)

@@ -252,14 +252,14 @@ class Engine:
             raise InvalidInput(f"id_slot must be between 0 and {len(self.loop.slots) - 1}", "id_slot")
         ctx = self._require()._ctx.ctx
         if action == "erase":
-            return self.loop.slot_chore(seq, lambda slot: slotfiles.erase(ctx, slot))
+            return self.loop.chores.add(seq, lambda slot: slotfiles.erase(ctx, slot))
         if filename is None:
             raise InvalidInput(f"{action} needs a filename", "filename")
         path = slotfiles.slot_file(self.spec.cache_dir, filename)
         if action == "save":
-            return self.loop.slot_chore(seq, lambda slot: slotfiles.save(ctx, slot, path))
+            return self.loop.chores.add(seq, lambda slot: slotfiles.save(ctx, slot, path))
         n_ctx = self.n_ctx
-        return self.loop.slot_chore(seq, lambda slot: slotfiles.restore(ctx, slot, path, n_ctx))
+        return self.loop.chores.add(seq, lambda slot: slotfiles.restore(ctx, slot, path, n_ctx))
 
     # --- reranking (any thread; one request at a time) ------------------------------
 

@@ -12,22 +12,26 @@ Rules for this module (pure Python over token ids; the batch loop verifies):
   sampled stream keeps its distribution (a draft is accepted with the probability the
   chain gives it, and a rejected row's sample is a draw from the rest); with a fixed seed
   the chain's random draws are even the same ones.
-- A draft costs a decode row per token whether it is accepted or not. Its length follows
-  its acceptance (doubling on a full accept, back to what was accepted plus one
-  otherwise), and a slot whose acceptance stays low stops drafting for ``_COOLDOWN``
-  tokens, so text with nothing to copy pays almost nothing.
+- A draft costs a decode row per token whether it is accepted or not, and what a row costs
+  depends on the device: almost as much as a token on two CPU cores, almost nothing on a
+  GPU. So a draft's length is a cost decision: its i-th token is accepted with probability
+  about alpha^i (alpha: this request's acceptance so far, a running estimate that starts at
+  2/3), and it is drafted only while that beats the scheduler's threshold for the step
+  (``StepCost.draft_threshold``: what a row costs against what a token costs). A request
+  whose acceptance stays below the threshold drafts nothing; after ``_COOLDOWN`` steps it
+  starts again from the prior. Text with nothing to copy never finds a draft at all.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _SIZES = (3, 2)  # n-gram lengths looked up, longest first
-_START = 4  # first draft length
-_RATE_OFF = 0.25  # acceptance (running average per draft) below which drafting pauses
-_COOLDOWN = 64  # tokens without drafts after a pause
-_W = 0.3  # weight of the last draft in the running acceptance
+_PRIOR = (2.0, 1.0)  # (accepted, rejected) before any draft: alpha = 2/3
+_DECAY = 0.8  # weight of the past in the acceptance counts, per draft
+_COOLDOWN = 64  # steps without drafting (acceptance too low) before starting again
 
 
 @dataclass
@@ -36,6 +40,7 @@ class DraftStats:
 
     drafted: int = 0
     accepted: int = 0
+    drafts: int = 0  # drafts verified (llama-server's spec_decode_num_drafts)
 
 
 @dataclass
@@ -46,24 +51,43 @@ class Drafter:
     stats: DraftStats
     _index: list[dict[tuple[int, ...], int]] = field(default_factory=lambda: [{} for _ in _SIZES])
     _indexed: int = 0  # positions of the context indexed so far
-    _length: int = _START
-    _rate: float = 1.0
-    _paused: int = 0  # tokens left without drafts
+    _acc: float = _PRIOR[0]
+    _rej: float = _PRIOR[1]
+    _idle: int = 0  # steps without a draft because acceptance was too low
 
     def reset(self) -> None:
         for idx in self._index:
             idx.clear()
         self._indexed = 0
-        self._length, self._rate, self._paused = _START, 1.0, 0
+        self._acc, self._rej = _PRIOR
+        self._idle = 0
 
-    def propose(self, tokens: Sequence[int], last: int, most: int) -> list[int]:
-        """A draft to follow ``tokens`` + ``last`` (at most ``most`` tokens; may be empty)."""
-        most = min(most, self._length, self.limit)
-        if most <= 0:
+    @property
+    def alpha(self) -> float:
+        return self._acc / (self._acc + self._rej)
+
+    def length(self, threshold: float) -> int:
+        """The longest draft whose last token is still worth its row: alpha^k > threshold."""
+        alpha = self.alpha
+        if self.limit <= 0 or alpha <= threshold:
+            return 0
+        if threshold <= 0 or alpha >= 1.0:
+            return self.limit
+        return max(1, min(self.limit, int(math.log(threshold) / math.log(alpha))))
+
+    def propose(self, tokens: Sequence[int], last: int, most: int, threshold: float) -> list[int]:
+        """A draft to follow ``tokens`` + ``last``: at most ``most`` tokens, and only as many
+        as pay for their rows at ``threshold`` (may be empty)."""
+        if self.limit <= 0 or most <= 0:
             return []
-        if self._paused > 0:
-            self._paused -= 1
+        length = self.length(threshold)
+        if length == 0:
+            self._idle += 1
+            if self._idle >= _COOLDOWN:  # try again from the prior: the text may have changed
+                self._acc, self._rej = _PRIOR
+                self._idle = 0
             return []
+        most = min(most, length)
         self._sync(tokens)
         end = len(tokens)
         for n, idx in zip(_SIZES, self._index):
@@ -94,7 +118,7 @@ class Drafter:
             return
         self.stats.drafted += drafted
         self.stats.accepted += accepted
-        self._length = min(self.limit, self._length * 2) if accepted == drafted else max(1, accepted + 1)
-        self._rate += _W * (accepted / drafted - self._rate)
-        if self._rate < _RATE_OFF:
-            self._paused, self._rate, self._length = _COOLDOWN, 1.0, _START
+        self.stats.drafts += 1
+        # Each drafted position is a trial until the first rejection (alpha's estimate).
+        self._acc = self._acc * _DECAY + accepted
+        self._rej = self._rej * _DECAY + (accepted < drafted)

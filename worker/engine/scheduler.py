@@ -61,6 +61,34 @@ class StepCost:
         near = min(self.decode_s, key=lambda r: abs(r - rows))
         return self.decode_s[near] * rows / near if rows < near else self.decode_s[near]
 
+    def row_fit(self) -> tuple[float, float]:
+        """(a, b): a decode-only step of r rows takes about a + b*r seconds, fitted over the
+        row counts measured (one measured: b guessed at half of it, as on two CPU cores)."""
+        points = sorted(self.decode_s.items())
+        if not points:
+            return 0.0, 0.0
+        if len(points) == 1:
+            (r, t), = points
+            return t / 2, t / 2 / r
+        n = len(points)
+        mr = sum(r for r, _ in points) / n
+        mt = sum(t for _, t in points) / n
+        var = sum((r - mr) ** 2 for r, _ in points)
+        b = max(0.0, sum((r - mr) * (t - mt) for r, t in points) / var)
+        return max(0.0, mt - b * mr), b
+
+    def draft_threshold(self, rows: int) -> float:
+        """The acceptance probability a drafted token must have to pay for its row: a row
+        costs b, and the step's own tokens cost (a + b*rows) / rows each, so a draft token
+        accepted with probability p pays when p > b*rows / (a + b*rows). About 0.6 for one
+        stream and 0.85 for four on two CPU cores (rows cost almost as much as tokens); a few
+        hundredths on a GPU, where a step's rows are almost free."""
+        a, b = self.row_fit()
+        if a + b <= 0:
+            return 0.5  # nothing measured yet
+        rows = max(1, rows)
+        return b * rows / (a + b * rows)
+
     def prompt_budget(self, rows: int, gap_s: float, floor: int, room: int) -> int:
         """Prompt tokens a step may take beside ``rows`` decode rows so that it lasts at most
         ``gap_s`` (at least ``floor``, at most ``room``)."""

@@ -2,7 +2,7 @@
 cached tokens and KV state written to a named file, read back into a slot, or dropped.
 
 Rules for this module:
-- Each action runs on the batch loop thread (``BatchLoop.slot_chore``), between steps and
+- Each action runs on the batch loop thread (``BatchLoop.chores``, ``SlotChores``), between steps and
   only on an idle slot: the loop owns the context, and a running request's cells are not
   to be touched. The HTTP side only names the slot, the action and the file.
 - Files live in one directory (``<cache_dir>/slots``, created private); a file name is one
@@ -47,19 +47,20 @@ class SlotChores:
     chore with SlotBusy) and ``fail_all`` when it stops. ``cond`` is the loop's condition:
     adding wakes the loop, which waits while nothing is pending (``bool(chores)``)."""
 
-    def __init__(self, cond: threading.Condition) -> None:
+    def __init__(self, cond: threading.Condition, stopping: Callable[[], bool]) -> None:
         self._cond = cond
+        self._stopping = stopping  # read under the loop's lock
         self._queue: deque[tuple[int, Callable[[Slot], Any], Future[Any]]] = deque()
 
     def __bool__(self) -> bool:
         return bool(self._queue)
 
-    def add(self, seq: int, fn: Callable[[Slot], T], stopping: Callable[[], bool]) -> Future[T]:
-        """``stopping`` is read under the loop's lock: a chore added once the loop has
-        stopped fails at once instead of waiting for a loop that is gone."""
+    def add(self, seq: int, fn: Callable[[Slot], T]) -> Future[T]:
+        """Run ``fn(slot)`` on the loop thread between steps. Once the loop is stopping the
+        future fails at once instead of waiting for a loop that is gone."""
         fut: Future[T] = Future()
         with self._cond:
-            if stopping():
+            if self._stopping():
                 fut.set_exception(RuntimeError("the worker is stopping"))
             else:
                 self._queue.append((seq, fn, fut))
@@ -67,7 +68,9 @@ class SlotChores:
         return fut
 
     def run(self, slots: list[Slot]) -> None:
-        """On the loop thread only."""
+        """On the loop thread only (every turn of the loop: nothing queued, no lock taken)."""
+        if not self._queue:
+            return
         with self._cond:
             chores, self._queue = self._queue, deque()
         for seq, fn, fut in chores:

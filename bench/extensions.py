@@ -55,7 +55,9 @@ KINDS = ("warm", "cold")
 def body_of(kind: str, prompt: str, n: int) -> dict[str, Any]:
     """The raw body a llama-server/vLLM benchmarking client sends (same for both servers).
 
-    ``timings_per_token`` is llama-server's and unknown to vram-llm: it is ignored."""
+    ``dry_multiplier`` is llama-server's (its DRY sampler, 0 = off) and unknown to vram-llm:
+    it is ignored and named in X-Ignored-Params. (``timings_per_token`` was the example
+    until issue 25 made it known.)"""
     return {
         "model": "default",
         "prompt": prompt,
@@ -71,7 +73,7 @@ def body_of(kind: str, prompt: str, n: int) -> dict[str, Any]:
         "samplers": ["top_k", "top_p", "min_p", "temperature"],
         "id_slot": -1,
         "n_keep": 0,
-        "timings_per_token": False,
+        "dry_multiplier": 0.0,
     }
 
 

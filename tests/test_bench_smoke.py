@@ -87,7 +87,7 @@ def test_extensions_bench_runs(tmp_path: Path) -> None:
     for kind in ("warm", "cold"):
         col = res["kinds"][kind]["columns"]["vram-llm"]
         assert (col["failed"], col["wrong_length"], col["ids_match_usage"]) == (0, 0, 2)
-    assert res["kinds"]["warm"]["columns"]["vram-llm"]["ignored_header"] == "timings_per_token"
+    assert res["kinds"]["warm"]["columns"]["vram-llm"]["ignored_header"] == "dry_multiplier"
 
 
 def test_placement_time_runs() -> None:

@@ -78,9 +78,7 @@ class BatchLoop:
         self.cost = StepCost()
         self.steps = StepStats()  # written by the loop thread, read by /health
         self.drafts = DraftStats()
-        # None: the acceptance a drafted token needs comes from the measured step cost; a
-        # number pins it (tests and benches: 0 drafts as on a GPU, whatever this CPU costs).
-        self.draft_threshold: float | None = None
+        self.draft_threshold: float | None = None  # pinned by tests (0: as on a GPU); None: measured
         if llama_lib.llama_model_is_recurrent(llama_lib.llama_get_model(ctx)):
             draft_max = 0  # a rejected draft is removed from the KV cache: recurrent state cannot be
         self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
@@ -251,15 +249,14 @@ class BatchLoop:
         for slot in self.slots:
             if slot.gen is not None and slot.gen.cancel.is_set():
                 self._finish(slot, "cancelled")  # the client is gone: free the slot now
-        for slot in self.slots:
-            if slot.next_token is not None and len(slot.tokens) >= self.n_ctx:
+            elif slot.next_token is not None and len(slot.tokens) >= self.n_ctx:
                 self._finish(slot, "length")  # the slot is full (the max_tokens clamp prevents it)
         busy = {s.seq: s for s in self.slots if s.gen is not None}
         drafts: dict[int, list[int]] = {}
         work: list[SlotWork] = []
         spare = self.n_batch - sum(1 for s in busy.values() if s.next_token is not None)
-        threshold = self.cost.draft_threshold(self.n_batch - spare) if self.draft_threshold is None \
-            else self.draft_threshold
+        threshold = self.draft_threshold if self.draft_threshold is not None else self.cost.draft_threshold(
+            self.n_batch - spare)
         for s in busy.values():
             gen = s.gen
             assert gen is not None

@@ -47,11 +47,12 @@ from worker.engine.generation import Generation, Sink
 from worker.engine.saved import SavedStates, forget
 from worker.engine.scheduler import SlotWork, StepCost, StepStats, plan_step
 from worker.engine.slots import CacheStats, Slot, pick_slot
-from worker.engine.tokenbatch import TokenBatch
+from worker.engine.tokenbatch import TokenBatch, calibrate_drafts
 
 log = logging.getLogger("worker")
 
 _CLOSE_WAIT_S = 30.0
+_QUIET_BEFORE_SAVE_S = 0.3  # idle this long before an idle save (saved.py): next turns come first
 
 
 class BatchLoop:
@@ -76,13 +77,12 @@ class BatchLoop:
         self.prefill_chunk = max(1, prefill_chunk)  # the scheduler's floor beside running streams
         self.gap_s = token_gap_s
         self.cost = StepCost()
+        self._batch = TokenBatch(n_batch)
         self.steps = StepStats()  # written by the loop thread, read by /health
         self.drafts = DraftStats()
         self.draft_threshold: float | None = None  # pinned by tests (0: as on a GPU); None: measured
-        if llama_lib.llama_model_is_recurrent(llama_lib.llama_get_model(ctx)):
-            draft_max = 0  # a rejected draft is removed from the KV cache: recurrent state cannot be
+        draft_max = calibrate_drafts(ctx, self._batch, draft_max, self.cost)
         self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
-        self._batch = TokenBatch(n_batch)
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -118,10 +118,6 @@ class BatchLoop:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def kv_tokens(self) -> int:
-        """Tokens the slots hold in the KV cache (read from another thread: a snapshot)."""
-        return sum(len(s.tokens) for s in self.slots)
-
     def seconds_since_token(self) -> float | None:
         """Seconds since ANY active slot made progress (a token or a prompt chunk)."""
         if self.active == 0:
@@ -152,6 +148,11 @@ class BatchLoop:
         while True:
             with self._cond:
                 idle = not self._stopping and not self._waiting and self.active == 0
+                if idle and self.saved.has_idle_work(self.slots):
+                    # A conversation's next turn often follows its answer at once: serve it
+                    # before a save pauses the loop for the copy out of the KV cache.
+                    self._cond.wait(_QUIET_BEFORE_SAVE_S)
+                    idle = not self._stopping and not self._waiting and self.active == 0
             if idle and self.saved.save_idle(self.slots):
                 continue  # one state saved; look again for work before the next
             with self._cond:
@@ -177,7 +178,7 @@ class BatchLoop:
                 log.exception("batch loop step failed")
                 for slot in self.slots:
                     if slot.gen is not None:
-                        self._forget(slot)
+                        forget(self._mem, slot)
                         self._finish(slot, error=f"internal error: {e}")
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
@@ -213,7 +214,7 @@ class BatchLoop:
             if llama_lib.llama_memory_seq_rm(self._mem, slot.seq, reuse, -1):
                 del slot.tokens[reuse:]
             else:  # partial removal unsupported (recurrent models): start over
-                self._forget(slot)
+                forget(self._mem, slot)
                 reuse = 0
         if reuse and not restored:
             self.stats.hits += 1
@@ -228,9 +229,6 @@ class BatchLoop:
         if self.active == 0:
             self._busy_since = time.monotonic()
         self.active += 1
-
-    def _forget(self, slot: Slot) -> None:
-        forget(self._mem, slot)
 
     def _finish(
         self, slot: Slot, reason: str | None = None, error: str | None = None, status: int = 500

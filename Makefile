@@ -8,6 +8,8 @@ ARGS ?=
 # make bench: BATCHING_ARGS go to the concurrency section (bench/batching.py; llama-server
 # -np 4 column when LLAMA_SERVER names the binary).
 BATCHING_ARGS ?=
+# bench.scheduler: the scheduler and drafts against llama-server (LLAMA_SERVER) in one paired run.
+SCHEDULER_ARGS ?=
 
 setup:
 	scripts/bootstrap.sh
@@ -25,3 +27,4 @@ lint: setup
 bench: setup
 	.venv/bin/python -m bench $(ARGS)
 	.venv/bin/python -m bench.batching $(BATCHING_ARGS)
+	.venv/bin/python -m bench.scheduler $(SCHEDULER_ARGS)

@@ -151,10 +151,25 @@ def test_acceptance_is_learned_and_drafting_pauses_then_retries() -> None:
     assert Drafter(0, DraftStats()).propose(ctx[:45], ctx[45], 16, 0.0) == []  # draft_max = 0: never
 
 
-def test_draft_threshold_from_measured_rows() -> None:
-    cpu = _cost({1: 0.010, 4: 0.028}, 0.0035)  # a = 4 ms, b = 6 ms
-    assert cpu.draft_threshold(1) == pytest.approx(0.6)
-    assert cpu.draft_threshold(4) == pytest.approx(0.857, abs=0.001)
-    gpu = _cost({1: 0.0040, 8: 0.0047}, 0.00002)
-    assert gpu.draft_threshold(1) < 0.03
-    assert StepCost().draft_threshold(4) == 0.5  # nothing measured
+@pytest.mark.parametrize(
+    ("one", "eight", "ratio", "t1", "t4"),
+    [
+        # Two CPU cores, SmolLM2: 1 row 5.1 ms, 8 rows 39 ms: a row costs as much as a step,
+        # a draft pays only if almost sure (it never does on this machine).
+        (0.0051, 0.0391, 16.0, 0.941, 0.985),
+        (0.0040, 0.0047, 1 / 32, 0.03, 0.11),  # a GPU: rows almost free
+        (0.0040, 0.0040, 1 / 256, 0.004, 0.015),  # not measurably dearer: the floor
+        (0.0051, 0.0389, 16.0, 0.941, 0.985),  # a little noise gives the same ratio (a power of two)
+        (0.0100, 0.0540, 2.0, 0.667, 0.889),  # a big model on a CPU: rows cost less than steps
+    ],
+)
+def test_draft_threshold_from_the_rows_measured_at_load(one: float, eight: float, ratio: float, t1: float,
+                                                       t4: float) -> None:
+    cost = StepCost()
+    assert cost.draft_threshold(4) == 0.5  # nothing measured
+    cost.calibrated(one, eight, 8)
+    assert cost.row_ratio == ratio
+    assert cost.draft_threshold(1) == pytest.approx(t1, abs=0.005)
+    assert cost.draft_threshold(4) == pytest.approx(t4, abs=0.005)
+    cost.observe(1, 0, 5.0)  # the moment's timings never move it (reproducible drafts)
+    assert cost.draft_threshold(1) == pytest.approx(t1, abs=0.005)

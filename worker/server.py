@@ -121,7 +121,7 @@ class WorkerServer:
                 requests_served=loop.served,
                 cache_hits=loop.stats.hits,
                 cache_tokens_reused=loop.stats.tokens_reused,
-                kv_tokens=loop.kv_tokens(),
+                kv_tokens=sum(len(s.tokens) for s in list(loop.slots)),  # a snapshot of the loop's
                 kv_tokens_active=active_kv_tokens(loop.slots),
                 kv_capacity=loop.n_ctx * len(loop.slots),
                 draft_tokens=loop.drafts.drafted,

@@ -50,11 +50,12 @@ from worker.engine.saved import SavedStates, forget
 from worker.engine.scheduler import SlotWork, StepCost, StepStats, plan_step
 from worker.engine.slotfiles import SlotChores
 from worker.engine.slots import CacheStats, Slot, pick_slot
-from worker.engine.tokenbatch import TokenBatch
+from worker.engine.tokenbatch import TokenBatch, calibrate_drafts
 
 log = logging.getLogger("worker")
 
 _CLOSE_WAIT_S = 30.0
+_QUIET_BEFORE_SAVE_S = 0.3  # idle this long before an idle save (saved.py): next turns come first
 
 
 class BatchLoop:
@@ -79,15 +80,12 @@ class BatchLoop:
         self.prefill_chunk = max(1, prefill_chunk)  # the scheduler's floor beside running streams
         self.gap_s = token_gap_s
         self.cost = StepCost()
+        self._batch = TokenBatch(n_batch)
         self.steps = StepStats()  # written by the loop thread, read by /health
         self.drafts = DraftStats()
-        # None: the acceptance a drafted token needs comes from the measured step cost; a
-        # number pins it (tests and benches: 0 drafts as on a GPU, whatever this CPU costs).
-        self.draft_threshold: float | None = None
-        if llama_lib.llama_model_is_recurrent(llama_lib.llama_get_model(ctx)):
-            draft_max = 0  # a rejected draft is removed from the KV cache: recurrent state cannot be
+        self.draft_threshold: float | None = None  # pinned by tests (0: as on a GPU); None: measured
+        draft_max = calibrate_drafts(ctx, self._batch, draft_max, self.cost)
         self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
-        self._batch = TokenBatch(n_batch)
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
         self.chores = SlotChores(self._cond, lambda: self._stopping)  # slot files' work (slotfiles.py)
@@ -124,10 +122,6 @@ class BatchLoop:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def kv_tokens(self) -> int:
-        """Tokens the slots hold in the KV cache (read from another thread: a snapshot)."""
-        return sum(len(s.tokens) for s in self.slots)
-
     def seconds_since_token(self) -> float | None:
         """Seconds since ANY active slot made progress (a token or a prompt chunk)."""
         if self.active == 0:
@@ -159,6 +153,11 @@ class BatchLoop:
             self.chores.run(self.slots)
             with self._cond:
                 idle = not self._stopping and not self._waiting and self.active == 0
+                if idle and self.saved.has_idle_work(self.slots):
+                    # A conversation's next turn often follows its answer at once: serve it
+                    # before a save pauses the loop for the copy out of the KV cache.
+                    self._cond.wait(_QUIET_BEFORE_SAVE_S)
+                    idle = not self._stopping and not self._waiting and self.active == 0
             if idle and self.saved.save_idle(self.slots):
                 continue  # one state saved; look again for work before the next
             with self._cond:
@@ -186,7 +185,7 @@ class BatchLoop:
                 log.exception("batch loop step failed")
                 for slot in self.slots:
                     if slot.gen is not None:
-                        self._forget(slot)
+                        forget(self._mem, slot)
                         self._finish(slot, error=f"internal error: {e}")
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
@@ -223,7 +222,7 @@ class BatchLoop:
             if llama_lib.llama_memory_seq_rm(self._mem, slot.seq, reuse, -1):
                 del slot.tokens[reuse:]
             else:  # partial removal unsupported (recurrent models): start over
-                self._forget(slot)
+                forget(self._mem, slot)
                 reuse = 0
         if reuse and not restored:
             self.stats.hits += 1
@@ -238,9 +237,6 @@ class BatchLoop:
         if self.active == 0:
             self._busy_since = time.monotonic()
         self.active += 1
-
-    def _forget(self, slot: Slot) -> None:
-        forget(self._mem, slot)
 
     def _finish(
         self, slot: Slot, reason: str | None = None, error: str | None = None, status: int = 500
@@ -259,15 +255,14 @@ class BatchLoop:
         for slot in self.slots:
             if slot.gen is not None and slot.gen.cancel.is_set():
                 self._finish(slot, "cancelled")  # the client is gone: free the slot now
-        for slot in self.slots:
-            if slot.next_token is not None and len(slot.tokens) >= self.n_ctx:
+            elif slot.next_token is not None and len(slot.tokens) >= self.n_ctx:
                 self._finish(slot, "length")  # the slot is full (the max_tokens clamp prevents it)
         busy = {s.seq: s for s in self.slots if s.gen is not None}
         drafts: dict[int, list[int]] = {}
         work: list[SlotWork] = []
         spare = self.n_batch - sum(1 for s in busy.values() if s.next_token is not None)
-        threshold = self.cost.draft_threshold(self.n_batch - spare) if self.draft_threshold is None \
-            else self.draft_threshold
+        threshold = self.draft_threshold if self.draft_threshold is not None else self.cost.draft_threshold(
+            self.n_batch - spare)
         for s in busy.values():
             gen = s.gen
             assert gen is not None

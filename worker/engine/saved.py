@@ -111,21 +111,32 @@ class SavedStates:
         if data is not None:
             self.io.keep(slot.tokens, data, ram=self.ram is not None)
 
-    def save_idle(self, slots: Sequence[Slot]) -> bool:
-        """With a disk tier, while nothing runs: save one slot's cache that changed since
-        it was last saved. True when it did (the caller looks for new work before the next)."""
+    def _unsaved(self, slots: Sequence[Slot]) -> Slot | None:
+        """With a disk tier: an idle slot whose cache changed since it was last saved."""
         io = self.io
         if io is None or io.disk is None or not io.disk.writable:
-            return False
+            return None
         for slot in slots:
             if slot.gen is None and len(slot.tokens) >= MIN_SNAPSHOT_TOKENS and slot.saved != (
                 slot.admitted, len(slot.tokens)
             ):
-                data = self._snapshot(slot, io.disk.budget)
-                if data is not None:
-                    io.keep(slot.tokens, data, ram=False)
-                return True
-        return False
+                return slot
+        return None
+
+    def has_idle_work(self, slots: Sequence[Slot]) -> bool:
+        return self._unsaved(slots) is not None
+
+    def save_idle(self, slots: Sequence[Slot]) -> bool:
+        """With a disk tier, while nothing runs: save one slot's cache that changed since
+        it was last saved. True when it did (the caller looks for new work before the next)."""
+        slot = self._unsaved(slots)
+        io = self.io
+        if slot is None or io is None or io.disk is None:
+            return False
+        data = self._snapshot(slot, io.disk.budget)
+        if data is not None:
+            io.keep(slot.tokens, data, ram=False)
+        return True
 
     def close(self) -> None:
         if self.io is not None:

@@ -22,6 +22,7 @@ and passes the seconds in, tests pass tables):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Prompt tokens left to read below which a burst's read slots wait for the rest.
@@ -39,6 +40,7 @@ class StepCost:
 
     decode_s: dict[int, float] = field(default_factory=dict)  # rows -> a decode-only step
     prompt_token_s: float | None = None  # marginal cost of one prompt token in a step
+    row_ratio: float | None = None  # b/a of a decode step, measured at load (power of two)
 
     def observe(self, rows: int, prompt: int, seconds: float) -> None:
         """One step held ``rows`` decode rows and ``prompt`` prompt tokens and took ``seconds``."""
@@ -61,33 +63,26 @@ class StepCost:
         near = min(self.decode_s, key=lambda r: abs(r - rows))
         return self.decode_s[near] * rows / near if rows < near else self.decode_s[near]
 
-    def row_fit(self) -> tuple[float, float]:
-        """(a, b): a decode-only step of r rows takes about a + b*r seconds, fitted over the
-        row counts measured (one measured: b guessed at half of it, as on two CPU cores)."""
-        points = sorted(self.decode_s.items())
-        if not points:
-            return 0.0, 0.0
-        if len(points) == 1:
-            (r, t), = points
-            return t / 2, t / 2 / r
-        n = len(points)
-        mr = sum(r for r, _ in points) / n
-        mt = sum(t for _, t in points) / n
-        var = sum((r - mr) ** 2 for r, _ in points)
-        b = max(0.0, sum((r - mr) * (t - mt) for r, t in points) / var)
-        return max(0.0, mt - b * mr), b
-
     def draft_threshold(self, rows: int) -> float:
-        """The acceptance probability a drafted token must have to pay for its row: a row
-        costs b, and the step's own tokens cost (a + b*rows) / rows each, so a draft token
-        accepted with probability p pays when p > b*rows / (a + b*rows). About 0.6 for one
-        stream and 0.85 for four on two CPU cores (rows cost almost as much as tokens); a few
-        hundredths on a GPU, where a step's rows are almost free."""
-        a, b = self.row_fit()
-        if a + b <= 0:
-            return 0.5  # nothing measured yet
+        """The acceptance probability a drafted token must have to pay for its row: with a
+        step of r rows costing a + b*r, a row costs b and the step's own tokens cost
+        (a + b*rows) / rows each, so a draft token accepted with probability p pays when
+        p > b*rows / (a + b*rows). The ratio b/a comes from ``calibrated`` (measured once at
+        load, rounded to a power of two) and never from the moment's timings: a request
+        served alone then gets the same drafts, so the same batches, on every run. About
+        0.8 for one stream and 0.94 for four on two CPU cores (a row costs almost a token),
+        a few hundredths on a GPU (a step's rows are almost free)."""
+        q = self.row_ratio
+        if q is None:
+            return 0.5
         rows = max(1, rows)
-        return b * rows / (a + b * rows)
+        return q * rows / (1 + q * rows)
+
+    def calibrated(self, one_row_s: float, many_rows_s: float, many: int) -> None:
+        """Decode steps of 1 and of ``many`` rows took these seconds (at load)."""
+        b = max(0.0, (many_rows_s - one_row_s) / (many - 1))
+        a = max(one_row_s - b, one_row_s / 100)
+        self.row_ratio = 2.0 ** round(math.log2(max(b / a, 1 / 256)))
 
     def prompt_budget(self, rows: int, gap_s: float, floor: int, room: int) -> int:
         """Prompt tokens a step may take beside ``rows`` decode rows so that it lasts at most

@@ -5,10 +5,13 @@ Used by the batch loop's thread only."""
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp.llama_cpp as llama_lib
+
+from worker.engine.scheduler import StepCost
 
 
 class TokenBatch:
@@ -45,3 +48,35 @@ class TokenBatch:
 
     def free(self) -> None:
         llama_lib.llama_batch_free(self.batch)
+
+
+def time_rows(ctx: Any, batch: TokenBatch, rows: int, token: int) -> float:
+    """Seconds of one decode step of ``rows`` rows with logits (the best of three), on
+    sequence 0 from position 0; the sequence is emptied afterwards. For the scheduler's
+    row cost, measured once at load, before any request."""
+    mem = llama_lib.llama_get_memory(ctx)
+    best = float("inf")
+    for _ in range(3):
+        batch.clear()
+        batch.add(0, [token] * rows, 0, True)
+        t0 = time.perf_counter()
+        rc = batch.decode(ctx)
+        best = min(best, time.perf_counter() - t0)
+        llama_lib.llama_memory_seq_rm(mem, 0, -1, -1)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed (code {rc}) while timing {rows} rows")
+    batch.clear()
+    return best
+
+
+def calibrate_drafts(ctx: Any, batch: TokenBatch, draft_max: int, cost: StepCost) -> int:
+    """The drafts' setting this context can use, and what a drafted row costs here (in
+    ``cost``, for ``StepCost.draft_threshold``), timed once at load."""
+    model = llama_lib.llama_get_model(ctx)
+    if llama_lib.llama_model_is_recurrent(model):
+        return 0  # a rejected draft is removed from the KV cache: a recurrent state cannot be
+    if draft_max > 0 and batch.capacity > 1:
+        many = min(8, batch.capacity)
+        bos = max(0, llama_lib.llama_vocab_bos(llama_lib.llama_model_get_vocab(model)))
+        cost.calibrated(time_rows(ctx, batch, 1, bos), time_rows(ctx, batch, many, bos), many)
+    return draft_max

@@ -165,8 +165,6 @@ class BatchLoop:
                     self._cond.wait()
                 if self._stopping:
                     break
-                if not self._waiting and self.active == 0:
-                    continue  # woken for a chore only: done at the top, no step to run
                 gone = [g for g in self._waiting if g.cancel.is_set()]
                 for g in gone:
                     self._waiting.remove(g)

@@ -45,7 +45,8 @@ class SlotChores:
     """Work for the batch loop thread on one slot, queued by any thread: ``add`` gives a
     future, the loop calls ``run`` between steps (a slot that is generating fails its
     chore with SlotBusy) and ``fail_all`` when it stops. ``cond`` is the loop's condition:
-    adding wakes the loop, which waits while nothing is pending (``bool(chores)``)."""
+    adding wakes the loop, which waits while nothing is pending (``bool(chores)``); woken
+    for a chore alone it runs an empty step (nothing to plan, no decode) and then the chore."""
 
     def __init__(self, cond: threading.Condition, stopping: Callable[[], bool]) -> None:
         self._cond = cond

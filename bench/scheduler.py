@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     args.workloads = args.workloads.split(",")
+    # A SIGTERM (timeout, Ctrl-C from a wrapper) unwinds through Procs: no server left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     res = asyncio.run(_run(args))
     print(report(res))
     if args.json_out:

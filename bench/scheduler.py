@@ -188,7 +188,8 @@ def start_vram_llm(procs: Procs, name: str, model: str, threads: int, n_ctx: int
     lines = [x for sec, kv in sections.items() for x in (f"[{sec}]", *(f"{k} = {toml_value(v)}" for k, v in kv.items()))]
     cfg = procs.tmp / f"{name}.toml"
     cfg.write_text("\n".join(lines) + "\n")
-    s = procs.start(name, [sys.executable, "-m", "supervisor", "serve", "--config", str(cfg), "--log-level", "WARNING"])
+    level = os.environ.get("BENCH_LOG_LEVEL", "WARNING")
+    s = procs.start(name, [sys.executable, "-m", "supervisor", "serve", "--config", str(cfg), "--log-level", level])
     base = f"http://127.0.0.1:{port}"
     wait_http_ok(procs, s, base + "/health", 300.0)
     procs.note_children()

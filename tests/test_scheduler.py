@@ -117,10 +117,12 @@ def test_index_is_incremental() -> None:
 @pytest.mark.parametrize(
     ("accepted", "rejected", "threshold", "want"),
     [
-        (2, 1, 0.5, 1),  # the prior (alpha 2/3) on an unmeasured device: one token
-        (2, 1, 0.6, 1),  # one stream on two CPU cores
+        (1, 1, 0.5, 0),  # the prior (alpha 1/2) where a row costs half a step: no draft
+        (1, 1, 0.33, 1),  # a row costs a third of a step (ratio 1/2): one token
+        (2, 1, 0.6, 1),  # alpha 2/3 against one stream's threshold at ratio 2
         (2, 1, 0.86, 0),  # four streams on two CPU cores: rows cost as much as tokens
-        (2, 1, 0.03, 8),  # a GPU: rows almost free, the setting's limit
+        (1, 1, 0.03, 5),  # a GPU: rows almost free (0.5^5 > 0.03)
+        (2, 1, 0.03, 8),  # ... and the setting's limit
         (19, 1, 0.6, 8),  # alpha 0.95: long drafts pay even on a CPU (0.95^8 = 0.66)
         (9, 1, 0.86, 1),  # alpha 0.9 beats four CPU streams' threshold by one token
         (1, 9, 0.03, 1),  # alpha 0.1: one token still pays on a GPU
@@ -137,7 +139,7 @@ def test_acceptance_is_learned_and_drafting_pauses_then_retries() -> None:
     stats = DraftStats()
     d = Drafter(16, stats)
     ctx = list(range(40)) * 2
-    assert len(d.propose(ctx[:45], ctx[45], 16, 0.6)) == 1
+    assert len(d.propose(ctx[:45], ctx[45], 16, 0.3)) == 1
     for _ in range(6):
         d.verified(4, 4)  # everything accepted: alpha grows, drafts get longer
     assert d.alpha > 0.95 and len(d.propose(ctx[:45], ctx[45], 16, 0.6)) >= 8
@@ -147,7 +149,7 @@ def test_acceptance_is_learned_and_drafting_pauses_then_retries() -> None:
     assert d.propose(ctx[:45], ctx[45], 16, 0.6) == []
     for _ in range(64):  # the cooldown: the prior again
         d.propose(ctx[:45], ctx[45], 16, 0.6)
-    assert d.alpha == pytest.approx(2 / 3)
+    assert d.alpha == pytest.approx(1 / 2)
     assert Drafter(0, DraftStats()).propose(ctx[:45], ctx[45], 16, 0.0) == []  # draft_max = 0: never
 
 

@@ -16,7 +16,7 @@ Rules for this module (pure Python over token ids; the batch loop verifies):
   depends on the device: almost as much as a token on two CPU cores, almost nothing on a
   GPU. So a draft's length is a cost decision: its i-th token is accepted with probability
   about alpha^i (alpha: this request's acceptance so far, a running estimate that starts at
-  2/3), and it is drafted only while that beats the scheduler's threshold for the step
+  1/2), and it is drafted only while that beats the scheduler's threshold for the step
   (``StepCost.draft_threshold``: what a row costs against what a token costs). A request
   whose acceptance stays below the threshold drafts nothing; after ``_COOLDOWN`` steps it
   starts again from the prior. Text with nothing to copy never finds a draft at all.
@@ -29,7 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _SIZES = (3, 2)  # n-gram lengths looked up, longest first
-_PRIOR = (2.0, 1.0)  # (accepted, rejected) before any draft: alpha = 2/3
+# (accepted, rejected) before any draft: alpha = 1/2, so a request starts drafting only where
+# a row costs at most about half a step (a GPU, a large model on a CPU); where a row costs
+# as much as a step (SmolLM2 on two CPU cores) a draft could rarely pay, and trying cost
+# single streams a fifth of their speed (bench.scheduler).
+_PRIOR = (1.0, 1.0)
 _DECAY = 0.8  # weight of the past in the acceptance counts, per draft
 _COOLDOWN = 64  # steps without drafting (acceptance too low) before starting again
 

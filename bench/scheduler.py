@@ -37,7 +37,7 @@ from typing import Any
 
 from bench.batching import SYSTEM, TOPICS, _session, _stream, start_llama_server_np
 from bench.client import Target, pct
-from bench.procs import Procs, free_port, toml_value, wait_http_ok
+from bench.procs import Procs, free_port, http_get_json, toml_value, wait_http_ok
 from supervisor.default_model import default_model_path
 
 NO_EOS = {"0": -100.0, "2": -100.0}  # SmolLM2's <|endoftext|> and <|im_end|>
@@ -220,6 +220,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"round {rnd}: {wname}: {target.name}", flush=True)
                     row[wname][target.name] = await WORKLOADS[wname](target, rnd + 1, extra)
             res["rounds"].append(row)
+        for target, _ in targets:  # what each vram-llm worker did: drafts and steps
+            if target.name != "llama-server":
+                code, st = http_get_json(target.base + "/status")
+                w = (st.get("worker") or {}) if code == 200 else {}
+                res.setdefault("workers", {})[target.name] = {k: w.get(k) for k in (
+                    "draft_tokens", "draft_tokens_accepted", "steps", "step_seconds", "decode_seconds")}
+                print(target.name, res["workers"][target.name], flush=True)
     return res
 
 

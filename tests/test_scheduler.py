@@ -154,22 +154,24 @@ def test_acceptance_is_learned_and_drafting_pauses_then_retries() -> None:
 
 
 @pytest.mark.parametrize(
-    ("one", "eight", "ratio", "t1", "t4"),
+    ("one", "two", "eight", "ratio", "t1", "t4"),
     [
         # Two CPU cores, SmolLM2: 1 row 5.1 ms, 8 rows 39 ms: a row costs as much as a step,
         # a draft pays only if almost sure (it never does on this machine).
-        (0.0051, 0.0391, 16.0, 0.941, 0.985),
-        (0.0040, 0.0047, 1 / 32, 0.03, 0.11),  # a GPU: rows almost free
-        (0.0040, 0.0040, 1 / 256, 0.004, 0.015),  # not measurably dearer: the floor
-        (0.0051, 0.0389, 16.0, 0.941, 0.985),  # a little noise gives the same ratio (a power of two)
-        (0.0100, 0.0540, 2.0, 0.667, 0.889),  # a big model on a CPU: rows cost less than steps
+        (0.0051, 0.0090, 0.0391, 16.0, 0.941, 0.985),
+        # The same whose 8-row average looks cheap: the first extra row still decides.
+        (0.0051, 0.0090, 0.0240, 4.0, 0.8, 0.94),
+        (0.0040, 0.0041, 0.0047, 1 / 32, 0.03, 0.11),  # a GPU: rows almost free
+        (0.0040, 0.0040, 0.0040, 1 / 256, 0.004, 0.015),  # not measurably dearer: the floor
+        (0.0051, 0.0090, 0.0389, 16.0, 0.941, 0.985),  # a little noise: the same ratio (a power of two)
+        (0.0100, 0.0160, 0.0540, 2.0, 0.667, 0.889),  # a big model on a CPU: rows cost less than steps
     ],
 )
-def test_draft_threshold_from_the_rows_measured_at_load(one: float, eight: float, ratio: float, t1: float,
-                                                       t4: float) -> None:
+def test_draft_threshold_from_the_rows_measured_at_load(one: float, two: float, eight: float, ratio: float,
+                                                       t1: float, t4: float) -> None:
     cost = StepCost()
     assert cost.draft_threshold(4) == 0.5  # nothing measured
-    cost.calibrated(one, eight, 8)
+    cost.calibrated(one, two, eight, 8)
     assert cost.row_ratio == ratio
     assert cost.draft_threshold(1) == pytest.approx(t1, abs=0.005)
     assert cost.draft_threshold(4) == pytest.approx(t4, abs=0.005)

@@ -84,7 +84,8 @@ class BatchLoop:
         self.steps = StepStats()  # written by the loop thread, read by /health
         self.drafts = DraftStats()
         self.draft_threshold: float | None = None  # pinned by tests (0: as on a GPU); None: measured
-        draft_max = calibrate_drafts(ctx, self._batch, draft_max, self.cost)
+        self._draft_max = draft_max = 0 if llama_lib.llama_model_is_recurrent(llama_lib.llama_get_model(ctx)) \
+            else draft_max  # a rejected draft is removed from the KV cache: a recurrent state cannot be
         self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
@@ -149,6 +150,8 @@ class BatchLoop:
     # --- the loop thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._draft_max > 0:  # on this thread: the one that owns the context decodes
+            calibrate_drafts(self._ctx, self._batch, self.cost)
         while True:
             self.chores.run(self.slots)
             with self._cond:

@@ -50,33 +50,54 @@ class TokenBatch:
         llama_lib.llama_batch_free(self.batch)
 
 
-def time_rows(ctx: Any, batch: TokenBatch, rows: int, token: int) -> float:
-    """Seconds of one decode step of ``rows`` rows with logits (the best of three), on
-    sequence 0 from position 0; the sequence is emptied afterwards. For the scheduler's
-    row cost, measured once at load, before any request."""
+def time_rows(ctx: Any, batch: TokenBatch, rows: int, token: int, pos0: int) -> float:
+    """Seconds of one decode step of ``rows`` rows with logits (the best of three) on
+    sequence 0 at positions pos0.., what sequence 0 held before staying as it was. For the
+    scheduler's row cost, measured once at load, before any request."""
     mem = llama_lib.llama_get_memory(ctx)
     best = float("inf")
     for _ in range(3):
         batch.clear()
-        batch.add(0, [token] * rows, 0, True)
+        batch.add(0, [token] * rows, pos0, True)
         t0 = time.perf_counter()
         rc = batch.decode(ctx)
         best = min(best, time.perf_counter() - t0)
-        llama_lib.llama_memory_seq_rm(mem, 0, -1, -1)
+        llama_lib.llama_memory_seq_rm(mem, 0, pos0, -1)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed (code {rc}) while timing {rows} rows")
     batch.clear()
     return best
 
 
-def calibrate_drafts(ctx: Any, batch: TokenBatch, draft_max: int, cost: StepCost) -> int:
-    """The drafts' setting this context can use, and what a drafted row costs here (in
-    ``cost``, for ``StepCost.draft_threshold``), timed once at load."""
+def calibrate_drafts(ctx: Any, batch: TokenBatch, cost: StepCost) -> None:
+    """What a drafted row costs here (in ``cost``, for ``StepCost.draft_threshold``), timed
+    once before the first request."""
     model = llama_lib.llama_get_model(ctx)
-    if llama_lib.llama_model_is_recurrent(model):
-        return 0  # a rejected draft is removed from the KV cache: a recurrent state cannot be
-    if draft_max > 0 and batch.capacity > 1:
+    if batch.capacity > 1:
+        # Timed behind a context of some length, as drafts are: on a CPU the rows' attention
+        # over the context is part of their cost (at position 0 a second row looked free).
         many = min(8, batch.capacity)
         bos = max(0, llama_lib.llama_vocab_bos(llama_lib.llama_model_get_vocab(model)))
-        cost.calibrated(time_rows(ctx, batch, 1, bos), time_rows(ctx, batch, many, bos), many)
-    return draft_max
+        context = min(_CALIBRATION_CONTEXT, batch.capacity, int(llama_lib.llama_n_ctx_seq(ctx)) - many)
+        batch.clear()
+        batch.add(0, [bos] * context, 0, False)
+        if batch.decode(ctx) != 0:
+            raise RuntimeError("llama_decode failed while timing the drafts' rows")
+        try:
+            one = time_rows(ctx, batch, 1, bos, context)
+            cost.calibrated(one, time_rows(ctx, batch, 2, bos, context), time_rows(ctx, batch, many, bos, context), many)
+        finally:
+            llama_lib.llama_memory_seq_rm(llama_lib.llama_get_memory(ctx), 0, -1, -1)
+            batch.clear()
+        if not llama_lib.llama_supports_gpu_offload() and cost.row_ratio is not None:
+            # A CPU-only build: the timing above is noisy on a busy CPU (it gave 1 where a
+            # bench measured a second row at more than a step: bench.scheduler's single
+            # stream lost a fifth of its speed to drafts); a row counts as 4x a step's
+            # fixed cost at least, so a draft must be near certain to pay.
+            cost.row_ratio = max(cost.row_ratio, _CPU_ROW_RATIO)
+
+
+_CPU_ROW_RATIO = 4.0
+
+
+_CALIBRATION_CONTEXT = 256

@@ -78,11 +78,9 @@ class BatchLoop:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.prefill_chunk = max(1, prefill_chunk)  # the scheduler's floor beside running streams
-        self.gap_s = token_gap_s
-        self.cost = StepCost()
+        self.gap_s, self.cost = token_gap_s, StepCost()
         self._batch = TokenBatch(n_batch)
-        self.steps = StepStats()  # written by the loop thread, read by /health
-        self.drafts = DraftStats()
+        self.steps, self.drafts = StepStats(), DraftStats()  # written by the loop thread, read by /health
         self.draft_threshold: float | None = None  # pinned by tests (0: as on a GPU); None: measured
         self._draft_max = draft_max = 0 if llama_lib.llama_model_is_recurrent(llama_lib.llama_get_model(ctx)) \
             else draft_max  # a rejected draft is removed from the KV cache: a recurrent state cannot be
@@ -90,8 +88,7 @@ class BatchLoop:
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
         self.chores = SlotChores(self._cond, lambda: self._stopping)  # slot files' work (slotfiles.py)
-        self._stopping = False
-        self._clock = 0  # recency of slot caches
+        self._stopping, self._clock = False, 0  # the clock: recency of slot caches
         self._admissions = 0
         # Counters: written by the loop thread only, read by /health.
         self.stats = CacheStats()

@@ -432,7 +432,9 @@ def test_slot_action_on_a_generating_slot_is_409(worker: WorkerProcess) -> None:
     with worker.client() as c, worker.client() as other:
         with c.stream("POST", "/completion", json={"prompt": PROMPT, "n_predict": 400, "ignore_eos": True,
                                                    "stream": True}) as r:
-            first = json.loads(next(line for line in r.iter_lines() if line.startswith("data: "))[6:])
+            # The first event that carries a token: the generation is decoding in its slot.
+            events = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: "))
+            first = next(e for e in events if e["content"])
             assert first["id_slot"] >= 0
             busy = other.post(f"/slots/{first['id_slot']}?action=save", json={"filename": "busy.bin"})
         # Leaving the stream closes it: the worker cancels the generation.

@@ -67,9 +67,9 @@ class BatchLoop:
         parallel: int,
         prefill_chunk: int,
         cache_ram_bytes: int,
+        token_gap_s: float,
+        draft_max: int,
         disk: DiskCache | None = None,
-        token_gap_s: float = 0.5,
-        draft_max: int = 0,
     ) -> None:
         if not 1 <= parallel <= n_batch:
             raise ValueError(f"parallel ({parallel}) must be between 1 and n_batch ({n_batch})")

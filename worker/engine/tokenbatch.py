@@ -13,6 +13,9 @@ import llama_cpp.llama_cpp as llama_lib
 
 from worker.engine.scheduler import StepCost
 
+_CALIBRATION_CONTEXT = 256  # tokens of context the drafts' rows are timed behind
+_CPU_ROW_RATIO = 4.0  # a CPU-only build's least row cost, in units of a step's fixed cost
+
 
 class TokenBatch:
     def __init__(self, n_batch: int) -> None:
@@ -95,9 +98,3 @@ def calibrate_drafts(ctx: Any, batch: TokenBatch, cost: StepCost) -> None:
             # stream lost a fifth of its speed to drafts); a row counts as 4x a step's
             # fixed cost at least, so a draft must be near certain to pay.
             cost.row_ratio = max(cost.row_ratio, _CPU_ROW_RATIO)
-
-
-_CPU_ROW_RATIO = 4.0
-
-
-_CALIBRATION_CONTEXT = 256

@@ -108,6 +108,8 @@ FLAGS: tuple[Flag, ...] = (
          "a llama.cpp built-in name (chatml, llama3, ...)", "FILE|NAME"),
     Flag("--token-gap-ms", "model.token_gap_ms", "running streams' inter-token gap kept while new prompts "
          "are read (default {default})", "MS", int),
+    Flag("--flash-attn", "model.flash_attn", "flash attention: on, off, or auto (llama.cpp decides per "
+         "device; default {default})"),
     Flag("--draft-max", "model.draft_max", "tokens drafted from the context per step, 0: none "
          "(default {default})", "N", int),
     Flag("--simulate-gpus", "gpu.simulate_gpus", "plan for the GPUs listed in this JSON file", "FILE"),

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from worker.protocol import SplitMode, ToolsMode  # declared once, where the worker reads them
+from worker.protocol import FlashAttn, SplitMode, ToolsMode  # declared once, where the worker reads them
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,7 +54,9 @@ class ModelSettings(_Section):
     # template name (chatml, llama3, ...); empty: the GGUF's. Used for chat, tool detection,
     # /apply-template and /props.
     chat_template: str = ""
-    flash_attn: bool = False
+    # llama.cpp's default, as llama-server's -fa: on where the backend supports it. true and
+    # false are read as "on" and "off" (configs written before "auto").
+    flash_attn: FlashAttn = "auto"
     parallel: PositiveInt = 4  # requests generated at once (slots, each with ctx_size KV cells)
     # Running streams' inter-token gap the scheduler keeps while it reads newcomers' prompts
     # (worker/engine/scheduler.py: from the measured cost of a step), and the least prompt
@@ -428,6 +430,7 @@ def build_config(
         set_path(merged, dotted, value)
         flagged.add(dotted)
     _fill_model_entries(merged, flagged, source)
+    _old_spellings(merged)
     try:
         cfg = msgspec.convert(merged, Config, strict=True)
     except msgspec.ValidationError as e:
@@ -463,6 +466,14 @@ def _fill_model_entries(merged: dict[str, Any], flagged: set[str], source: str) 
     shared = ModelSettings.__struct_fields__
     defaults = {k: v for k, v in base.items() if k in shared}
     merged["models"] = [{**defaults, **e} if isinstance(e, dict) else e for e in entries]
+
+
+def _old_spellings(merged: dict[str, Any]) -> None:
+    """Values an older schema took, as the current one spells them: flash_attn true/false."""
+    entries = merged.get("models")
+    for section in [merged.get("model"), *(entries if isinstance(entries, list) else [])]:
+        if isinstance(section, dict) and isinstance(section.get("flash_attn"), bool):
+            section["flash_attn"] = "on" if section["flash_attn"] else "off"
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> Config:

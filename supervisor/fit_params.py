@@ -26,6 +26,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 from supervisor.planner import FitParams
+from worker.protocol import FlashAttn
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -72,7 +73,7 @@ def run_fit_params(
     reserves_mib: Sequence[int],
     n_ctx: int,
     n_batch: int,
-    flash_attn: bool,
+    flash_attn: FlashAttn,
     env: Mapping[str, str],
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> FitParams | str:
@@ -90,8 +91,7 @@ def run_fit_params(
         return f"{argv[0]!r} not found (install llama.cpp's tools or set gpu.fit_params_command)"
     target = ",".join(str(r) for r in reserves_mib) or "1024"
     argv = [exe, *argv[1:], "-m", model_path, "-c", str(n_ctx), "-b", str(n_batch), "--fit-target", target]
-    if flash_attn:
-        argv += ["-fa", "on"]
+    argv += ["-fa", flash_attn]
     try:
         proc = subprocess.run(
             argv,

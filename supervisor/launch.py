@@ -50,7 +50,7 @@ def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str, entry: 
         main_gpu=p.main_gpu,
         n_ctx=p.n_ctx,
         n_batch=p.n_batch,
-        flash_attn=p.flash_attn,
+        flash_attn=entry.flash_attn,
         **settings_of(config, entry),
     )
 

@@ -132,7 +132,7 @@ def render_plan(plan: Plan) -> str:
         "llama.cpp: "
         f"n_gpu_layers={plan.n_gpu_layers} split_mode={plan.split_mode} main_gpu={plan.main_gpu} "
         f"tensor_split={list(plan.tensor_split)} n_ctx={plan.n_ctx} n_batch={plan.n_batch}"
-        + (" flash_attn=on" if plan.flash_attn else "")
+        + (" (flash attention counted on: on or auto)" if plan.flash_attn else " flash_attn=off")
     )
     lines.append("worker env: " + " ".join(f"{k}={v!r}" if v == "" else f"{k}={v}" for k, v in plan.env.items()))
     for n in plan.notes:

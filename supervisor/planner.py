@@ -104,7 +104,7 @@ class PlanSettings:
     inherited_cuda_visible_devices: str | None = None
     n_ctx: int = _MODEL.ctx_size  # 0: the model's training context
     n_batch: int = _MODEL.n_batch
-    flash_attn: bool = _MODEL.flash_attn
+    flash_attn: bool = _MODEL.flash_attn != "off"  # the estimate counts on it ("auto": llama.cpp enables it)
     # The worker's slots: each has a KV cache of n_ctx cells of its own (llama.cpp's
     # non-unified KV, see worker/engine/load.py), so the KV cache is n_ctx * parallel.
     parallel: int = _MODEL.parallel

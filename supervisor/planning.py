@@ -78,7 +78,7 @@ def plan_settings(
         inherited_cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
         n_ctx=entry.ctx_size,
         n_batch=entry.n_batch,
-        flash_attn=entry.flash_attn,
+        flash_attn=entry.flash_attn != "off",
         parallel=entry.parallel,
         fit_params=fit_params,
         fit_params_error=fit_params_error,
@@ -153,7 +153,7 @@ def make_plan(
                 [g.reserve_mib for g in used],
                 result.n_ctx,
                 settings.n_batch,
-                settings.flash_attn,
+                entry.flash_attn,
                 tool_env,
             )
         if isinstance(answer, str):

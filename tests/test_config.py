@@ -217,7 +217,8 @@ def test_a_setting_has_one_default() -> None:
     from worker.protocol import AppliedParams, LaunchSpec
 
     m, g, s = ModelSettings(), GpuSection(), PlanSettings()
-    assert (s.n_ctx, s.n_batch, s.parallel, s.flash_attn) == (m.ctx_size, m.n_batch, m.parallel, m.flash_attn)
+    assert (s.n_ctx, s.n_batch, s.parallel) == (m.ctx_size, m.n_batch, m.parallel)
+    assert s.flash_attn == (m.flash_attn != "off")  # the estimate's reading of the setting
     assert (s.reserve_mib, s.device_order, s.split_mode) == (g.reserve_mib, g.device_order, g.split_mode)
     required = {f.name for f in msgspec.structs.fields(LaunchSpec) if f.required}
     assert {"n_ctx", "n_batch", "parallel", "prefill_chunk", "cache_ram_mib", "split_mode", "flash_attn",
@@ -228,3 +229,15 @@ def test_a_setting_has_one_default() -> None:
     assert shared < set(ModelSection.__struct_fields__) and shared < set(ModelEntry.__struct_fields__)
     for cls in (ModelSection, ModelEntry):
         assert not shared & set(vars(cls).get("__annotations__", {})), cls
+
+
+def test_flash_attn_auto_on_off_and_the_old_booleans() -> None:
+    from supervisor.cli import build_parser, load_config as cli_load
+
+    assert Config().model.flash_attn == "auto"  # llama.cpp's and llama-server's default
+    cfg = build_config({"model": {"flash_attn": True},
+                        "models": [{"id": "a", "path": "/m/a.gguf"}, {"id": "b", "path": "/m/b.gguf", "flash_attn": False}]})
+    assert (cfg.model.flash_attn, [m.flash_attn for m in cfg.models]) == ("on", ["on", "off"])
+    assert cli_load(build_parser().parse_args(["plan", "--flash-attn", "off"])).model.flash_attn == "off"
+    with pytest.raises(ConfigError, match="auto | on | off"):
+        build_config({"model": {"flash_attn": "sometimes"}})

@@ -45,7 +45,7 @@ PROMPTS = [
 
 
 def load(draft_max: int, **overrides: object) -> Engine:
-    return load_engine(**{"n_batch": 256, "cache_ram_mib": 0, "draft_max": draft_max, "flash_attn": True,
+    return load_engine(**{"n_batch": 256, "cache_ram_mib": 0, "draft_max": draft_max, "flash_attn": "on",
                           **overrides})
 
 

@@ -21,6 +21,9 @@ import msgspec
 SplitMode = Literal["layer", "row", "none"]
 # A template without tool markup: the generic format (worker/engine/tools.py) or a 400.
 ToolsMode = Literal["generic", "refuse"]
+# llama.cpp's flash attention setting (llama-server's -fa): "auto" lets llama.cpp enable it
+# where the device that holds a layer's KV cache supports it (CPU and CUDA do).
+FlashAttn = Literal["auto", "on", "off"]
 
 
 class ExitCode(enum.IntEnum):
@@ -91,7 +94,7 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_batch: int
     n_threads: int | None = None  # None: llama.cpp's default
     chat_format: str | None = None  # None: the template in the GGUF metadata
-    flash_attn: bool
+    flash_attn: FlashAttn
     max_body_bytes: int = MAX_BODY_BYTES
     # Requests generated at once (llama.cpp sequences of one context, each with a KV
     # cache of n_ctx cells); 1 serves one request at a time. At most n_batch.

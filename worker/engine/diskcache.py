@@ -51,7 +51,7 @@ _QUEUE = 16  # states waiting to be written; more are dropped (the cache is best
 
 
 def settings_key(
-    model_path: str, n_ctx: int, flash_attn: bool, llama_version: str, type_k: str = "f16", type_v: str = "f16"
+    model_path: str, n_ctx: int, flash_attn: str, llama_version: str, type_k: str = "f16", type_v: str = "f16"
 ) -> bytes:
     """What makes a saved state reusable, as 32 bytes. Two workers with the same key can
     restore each other's states; any change here (another model file, even rewritten in

@@ -37,6 +37,11 @@ _SPLIT_MODES = {
     "layer": llama_lib.LLAMA_SPLIT_MODE_LAYER,
     "row": llama_lib.LLAMA_SPLIT_MODE_ROW,
 }
+_FLASH_ATTN = {
+    "auto": llama_lib.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
 
 
 class LoadError(Exception):
@@ -163,11 +168,13 @@ def load_llama(
 
     progress_cb = llama_lib.llama_progress_callback(on_progress)
     # Llama() builds its llama_model_params and llama_context_params itself and offers
-    # neither a progress hook nor n_seq_max / kv_unified, so we wrap the default-params
-    # factories it calls for the duration of the constructor. Nothing else calls them
-    # meanwhile: the load is the only llama.cpp work running.
+    # neither a progress hook nor n_seq_max / kv_unified (nor flash attention's "auto"), so
+    # we wrap the default-params factories and the context's creation it calls for the
+    # duration of the constructor. Nothing else calls them meanwhile: the load is the only
+    # llama.cpp work running.
     model_defaults = llama_lib.llama_model_default_params
     context_defaults = llama_lib.llama_context_default_params
+    init_context = llama_lib.llama_init_from_model
 
     def model_params() -> Any:
         params = model_defaults()
@@ -180,6 +187,12 @@ def load_llama(
         params.kv_unified = False  # one stream of n_ctx cells per sequence (see above)
         return params
 
+    def init_from_model(model: Any, params: Any) -> Any:
+        # Llama() can only say on or off; "auto" (llama.cpp's and llama-server's default)
+        # is set on the parameters it passes.
+        params.flash_attn_type = _FLASH_ATTN[spec.flash_attn]
+        return init_context(model, params)
+
     kwargs: dict[str, Any] = {
         "n_gpu_layers": spec.n_gpu_layers,
         "split_mode": _SPLIT_MODES[spec.split_mode],
@@ -188,7 +201,7 @@ def load_llama(
         # llama.cpp divides n_ctx among the sequences.
         "n_ctx": spec.n_ctx * spec.parallel,
         "n_batch": spec.n_batch,
-        "flash_attn": spec.flash_attn,
+        "flash_attn": spec.flash_attn == "on",
         "chat_format": spec.chat_format,
         "verbose": False,
     }
@@ -197,6 +210,7 @@ def load_llama(
         kwargs["n_threads_batch"] = spec.n_threads
     llama_lib.llama_model_default_params = model_params
     llama_lib.llama_context_default_params = context_params
+    llama_lib.llama_init_from_model = init_from_model
     try:
         llama = llama_cpp.Llama(spec.model_path, **kwargs)
     except Exception as e:
@@ -209,6 +223,7 @@ def load_llama(
     finally:
         llama_lib.llama_model_default_params = model_defaults
         llama_lib.llama_context_default_params = context_defaults
+        llama_lib.llama_init_from_model = init_context
     log.flush()
     if spec.chat_template:
         try:

@@ -82,6 +82,33 @@ def test_plan_step(work: list[SlotWork], want_decode: tuple[int, ...], want_chun
     plan = plan_step(work, cost, 512, 1.0, 16)
     assert (plan.decode, plan.chunks, plan.held) == (want_decode, want_chunks, want_held)
     assert sum(w.rows for w in work if w.key in plan.decode) + sum(t for _, t in plan.chunks) <= 512
+    assert plan.merged == ()  # merge_last off: every last prompt token is a step of its own
+
+
+@pytest.mark.parametrize(
+    ("work", "want_chunks", "want_merged"),
+    [
+        # One request alone: its prompt and its last token in one step.
+        ([_w(0, 300)], ((0, 300),), (0,)),
+        # A prompt longer than a batch: its last token goes with its last chunk only.
+        ([_w(0, 600)], ((0, 512),), ()),
+        # ... and none when the chunk fills the batch (no room for the token).
+        ([_w(0, 512)], ((0, 512),), ()),
+        # A burst: the first read slot would be held for the others, so it is not merged;
+        # the chunk that ends the burst carries its last token.
+        ([_w(0, 300), _w(1, 300)], ((0, 300), (1, 212)), ()),
+        ([_w(0, 0), _w(1, 88)], ((1, 88),), (1,)),
+        # Beside running streams: a newcomer whose prompt fits starts at once.
+        ([_w(0, 0, True), _w(1, 100)], ((1, 100),), (1,)),
+    ],
+)
+def test_last_prompt_token_merged(work: list[SlotWork], want_chunks: tuple[tuple[int, int], ...],
+                                  want_merged: tuple[int, ...]) -> None:
+    cost = _cost({1: 0.02, 2: 0.02}, 0.0035)
+    plan = plan_step(work, cost, 512, 1.0, 16, merge_last=True)
+    assert (plan.chunks, plan.merged) == (want_chunks, want_merged)
+    rows = sum(w.rows for w in work if w.key in plan.decode)
+    assert rows + sum(t for _, t in plan.chunks) + len(plan.merged) <= 512
 
 
 # --- drafts ----------------------------------------------------------------------------------

@@ -203,6 +203,20 @@ def test_second_turn_is_served_from_the_slot_cache(engine: Engine) -> None:
     assert stats.tokens_reused - reused == gen.prompt_cached
 
 
+def test_a_prompt_and_its_first_token_take_one_step(engine: Engine) -> None:
+    """flash_attn "auto" (the default) is on on the CPU, where the last prompt token's
+    logits were measured at load not to depend on its batch: it is read with the prompt
+    (batch.py), so a request alone takes one step per token, not one more."""
+    assert engine.loop is not None
+    steps = engine.loop.steps
+    before = steps.steps
+    gen = engine.generation(engine.prepare_completion("Ducks in a row: one, two, three, four,",
+                                                      Sampling(max_tokens=3, temperature=0.0)), threading.Event())
+    list(gen)
+    assert engine.loop.merge_last  # measured before the first request
+    assert (gen.completion_tokens, steps.steps - before) == (3, 3)
+
+
 def test_greedy_alone_is_the_same_with_parallel_1_and_4(engine: Engine) -> None:
     prompt = "Here is a short story about a lighthouse keeper. The keeper"
     with_four = greedy(engine, prompt)

@@ -23,7 +23,12 @@ Rules for this module (llama-server's ``update_slots`` is the model):
   its prompt head is in the cache: a request served alone gets its first logits from a
   one-token batch whatever was cached (see ``Slot.prefilled``), which keeps greedy
   output independent of the cache (a past bug: the first logits came from a batch whose
-  size depended on the cached prefix, and the same request gave different text).
+  size depended on the cached prefix, and the same request gave different text). Where
+  a row's logits were measured at load not to depend on its batch (``merge_last``: the
+  CPU with flash attention), it goes with the prompt's last chunk instead: the same
+  logits, a step sooner. Either way the rule is about the first logits only: the KV of
+  a prefix read in other chunks can differ in its last bits (a few tenths in a logit,
+  measured on the CPU), so a near tie may still go either way.
 - Saving a slot's state for later and restoring one (the RAM and disk tiers) is
   ``saved.SavedStates``'s: the loop only copies a state out of the KV cache; a request
   whose longest cached prefix is on disk is read by the prompt-cache thread before it is
@@ -50,7 +55,7 @@ from worker.engine.saved import SavedStates, forget
 from worker.engine.scheduler import SlotWork, StepCost, StepStats, plan_step
 from worker.engine.slotfiles import SlotChores
 from worker.engine.slots import CacheStats, Slot, pick_slot
-from worker.engine.tokenbatch import TokenBatch, calibrate_drafts
+from worker.engine.tokenbatch import TokenBatch, calibrate
 
 log = logging.getLogger("worker")
 
@@ -82,22 +87,20 @@ class BatchLoop:
         self._batch = TokenBatch(n_batch)
         self.steps, self.drafts = StepStats(), DraftStats()  # written by the loop thread, read by /health
         self.draft_threshold: float | None = None  # pinned by tests (0: as on a GPU); None: measured
+        self.merge_last = False  # measured at load: a prompt's last token goes with its last chunk
         self._draft_max = draft_max = 0 if llama_lib.llama_model_is_recurrent(llama_lib.llama_get_model(ctx)) \
             else draft_max  # a rejected draft is removed from the KV cache: a recurrent state cannot be
         self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
         self.chores = SlotChores(self._cond, lambda: self._stopping)  # slot files' work (slotfiles.py)
-        self._stopping, self._clock = False, 0  # the clock: recency of slot caches
-        self._admissions = 0
+        self._stopping, self._clock, self._admissions = False, 0, 0  # the clock: recency of slot caches
         # Counters: written by the loop thread only, read by /health.
         self.stats = CacheStats()
         self.saved = SavedStates(ctx, cache_ram_bytes, disk, self.stats)
         self.ram, self.io = self.saved.ram, self.saved.io  # /health reads their counters
-        self.served = 0
-        self.active = 0
-        self._busy_since = 0.0
-        self._progress_at = 0.0
+        self.served = self.active = 0
+        self._busy_since = self._progress_at = 0.0
         self._thread = threading.Thread(target=self._run, name="batch-loop", daemon=True)
         self._thread.start()
 
@@ -147,8 +150,8 @@ class BatchLoop:
     # --- the loop thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self._draft_max > 0:  # on this thread: the one that owns the context decodes
-            calibrate_drafts(self._ctx, self._batch, self.cost)
+        # Timed on this thread, the one that owns the context and decodes (tokenbatch.py).
+        self.merge_last = calibrate(self._ctx, self._batch, self.cost, self._draft_max > 0)
         while True:
             self.chores.run(self.slots)
             with self._cond:
@@ -241,8 +244,7 @@ class BatchLoop:
     ) -> None:
         gen = slot.gen
         assert gen is not None
-        slot.gen = None
-        slot.next_token = None
+        slot.gen = slot.next_token = None
         self._clock += 1
         slot.last_used = self._clock
         self.active -= 1
@@ -271,25 +273,23 @@ class BatchLoop:
             draft = drafts[s.seq] = s.drafter.propose(s.tokens, s.next_token, most, threshold)
             spare -= len(draft)
             work.append(SlotWork(s.seq, s.admitted, 0, gen.completion_tokens > 0, 1 + len(draft)))
-        plan = plan_step(work, self.cost, self.n_batch, self.gap_s, self.prefill_chunk)
+        plan = plan_step(work, self.cost, self.n_batch, self.gap_s, self.prefill_chunk, self.merge_last)
         if plan.decode or plan.chunks:
             decoding = [(busy[k], drafts[k]) for k in plan.decode]
-            self._decode(decoding, [(busy[k], take) for k, take in plan.chunks])
+            self._decode(decoding, [(busy[k], take) for k, take in plan.chunks], [busy[k] for k in plan.merged])
 
     def _end_newest(self, why: str) -> None:
         slot = max((s for s in self.slots if s.gen is not None), key=lambda s: s.admitted)
         gen = slot.gen
         assert gen is not None
-        log.warning(
-            "%s (%d requests running): ending the newest request after %d tokens",
-            why, self.active, gen.completion_tokens,
-        )
+        log.warning("%s (%d requests running): ending the newest request after %d tokens",
+                    why, self.active, gen.completion_tokens)
         if gen.completion_tokens:
             self._finish(slot, "length")
         else:
             self._finish(slot, error=f"{why}; retry the request", status=503)
 
-    def _decode(self, decoding: list[tuple[Slot, list[int]]], chunks: list[tuple[Slot, int]]) -> None:
+    def _decode(self, decoding: list[tuple[Slot, list[int]]], chunks: list[tuple[Slot, int]], merged: list[Slot]) -> None:
         t0 = time.perf_counter()
         batch = self._batch
         batch.clear()
@@ -300,6 +300,8 @@ class BatchLoop:
         for s, take in chunks:
             assert s.gen is not None
             batch.add(s.seq, s.gen.prepared.tokens[s.prefilled : s.prefilled + take], len(s.tokens), False)
+        last = {s.seq: batch.add(s.seq, [s.gen.prepared.tokens[-1]], len(s.gen.prepared.tokens) - 1, True)
+                for s in merged if s.gen is not None}
         t1 = time.perf_counter()
         rc = batch.decode(self._ctx)
         self.steps.decode_s += time.perf_counter() - t1
@@ -311,7 +313,7 @@ class BatchLoop:
         if rc != 0:
             # Some ubatches may have landed in the KV cache: trim every slot involved back
             # to what its token list says, and fail their requests.
-            for s in [*(s for s, _ in decoding), *(s for s, _ in chunks)]:
+            for s in [*(s for s, _ in decoding), *(s for s, _ in chunks)]:  # merged: in chunks
                 llama_lib.llama_memory_seq_rm(self._mem, s.seq, len(s.tokens), -1)
                 self._finish(s, error=f"llama_decode failed (code {rc})")
             return
@@ -330,6 +332,9 @@ class BatchLoop:
         for s, draft in decoding:
             self._take(s, row, draft)
             row += 1 + len(draft)
+        for s in merged:
+            self._take(s, last[s.seq], [])
+        rows += len(last)
         self.steps.count(rows, [take for _, take in chunks], time.perf_counter() - t0)
         self.cost.observe(rows, batch.n - rows, time.perf_counter() - t0)
 

@@ -18,6 +18,11 @@ and passes the seconds in, tests pass tables):
   (a past result: 4 x 512-token prompts generated at 0.27x llama-server's rate); held, the
   four start together and generate at full speed, their first tokens no later than
   llama-server's.
+- A prompt's last token goes in the step that reads the rest of it (``merged``: its first
+  token is sampled a step sooner) only where the caller measured that a row's logits do
+  not depend on the batch's shape (``merge_last``), and not when the burst rule would hold
+  the slot anyway. Elsewhere it is decoded as the slot's first row in a step of its own,
+  which keeps greedy output independent of what was cached (batch.py says why).
 """
 
 from __future__ import annotations
@@ -116,9 +121,12 @@ class StepPlan:
     decode: tuple[int, ...]  # keys of slots that decode this step
     chunks: tuple[tuple[int, int], ...]  # (key, prompt tokens) read this step, oldest first
     held: tuple[int, ...]  # read slots that wait for the rest of their burst
+    merged: tuple[int, ...] = ()  # slots whose chunk ends their prompt and carries its last token
 
 
-def plan_step(work: list[SlotWork], cost: StepCost, n_batch: int, gap_s: float, floor: int) -> StepPlan:
+def plan_step(
+    work: list[SlotWork], cost: StepCost, n_batch: int, gap_s: float, floor: int, merge_last: bool = False
+) -> StepPlan:
     """The step's decode rows and prompt chunks (see the module's rules)."""
     reading = sorted((w for w in work if w.to_read > 0), key=lambda w: w.admitted)
     ready = [w for w in work if w.to_read == 0]
@@ -135,10 +143,18 @@ def plan_step(work: list[SlotWork], cost: StepCost, n_batch: int, gap_s: float, 
         take = min(budget, w.to_read)
         chunks.append((w.key, take))
         budget -= take
+    merged: list[int] = []
+    if merge_last:
+        after = left - sum(take for _, take in chunks)  # prompt tokens still to read after this step
+        # Read slots wait for the rest of a burst next step unless a stream runs by then.
+        held_next = 0 < after <= HOLD_TOKENS and not running and not decode
+        done = [k for (k, take), w in zip(chunks, reading) if take == w.to_read]
+        merged = [] if held_next else done[:budget]
     return StepPlan(
         decode=tuple(w.key for w in decode),
         chunks=tuple(chunks),
         held=tuple(w.key for w in ready) if hold else (),
+        merged=tuple(merged),
     )
 
 

@@ -123,7 +123,7 @@ def start_llama_server_np(procs: Procs, binary: str, model: str, threads: int, n
         binary, "-m", model, "--host", "127.0.0.1", "--port", str(port),
         # -c is the total for all slots: the same n_ctx per slot as the worker.
         "-c", str(n_ctx * PARALLEL), "-np", str(PARALLEL), "-t", str(threads), "-tb", str(threads),
-        "-fa", "off",
+        "-fa", "auto",  # llama-server's default, and the worker's
     ])
     base = f"http://127.0.0.1:{port}"
     wait_http_ok(procs, s, base + "/health", 300.0)

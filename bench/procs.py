@@ -369,9 +369,8 @@ def start_llama_server(
         "llama-server",
         [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx),
          "-t", str(threads), "-tb", str(threads), "-np", "1", "-ngl", str(n_gpu_layers),
-         # Same kernels as the worker, which runs without flash attention (llama-server's
-         # default "auto" turns it on and is then not the same computation).
-         "-fa", "off", *extra],
+         # Flash attention "auto" on both sides: llama-server's default and the worker's.
+         "-fa", "auto", *extra],
     )
     base = f"http://127.0.0.1:{port}"
     wait_http_ok(procs, s, base + "/health", 300.0)

@@ -166,7 +166,6 @@ class AppliedParams(msgspec.Struct, kw_only=True):
     n_threads: int
     chat_format: str | None
     cuda_visible_devices: str | None
-    devices: list[str] = msgspec.field(default_factory=list)  # llama.cpp's device names given, when rpc
     cuda_device_order: str | None
     llama_cpp_version: str
     gpu_offload_supported: bool

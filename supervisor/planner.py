@@ -670,35 +670,39 @@ def plan(
         elif s.fit_params_error:
             notes.append(f"llama-fit-params: {s.fit_params_error}; using vram-llm's own plan")
 
-        if fit is None:
-            if cands:
-                ngl, ests, layers, outs = _search(model, cands, split, top, s.split_mode, main, n_ctx, s)
-            if remote_cands and cands and ngl >= top:
-                for c in remote_cands:
-                    reasons[c.gpu.index] = REMOTE_NOT_NEEDED
-            elif remote_cands:
-                # The local GPUs are short: the remotes first (see the module docstring).
-                both = remote_cands + cands
-                w2 = [float(max(c.usable - c.fixed, 0)) for c in both]
-                sp2 = _round_split(w2)
-                m2 = main + len(remote_cands) if cands else 0
-                k2, e2, l2, o2 = _search(model, both, sp2, top, s.split_mode, m2, n_ctx, s)
-                if k2 > ngl:
-                    cands, weights, split, main, ngl, ests, layers, outs = both, w2, sp2, m2, k2, e2, l2, o2
-                else:
-                    for c in remote_cands:
-                        reasons[c.gpu.index] = (
-                            "adds no layer to what the local GPUs hold" if cands
-                            else "not even one layer fits with the estimated context and compute buffers"
-                        )
+        if fit is None and cands:
+            ngl, ests, layers, outs = _search(model, cands, split, top, s.split_mode, main, n_ctx, s)
+        local_cands = cands
+        dropped: list[tuple[_Cand, str]] = []
         if ngl > 0 and s.split_mode != "none":
             placed, dropped = _leave_out_unneeded(
                 model, _Placed(cands, weights, split, main, ngl, ests, layers, outs), top if fit is None else None, n_ctx, s
             )
             cands, split, main = placed.cands, placed.split, placed.main
             ngl, ests, layers, outs = placed.ngl, placed.ests, placed.layers, placed.outs
-            for c, why in dropped:
-                reasons[c.gpu.index] = why
+        if remote_cands and local_cands and ngl >= top:
+            for c in remote_cands:
+                reasons[c.gpu.index] = REMOTE_NOT_NEEDED
+        elif remote_cands:
+            # The local GPUs are short: the remotes first (see the module docstring), then the
+            # same search and leave-out as for the local GPUs alone; kept if it offloads more.
+            both = remote_cands + local_cands
+            w2 = [float(max(c.usable - c.fixed, 0)) for c in both]
+            sp2 = _round_split(w2)
+            m2 = _main_of(both)
+            k2, e2, l2, o2 = _search(model, both, sp2, top, s.split_mode, m2, n_ctx, s)
+            if k2 > ngl:
+                placed, dropped2 = _leave_out_unneeded(model, _Placed(both, w2, sp2, m2, k2, e2, l2, o2), top, n_ctx, s)
+                cands, split, main, dropped = placed.cands, placed.split, placed.main, dropped2
+                ngl, ests, layers, outs = placed.ngl, placed.ests, placed.layers, placed.outs
+            else:
+                for c in remote_cands:
+                    reasons[c.gpu.index] = (
+                        "adds no layer to what the local GPUs hold" if local_cands
+                        else "not even one layer fits with the estimated context and compute buffers"
+                    )
+        for c, why in dropped:
+            reasons[c.gpu.index] = why
         if fit is None:
             if ngl == 0:
                 for c in cands:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from supervisor.default_model import default_model_path
 from supervisor.gpus import GpuInfo, SimulatedProbe
@@ -15,7 +17,7 @@ from supervisor.inventory import RemoteDevice, RemoteInventory
 from supervisor.model import ModelFacts, read_model_facts
 from supervisor.planner import REMOTE_FIXED_MIB, REMOTE_NOT_NEEDED, Plan, PlanSettings, plan
 from tests.gguf_factory import GGMLQuantizationType, Shape, write_model
-from tests.test_planner import llama_cpp_placement
+from tests.test_planner import gpu_lists, llama_cpp_placement, synthetic_model
 
 SIM = Path(__file__).parent / "sim"
 
@@ -156,3 +158,44 @@ def test_reserve_override_by_remote_key(big: ModelFacts) -> None:
     r = rows(p)["rpc:10.0.0.2:50052/0"]
     assert (r.reserve_mib, r.usable_mib) == (4000, 20000)
     check_device_list(p)
+
+
+remote_lists = st.lists(st.tuples(st.integers(1024, 81920), st.floats(0.0, 1.0), st.sampled_from([None, 2000, 30000])),
+                        max_size=3).map(
+    lambda xs: RemoteInventory(tuple(RemoteDevice(f"10.0.0.{i + 2}:50052", 0, t, int(t * f), cap)
+                                     for i, (t, f, cap) in enumerate(xs)))
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(inv=gpu_lists, remotes=remote_lists, n_layers=st.integers(1, 120), layer_mib=st.integers(1, 1200),
+       reserve=st.integers(0, 4096), keep_env=st.booleans())
+def test_properties_with_remotes(
+    inv: tuple[GpuInfo, ...], remotes: RemoteInventory, n_layers: int, layer_mib: int, reserve: int, keep_env: bool
+) -> None:
+    model = synthetic_model(n_layers, layer_mib, 32000)
+    s = one_slot(reserve_mib=reserve, set_cuda_visible_devices=not keep_env)
+    p = plan(inv, model, s, remotes)
+    alone = plan(inv, model, s)
+    if not p.cpu_only:
+        check_device_list(p)  # llama.cpp places every layer where the plan says
+    assert p.offloaded_layers >= alone.offloaded_layers  # remotes never make it worse
+    if alone.n_gpu_layers == -1 and not alone.cpu_only:
+        assert p.rpc_devices == () and p.tensor_split == alone.tensor_split  # local first
+    used_remote = [g for g in p.gpus if g.endpoint and g.excluded_reason is None]
+    assert [f"{g.endpoint}/0" for g in used_remote] == list(p.rpc_devices)
+    assert all(g.cuda_index is None for g in p.gpus if g.endpoint)
+
+
+def test_remotes_are_weighed_after_the_local_gpus_are_trimmed() -> None:
+    # Found by the property above: two local GPUs fit the model only once the one without a
+    # layer's worth is left out (_leave_out_unneeded); the remote must not be taken before that.
+    inv = tuple(GpuInfo(i, f"GPU-{i:08d}", f"gpu{i}", f"00000000:{i + 1:02X}:00.0", t, f, t - f)
+                for i, (t, f) in enumerate([(2254, 1127), (6324, 1581)]))
+    model = synthetic_model(4, 40, 32000)
+    s = one_slot(reserve_mib=0, set_cuda_visible_devices=False)
+    alone = plan(inv, model, s)
+    p = plan(inv, model, s, RemoteInventory((RemoteDevice("10.0.0.2:50052", 0, 2624, 2624),)))
+    assert alone.n_gpu_layers == -1
+    assert p.rpc_devices == () and p.tensor_split == alone.tensor_split
+    assert rows(p)["rpc:10.0.0.2:50052/0"].excluded_reason == REMOTE_NOT_NEEDED

@@ -200,3 +200,13 @@ def test_plan_shows_remote_devices_from_a_simulated_inventory(tmp_path: Path) ->
     assert p["rpc_devices"] == ["192.168.1.20:50052/0", "8.8.8.8:50052/0"]
     rows = [g for g in p["gpus"] if g["endpoint"]]
     assert [r["first_layer"] is not None for r in rows] == [True, True] and rows[1]["has_output"]
+
+
+def test_a_wheel_without_the_rpc_backend_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the RPC tests' skip reason and the worker's BadSetting say on an old wheel.
+    from worker.engine import rpc
+
+    monkeypatch.setattr(rpc, "_libs", None)
+    monkeypatch.setattr(rpc, "_lib_dir", lambda: tmp_path)
+    why = rpc.supported()
+    assert why is not None and "built without the RPC backend" in why and "-DGGML_RPC=ON" in why

@@ -17,6 +17,10 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 LLAMA_VERSION=0.3.36
 CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"}
+# llama.cpp's RPC backend (other hosts' devices, README "A model bigger than one box") is always
+# built, CUDA builds included: one more small library, nothing at run time unless a plan uses
+# a remote device. CMAKE_ARGS that name GGML_RPC themselves decide.
+case " $CMAKE_ARGS " in *GGML_RPC=*) ;; *) CMAKE_ARGS="$CMAKE_ARGS -DGGML_RPC=ON" ;; esac
 key=$(printf '%s|%s' "$LLAMA_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-16)
 WHEELDIR=${VRAM_LLM_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/vram-llm/wheels}/llama-cpp-python-$LLAMA_VERSION-$key
 

@@ -113,6 +113,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--draft-max", "model.draft_max", "tokens drafted from the context per step, 0: none "
          "(default {default})", "N", int),
     Flag("--simulate-gpus", "gpu.simulate_gpus", "plan for the GPUs listed in this JSON file", "FILE"),
+    Flag("--rpc", "rpc", "a llama.cpp rpc-server whose devices may hold layers the local GPUs cannot "
+         "(repeatable; no authentication: private networks only)", "HOST:PORT",
+         lambda values: [{"endpoint": v} for v in values], repeat=True),
     Flag("--worker-command", "worker.command", "worker command line, shell-quoted (tests)", "CMD", _command),
     Flag("--cors-origins", "server.cors_origins", "browser origins allowed to call the API (CORS), a comma "
          "list of scheme://host[:port], or * for any (default: none, no CORS headers)", "ORIGINS", _origins),

@@ -149,6 +149,19 @@ class GpuSection(_Section):
     use_fit_params: bool = False
     fit_params_command: str = "llama-fit-params"
     simulate_gpus: str = ""  # path of a simulated inventory (JSON)
+    # Remote devices ([[rpc]]): each endpoint's memory is read before every plan, within this
+    # many seconds (connect and answer together); one that does not answer is waited for up to
+    # rpc_wait_s (0: left out at once, with the reason in the plan's notes).
+    rpc_timeout_s: Seconds = 2.0
+    rpc_wait_s: NonNegSeconds = 0.0
+
+
+class RpcEndpoint(_Section):
+    """A llama.cpp rpc-server on another host ([[rpc]]): its devices join the plan when the
+    local GPUs cannot hold the model. The RPC protocol has no authentication: private networks only."""
+
+    endpoint: str  # host:port
+    max_mib: Mib = 0  # the most the plan puts on each of its devices; 0: what is free less the reserve
 
 
 class WorkerSection(_Section):
@@ -198,6 +211,7 @@ class Config(_Section):
     # every .gguf of models_dir (id = file stem) after it.
     models: list[ModelEntry] = msgspec.field(default_factory=list)
     models_dir: str = ""
+    rpc: list[RpcEndpoint] = msgspec.field(default_factory=list)
 
 
 class ConfigError(Exception):
@@ -317,11 +331,18 @@ def _check(cfg: Config, source: str) -> None:
     if len(set(cfg.gpu.devices)) != len(cfg.gpu.devices):
         raise ConfigError(f"{source}: gpu.devices lists an index twice: {cfg.gpu.devices}")
     for k in cfg.gpu.reserve_overrides:
-        if not (k.isdigit() or k.startswith(("GPU-", "MIG-"))):
+        if not (k.isdigit() or k.startswith(("GPU-", "MIG-", "rpc:"))):
             raise ConfigError(
-                f"{source}: gpu.reserve_overrides key {k!r}: expected a GPU UUID (GPU-...) "
-                "or an NVML index like \"0\""
+                f"{source}: gpu.reserve_overrides key {k!r}: expected a GPU UUID (GPU-...), "
+                "an NVML index like \"0\" or a remote device like \"rpc:host:port/0\""
             )
+    for n, r in enumerate(cfg.rpc):
+        host, sep, port = r.endpoint.partition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{source}: rpc[{n}].endpoint: {r.endpoint!r} is not host:port (e.g. 192.168.1.20:50052)")
+    ends = [r.endpoint for r in cfg.rpc]
+    if len(set(ends)) != len(ends):
+        raise ConfigError(f"{source}: rpc: an endpoint is listed twice: {ends}")
     ids = [m.id for m in cfg.models]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:

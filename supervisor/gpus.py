@@ -13,12 +13,12 @@ Rules for this module:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 # The inventory types live in supervisor/inventory.py; re-exported for existing importers.
-from supervisor.inventory import GpuInfo, GpuProbe, GpuProbeError, Inventory
+from supervisor.inventory import GpuInfo, GpuProbe, GpuProbeError, Inventory, RemoteDevice, RemoteInventory
 
 if TYPE_CHECKING:
     from supervisor.config import Config
@@ -36,24 +36,61 @@ class _SimGpu(msgspec.Struct, forbid_unknown_fields=True):
     used_mib: int | None = None
 
 
+class _SimRemote(msgspec.Struct, forbid_unknown_fields=True):
+    endpoint: str  # host:port of an rpc-server
+    total_mib: int
+    free_mib: int
+    device: int = 0
+    max_mib: int = 0  # as [[rpc]] max_mib
+    unreachable: str | None = None  # a host that does not answer, and the reason the plan gives
+
+
 class SimulatedProbe:
     """Reads a JSON list of {"index","uuid","name","total_mib","free_mib"} (plus optional
-    "pci_bus_id" and "used_mib"). Answers "what would this box do with that model?"."""
+    "pci_bus_id" and "used_mib"). Answers "what would this box do with that model?".
+    Entries with an "endpoint" describe remote devices instead (rpc-servers, ``read_remotes``):
+    {"endpoint","total_mib","free_mib"} plus optional "device", "max_mib" and "unreachable"."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def read(self) -> Inventory:
+    def _entries(self) -> list[tuple[int, dict[str, Any]]]:
         try:
             raw = self.path.read_bytes()
         except OSError as e:
             raise GpuProbeError(f"cannot read simulated GPU file {self.path}: {e.strerror}") from None
         try:
-            items = msgspec.json.decode(raw, type=list[_SimGpu])
+            return list(enumerate(msgspec.json.decode(raw, type=list[dict[str, Any]])))
         except msgspec.ValidationError as e:
             raise GpuProbeError(f"simulated GPU file {self.path}: {e}") from None
         except msgspec.DecodeError as e:
             raise GpuProbeError(f"simulated GPU file {self.path} is not valid JSON: {e}") from None
+
+    def read_remotes(self) -> RemoteInventory:
+        devices: list[RemoteDevice] = []
+        gone: list[tuple[str, str]] = []
+        for n, item in self._entries():
+            if "endpoint" not in item:
+                continue
+            try:
+                r = msgspec.convert(item, type=_SimRemote)
+            except msgspec.ValidationError as e:
+                raise GpuProbeError(f"simulated GPU file {self.path}: entry {n}: {e}") from None
+            if r.unreachable is not None:
+                gone.append((r.endpoint, r.unreachable))
+            else:
+                devices.append(RemoteDevice(r.endpoint, r.device, r.total_mib, r.free_mib, r.max_mib or None))
+        return RemoteInventory(tuple(devices), tuple(gone))
+
+    def read(self) -> Inventory:
+        items: list[_SimGpu] = []
+        for n, item in self._entries():
+            if "endpoint" in item:
+                continue  # a remote device: read_remotes
+            try:
+                items.append(msgspec.convert(item, type=_SimGpu))
+            except msgspec.ValidationError as e:
+                raise GpuProbeError(f"simulated GPU file {self.path}: entry {n}: {e}") from None
         gpus: list[GpuInfo] = []
         seen_idx: set[int] = set()
         seen_uuid: set[str] = set()

@@ -34,3 +34,30 @@ class Inventory:
 
 class GpuProbe(Protocol):
     def read(self) -> Inventory: ...
+
+
+@dataclass(frozen=True)
+class RemoteDevice:
+    """One device of a llama.cpp rpc-server (another host's GPU, or its CPU), as the server
+    reported it (supervisor/rpc.py) or a simulated inventory describes it."""
+
+    endpoint: str  # host:port
+    device: int  # the server's device index
+    total_mib: int
+    free_mib: int
+    max_mib: int | None = None  # the most the plan may put there ([[rpc]] max_mib); None: no cap
+
+    @property
+    def key(self) -> str:
+        """How the plan names it (and reserve_overrides may): rpc:host:port/device."""
+        return f"rpc:{self.endpoint}/{self.device}"
+
+
+@dataclass(frozen=True)
+class RemoteInventory:
+    devices: tuple[RemoteDevice, ...] = ()
+    unreachable: tuple[tuple[str, str], ...] = ()  # (endpoint, why it is left out)
+
+
+class RemoteProbe(Protocol):
+    def read(self) -> RemoteInventory: ...

@@ -48,6 +48,7 @@ def spec_of(config: Config, p: Plan, model_path: Path, socket_path: str, entry: 
         tensor_split=list(p.tensor_split) or None,
         split_mode=p.split_mode,
         main_gpu=p.main_gpu,
+        rpc_devices=list(p.rpc_devices),
         n_ctx=p.n_ctx,
         n_batch=p.n_batch,
         flash_attn=entry.flash_attn,
@@ -158,6 +159,9 @@ class Preparer:
         except (ConfigError, ModelError, GpuProbeError) as e:
             raise PlanFailed(str(e)) from e
         log.info("plan for this start:\n%s", render_plan(p))
+        for note in p.notes:
+            if note.startswith("rpc "):  # a remote host left out, or an endpoint on an open network
+                log.warning("%s", note)
         return Launch(
             spec=spec_of(self.config, p, self.model_path, socket_path, self.entry),
             env=env_of(p),

@@ -87,10 +87,12 @@ def exit_verdict(
     oom_line: str | None,
     host_oom: bool,
     last_line: str | None,
+    rpc_line: str | None = None,
 ) -> ExitVerdict:
     """A worker that exited on its own (or was killed by someone else): what kind of failure.
     ``host_oom``: the cgroup's oom_kill counter or the kernel log says the OOM killer did it;
-    ``oom_line``: the worker printed an out-of-memory line; ``last_line``: its last stderr line."""
+    ``oom_line``: the worker printed an out-of-memory line; ``last_line``: its last stderr line;
+    ``rpc_line``: llama.cpp's RPC client aborted it, a remote host being gone (worker/protocol.py)."""
     what = describe_exit(code)
     kind = classify_exit(code, oom_evidence=oom_line is not None or host_oom)
     if host_oom:
@@ -100,6 +102,8 @@ def exit_verdict(
     detail = f"worker pid {pid} {what}"
     if oom_line:
         detail += f": {oom_line.strip()}"
+    elif rpc_line:
+        detail += f": lost a remote device (llama.cpp: {rpc_line.strip()}); the next plan leaves out a host that does not answer"
     elif kind is FailureKind.PERMANENT and last_line:
         detail += f": {last_line.strip()}"
     return ExitVerdict(kind, detail)

@@ -24,6 +24,7 @@ _COLUMNS = (
     ("usable", "usable_mib"),
     ("planned", "planned_mib"),
     ("layers", "layers"),
+    ("range", "first_layer"),
     ("share", "share"),
 )
 
@@ -38,6 +39,8 @@ def summary_of(p: Plan) -> str:
     else:
         used = [g for g in p.gpus if g.cuda_index is not None and g.excluded_reason is None]
         where = f"{p.offloaded_layers}/{p.model.n_layers} layers on GPU " + ",".join(str(g.index) for g in used)
+        if p.rpc_devices:
+            where += (" + " if used else "") + "RPC " + ",".join(p.rpc_devices)
     return f"{where}, n_ctx {p.n_ctx}, split {p.split_mode}, plan by {p.source}"
 
 
@@ -96,9 +99,10 @@ def render_plan(plan: Plan) -> str:
         rows: list[list[str]] = []
         for g in plan.gpus:
             layers = str(g.layers) + ("+out" if g.has_output else "")
+            span = "-" if g.first_layer is None else f"{g.first_layer}-{g.last_layer}"
             rows.append(
                 [
-                    str(g.index),
+                    "rpc" if g.endpoint else str(g.index),
                     "-" if g.cuda_index is None else str(g.cuda_index),
                     g.uuid,
                     g.name,
@@ -108,6 +112,7 @@ def render_plan(plan: Plan) -> str:
                     str(g.usable_mib),
                     str(g.planned_mib),
                     layers,
+                    span,
                     f"{g.share:.3f}",
                 ]
             )
@@ -116,18 +121,27 @@ def render_plan(plan: Plan) -> str:
         lines.append("estimate per GPU (MiB): weights + KV cache + compute buffer + CUDA context")
         for g in plan.gpus:
             e = g.estimate
+            who = f"RPC {g.endpoint} #{g.uuid.rsplit('/', 1)[-1]}" if g.endpoint else f"GPU {g.index}"
             if g.excluded_reason:
-                lines.append(f"  GPU {g.index}: not used: {g.excluded_reason}")
+                lines.append(f"  {who}: not used: {g.excluded_reason}")
             else:
                 lines.append(
-                    f"  GPU {g.index}: {e.weights_mib} + {e.kv_mib} + {e.compute_mib} + {e.fixed_mib}"
+                    f"  {who}: {e.weights_mib} + {e.kv_mib} + {e.compute_mib} + {e.fixed_mib}"
                     f" = {e.total_mib} of {g.usable_mib} usable"
+                    + (f", layers {g.first_layer}-{g.last_layer}" if g.first_layer is not None else "")
+                    + (" (the output layer)" if g.has_output else "")
                 )
         lines.append("")
     mode = "CPU only" if plan.cpu_only else f"{plan.offloaded_layers} of {m.n_layers} layers on GPU" + (
         " + output layer" if plan.output_on_gpu else ""
     )
     lines.append(f"plan ({plan.source}): {mode}; {plan.host_weights_mib} MiB of weights in host RAM")
+    if plan.rpc_devices:
+        first = plan.model.n_layers - plan.offloaded_layers
+        cpu = f"the CPU keeps layers 0-{first - 1}" if first > 0 else "the CPU keeps only the input layer"
+        lines.append(
+            f"devices for llama.cpp: RPC {', '.join(plan.rpc_devices)} first, then the local GPUs; {cpu}"
+        )
     lines.append(
         "llama.cpp: "
         f"n_gpu_layers={plan.n_gpu_layers} split_mode={plan.split_mode} main_gpu={plan.main_gpu} "

@@ -22,6 +22,12 @@ Rules for this module:
   All constants of the estimate live in the block below; a GPU check calibrates them.
 - A GPU the placement does not need is not made visible to the worker at all
   (_leave_out_unneeded): its CUDA context and compute buffer would cost ~0.9 GiB for nothing.
+- Remote devices (llama.cpp RPC servers, supervisor/rpc.py) take layers only when the local
+  GPUs cannot hold the whole model: every remote hop costs per token. They come FIRST in the
+  worker's device list (llama.cpp's own default order, "to minimize network transfers"): the
+  CPU keeps the first layers, the remotes the next ones, the local GPUs the last ones and the
+  output layer, so the logits never cross the network. Layer split only (a row split and split
+  mode none are local CUDA matters).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from supervisor.config import DeviceOrder, GpuSection, ModelSettings
-from supervisor.inventory import GpuInfo
+from supervisor.inventory import GpuInfo, RemoteDevice, RemoteInventory
 from supervisor.model import ModelFacts
 from worker.protocol import SplitMode  # declared once, where the worker reads it
 
@@ -61,8 +67,14 @@ COMPUTE_EMBD_TENSORS = 4
 COMPUTE_SLACK = 1.10
 # KV cache type: llama.cpp's default is f16 for K and V.
 KV_BYTES_PER_ELEMENT = 2
+# Per remote device in use, beyond its model/KV/compute buffers. The rpc-server created its
+# backend (for CUDA: the context) before we read its free memory, so what is left is what
+# grows on first use (cuBLAS workspace, ggml's CUDA pools). A guess, not yet calibrated on a
+# GPU remote; a CPU remote needs none of it.
+REMOTE_FIXED_MIB = 256
 
 NO_GPU_NOTE = "no GPU found; planning for CPU only"
+REMOTE_NOT_NEEDED = "not needed: the model fits on the local GPUs (a remote device costs a network hop per token)"
 # Why a GPU that could take part is left out: it would cost a CUDA context (and in layer
 # mode a compute buffer) for nothing, which on a small display GPU is most of what is free.
 NOT_NEEDED = "not needed: the model fits on the others"
@@ -146,6 +158,9 @@ class GpuPlan:
     cuda_index: int | None  # index the worker's CUDA sees; None: not visible to the worker
     excluded_reason: str | None
     estimate: Estimate
+    endpoint: str | None = None  # a remote device's rpc-server (host:port); None: a local GPU
+    first_layer: int | None = None  # the layers placed here, first..last (n_layers: the output layer)
+    last_layer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -183,12 +198,16 @@ class Plan:
     model: ModelSummary
     host_weights_mib: int  # weights left in host RAM
     notes: tuple[str, ...]
+    # The remote devices the worker uses ("host:port/device"), first in its device list, before
+    # the local GPUs; tensor_split then has one entry per remote device first. (): none.
+    rpc_devices: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["env"] = dict(self.env)
         d["tensor_split"] = list(self.tensor_split)
         d["notes"] = list(self.notes)
+        d["rpc_devices"] = list(self.rpc_devices)
         for g, gp in zip(d["gpus"], self.gpus):
             g["estimate"]["total_mib"] = gp.estimate.total_mib
         d["gpus"] = list(d["gpus"])
@@ -250,6 +269,8 @@ class _Cand:
     gpu: GpuInfo
     reserve: int
     usable: int
+    fixed: int = CUDA_CONTEXT_MIB  # per device in use beyond its buffers
+    remote: RemoteDevice | None = None
 
 
 def _estimates(
@@ -301,7 +322,7 @@ def _estimates(
                 weights_mib=_mib(weights[i]),
                 kv_mib=_mib(kv[i]),
                 compute_mib=_mib(comp),
-                fixed_mib=CUDA_CONTEXT_MIB if in_use else 0,
+                fixed_mib=cands[i].fixed if in_use else 0,
             )
         )
     return ests, layers, holds_output
@@ -475,9 +496,65 @@ def _with_visibility(reason: str | None, visible: bool) -> str | None:
     return reason + STILL_VISIBLE if reason is not None and visible else reason
 
 
-def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> Plan:
+def _remote_gpu(n: int, d: RemoteDevice) -> GpuInfo:
+    """A remote device in the planner's GPU rows: a negative index (never an NVML one), its
+    key (rpc:host:port/device) as the UUID."""
+    return GpuInfo(-1 - n, d.key, f"RPC {d.endpoint} #{d.device}", "", d.total_mib, d.free_mib, d.total_mib - d.free_mib)
+
+
+def _remote_candidates(
+    remotes: RemoteInventory, model: ModelFacts, s: PlanSettings, one_layer_mib: int, reasons: dict[int, str],
+    info: dict[int, tuple[int, int]],
+) -> tuple[list[GpuInfo], list[_Cand]]:
+    """Every remote device as a plan row, and the ones that could take a layer as candidates
+    (the same reserve and "one layer" rule as a local GPU, with the remote's own fixed cost)."""
+    rows: list[GpuInfo] = []
+    cands: list[_Cand] = []
+    one_remote = one_layer_mib - CUDA_CONTEXT_MIB + REMOTE_FIXED_MIB
+    for n, d in enumerate(remotes.devices):
+        g = _remote_gpu(n, d)
+        rows.append(g)
+        reserve = _reserve_for(g, s)
+        usable = max(g.free_mib - reserve, 0)
+        if d.max_mib is not None:
+            usable = min(usable, d.max_mib)
+        info[g.index] = (reserve, usable)
+        if s.cpu_only:
+            reasons[g.index] = "CPU-only plan (out-of-memory fallback)"
+        elif s.split_mode != "layer":
+            reasons[g.index] = f"split mode {s.split_mode} uses local CUDA GPUs only (remote devices take whole layers)"
+        elif s.fit_params is not None:
+            reasons[g.index] = "llama-fit-params plans the local GPUs only"
+        elif g.free_mib < reserve:
+            reasons[g.index] = f"free {g.free_mib} MiB is below the reserve {reserve} MiB"
+        elif usable < one_remote:
+            reasons[g.index] = f"usable {usable} MiB cannot hold one layer plus fixed costs ({one_remote} MiB)"
+        else:
+            cands.append(_Cand(g, reserve, usable, REMOTE_FIXED_MIB, d))
+    return rows, cands
+
+
+def _layer_ranges(n_layer: int, ngl: int, split: Sequence[float], mode: SplitMode, main: int, n: int) -> list[tuple[int, int] | None]:
+    """Per device of the worker's list: the first and last layer llama.cpp places there."""
+    placement = assign_layers(n_layer, ngl, [1.0 if i == main else 0.0 for i in range(n)] if mode == "none" else split)
+    out: list[tuple[int, int] | None] = [None] * n
+    for il, dev in enumerate(placement):
+        if dev is not None:
+            r = out[dev]
+            out[dev] = (il, il) if r is None else (r[0], il)
+    return out
+
+
+def plan(
+    gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings, remotes: RemoteInventory | None = None
+) -> Plan:
+    """``remotes``: the rpc-servers' devices (supervisor/rpc.py); used only when the local GPUs
+    cannot hold the whole model (see the module docstring)."""
     s = settings
     notes: list[str] = []
+    remotes = remotes or RemoteInventory()
+    for endpoint, why in remotes.unreachable:
+        notes.append(f"rpc {endpoint} left out: {why}")
     n_ctx = s.n_ctx or model.n_ctx_train or 4096
     if s.fit_params is not None and s.fit_params.n_ctx > 0:
         n_ctx = s.fit_params.n_ctx
@@ -542,6 +619,7 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
             reasons.setdefault(g.index, "CPU-only plan (out-of-memory fallback)")
 
     cands = [_Cand(g, *info[g.index]) for g in visible if g.index not in reasons]
+    remote_rows, remote_cands = _remote_candidates(remotes, model, s, one_layer_mib, reasons, info)
     if s.split_mode == "none" and len(cands) > 1:
         best = max(cands, key=lambda c: c.usable)  # max() keeps the first on ties
         for c in cands:
@@ -557,11 +635,11 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
     ests: list[Estimate] = []
     layers: list[int] = []
     outs: list[bool] = []
-    if cands:
-        main = _main_of(cands)
+    if cands or remote_cands:
+        main = _main_of(cands) if cands else 0
         if s.split_mode == "none":
             main = 0
-        weights = [float(max(c.usable - CUDA_CONTEXT_MIB, 0)) for c in cands]
+        weights = [float(max(c.usable - c.fixed, 0)) for c in cands]
         split = _round_split(weights) if s.split_mode != "none" else (1.0,)
         top = model.n_layers + 1
         if s.max_gpu_layers is not None and s.max_gpu_layers < model.n_layers:
@@ -592,16 +670,39 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
         elif s.fit_params_error:
             notes.append(f"llama-fit-params: {s.fit_params_error}; using vram-llm's own plan")
 
-        if fit is None:
+        if fit is None and cands:
             ngl, ests, layers, outs = _search(model, cands, split, top, s.split_mode, main, n_ctx, s)
+        local_cands = cands
+        dropped: list[tuple[_Cand, str]] = []
         if ngl > 0 and s.split_mode != "none":
             placed, dropped = _leave_out_unneeded(
                 model, _Placed(cands, weights, split, main, ngl, ests, layers, outs), top if fit is None else None, n_ctx, s
             )
             cands, split, main = placed.cands, placed.split, placed.main
             ngl, ests, layers, outs = placed.ngl, placed.ests, placed.layers, placed.outs
-            for c, why in dropped:
-                reasons[c.gpu.index] = why
+        if remote_cands and local_cands and ngl >= top:
+            for c in remote_cands:
+                reasons[c.gpu.index] = REMOTE_NOT_NEEDED
+        elif remote_cands:
+            # The local GPUs are short: the remotes first (see the module docstring), then the
+            # same search and leave-out as for the local GPUs alone; kept if it offloads more.
+            both = remote_cands + local_cands
+            w2 = [float(max(c.usable - c.fixed, 0)) for c in both]
+            sp2 = _round_split(w2)
+            m2 = _main_of(both)
+            k2, e2, l2, o2 = _search(model, both, sp2, top, s.split_mode, m2, n_ctx, s)
+            if k2 > ngl:
+                placed, dropped2 = _leave_out_unneeded(model, _Placed(both, w2, sp2, m2, k2, e2, l2, o2), top, n_ctx, s)
+                cands, split, main, dropped = placed.cands, placed.split, placed.main, dropped2
+                ngl, ests, layers, outs = placed.ngl, placed.ests, placed.layers, placed.outs
+            else:
+                for c in remote_cands:
+                    reasons[c.gpu.index] = (
+                        "adds no layer to what the local GPUs hold" if local_cands
+                        else "not even one layer fits with the estimated context and compute buffers"
+                    )
+        for c, why in dropped:
+            reasons[c.gpu.index] = why
         if fit is None:
             if ngl == 0:
                 for c in cands:
@@ -615,7 +716,7 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
                         f"partial offload: {ngl - 1} of {model.n_layers} layers fit on the GPUs, "
                         "with the output layer (llama.cpp offloads it first)"
                     )
-    elif gpus:
+    elif gpus or remotes.devices:
         notes.append("no GPU can be used; planning for CPU only")
 
     cpu_only = not cands
@@ -624,28 +725,34 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
 
     # 4. The worker's environment and the per-GPU rows, in plan order.
     env: dict[str, str] = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-    cand_pos = {c.gpu.index: i for i, c in enumerate(cands)}
+    cand_pos = {c.gpu.index: i for i, c in enumerate(cands)}  # position in the worker's device list
+    local = [c for c in cands if c.remote is None]
+    n_remote = len(cands) - len(local)  # the remotes come first
+    ranges = _layer_ranges(model.n_layers, ngl, split, s.split_mode, main, len(cands)) if cands else []
     if s.set_cuda_visible_devices:
         # UUIDs, not indices: unambiguous whatever CUDA_DEVICE_ORDER the worker ends up with.
         # Empty when CPU only, so the worker creates no CUDA context on any GPU.
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(c.gpu.uuid for c in cands)
-        cuda_index = dict(cand_pos)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(c.gpu.uuid for c in local)
+        cuda_index = {c.gpu.index: i for i, c in enumerate(local)}
         tensor_split = split
         main_gpu = main
     else:
         cuda_index = {g.index: i for i, g in enumerate(visible)}
         full = [0.0] * len(visible)
         for c, sp in zip(cands, split):
-            full[cuda_index[c.gpu.index]] = sp
-        tensor_split = tuple(full) if cands else ()
-        main_gpu = cuda_index[cands[main].gpu.index] if cands else 0
+            if c.remote is None:
+                full[cuda_index[c.gpu.index]] = sp
+        tensor_split = tuple(split[:n_remote]) + tuple(full) if cands else ()
+        main_gpu = n_remote + cuda_index[cands[main].gpu.index] if cands and cands[main].remote is None else 0
 
     rows: list[GpuPlan] = []
     zero = Estimate(0, 0, 0, 0)
-    for g in ordered:
+    for g in remote_rows + ordered:
         reserve, usable = info[g.index]
         cp = cand_pos.get(g.index)
         est = ests[cp] if cp is not None else zero
+        span = ranges[cp] if cp is not None else None
+        remote = remotes.devices[-1 - g.index] if g.index < 0 else None
         rows.append(
             GpuPlan(
                 index=g.index,
@@ -663,6 +770,9 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
                 cuda_index=cuda_index.get(g.index),
                 excluded_reason=_with_visibility(reasons.get(g.index), g.index in cuda_index),
                 estimate=est,
+                endpoint=remote.endpoint if remote is not None else None,
+                first_layer=span[0] if span else None,
+                last_layer=span[1] if span else None,
             )
         )
     offloaded = sum(layers)
@@ -673,7 +783,7 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
     if output_on_gpu and model.tied_embeddings:
         notes.append("the model ties its output layer to token_embd; llama.cpp keeps a copy of it on the output GPU")
     if not gpus:
-        notes.append(NO_GPU_NOTE)
+        notes.append(NO_GPU_NOTE if not cands else "no local GPU found; the CPU keeps the layers the remote devices do not hold")
     return Plan(
         env=env,
         tensor_split=tensor_split,
@@ -691,4 +801,5 @@ def plan(gpus: Sequence[GpuInfo], model: ModelFacts, settings: PlanSettings) -> 
         model=_summary(model, n_ctx),
         host_weights_mib=_mib(max(host_bytes, 0)),
         notes=tuple(notes),
+        rpc_devices=tuple(f"{c.remote.endpoint}/{c.remote.device}" for c in cands if c.remote is not None),
     )

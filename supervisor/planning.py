@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
 from supervisor.gpus import GpuProbe, Inventory, make_probe
+from supervisor.inventory import RemoteInventory, RemoteProbe
 from supervisor.model import ModelError, ModelFacts, read_model_facts
 from supervisor.placement import ModelInfo, Resident, place
 from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, FitParams, Plan, PlanSettings, plan
 from supervisor.restart import PlanAdjust
+from supervisor.rpc import endpoint_warning, make_remote_probe
 
 
 def default_entry_path() -> str:
@@ -118,6 +120,7 @@ def make_plan(
     environ: Mapping[str, str] | None = None,
     adjust: PlanAdjust | None = None,
     entry: ModelEntry | None = None,
+    remote_probe: RemoteProbe | None = None,
 ) -> tuple[Plan, Inventory, ModelFacts]:
     """Probe the GPUs, read the model header, plan (and ask llama-fit-params if configured).
 
@@ -132,7 +135,9 @@ def make_plan(
     entry = entry or first_entry(cfg)
     facts = model if model is not None else read_model_facts(resolve_model_path(entry))
     settings = plan_settings(cfg, environ, adjust, entry=entry)
-    result = plan(inventory.gpus, facts, settings)
+    # Remote devices are read before every plan (a host that went away is left out, with why).
+    remotes = (remote_probe or make_remote_probe(cfg)).read()
+    result = plan(inventory.gpus, facts, settings, remotes)
     if cfg.gpu.use_fit_params and adjust is None and not settings.cpu_only:
         from supervisor.fit_params import run_fit_params
 
@@ -160,12 +165,20 @@ def make_plan(
             settings = plan_settings(cfg, environ, entry=entry, fit_params_error=answer)
         else:
             settings = plan_settings(cfg, environ, entry=entry, fit_params=answer)
-        result = plan(inventory.gpus, facts, settings)
+        result = plan(inventory.gpus, facts, settings, remotes)
     if inventory.note:
         # The probe's reason (e.g. "NVML not available: ...") replaces the generic one.
         rest = tuple(n for n in result.notes if n != NO_GPU_NOTE)
         result = dataclasses.replace(result, notes=(inventory.note, *rest))
+    warnings = tuple(w for w in (endpoint_warning(d) for d in _endpoints(remotes)) if w)
+    if warnings:
+        result = dataclasses.replace(result, notes=(*result.notes, *warnings))
     return result, inventory, facts
+
+
+def _endpoints(remotes: RemoteInventory) -> list[str]:
+    seen = [d.endpoint for d in remotes.devices] + [e for e, _ in remotes.unreachable]
+    return list(dict.fromkeys(seen))
 
 
 # --- `vram-llm plan` for every configured model: the fleet's start, as a what-if ------------

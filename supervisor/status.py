@@ -88,6 +88,9 @@ class PlanGpu(_S):
     cuda_index: int | None = None  # None: not visible to the worker
     excluded_reason: str | None = None
     estimate: PlanEstimate = msgspec.field(default_factory=PlanEstimate)
+    endpoint: str | None = None  # a remote device's rpc-server; None: a local GPU
+    first_layer: int | None = None  # the layers placed here (n_layers: the output layer)
+    last_layer: int | None = None
 
     @property
     def used(self) -> bool:
@@ -132,6 +135,7 @@ class PlanView(_S):
     model: PlanModel | None = None
     host_weights_mib: int = 0
     notes: list[str] = msgspec.field(default_factory=list)
+    rpc_devices: list[str] = msgspec.field(default_factory=list)  # remote devices, first in the worker's list
 
     def planned_mib(self) -> dict[str, int]:
         """GPU UUID -> MiB the plan puts there, for the GPUs it uses."""

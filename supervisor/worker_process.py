@@ -62,7 +62,7 @@ from supervisor.spawn import ProcessSpawner, Spawner, WorkerProcess
 from supervisor.states import StateMachine, WorkerState
 from supervisor.status import LastExit, RestartRecord, Status
 from supervisor.status_view import status_of
-from worker.protocol import Health, LaunchSpec
+from worker.protocol import Health, LaunchSpec, is_rpc_loss_line
 
 log = logging.getLogger("vram_llm.worker")
 
@@ -630,8 +630,9 @@ class _Owner:
         else:
             host_oom = needs_oom_check(code, proc.killed_by_us) and proc.host_oom_killed()
             stderr = self.spawner.stderr
+            rpc_line = next((ln for ln in reversed(stderr) if is_rpc_loss_line(ln)), None)
             v = exit_verdict(proc.pid, code, killed_by_us=proc.killed_by_us, oom_line=proc.oom_line,
-                             host_oom=host_oom, last_line=stderr[-1] if stderr else None)
+                             host_oom=host_oom, last_line=stderr[-1] if stderr else None, rpc_line=rpc_line)
         self.book.last_exit = LastExit(pid=proc.pid, code=code, description=describe_exit(code), kind=v.kind.value,
                                         detail=v.detail, at=time.time(), ran_for_s=round(ran_for, 3))
         return Failure(at=now, kind=v.kind, detail=v.detail, ran_for_s=ran_for)

@@ -100,6 +100,13 @@ def test_swap_time_runs() -> None:
     assert "median first token after a swap" in proc.stdout and "swaps counted: 2" in proc.stdout, proc.stdout
 
 
+def test_rpc_split_bench_runs() -> None:
+    # issue 29: local vs split over loopback RPC (prints "skipped: ..." without the RPC build).
+    proc = run_module("bench.rpc_split", "--rounds", "1", "--tokens", "8", timeout=300)
+    out = proc.stdout
+    assert out.startswith("skipped: ") or all(f"\n{r} " in out for r in ("local", "1 hop", "3-way")), out
+
+
 def test_logprobs_bench_runs() -> None:
     proc = run_module("bench.logprobs", "--gen-tokens", "8", "--rounds", "1", "--threads", "1")
     res = json.loads(proc.stdout)["results"]

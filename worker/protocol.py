@@ -65,6 +65,21 @@ def is_oom_line(line: str) -> bool:
     return any(m in low for m in OOM_MARKERS)
 
 
+# What llama.cpp's RPC client prints when it aborts the worker because a remote host went
+# away (ggml-rpc.cpp: the link broke mid-service, or the host did not answer at load). The
+# supervisor names the cause in the restart history; the next plan probes the host again.
+RPC_LOSS_MARKERS = (
+    "remote rpc server crashed or returned malformed response",
+    "failed to connect to",
+    "rpc handshake failed for",
+)
+
+
+def is_rpc_loss_line(line: str) -> bool:
+    low = line.lower()
+    return any(m in low for m in RPC_LOSS_MARKERS)
+
+
 # Prefix of every line the worker writes to stderr that comes from llama.cpp itself,
 # so a person (and the supervisor's ring buffer) can tell it from the worker's own lines.
 LLAMA_LOG_PREFIX = "llama.cpp: "
@@ -90,6 +105,9 @@ class LaunchSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tensor_split: list[float] | None = None
     split_mode: SplitMode
     main_gpu: int = 0
+    # Remote devices (llama.cpp rpc-servers, "host:port/device") placed BEFORE the local GPUs in
+    # llama_model_params.devices; tensor_split then has their entries first. Empty: local only.
+    rpc_devices: list[str] = msgspec.field(default_factory=list)
     n_ctx: int
     n_batch: int
     n_threads: int | None = None  # None: llama.cpp's default

@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 export PATH=/usr/local/cuda/bin:$PATH
 command -v nvcc >/dev/null || { echo "build_cuda_wheel: nvcc not found" >&2; exit 1; }
 mkdir -p "$out"
-export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$archs -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF"
+export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$archs -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DGGML_RPC=ON"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 echo "build_cuda_wheel: CMAKE_ARGS=$CMAKE_ARGS jobs=$CMAKE_BUILD_PARALLEL_LEVEL nvcc=$(nvcc --version | tail -1)" >&2
 "$PY" -m pip wheel --no-build-isolation --no-deps --no-cache-dir -w "$out" "$sdist"

@@ -30,6 +30,7 @@ import llama_cpp.llama
 import llama_cpp.llama_cpp as llama_lib
 from llama_cpp import llama_chat_format
 
+from worker.engine import rpc
 from worker.protocol import LLAMA_LOG_PREFIX, LaunchSpec, is_oom_line
 
 _SPLIT_MODES = {
@@ -175,10 +176,13 @@ def load_llama(
     model_defaults = llama_lib.llama_model_default_params
     context_defaults = llama_lib.llama_context_default_params
     init_context = llama_lib.llama_init_from_model
+    devices = rpc_devices(spec)  # kept alive until the model is loaded (llama.cpp copies the list)
 
     def model_params() -> Any:
         params = model_defaults()
         params.progress_callback = progress_cb
+        if devices is not None:
+            params.devices = ctypes.cast(devices, ctypes.c_void_p).value
         return params
 
     def context_params() -> Any:
@@ -232,6 +236,24 @@ def load_llama(
             llama.close()
             raise
     return llama
+
+
+def rpc_devices(spec: LaunchSpec) -> Any:
+    """The NULL-terminated device list for ``llama_model_params.devices`` when the plan uses
+    remote devices (None: llama.cpp's default, the local GPUs). Remote first, then the local
+    GPUs: the order the plan's tensor_split is written in."""
+    if not spec.rpc_devices:
+        return None
+    try:
+        arr, names = rpc.model_devices(spec.rpc_devices)
+    except rpc.RpcUnavailable as e:
+        raise BadSetting(f"rpc_devices {spec.rpc_devices}: {e}") from None
+    if spec.tensor_split is not None and len(spec.tensor_split) != len(names):
+        raise BadSetting(
+            f"tensor_split has {len(spec.tensor_split)} entries for {len(names)} devices ({', '.join(names)})"
+        )
+    sys.stderr.write(f"{LLAMA_LOG_PREFIX}devices for the model: {', '.join(names)}\n")
+    return arr
 
 
 def builtin_templates() -> list[str]:

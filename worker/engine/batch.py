@@ -74,6 +74,7 @@ class BatchLoop:
         cache_ram_bytes: int,
         token_gap_s: float,
         draft_max: int,
+        rows_on_cpu: bool,  # no layer offloaded: a drafted row costs about a token (tokenbatch.py)
         disk: DiskCache | None = None,
     ) -> None:
         if not 1 <= parallel <= n_batch:
@@ -83,7 +84,7 @@ class BatchLoop:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.prefill_chunk = max(1, prefill_chunk)  # the scheduler's floor beside running streams
-        self.gap_s, self.cost = token_gap_s, StepCost()
+        self.gap_s, self.cost, self._rows_on_cpu = token_gap_s, StepCost(), rows_on_cpu
         self._batch = TokenBatch(n_batch)
         self.steps, self.drafts = StepStats(), DraftStats()  # written by the loop thread, read by /health
         self.draft_threshold: float | None = None  # pinned by tests (0: as on a GPU); None: measured
@@ -125,9 +126,7 @@ class BatchLoop:
 
     def seconds_since_token(self) -> float | None:
         """Seconds since ANY active slot made progress (a token or a prompt chunk)."""
-        if self.active == 0:
-            return None
-        return max(0.0, time.monotonic() - max(self._progress_at, self._busy_since))
+        return None if self.active == 0 else max(0.0, time.monotonic() - max(self._progress_at, self._busy_since))
 
     def cancel_all(self) -> None:
         """Cancel every running and waiting request (they end "cancelled" within a step)."""
@@ -151,7 +150,7 @@ class BatchLoop:
 
     def _run(self) -> None:
         # Timed on this thread, the one that owns the context and decodes (tokenbatch.py).
-        self.merge_last = calibrate(self._ctx, self._batch, self.cost, self._draft_max > 0)
+        self.merge_last = calibrate(self._ctx, self._batch, self.cost, self._draft_max > 0, self._rows_on_cpu)
         while True:
             self.chores.run(self.slots)
             with self._cond:

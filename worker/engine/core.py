@@ -68,6 +68,7 @@ class Engine:
             prefill_chunk=self.spec.prefill_chunk,
             token_gap_s=self.spec.token_gap_ms / 1000,
             draft_max=self.spec.draft_max,
+            rows_on_cpu=self.spec.n_gpu_layers == 0,
             cache_ram_bytes=self.spec.cache_ram_mib * 2**20,
             disk=self._disk_cache(),
         )

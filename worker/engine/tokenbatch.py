@@ -72,9 +72,9 @@ def time_rows(ctx: Any, batch: TokenBatch, rows: int, token: int, pos0: int) -> 
     return best
 
 
-def calibrate_drafts(ctx: Any, batch: TokenBatch, cost: StepCost) -> None:
+def calibrate_drafts(ctx: Any, batch: TokenBatch, cost: StepCost, on_cpu: bool) -> None:
     """What a drafted row costs here (in ``cost``, for ``StepCost.draft_threshold``), timed
-    once before the first request."""
+    once before the first request; ``on_cpu``: no layer is offloaded."""
     model = llama_lib.llama_get_model(ctx)
     if batch.capacity > 1:
         # Timed behind a context of some length, as drafts are: on a CPU the rows' attention
@@ -92,8 +92,10 @@ def calibrate_drafts(ctx: Any, batch: TokenBatch, cost: StepCost) -> None:
         finally:
             llama_lib.llama_memory_seq_rm(llama_lib.llama_get_memory(ctx), 0, -1, -1)
             batch.clear()
-        if not llama_lib.llama_supports_gpu_offload() and cost.row_ratio is not None:
-            # A CPU-only build: the timing above is noisy on a busy CPU (it gave 1 where a
+        if on_cpu and cost.row_ratio is not None:
+            # Every layer on the CPU (not "a CPU-only build": llama_supports_gpu_offload() is
+            # true wherever the RPC backend is built, and a bench then drafted on two cores,
+            # single streams at 0.72x): the timing above is noisy on a busy CPU (it gave 1 where a
             # bench measured a second row at more than a step: bench.scheduler's single
             # stream lost a fifth of its speed to drafts); a row counts as 4x a step's
             # fixed cost at least, so a draft must be near certain to pay.
@@ -145,9 +147,9 @@ def logits_batch_invariant(ctx: Any, batch: TokenBatch) -> bool:
         batch.clear()
 
 
-def calibrate(ctx: Any, batch: TokenBatch, cost: StepCost, drafts: bool) -> bool:
+def calibrate(ctx: Any, batch: TokenBatch, cost: StepCost, drafts: bool, on_cpu: bool) -> bool:
     """The load-time measures, before the first request: the drafts' row cost (when they
     are on) and whether a prompt's last token may go with its last chunk (the answer)."""
     if drafts:
-        calibrate_drafts(ctx, batch, cost)
+        calibrate_drafts(ctx, batch, cost, on_cpu)
     return logits_batch_invariant(ctx, batch)

@@ -162,6 +162,7 @@ class ServingMetrics(Collector):
         yield waiting
         yield busy
         yield rss
+        yield from _replicas(self._fleet)
         index = {g.uuid: str(g.index) for g in self._gpus}
         held = GaugeMetricFamily("vram_llm_worker_gpu_memory_bytes",
                                  "GPU memory the model's worker processes use (NVML)", labels=["model", "gpu", "uuid"])
@@ -177,6 +178,25 @@ class ServingMetrics(Collector):
             free.add_metric(labels, g.free_mib * _MIB)
         yield used
         yield free
+
+
+def _replicas(fleet: Fleet) -> Iterator[Any]:
+    """Every model's replicas: how many, and per replica (1: the first) up, slots, served."""
+    count = GaugeMetricFamily("vram_llm_replicas", "Workers of the model (its replicas setting)", labels=["model"])
+    up = GaugeMetricFamily("vram_llm_replica_up", "1 while the replica's worker is ready", labels=["model", "replica"])
+    busy = GaugeMetricFamily("vram_llm_replica_slots_busy", "Requests holding a generation slot of the replica",
+                             labels=["model", "replica"])
+    served = CounterMetricFamily("vram_llm_replica_requests_served", "Requests the replica answered",
+                                 labels=["model", "replica"])
+    for mid in fleet.ids:
+        reps = fleet.replicas(mid)
+        count.add_metric([mid], len(reps))
+        for n, mgr in enumerate(reps, 1):
+            labels = [mid, str(n)]
+            up.add_metric(labels, 1 if mgr.view.state is WorkerState.READY else 0)
+            busy.add_metric(labels, mgr.admission.generating)
+            served.add_metric(labels, mgr.admission.served)
+    yield from (count, up, busy, served)
 
 
 # The worker's prompt caches, from its last /health (counters restart with the worker).

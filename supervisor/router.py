@@ -263,9 +263,22 @@ class ModelCards:
         finishing its requests is not servable any more), in the fleet's order."""
         fleet = self._fleet
         return tuple(
-            _Facts(mid, fleet.managers[mid].state, fleet.entry(mid).pinned, *fleet.footprint(mid))
+            _Facts(mid, fleet.managers[mid].state, fleet.entry(mid).pinned, *fleet.footprint(mid), self._replicas(mid))
             for mid in fleet.ids
         )
+
+    def _replicas(self, mid: str) -> tuple[tuple[WorkerState, tuple[str, ...]], ...]:
+        """Each replica's state and GPUs, when the model has several; () with one."""
+        fleet = self._fleet
+        keys = [mid, *fleet.extras.get(mid, ())]
+        if len(keys) < 2:
+            return ()
+        out = []
+        for key in keys:
+            state = fleet.workers[key].state
+            planned, measured = fleet.footprint(key) if state in PROCESS_STATES else ({}, {})
+            out.append((state, tuple(sorted(set(planned) | set(measured)))))
+        return tuple(out)
 
     def _card(self, f: _Facts) -> dict[str, object]:
         # Where a model is: only while it has a worker process.
@@ -276,11 +289,13 @@ class ModelCards:
             "created": self._created,
             "owned_by": "vram-llm",
             # Beyond OpenAI's shape: where the model is and what it holds.
-            "loaded": f.state is WorkerState.READY,
+            "loaded": f.state is WorkerState.READY or any(s is WorkerState.READY for s, _ in f.replicas),
             "state": f.state.value,  # an unloaded model is "unloaded", a state of its own
             "gpus": sorted(set(measured) | set(planned)),
             "mib": sum((measured or planned).values()),
             "pinned": f.pinned,
+            **({"replicas": [{"replica": n, "state": s.value, "loaded": s is WorkerState.READY, "gpus": list(g)}
+                             for n, (s, g) in enumerate(f.replicas, 1)]} if f.replicas else {}),
         }
 
 
@@ -292,3 +307,4 @@ class _Facts(NamedTuple):
     pinned: bool
     planned_mib: dict[str, int]  # GPU UUID -> MiB (fleet.footprint: copies, compared by value)
     measured_mib: dict[str, int]
+    replicas: tuple[tuple[WorkerState, tuple[str, ...]], ...]  # (state, GPU UUIDs) of each, with several

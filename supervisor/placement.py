@@ -278,7 +278,8 @@ def replica_layout(gpus: Sequence[GpuInfo], models: Mapping[str, ModelInfo]) -> 
     configuration order (two models wanting many share the GPUs out): ``replicas = N`` packs
     another copy where it fits whole (its own replicas' GPUs last); ``"auto"`` only on GPUs
     no replica of any model uses yet (a second copy on a busy GPU does not add bandwidth).
-    A model that does not fit whole gets no extra replica."""
+    A model that does not fit whole gets no extra replica. No GPU at all: ``replicas = N``
+    CPU workers (``()`` each), "auto" one."""
     left = list(gpus)
     used: set[str] = set()
     out: dict[str, list[tuple[int, ...]]] = {}
@@ -290,6 +291,8 @@ def replica_layout(gpus: Sequence[GpuInfo], models: Mapping[str, ModelInfo]) -> 
         used |= on
         own[mid] = set(on)
         out[mid] = [tuple(sorted(g.index for g in p.gpus if g.uuid in on))]
+    if not gpus:
+        return {mid: ((),) * (m.replicas if isinstance(m.replicas, int) else 1) for mid, m in models.items()}
     wanting = [mid for mid, m in models.items() if m.replicas != 1]
     while wanting:
         for mid in list(wanting):
@@ -322,7 +325,10 @@ def start_devices(gpus: Sequence[GpuInfo], m: ModelInfo, own: Collection[str] = 
 def place_replica(gpus: Sequence[GpuInfo], m: ModelInfo, own: Collection[str], n: int) -> Placement:
     """Whether extra replica number ``n`` (2, 3...) of ``m`` loads now, on ``gpus`` as they
     are (the fleet's accounted reading): only when a packed copy fits whole without evicting
-    anything (``start_devices``)."""
+    anything (``start_devices``). With no GPU at all a replica is a CPU worker (host RAM is
+    not planned): it loads."""
+    if not gpus:
+        return Placement(m.id)
     got = start_devices(gpus, m, own, extra=True)
     p = plan(gpus, m.facts, dataclasses.replace(m.settings, devices=got.devices))
     if p.cpu_only or not _whole(p):

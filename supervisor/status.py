@@ -189,7 +189,7 @@ class HealthVerdict(_S, omit_defaults=True):
     retry_after_s: int | None = None  # /health's Retry-After when not ok
 
 
-class ReplicaRow(_S, omit_defaults=True):
+class ReplicaRow(_S):
     """One replica of a model that has several (``replicas`` other than 1)."""
 
     replica: int  # 1: the model's first replica (its manager), 2, 3...: extra ones

@@ -103,6 +103,12 @@ def test_replica_layout(name: str, gpus: list[GpuInfo], models: list[ModelInfo],
     assert replica_layout(gpus, {m.id: m for m in models}) == want, name
 
 
+def test_no_gpu_replicas_are_cpu_workers() -> None:
+    assert replica_layout([], {"a": model("a", 8, replicas=3), "b": model("b", 8, replicas="auto")}) == {
+        "a": ((), (), ()), "b": ((),)}
+    assert place_replica([], model("a", 8, replicas=2), set(), 2).loads
+
+
 def test_an_extra_replica_never_evicts_and_auto_takes_a_gpu_of_its_own() -> None:
     a = model("a", 8, replicas="auto")
     # GPU 0 holds the first replica; GPU 1 is free: the second goes there.

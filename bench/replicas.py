@@ -2,7 +2,9 @@
 
 Two vram-llm servers on the same model and the same CPU cores:
 - ``2 replicas x 1 thread``: ``replicas = 2``, ``threads = 1``, 4 slots each;
-- ``1 worker x 2 threads``: ``replicas = 1``, ``threads = 2``, 8 slots.
+- ``1 worker x 2 threads``: ``replicas = 1``, ``threads = 2``, 8 slots;
+- ``1 worker x 1 thread``: a control (half the cores): how much of the difference is two
+  threads stalling each other on a CPU shared with other work.
 Each round sends 8 streamed completions at once to each server in turn (the order rotates:
 this VM drifts 10-15% between runs), 64 tokens each, end-of-generation banned, greedy;
 the report gives per-server medians and the median of the per-round ratios. Aggregate
@@ -39,6 +41,9 @@ from supervisor.default_model import default_model_path
 SERVERS = {
     "2 replicas x 1 thread": {"threads": 1, "replicas": 2, "parallel": 4},
     "1 worker x 2 threads": {"threads": 2, "replicas": 1, "parallel": 8},
+    # A control: on a busy shared CPU, llama.cpp's threads wait for each other at every
+    # operation, and a descheduled one stalls the step; one thread alone shows that cost.
+    "1 worker x 1 thread": {"threads": 1, "replicas": 1, "parallel": 8},
 }
 
 
@@ -94,6 +99,7 @@ def report(res: dict[str, Any]) -> str:
     names = list(SERVERS)
     ref = names[1]
     out = [f"{'metric':12s} " + " ".join(f"{n:>22s}" for n in names) + f"  {names[0] + ' / ' + ref:>46s}"]
+    # The ratio is the paired one (same round); the control is reported by its median only.
     for m in ("agg_tok_s", "ttft_ms_p50", "wall_s"):
         meds = [statistics.median(r[n][m] for r in rounds) for n in names]
         ratio = statistics.median(r[names[0]][m] / r[ref][m] for r in rounds if r[ref][m])

@@ -81,7 +81,7 @@ class FleetReplicas:
         """Extra replica number ``n`` (2, 3...) of model ``mid``: unloaded until the first is ready."""
         key = f"{mid}#{n}"
         prep = self.preparers[mid]
-        rdir = self._dirs[mid] / f"replica-{n}"
+        rdir = self._dirs[mid] / f"r{n}"  # short: a Unix socket path holds 107 bytes
         rdir.mkdir(mode=0o700, exist_ok=True)
         on_state = self._on_state
 

@@ -1,0 +1,70 @@
+"""Replicas in the fleet with the fake worker on one simulated GPU (issue 28): extra replicas
+are capacity (evicted before any model, never evicting one to load), and a model's queue
+bound applies across its replicas."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from tests.supervisor_harness import poll
+from tests.test_fleet import ROOM_FOR_TWO, chat, fleet, models_state, remember_pids
+
+__all__ = ["fleet"]  # the fixture, imported to be used
+
+
+def replica_states(s: Any, mid: str) -> list[str]:
+    row = next(m for m in s.status()["models"] if m["id"] == mid)
+    return [r["state"] for r in row["replicas"]]
+
+
+def test_an_extra_replica_is_evicted_before_another_model(fleet: Any) -> None:
+    s = fleet(ROOM_FOR_TWO, [{"id": "a", "replicas": 2}, {"id": "b"}])
+    poll(lambda: replica_states(s, "a") == ["ready", "ready"], 60, "both replicas of a ready")
+    remember_pids(s)
+    code, body = chat(s, "b")
+    assert code == 200 and body["model"] == "b", body
+    remember_pids(s)
+    # b took the memory of a's second replica; a itself still serves.
+    assert replica_states(s, "a") == ["ready", "unloaded"]
+    assert models_state(s) == {"a": "ready", "b": "ready"} and s.status()["swaps"] == 1
+    code, body = chat(s, "a")
+    assert code == 200 and body["model"] == "a"
+
+
+def test_an_extra_replica_never_evicts_a_model(fleet: Any) -> None:
+    s = fleet(ROOM_FOR_TWO, [{"id": "b", "preload": True}, {"id": "a", "replicas": 2}])
+    poll(lambda: models_state(s)["b"] == "ready", 60, "b ready")
+    code, _ = chat(s, "a")  # a loads beside b; its second replica finds no room
+    assert code == 200
+    remember_pids(s)
+    row = poll(lambda: (r := next(m for m in s.status()["models"] if m["id"] == "a"))["replicas"][1]["reason"]
+               .startswith("not loaded") and r, 30, "a's second replica refused")
+    assert "never evicts a model" in row["replicas"][1]["reason"], row
+    assert models_state(s) == {"b": "ready", "a": "ready"} and s.status()["swaps"] == 0
+
+
+def test_the_queue_bound_is_the_models_across_its_replicas(fleet: Any) -> None:
+    # Room for both replicas, one slot each (the fake worker generates one at a time), and
+    # two requests may wait for the model in all.
+    s = fleet(ROOM_FOR_TWO, [{"id": "a", "replicas": 2}], env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"},
+              sections={"admission": {"queue_size": 2, "wait_timeout_s": 60.0}})
+    poll(lambda: [r["state"] for r in s.status()["replicas"]] == ["ready", "ready"], 60, "both replicas ready")
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        code, _ = chat(s, "a", max_tokens=40)
+        with lock:
+            results.append(code)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    # Two generate (one per replica), two wait (one per replica: under each replica's own bound).
+    poll(lambda: sum(r["waiting"] for r in s.status()["replicas"]) == 2, 30, "two requests waiting")
+    code, body = chat(s, "a")
+    assert code == 429 and body["error"]["code"] == "queue_full", body
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [200] * 4

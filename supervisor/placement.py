@@ -243,7 +243,7 @@ def pack(gpus: Sequence[GpuInfo], m: ModelInfo, avoid: Collection[str] = ()) -> 
     if not packs(m):
         return Packed(s.devices, "placement spread: every usable GPU, shares by free VRAM")
     if len(allowed) <= 1:
-        return Packed(s.devices, "placement pack: one usable GPU")
+        return Packed(s.devices, "placement pack: one usable GPU" if allowed else "placement pack: no GPU")
     order = sorted(allowed, key=lambda g: (g.uuid in avoid, -(g.free_mib - _reserve_for(g, s)), g.index))
     goal = plan(gpus, m.facts, s)
     for k in range(1, len(order)):

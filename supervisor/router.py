@@ -112,11 +112,8 @@ class Router:
         prep = self._fleet.preparers[mid]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + prep.config.admission.wait_timeout_s
-        if len(reps) == 1:
-            got = await self.proxy(mid).handle(request, prebody=raw, upstream_path=upstream, deadline=deadline)
-            assert not isinstance(got, Elsewhere)  # stay=True: it waits for its worker
-            return got
-        prefixes = prefixes_of(raw) if raw and request.method == "POST" else ()
+        # One replica: the same path, one choice (and no prompt to hash).
+        prefixes = prefixes_of(raw) if raw and request.method == "POST" and len(reps) > 1 else ()
         memory = self._memory_of(mid, reps)
         gone: set[int] = set()
         resent = False

@@ -98,13 +98,20 @@ def model_rows(fleet: Fleet, now: float) -> list[ModelRow]:
                 measured_mib=measured if loaded else {},
                 restarts=view.history.restarts_total,
                 swaps_in=view.swaps_in,
-                in_flight=adm.in_flight,
+                in_flight=model_requests(fleet, mid).in_flight,
                 idle_s=round(now - adm.last_used, 1) if adm.last_used else None,
                 disk_cache=disk_cache(view) if loaded else None,
                 replicas=replica_rows(fleet, mid, now),
             )
         )
     return rows
+
+
+def model_requests(fleet: Fleet, mid: str) -> RequestCounts:
+    """The model's request counts: every replica's together."""
+    adms = [m.admission for m in fleet.replicas(mid)] if mid in fleet.ids else [fleet.managers[mid].admission]
+    return RequestCounts(in_flight=sum(a.in_flight for a in adms), waiting_for_worker=sum(a.waiting for a in adms),
+                         served=sum(a.served for a in adms))
 
 
 def replica_rows(fleet: Fleet, mid: str, now: float) -> list[ReplicaRow]:

@@ -132,3 +132,17 @@ def test_extra_replicas_are_evicted_before_any_model() -> None:
     residents = [Resident("b", {"GPU-0": 9 * 1024}, last_used=1.0),
                  Resident("a#2", {"GPU-0": 9 * 1024}, last_used=50.0, extra=True)]
     assert place(gpus, models, residents, "c").evict == ("a#2",)
+
+
+def test_a_pinned_model_keeps_its_first_replica_not_its_extras() -> None:
+    a = dataclasses.replace(model("a", 8, placement="spread", replicas=2), pinned=True)
+    models = {"a": a, "c": model("c", 10, placement="spread")}
+    gpus = [gpu(0, 24 * 1024, 18 * 1024)]
+    residents = [Resident("a", {"GPU-0": 9 * 1024}, last_used=1.0),
+                 Resident("a#2", {"GPU-0": 9 * 1024}, last_used=50.0, extra=True)]
+    assert place(gpus, models, residents, "c").evict == ("a#2",)
+    # c bigger than the extra's memory: the pinned first replica stays, c is offloaded in part
+    # (the policy's default) or refused naming what holds the memory.
+    big = {"a": a, "c": dataclasses.replace(model("c", 16, placement="spread"), refuse_when_no_room=True)}
+    refused = place(gpus, big, residents, "c")
+    assert refused.refusal is not None and "a (pinned" in refused.refusal, refused

@@ -12,6 +12,8 @@ from tests.test_fleet import ROOM_FOR_TWO, chat, fleet, models_state, remember_p
 
 __all__ = ["fleet"]  # the fixture, imported to be used
 
+ROOM_FOR_THREE = 5000  # three workers of SmolLM2 (1264 MiB planned each) and the reserve
+
 
 def replica_states(s: Any, mid: str) -> list[str]:
     row = next(m for m in s.status()["models"] if m["id"] == mid)
@@ -68,3 +70,21 @@ def test_the_queue_bound_is_the_models_across_its_replicas(fleet: Any) -> None:
     for t in threads:
         t.join(60)
     assert sorted(results) == [200] * 4
+
+
+def test_sighup_removes_a_model_with_its_replicas_and_adds_one_with_its_own(fleet: Any) -> None:
+    from tests.test_fleet_sighup import model_dirs, model_ids, sighup_with_models
+
+    s = fleet(ROOM_FOR_THREE, [{"id": "a", "replicas": 2}, {"id": "b"}])
+    poll(lambda: replica_states(s, "a") == ["ready", "ready"], 60, "both replicas of a ready")
+    remember_pids(s)
+    # a goes (b, the first now, loads as the first does at start), c comes with two replicas (loaded on demand, its second once its first is ready).
+    sighup_with_models(s, [{"id": "b"}, {"id": "c", "replicas": 2}])
+    poll(lambda: model_ids(s) == ["b", "c"], 30, "the new list")
+    poll(lambda: "a" not in model_dirs(s), 30, "a's workers and sockets gone")
+    assert chat(s, "a")[1]["error"]["code"] == "model_not_found"
+    code, body = chat(s, "c")
+    assert code == 200 and body["model"] == "c"
+    remember_pids(s)
+    poll(lambda: replica_states(s, "c") == ["ready", "ready"], 60, "both replicas of c ready")
+    remember_pids(s)

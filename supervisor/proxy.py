@@ -13,6 +13,10 @@ Rules of this module:
   (supervisor/admission.py), which alone counts them; the manager decides when one is
   ready. A refused connection to a worker the manager still calls ready is retried
   against that worker with a short backoff, not sent to wait for the next worker.
+- One Proxy per replica of a model (supervisor/router.py chooses the replica). While
+  another replica is ready (``stay=False``), a request whose worker is gone before it
+  answered comes back ``Elsewhere`` instead of waiting for this replica's next worker; the
+  resend rule holds across replicas (``resent`` travels with it).
 """
 
 from __future__ import annotations

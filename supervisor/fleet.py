@@ -354,7 +354,7 @@ class Fleet(FleetReplicas, FleetChanges):
                 raise NoRoom(d.refusal, 30)
             if d.evict:
                 log.info("to load model %s: unloading idle model(s) %s", mid, ", ".join(d.evict))
-                await self.evictions.idle(d.evict)
+                await self.evictions.idle(self.with_extras(d.evict))
                 continue
             if d.wait_for:
                 await self.evictions.busy(mid, d.wait_for, deadline, cfg.admission.wait_timeout_s)

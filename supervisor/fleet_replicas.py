@@ -9,7 +9,8 @@ Rules of this module:
   replicas, not models.
 - Extra replicas load once the first is ready (``load_extras``), only where a packed copy fits
   as things are, never evicting a model (placement.place_replica), and are the first evicted
-  when another model needs room (placement.Resident.extra). How many: ``replicas = N``, or
+  when another model needs room (placement.Resident.extra); a model evicted goes with its
+  extra replicas (``with_extras``). How many: ``replicas = N``, or
   for "auto" the pure ``placement.replica_layout`` on the GPUs at start.
 - Like fleet_changes.py, a part of the Fleet class: the fleet's decision task calls
   ``_decide_extra``; nothing here runs on its own.
@@ -129,6 +130,15 @@ class FleetReplicas:
     def replicas(self, mid: str) -> list[WorkerManager]:
         """Every replica of model ``mid``, the first (its manager) first."""
         return [self.managers[mid], *(self.workers[k] for k in self.extras.get(mid, ()))]
+
+    def with_extras(self, victims: tuple[str, ...]) -> tuple[str, ...]:
+        """Evictions with the extra replicas of every model among them: a model unloaded to
+        make room goes with its replicas (else its requests would load it back at once,
+        evicting in turn what it made room for)."""
+        out = list(victims)
+        for v in victims:
+            out += [k for k in self.extras.get(v, ()) if k not in out and self.workers[k].state in PROCESS_STATES]
+        return tuple(out)
 
     def load_extras(self, mid: str) -> None:
         """Load the model's unloaded extra replicas (once its first is ready; one refused

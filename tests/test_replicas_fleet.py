@@ -4,11 +4,13 @@ bound applies across its replicas."""
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 from typing import Any
 
 from tests.supervisor_harness import poll
-from tests.test_fleet import ROOM_FOR_TWO, chat, fleet, models_state, remember_pids
+from tests.test_fleet import ROOM_FOR_ONE, ROOM_FOR_TWO, chat, fleet, models_state, remember_pids
 
 __all__ = ["fleet"]  # the fixture, imported to be used
 
@@ -88,3 +90,21 @@ def test_sighup_removes_a_model_with_its_replicas_and_adds_one_with_its_own(flee
     remember_pids(s)
     poll(lambda: replica_states(s, "c") == ["ready", "ready"], 60, "both replicas of c ready")
     remember_pids(s)
+
+
+def test_a_model_evicted_goes_with_its_replicas(fleet: Any, tmp_path: Path) -> None:
+    # Two GPUs, room for one worker each: a's replicas take one each; b may use GPU 0 only,
+    # so a's first replica must go, and its second with it (else a's next request would load
+    # a back, evicting b).
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps([{"index": i, "uuid": f"GPU-0000000{i}-0000-0000-0000-00000000aaaa", "name": "sim",
+                                "total_mib": 8192, "free_mib": ROOM_FOR_ONE} for i in range(2)]))
+    s = fleet(ROOM_FOR_ONE, [{"id": "a", "replicas": 2}, {"id": "b", "devices": [0]}],
+              sections={"gpu": {"simulate_gpus": str(two)}})
+    poll(lambda: replica_states(s, "a") == ["ready", "ready"], 60, "both replicas of a ready")
+    remember_pids(s)
+    code, body = chat(s, "b")
+    assert code == 200 and body["model"] == "b", body
+    remember_pids(s)
+    assert replica_states(s, "a") == ["unloaded", "unloaded"]
+    assert models_state(s) == {"a": "unloaded", "b": "ready"}

@@ -32,10 +32,12 @@ REPEAT = 200
 def scenario(resident_count: int, busy: bool, want_layers: int) -> tuple[list[GpuInfo], dict[str, ModelInfo], list[Resident], str]:
     one_slot = PlanSettings(parallel=1)
     models = {
-        f"m{i}": ModelInfo(f"m{i}", facts(32, 220, f"m{i}"), one_slot, pinned=False, refuse_when_no_room=False)
+        f"m{i}": ModelInfo(f"m{i}", facts(32, 220, f"m{i}"), one_slot, pinned=False, refuse_when_no_room=False,
+                           placement="spread", replicas=1)
         for i in range(N_MODELS - 1)
     }
-    models["want"] = ModelInfo("want", facts(want_layers, 450, "want"), one_slot, pinned=False, refuse_when_no_room=False)
+    models["want"] = ModelInfo("want", facts(want_layers, 450, "want"), one_slot, pinned=False, refuse_when_no_room=False,
+                           placement="spread", replicas=1)
     residents = []
     used = [0] * N_GPUS
     for i in range(resident_count):

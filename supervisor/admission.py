@@ -45,6 +45,11 @@ class QueueFull(Exception):
     pass
 
 
+class Moved(Exception):
+    """The replica asked not to be waited for (``acquire(stay=False)``) has no ready worker:
+    the request goes to another replica of its model (supervisor/router.py)."""
+
+
 @dataclass
 class _OnWorker:
     """Requests a worker generation has taken (``acquire``d, not yet ``release``d)."""
@@ -122,12 +127,21 @@ class Admission:
         worker finishing its answers included): what a scheduler calls "running"."""
         return sum(o.generating for o in self._on.values())
 
+    def in_worker_slots(self, gen: int) -> int:
+        """Requests holding a generation slot of worker generation ``gen``."""
+        o = self._on.get(gen)
+        return 0 if o is None else o.generating
+
     def in_worker(self, gen: int) -> int:
         o = self._on.get(gen)
         return 0 if o is None else o.in_flight
 
-    async def acquire(self, timeout_s: float, not_gen: int | None = None, *, slot: bool = True) -> WorkerHandle:
+    async def acquire(
+        self, timeout_s: float, not_gen: int | None = None, *, slot: bool = True, stay: bool = True
+    ) -> WorkerHandle:
         """Wait (bounded) for a ready worker; ``not_gen`` skips a generation known dead.
+        ``stay=False`` (another replica of the model is ready): ``Moved`` instead of waiting
+        for a worker that is not ready (it died, or is unloaded); waiting for a slot is fine.
 
         One admission limit for everything waiting: a request that needs a generation
         ``slot`` waits here (not inside the worker) until the worker has a free one, and
@@ -144,6 +158,8 @@ class Admission:
                 h = v.handle
                 if self._refusal is not None:
                     raise NotReady(v.state, self._refusal.reason, self._refusal.retry_after_s)
+                if not stay and (v.state is not WorkerState.READY or h is None or h.gen == not_gen):
+                    raise Moved()
                 if load is not None and load.done() and not load.cancelled():
                     e = load.exception()
                     if isinstance(e, NoRoom):

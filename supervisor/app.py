@@ -45,7 +45,7 @@ from supervisor.sdnotify import SdNotify
 from supervisor.spawn import worker_pids_of
 from supervisor.states import WorkerState
 from supervisor.status import HealthVerdict, SupervisorInfo
-from supervisor.status_view import model_rows
+from supervisor.status_view import model_requests, model_rows, replica_rows
 from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm")
@@ -107,6 +107,8 @@ async def _status(request: web.Request) -> web.Response:
     rows = await prep.gpus_now(worker_pids_of(worker.pid) if worker else ())
     snap.gpus_now = rows
     fleet = request.app[FLEET]
+    snap.replicas = replica_rows(fleet, fleet.first, asyncio.get_running_loop().time())
+    snap.requests = model_requests(fleet, fleet.first)
     if len(fleet.all_ids) > 1:
         snap.models = model_rows(fleet, asyncio.get_running_loop().time())
         snap.swaps = fleet.swaps

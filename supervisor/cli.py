@@ -60,6 +60,11 @@ def _hosts(values: list[str]) -> str | list[str]:
     return hosts[0] if len(hosts) == 1 else hosts
 
 
+def _replicas(value: str) -> int | str:
+    """--replicas: a number, or "auto" (the schema checks both)."""
+    return int(value) if value.strip().isdigit() else value.strip()
+
+
 def _origins(value: str) -> list[str]:
     """--cors-origins: a comma list of origins, or "*"."""
     return [o.strip() for o in value.split(",") if o.strip()]
@@ -104,6 +109,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--ctx-size", "model.ctx_size", "context size in tokens (default {default})", "N", int),
     Flag("--parallel", "model.parallel", "requests generated at once, sharing the context (default {default})",
          "N", int),
+    Flag("--placement", "model.placement", "GPUs a model gets: spread over every usable one, or pack on "
+         "the fewest that hold it (default {default})"),
+    Flag("--replicas", "model.replicas", "workers of the model, each on GPUs of its own, or auto: one per "
+         "GPU it fits on that no other model needs (default {default})", "N|auto", _replicas),
     Flag("--chat-template", "model.chat_template", "chat template instead of the GGUF's: a Jinja file or "
          "a llama.cpp built-in name (chatml, llama3, ...)", "FILE|NAME"),
     Flag("--token-gap-ms", "model.token_gap_ms", "running streams' inter-token gap kept while new prompts "

@@ -38,6 +38,10 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 DeviceOrder = Literal["free_desc", "pci"]
 
 
+Placement = Literal["spread", "pack"]
+Replicas = Annotated[int, msgspec.Meta(ge=1)] | Literal["auto"]
+
+
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
@@ -70,6 +74,14 @@ class ModelSettings(_Section):
     pooling: Literal["", "mean", "cls", "last"] = ""  # embeddings pooling; empty: the GGUF's, else mean
     reranking: bool = False  # also serve /rerank (a reranker GGUF; a second, small context)
     tools: ToolsMode = "generic"  # a template without tool markup: the generic format, or 400
+    # Which GPUs a model gets (supervisor/placement.py): "spread" every usable GPU, shares by
+    # free VRAM; "pack" the fewest that hold it whole (weights, KV, compute, the reserve),
+    # biggest free first. Replicas other than 1 are always packed.
+    placement: Placement = "spread"
+    # Workers of the model, each on GPUs of its own, requests routed to the least busy (and
+    # to the one holding a conversation's prefix); "auto": as many packed copies as fit on
+    # GPUs no other configured model needs, never evicting another model for one.
+    replicas: Replicas = 1
 
 
 class ModelSection(ModelSettings):

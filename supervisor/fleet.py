@@ -23,6 +23,8 @@ Rules of this module:
   same step as the action (``hold_if_idle``), never before an await.
 - Reads from other threads (the accounted probe) see published snapshots: the managers'
   views and the ledger's (fleet_ledger.py).
+- Replicas are capacity of a model: each is a WorkerManager of its own, ``workers`` holds
+  them all by worker key (supervisor/fleet_replicas.py).
 """
 
 from __future__ import annotations
@@ -32,21 +34,21 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.config import Config, ModelEntry
 from supervisor.fleet_changes import FleetChanges, ListChange, list_change
 from supervisor.fleet_evict import Evictions
-from supervisor.fleet_ledger import AccountedProbe, Ledger, planned_mib, taken_mib
+from supervisor.fleet_ledger import AccountedProbe, Ledger, model_of, planned_mib, taken_mib
+from supervisor.fleet_replicas import FleetReplicas, _Ask
 from supervisor.inventory import GpuProbe
 from supervisor.launch import Preparer
 from supervisor.launches import Launch, NoRoom, PlanFailed
-from supervisor.placement import ModelInfo, Resident, place
-from supervisor.planning import plan_settings
+from supervisor.placement import place
+from supervisor.planning import model_info, plan_settings
 from supervisor.restart import PlanAdjust
 from supervisor.spawn import Spawner
-from supervisor.states import PROCESS_STATES, WorkerState
+from supervisor.states import WorkerState
 from supervisor.worker_process import WorkerManager
 
 log = logging.getLogger("vram_llm.fleet")
@@ -67,29 +69,21 @@ def model_dir_name(mid: str) -> str:
     return f"{mid[:MODEL_DIR_MAX - 9]}-{hashlib.sha1(mid.encode()).hexdigest()[:8]}"
 
 
-@dataclass
-class _Ask:
-    model: str
-    adjust: PlanAdjust | None
-    socket_path: str
-    done: asyncio.Future[Launch]
-
-
 class _FleetPreparer:
     """What a model's WorkerManager calls to plan a start: a question to the fleet's task."""
 
-    def __init__(self, fleet: Fleet, model: str) -> None:
+    def __init__(self, fleet: Fleet, key: str) -> None:
         self._fleet = fleet
-        self._model = model
+        self._key = key  # the worker key: the model, or one of its extra replicas
 
     async def __call__(self, adjust: PlanAdjust | None, socket_path: str) -> Launch:
-        return await self._fleet.ask(self._model, adjust, socket_path)
+        return await self._fleet.ask(self._key, adjust, socket_path)
 
     async def wait_gpu_settled(self, timeout_s: float) -> None:
-        await self._fleet.preparers[self._model].wait_gpu_settled(timeout_s)
+        await self._fleet.preparers[model_of(self._key)].wait_gpu_settled(timeout_s)
 
 
-class Fleet(FleetChanges):
+class Fleet(FleetReplicas, FleetChanges):
     def __init__(
         self,
         config: Config,
@@ -111,6 +105,9 @@ class Fleet(FleetChanges):
         self.probe = AccountedProbe(base_probe, self.taken_mib, simulated=bool(config.gpu.simulate_gpus))
         self.preparers: dict[str, Preparer] = {}
         self.managers: dict[str, WorkerManager] = {}  # every model with a manager, removed ones draining too
+        self.workers: dict[str, WorkerManager] = {}  # worker key -> manager: every replica of every model
+        self.extras: dict[str, list[str]] = {}  # model -> the worker keys of its extra replicas
+        self._extra_refused: dict[str, float] = {}  # extra replica -> loop time of its last "no room"
         self._runtime_dir = runtime_dir
         self._reload_config = reload_config
         self._on_state = on_state
@@ -128,7 +125,7 @@ class Fleet(FleetChanges):
         self._waiting: dict[asyncio.Future[Launch], str] = {}  # asks not answered yet -> their model
         self._stopping = False
         self._several = len(entries) > 1
-        self.evictions = Evictions(self.managers, self.preparers, self.ledger, self.probe, lambda: self._stopping)
+        self.evictions = Evictions(self.workers, self.preparers, self.ledger, self.probe, lambda: self._stopping)
         for e in entries:
             # One model keeps its sockets in the runtime dir itself, as before several existed.
             self._add(
@@ -137,6 +134,10 @@ class Fleet(FleetChanges):
                 # The first model, pinned and preloaded ones start at once; the others on demand.
                 unloaded=self._several and not (e.preload or e.pinned) and e.id != self.first,
             )
+        wanted = self._replica_counts()
+        for mid, n in wanted.items():
+            for k in range(2, n + 1):
+                self._add_extra(mid, k)
 
     def dir_name(self, mid: str) -> str:
         return model_dir_name(mid)
@@ -150,12 +151,14 @@ class Fleet(FleetChanges):
             self.ledger.starting(mid, False)  # the start handed its Launch has moved on
             if state is WorkerState.READY:
                 self._ready_once.add(mid)
+                self.load_extras(mid)
             if on_state is not None:
                 on_state(mid, state, reason)
 
         self.preparers[mid] = prep
         self._dirs[mid] = mdir
-        self.managers[mid] = WorkerManager(
+        self.extras.setdefault(mid, [])
+        self.workers[mid] = self.managers[mid] = WorkerManager(
             config=lambda: prep.config,
             prepare=_FleetPreparer(self, mid),
             runtime_dir=mdir,
@@ -169,9 +172,16 @@ class Fleet(FleetChanges):
         )
         if self._running:
             self._start_task(mid)
+            # Added by SIGHUP: its replicas with it (at start, once every model is listed:
+            # "auto" counts what the other models need).
+            for k in range(2, self._replica_counts().get(mid, 1) + 1):
+                self._add_extra(mid, k)
+
+    def _preparer_for(self, key: str) -> _FleetPreparer:
+        return _FleetPreparer(self, key)
 
     def _start_task(self, mid: str) -> None:
-        self._tasks[mid] = asyncio.create_task(self.managers[mid].run(), name=f"worker-manager {mid}")
+        self._tasks[mid] = asyncio.create_task(self.workers[mid].run(), name=f"worker-manager {mid}")
         self._tasks_changed.set()
 
     # ---- read side -------------------------------------------------------------
@@ -194,7 +204,7 @@ class Fleet(FleetChanges):
     def taken_mib(self, simulated: bool) -> dict[str, int]:
         """GPU UUID -> MiB the probe does not show yet but our workers hold or will hold.
         Called from a worker thread (the probe read): published snapshots only."""
-        states = {mid: mgr.view.state for mid, mgr in list(self.managers.items())}
+        states = {key: mgr.view.state for key, mgr in list(self.workers.items())}
         return taken_mib(self.ledger.view, states, simulated)
 
     def footprint(self, mid: str) -> tuple[dict[str, int], dict[str, int]]:
@@ -227,20 +237,22 @@ class Fleet(FleetChanges):
 
     @property
     def in_flight(self) -> int:
-        return sum(m.admission.in_flight for m in self.managers.values())
+        return sum(m.admission.in_flight for m in self.workers.values())
 
     async def wait_no_requests(self, deadline: float) -> bool:
         """Until no model has a request (shutdown's grace period); False at ``deadline``."""
-        done = await asyncio.gather(*(m.admission.wait_no_requests(deadline) for m in list(self.managers.values())))
+        done = await asyncio.gather(*(m.admission.wait_no_requests(deadline) for m in list(self.workers.values())))
         return all(done)
 
     # ---- commands ----------------------------------------------------------------
 
     def load(self, mid: str) -> None:
         self.managers[mid].load()
+        self.load_extras(mid)
 
     def unload(self, mid: str) -> None:
-        self.managers[mid].unload()
+        for mgr in self.replicas(mid):
+            mgr.unload()
 
     def request_shutdown(self) -> None:
         # A start waiting for room (perhaps for another model to go idle) must not hold the
@@ -249,7 +261,7 @@ class Fleet(FleetChanges):
         for fut in list(self._waiting):
             if not fut.done():
                 fut.set_exception(NoRoom("the server is shutting down"))
-        for mgr in self.managers.values():
+        for mgr in self.workers.values():
             mgr.shutdown()
 
     async def ask(self, mid: str, adjust: PlanAdjust | None, socket_path: str) -> Launch:
@@ -268,8 +280,8 @@ class Fleet(FleetChanges):
         Returns when every manager has stopped (after request_shutdown)."""
         decider = asyncio.create_task(self._decide_loop(), name="fleet-decide")
         self._running = True
-        for mid in self.managers:
-            self._start_task(mid)
+        for key in self.workers:
+            self._start_task(key)
         try:
             while self._tasks:
                 self._tasks_changed.clear()
@@ -315,11 +327,14 @@ class Fleet(FleetChanges):
                     self.ledger.starting(ask.model, False)
 
     async def _decide(self, ask: _Ask) -> Launch:
-        mid = ask.model
+        key = ask.model  # the worker key: the model's first replica, or an extra one
+        mid = model_of(key)
         if self._stopping or ask.done.done():  # shutting down, or the model was removed
             raise NoRoom("the server is shutting down")
         if mid not in self.ids:  # removed by SIGHUP while its start waited in line
             raise NoRoom(f"model {mid!r} was removed from the configuration", 5)
+        if key != mid:
+            return await self._decide_extra(ask, key, mid)
         prep = self.preparers[mid]
         cfg = prep.config
         loop = asyncio.get_running_loop()
@@ -330,13 +345,7 @@ class Fleet(FleetChanges):
             await self.evictions.measure()
             inv = await asyncio.to_thread(self.probe.read)
             models = {
-                m: ModelInfo(
-                    m,
-                    p.facts,
-                    plan_settings(p.config, None, ask.adjust if m == mid else None, entry=p.entry),
-                    pinned=p.entry.pinned,
-                    refuse_when_no_room=p.entry.when_no_room == "refuse",
-                )
+                m: model_info(p.entry, p.facts, plan_settings(p.config, None, ask.adjust if m == mid else None, entry=p.entry))
                 for m, p in self.preparers.items()
             }
             d = place(inv.gpus, models, self._residents(mid), mid)
@@ -345,42 +354,9 @@ class Fleet(FleetChanges):
                 raise NoRoom(d.refusal, 30)
             if d.evict:
                 log.info("to load model %s: unloading idle model(s) %s", mid, ", ".join(d.evict))
-                await self.evictions.idle(d.evict)
+                await self.evictions.idle(self.with_extras(d.evict))
                 continue
             if d.wait_for:
                 await self.evictions.busy(mid, d.wait_for, deadline, cfg.admission.wait_timeout_s)
                 continue
-            # Room: plan the start itself with the model's preparer (llama-fit-params,
-            # the OOM ladder, the logged plan) on the accounted inventory.
-            # Its previous start's footprint is gone (it has no worker now): the plan must
-            # not count it against itself.
-            self.ledger.forget(mid)
-            self.ledger.starting(mid, True)
-            try:
-                launch = await prep(ask.adjust, ask.socket_path)
-            except BaseException:
-                self.ledger.starting(mid, False)
-                raise
-            self.ledger.plan(mid, planned_mib(launch))
-            return launch
-
-    def _residents(self, exclude: str) -> list[Resident]:
-        out = []
-        ledger = self.ledger.view
-        for mid, mgr in self.managers.items():
-            state = mgr.view.state
-            if mid == exclude or (state not in PROCESS_STATES and mid not in ledger.starting):
-                continue
-            planned = dict(ledger.planned.get(mid, {}))
-            measured = dict(ledger.measured.get(mid, {}))
-            ready = state is WorkerState.READY
-            out.append(
-                Resident(
-                    mid,
-                    measured if ready and measured else planned,
-                    last_used=mgr.admission.last_used,
-                    busy=mgr.admission.in_flight > 0,  # answering, or requests waiting for it
-                    loading=not ready,
-                )
-            )
-        return out
+            return await self._start(ask, mid, mid)

@@ -82,6 +82,8 @@ class FleetChanges:
     first: str
     removed_ids: set[str]
     managers: dict[str, WorkerManager]
+    workers: dict[str, WorkerManager]  # every replica by worker key
+    extras: dict[str, list[str]]  # model -> the worker keys of its extra replicas
     preparers: dict[str, Preparer]
     probe: AccountedProbe
     ledger: Ledger
@@ -98,6 +100,9 @@ class FleetChanges:
     _waiting: dict[asyncio.Future[Launch], str]
 
     def _add(self, prep: Preparer, mdir: Path, unloaded: bool) -> None:
+        raise NotImplementedError
+
+    def replicas(self, mid: str) -> list[WorkerManager]:
         raise NotImplementedError
 
     def dir_name(self, mid: str) -> str:
@@ -123,8 +128,9 @@ class FleetChanges:
         except Exception as e:  # noqa: BLE001 - a bad new config keeps the old one
             log.error("SIGHUP: keeping the previous configuration: %s", e)
             for mid in self.ids:
-                if self.managers[mid].state not in _UNLOADED:
-                    self.managers[mid].reload()
+                for mgr in self.replicas(mid):
+                    if mgr.state not in _UNLOADED:
+                        mgr.reload()
             return config
         self._apply(config, staged)
         return config
@@ -156,7 +162,9 @@ class FleetChanges:
                 except Exception as e:  # noqa: BLE001 - its file changed since it was staged
                     log.error("SIGHUP: model %s keeps its previous configuration: %s", mid, e)
         for mid in change.restart:
-            self.managers[mid].reload()
+            for i, mgr in enumerate(self.replicas(mid)):
+                if i == 0 or mgr.state not in _UNLOADED:  # an unloaded extra loads with its first
+                    mgr.reload()
         draining = []
         for mid in change.removed:
             n = self.managers[mid].admission.active
@@ -195,6 +203,8 @@ class FleetChanges:
         and the ones it answers finish before its worker stops."""
         reason = f"model {mid!r} was removed from the configuration"
         retired = self.managers[mid].retire(reason)
+        for key in self.extras.get(mid, ()):
+            self.workers[key].retire(reason)
         for fut, m in list(self._waiting.items()):
             if m == mid and not fut.done():
                 fut.set_exception(NoRoom(reason))
@@ -211,7 +221,18 @@ class FleetChanges:
         if task is not None:
             with contextlib.suppress(Exception):
                 await task
+        for key in self.extras.get(mid, ()):
+            self.workers[key].shutdown()
+            extra = self._tasks.get(key)
+            if extra is not None:
+                with contextlib.suppress(Exception):
+                    await extra
         # No await from here to the re-add below: a request never finds the id without a manager.
+        for key in self.extras.pop(mid, []):
+            self.workers.pop(key, None)
+            self._tasks.pop(key, None)
+            self.ledger.forget(key)
+        self.workers.pop(mid, None)
         self.managers.pop(mid)
         self.preparers.pop(mid)
         self._tasks.pop(mid, None)

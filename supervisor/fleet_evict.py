@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
-from supervisor.fleet_ledger import AccountedProbe, Ledger
+from supervisor.fleet_ledger import AccountedProbe, Ledger, model_of
 from supervisor.inventory import Inventory
 from supervisor.launch import SETTLE_TOLERANCE_MIB, Preparer
 from supervisor.launches import NoRoom
@@ -134,7 +134,7 @@ class Evictions:
         before = None if self.probe.simulated or not held else await asyncio.to_thread(self.probe.base.read)
         # The manager drains (nothing is in flight by now) and stops its worker, bounded by
         # worker.stop_timeout_s (then killed): its answer says it is unloaded.
-        cfg = self.preparers[mid].config
+        cfg = self.preparers[model_of(mid)].config
         try:
             await asyncio.wait_for(mgr.unload(), cfg.shutdown.grace_s + 2 * cfg.worker.stop_timeout_s + 5)
         except asyncio.TimeoutError:

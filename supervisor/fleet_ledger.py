@@ -20,6 +20,12 @@ from supervisor.states import PROCESS_STATES, WorkerState
 _EMPTY: Mapping[str, Mapping[str, int]] = MappingProxyType({})
 
 
+def model_of(key: str) -> str:
+    """The model of a worker key: ``<model>`` (its first replica) or ``<model>#<n>`` (an
+    extra replica; ``#`` is never in a model id)."""
+    return key.split("#", 1)[0]
+
+
 def planned_mib(launch: Launch | None) -> dict[str, int]:
     """GPU UUID -> MiB the launch's plan puts there."""
     return {} if launch is None else launch.plan.planned_mib()

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,19 +151,29 @@ class Preparer:
         elif self._reload_config is not None:
             self._set(self._reload_config())
 
-    async def __call__(self, adjust: PlanAdjust | None, socket_path: str) -> Launch:
+    async def __call__(
+        self, adjust: PlanAdjust | None, socket_path: str, own: Collection[str] = (), extra: bool = False,
+        key: str | None = None,
+    ) -> Launch:
+        """``own``: GPU UUIDs of the model's other replicas; ``extra``: an extra replica,
+        ``key`` its worker key (its prompt cache is a directory of its own)."""
         try:
             p, _inv, _ = await asyncio.to_thread(
-                make_plan, self.config, probe=self.probe, model=self.facts, adjust=adjust, entry=self.entry
+                make_plan, self.config, probe=self.probe, model=self.facts, adjust=adjust, entry=self.entry,
+                own=own, extra=extra,
             )
         except (ConfigError, ModelError, GpuProbeError) as e:
             raise PlanFailed(str(e)) from e
-        log.info("plan for this start:\n%s", render_plan(p))
+        log.info("plan for this start%s:\n%s", f" ({key})" if key else "", render_plan(p))
         for note in p.notes:
             if note.startswith("rpc "):  # a remote host left out, or an endpoint on an open network
                 log.warning("%s", note)
+        spec = spec_of(self.config, p, self.model_path, socket_path, self.entry)
+        if key is not None and key != self.entry.id:
+            # Two workers never share a disk cache directory.
+            spec = msgspec.structs.replace(spec, cache_dir=str(model_cache_dir(self.config, key)))
         return Launch(
-            spec=spec_of(self.config, p, self.model_path, socket_path, self.entry),
+            spec=spec,
             env=env_of(p),
             plan=msgspec.convert(p.to_dict(), PlanView),
             planned_layers=p.offloaded_layers,

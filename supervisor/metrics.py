@@ -79,6 +79,10 @@ class ServingMetrics(Collector):
         self._timed: dict[str, Any] = {}
         registry.register(self)
 
+    def _replicas_of(self, model: str, mgr: WorkerManager) -> list[WorkerManager]:
+        """Every replica of a configured model; a removed one still draining is its manager."""
+        return self._fleet.replicas(model) if model in self._fleet.ids else [mgr]
+
     def _pairs(self) -> list[tuple[str, WorkerManager]]:
         """(model label, manager) of every model; the first answers requests without "model"."""
         fleet = self._fleet
@@ -143,7 +147,7 @@ class ServingMetrics(Collector):
 
     def collect(self) -> Iterator[Any]:
         models = self._pairs()
-        yield from _lifecycle(models)
+        yield from _lifecycle(models, {m: self._fleet.replicas(m) for m in self._fleet.ids})
         yield from _scheduler(models, self._tokens)
         waiting = GaugeMetricFamily("vram_llm_queue_depth", "Requests waiting for a ready worker or a slot",
                                     labels=["model", "where"])
@@ -154,7 +158,7 @@ class ServingMetrics(Collector):
         for model, mgr in models:
             # The worker as /status shows it (status_view): its last /health and the OS's reading.
             w = worker_status(mgr.view, now)
-            waiting.add_metric([model, "supervisor"], mgr.counters.waiting)
+            waiting.add_metric([model, "supervisor"], sum(r.admission.waiting for r in self._replicas_of(model, mgr)))
             waiting.add_metric([model, "worker"], (w.queued if w else None) or 0)
             busy.add_metric([model], (w.active if w else None) or 0)
             if w is not None and w.rss_mib is not None:
@@ -162,6 +166,7 @@ class ServingMetrics(Collector):
         yield waiting
         yield busy
         yield rss
+        yield from _replicas(self._fleet)
         index = {g.uuid: str(g.index) for g in self._gpus}
         held = GaugeMetricFamily("vram_llm_worker_gpu_memory_bytes",
                                  "GPU memory the model's worker processes use (NVML)", labels=["model", "gpu", "uuid"])
@@ -177,6 +182,25 @@ class ServingMetrics(Collector):
             free.add_metric(labels, g.free_mib * _MIB)
         yield used
         yield free
+
+
+def _replicas(fleet: Fleet) -> Iterator[Any]:
+    """Every model's replicas: how many, and per replica (1: the first) up, slots, served."""
+    count = GaugeMetricFamily("vram_llm_replicas", "Workers of the model (its replicas setting)", labels=["model"])
+    up = GaugeMetricFamily("vram_llm_replica_up", "1 while the replica's worker is ready", labels=["model", "replica"])
+    busy = GaugeMetricFamily("vram_llm_replica_slots_busy", "Requests holding a generation slot of the replica",
+                             labels=["model", "replica"])
+    served = CounterMetricFamily("vram_llm_replica_requests_served", "Requests the replica answered",
+                                 labels=["model", "replica"])
+    for mid in fleet.ids:
+        reps = fleet.replicas(mid)
+        count.add_metric([mid], len(reps))
+        for n, mgr in enumerate(reps, 1):
+            labels = [mid, str(n)]
+            up.add_metric(labels, 1 if mgr.view.state is WorkerState.READY else 0)
+            busy.add_metric(labels, mgr.admission.generating)
+            served.add_metric(labels, mgr.admission.served)
+    yield from (count, up, busy, served)
 
 
 # The worker's prompt caches, from its last /health (counters restart with the worker).
@@ -204,8 +228,9 @@ _CACHES = (
 )
 
 
-def _lifecycle(models: list[tuple[str, WorkerManager]]) -> Iterator[Any]:
-    """Each model's worker lifecycle: state, requests, restarts, backoff, prompt caches."""
+def _lifecycle(models: list[tuple[str, WorkerManager]], replicas: dict[str, list[WorkerManager]]) -> Iterator[Any]:
+    """Each model's worker lifecycle: state, requests, restarts, backoff, prompt caches. The
+    request counts are the model's, every replica's together; the rest is its first's."""
     state = GaugeMetricFamily("vram_llm_worker_state", "Worker state (1 for the current one)",
                               labels=["model", "state"])
     in_flight = GaugeMetricFamily("vram_llm_requests_in_flight", "Requests being proxied", labels=["model"])
@@ -234,9 +259,10 @@ def _lifecycle(models: list[tuple[str, WorkerManager]]) -> Iterator[Any]:
     for model, mgr in models:
         for s in WorkerState:
             state.add_metric([model, s.value], 1.0 if mgr.state is s else 0.0)
-        in_flight.add_metric([model], mgr.counters.in_flight)
-        waiting.add_metric([model], mgr.counters.waiting)
-        served.add_metric([model], mgr.counters.served)
+        counts = [r.counters for r in replicas.get(model, [mgr])]
+        in_flight.add_metric([model], sum(c.in_flight for c in counts))
+        waiting.add_metric([model], sum(c.waiting for c in counts))
+        served.add_metric([model], sum(c.served for c in counts))
         for kind, n in sorted(mgr.counters.restarts_by_kind.items()):
             restarts.add_metric([model, kind], n)
         streak.add_metric([model], mgr.failure_streak())

@@ -58,6 +58,7 @@ def fleet_json(placements: Sequence[ModelPlacement]) -> str:
                 "unloaded_for": m.unloaded_for or None,
                 "refusal": m.refusal,
                 "why": m.why,
+                "replicas": [list(r) for r in m.replicas] or None,
             },
         }
     return json.dumps(out, indent=2, sort_keys=False)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from supervisor.config import Config, ConfigError, ModelEntry, resolved_models
 from supervisor.gpus import GpuProbe, Inventory, make_probe
 from supervisor.inventory import RemoteInventory, RemoteProbe
 from supervisor.model import ModelError, ModelFacts, read_model_facts
-from supervisor.placement import ModelInfo, Resident, place
+from supervisor.placement import ModelInfo, Resident, place, replica_layout, start_devices
 from supervisor.planner import NO_GPU_NOTE, NOT_NEEDED, FitParams, Plan, PlanSettings, plan
 from supervisor.restart import PlanAdjust
 from supervisor.rpc import endpoint_warning, make_remote_probe
@@ -99,6 +99,19 @@ def apply_adjust(s: PlanSettings, adjust: PlanAdjust) -> PlanSettings:
     )
 
 
+def model_info(entry: ModelEntry, facts: ModelFacts, settings: PlanSettings) -> ModelInfo:
+    """What the pure placement knows of a configured model."""
+    return ModelInfo(
+        entry.id,
+        facts,
+        settings,
+        pinned=entry.pinned,
+        refuse_when_no_room=entry.when_no_room == "refuse",
+        placement=entry.placement,
+        replicas=entry.replicas,
+    )
+
+
 def check_devices(cfg: Config, inventory: Inventory) -> None:
     """--devices naming a GPU that does not exist is a usage error (when GPUs are known)."""
     if not cfg.gpu.devices or not inventory.gpus:
@@ -121,6 +134,8 @@ def make_plan(
     adjust: PlanAdjust | None = None,
     entry: ModelEntry | None = None,
     remote_probe: RemoteProbe | None = None,
+    own: Collection[str] = (),
+    extra: bool = False,
 ) -> tuple[Plan, Inventory, ModelFacts]:
     """Probe the GPUs, read the model header, plan (and ask llama-fit-params if configured).
 
@@ -128,6 +143,9 @@ def make_plan(
 
     ``adjust``: the OOM ladder's rung; llama-fit-params' answer already ran out of memory
     once, so with a rung our own ladder is climbed without asking it again.
+
+    ``own``: GPU UUIDs the model's other replicas use (taken last when packing); ``extra``:
+    this start is an extra replica (placement.start_devices).
     Raises ConfigError, ModelError or GpuProbeError with a one-line message.
     """
     inventory = (probe or make_probe(cfg)).read()
@@ -137,6 +155,9 @@ def make_plan(
     settings = plan_settings(cfg, environ, adjust, entry=entry)
     # Remote devices are read before every plan (a host that went away is left out, with why).
     remotes = (remote_probe or make_remote_probe(cfg)).read()
+    configured = settings.devices
+    packed = start_devices(inventory.gpus, model_info(entry, facts, settings), own, extra)
+    settings = dataclasses.replace(settings, devices=packed.devices)
     result = plan(inventory.gpus, facts, settings, remotes)
     if cfg.gpu.use_fit_params and adjust is None and not settings.cpu_only:
         from supervisor.fit_params import run_fit_params
@@ -165,7 +186,8 @@ def make_plan(
             settings = plan_settings(cfg, environ, entry=entry, fit_params_error=answer)
         else:
             settings = plan_settings(cfg, environ, entry=entry, fit_params=answer)
-        result = plan(inventory.gpus, facts, settings, remotes)
+        result = plan(inventory.gpus, facts, dataclasses.replace(settings, devices=packed.devices), remotes)
+    result = _placed(result, packed.why, configured, packed.devices)
     if inventory.note:
         # The probe's reason (e.g. "NVML not available: ...") replaces the generic one.
         rest = tuple(n for n in result.notes if n != NO_GPU_NOTE)
@@ -179,6 +201,20 @@ def make_plan(
 def _endpoints(remotes: RemoteInventory) -> list[str]:
     seen = [d.endpoint for d in remotes.devices] + [e for e, _ in remotes.unreachable]
     return list(dict.fromkeys(seen))
+
+
+def _placed(p: Plan, why: str, configured: tuple[int, ...] | None, packed: tuple[int, ...] | None) -> Plan:
+    """The plan says why the model got its GPUs: a note, and the GPUs pack left out named so."""
+    if packed == configured:
+        return dataclasses.replace(p, notes=(*p.notes, why))
+    rows = tuple(
+        dataclasses.replace(g, excluded_reason="left out by placement pack")
+        if packed is not None and g.index not in packed and (configured is None or g.index in configured)
+        and g.excluded_reason == "not in --devices"
+        else g
+        for g in p.gpus
+    )
+    return dataclasses.replace(p, gpus=rows, notes=(*p.notes, why))
 
 
 # --- `vram-llm plan` for every configured model: the fleet's start, as a what-if ------------
@@ -195,6 +231,7 @@ class ModelPlacement:
     refusal: str | None = None  # why it would not load at all
     plan: Plan | None = None  # where it goes (None when refused)
     unloaded_for: str = ""  # loaded at start, then unloaded to make room for this one
+    replicas: tuple[tuple[int, ...], ...] = ()  # each replica's GPU indices (replicas other than 1)
 
     @property
     def why(self) -> str:
@@ -253,16 +290,7 @@ def place_fleet(
         path = resolve_model_path(e)
         if path not in facts:
             facts[path] = read_model_facts(path)
-    models = {
-        e.id: ModelInfo(
-            e.id,
-            facts[resolve_model_path(e)],
-            plan_settings(cfg, environ, entry=e),
-            pinned=e.pinned,
-            refuse_when_no_room=e.when_no_room == "refuse",
-        )
-        for e in entries
-    }
+    models = {e.id: model_info(e, facts[resolve_model_path(e)], plan_settings(cfg, environ, entry=e)) for e in entries}
     first = entries[0].id
     held: dict[str, dict[str, int]] = {}  # the models loaded so far -> their footprint
 
@@ -293,4 +321,19 @@ def place_fleet(
     for e in entries:
         if e.id not in out:
             out[e.id] = decide(e, "")
+    if any(m.replicas != 1 for m in models.values()):
+        layout = replica_layout(inventory.gpus, models)
+        for mid, m in models.items():
+            got = out[mid]
+            if m.replicas != 1 and got.plan is not None:
+                note = replicas_note(m.replicas, layout[mid])
+                out[mid] = dataclasses.replace(got, replicas=layout[mid], plan=dataclasses.replace(
+                    got.plan, notes=(*got.plan.notes, note)))
     return [out[e.id] for e in entries]
+
+
+def replicas_note(asked: int | str, layout: tuple[tuple[int, ...], ...]) -> str:
+    """One line: how many replicas a model gets, and each one's GPUs."""
+    where = " | ".join("GPU " + ",".join(map(str, r)) if r else "CPU" for r in layout)
+    why = "as many packed copies as fit on GPUs no other model needs" if asked == "auto" else f"{asked} asked"
+    return f"replicas: {len(layout)} ({why}): {where}"

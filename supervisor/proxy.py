@@ -13,6 +13,10 @@ Rules of this module:
   (supervisor/admission.py), which alone counts them; the manager decides when one is
   ready. A refused connection to a worker the manager still calls ready is retried
   against that worker with a short backoff, not sent to wait for the next worker.
+- One Proxy per replica of a model (supervisor/router.py chooses the replica). While
+  another replica is ready (``stay=False``), a request whose worker is gone before it
+  answered comes back ``Elsewhere`` instead of waiting for this replica's next worker; the
+  resend rule holds across replicas (``resent`` travels with it).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import msgspec
 from aiohttp import web
 
 from supervisor.access_log import record
+from supervisor.admission import Moved
 from supervisor.http_guard import RateLimitedLog
 from supervisor.worker_process import NotReady, QueueFull, WorkerHandle, WorkerManager
 from worker.protocol import has_usage_trailer, split_usage_trailer
@@ -65,6 +70,25 @@ RETRY_FIRST_S = 0.02
 RETRY_MAX_S = 0.5
 # A non-streamed answer up to this size is relayed in one piece.
 SMALL_BODY = 256 * 1024
+
+
+class Elsewhere:
+    """The answer of ``Proxy.handle(stay=False)`` when its replica has no ready worker: the
+    request was not answered and goes to another replica. ``resent``: it was sent to a
+    worker that died with it (the resend rule holds across replicas too)."""
+
+    def __init__(self, resent: bool) -> None:
+        self.resent = resent
+
+
+def queue_full() -> web.Response:
+    return openai_error(
+        429,
+        "too many requests are waiting for the worker; retry later",
+        type_="rate_limit_error",
+        code="queue_full",
+        retry_after=1,
+    )
 
 
 def openai_error(status: int, message: str, *, type_: str, code: str | None, retry_after: int | None = None) -> web.Response:
@@ -125,12 +149,22 @@ class Proxy:
         self._body_timeout_s = body_timeout_s
 
     async def handle(
-        self, request: web.Request, prebody: bytes | None = None, upstream_path: str | None = None
-    ) -> web.StreamResponse:
+        self,
+        request: web.Request,
+        prebody: bytes | None = None,
+        upstream_path: str | None = None,
+        *,
+        deadline: float | None = None,
+        stay: bool = True,
+        resent: bool = False,
+    ) -> web.StreamResponse | Elsewhere:
         """Forward one request; ``prebody``: its body, already read (by the router, to find
         the model it names), replayed instead of read from the client; ``upstream_path``:
         the worker's path for it when not the request's own (a root alias of a /v1 route,
-        supervisor/routes.py), the query string kept."""
+        supervisor/routes.py), the query string kept. The router's replica choice:
+        ``deadline`` (loop time) of its wait, the model's; ``stay=False``: another replica
+        is ready, so ``Elsewhere`` rather than wait for this one's next worker; ``resent``:
+        a worker died with it already."""
         adm = self._mgr.admission
         rec = record(request)
         rid = rec.request_id
@@ -139,7 +173,8 @@ class Proxy:
             _refusals.warning("%s %s %s: 413, %s", rid, request.method, request.path, too_big.text)
             return too_big
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._wait_timeout_s()
+        if deadline is None:
+            deadline = loop.time() + self._wait_timeout_s()
         body = (
             _ReplayableBody(request.content, REPLAY_LIMIT, self._body_timeout_s) if request.body_exists else None
         )
@@ -157,7 +192,6 @@ class Proxy:
         slot = request.method == "POST"
         not_gen: int | None = None
         handle: WorkerHandle | None = None
-        resent = False
         retries = 0
         adm.enter()
         try:
@@ -170,16 +204,12 @@ class Proxy:
                     handle = None
                 try:
                     if handle is None:
-                        handle = await adm.acquire(max(0.0, deadline - loop.time()), not_gen, slot=slot)
+                        handle = await adm.acquire(max(0.0, deadline - loop.time()), not_gen, slot=slot, stay=stay)
+                except Moved:
+                    return Elsewhere(resent)
                 except QueueFull:
                     _refusals.warning("%s %s %s: 429, too many requests waiting for the worker", rid, request.method, request.path)
-                    return openai_error(
-                        429,
-                        "too many requests are waiting for the worker; retry later",
-                        type_="rate_limit_error",
-                        code="queue_full",
-                        retry_after=1,
-                    )
+                    return queue_full()
                 except NotReady as e:
                     _refusals.warning("%s %s %s: 503, %s", rid, request.method, request.path, e.reason)
                     return openai_error(
@@ -241,14 +271,17 @@ class Proxy:
                             await asyncio.sleep(delay)
                             continue
                         log.warning(
-                            "%s: worker pid %d did not answer (%s); waiting for the next worker",
+                            "%s: worker pid %d did not answer (%s); %s",
                             rid,
                             handle.pid,
                             e.__class__.__name__,
+                            "waiting for the next worker" if stay else "sending it to another replica",
                         )
                         not_gen = handle.gen
                         adm.release(handle, slot=slot)
                         handle = None
+                        if not stay:
+                            return Elsewhere(resent)
                         continue
                     return openai_error(
                         502,

@@ -17,6 +17,13 @@ Rules of this module:
   except a name SIGHUP removed (``removed_ids``): that stays a 404, not a silent stand-in.
   The model list may change on SIGHUP (supervisor/fleet.py), so every request asks the
   fleet which models there are now.
+- Replicas (``Dispatch``): the pure ``replicas.choose`` picks a model's replica from each
+  one's published view and admission (least busy, conversation affinity from the
+  ``PrefixMemory`` of what was sent where). The model's queue bound and wait are the
+  model's: a request is refused 429 when as many wait across its replicas as
+  admission.queue_size, and it keeps the one deadline whichever replica it ends up on. While
+  another replica is ready, a request whose replica dies before answering goes there
+  instead of waiting for a restart. One replica is the same path with one choice.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from aiohttp import web
 
 from supervisor.access_log import record
 from supervisor.fleet import Fleet
-from supervisor.proxy import Proxy, openai_error
+from supervisor.proxy import Elsewhere, Proxy, openai_error, queue_full
+from supervisor.replicas import PrefixMemory, ReplicaLoad, choose, prefixes_of
 from supervisor.routes import worker_path
 from supervisor.states import PROCESS_STATES, WorkerState
 from supervisor.worker_process import WorkerManager
@@ -61,25 +69,68 @@ class Router:
     def __init__(self, fleet: Fleet, body_timeout_s: float) -> None:
         self._fleet = fleet
         self._body_timeout_s = body_timeout_s
-        # model -> (its manager, the proxy to it); a model added by SIGHUP gets one when first
-        # asked for, one removed loses it then.
-        self._proxies: dict[str, tuple[WorkerManager, Proxy]] = {}
+        # (model, replica index) -> (its manager, the proxy to it); a model added by SIGHUP gets
+        # one when first asked for, one removed loses it then.
+        self._proxies: dict[tuple[str, int], tuple[WorkerManager, Proxy]] = {}
+        # model -> what was sent to which replica, and each replica's worker generation then
+        self._memory: dict[str, tuple[PrefixMemory, list[int]]] = {}
 
-    def proxy(self, mid: str) -> Proxy:
-        """The proxy to model ``mid``'s manager now (which must exist)."""
-        mgr = self._fleet.managers[mid]
-        got = self._proxies.get(mid)
+    def proxy(self, mid: str, replica: int = 0) -> Proxy:
+        """The proxy to replica ``replica`` of model ``mid`` now (which must exist)."""
+        mgr = self._fleet.replicas(mid)[replica]
+        got = self._proxies.get((mid, replica))
         if got is None or got[0] is not mgr:
-            if len(self._proxies) > len(self._fleet.managers):
-                for gone in [m for m in self._proxies if m not in self._fleet.managers]:
+            if len(self._proxies) > len(self._fleet.workers):
+                for gone in [k for k in self._proxies if k[0] not in self._fleet.managers]:
                     del self._proxies[gone]
             prep = self._fleet.preparers[mid]
             got = (mgr, Proxy(mgr, lambda: prep.config.admission.wait_timeout_s, self._body_timeout_s))
-            self._proxies[mid] = got
+            self._proxies[(mid, replica)] = got
         return got[1]
 
     async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
         return await self.proxy(self._fleet.first).expect_handler(request)
+
+    def _memory_of(self, mid: str, reps: list[WorkerManager]) -> PrefixMemory:
+        """The model's prefix memory, less what replicas whose worker was replaced held."""
+        got = self._memory.get(mid)
+        if got is None or len(got[1]) != len(reps):
+            got = self._memory[mid] = (PrefixMemory(), [m.view.gen for m in reps])
+        memory, gens = got
+        for i, m in enumerate(reps):
+            if m.view.gen != gens[i]:
+                memory.forget(i)
+                gens[i] = m.view.gen
+        return memory
+
+    async def dispatch(
+        self, mid: str, request: web.Request, raw: bytes | None, upstream: str | None
+    ) -> web.StreamResponse:
+        """Send the request to a replica of ``mid`` (``replicas.choose``), and to another
+        one if that one has no ready worker by the time it is its turn."""
+        reps = self._fleet.replicas(mid)
+        prep = self._fleet.preparers[mid]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + prep.config.admission.wait_timeout_s
+        # One replica: the same path, one choice (and no prompt to hash).
+        prefixes = prefixes_of(raw) if raw and request.method == "POST" and len(reps) > 1 else ()
+        memory = self._memory_of(mid, reps)
+        gone: set[int] = set()
+        resent = False
+        while True:
+            loads = [_load(m) if i not in gone else ReplicaLoad(False) for i, m in enumerate(reps)]
+            i = choose(loads, memory.holder(prefixes))
+            if loads[i].free <= 0 and sum(x.waiting for x in loads) >= prep.config.admission.queue_size:
+                return queue_full()  # the model's queue bound, across its replicas
+            stay = not any(x.ready for j, x in enumerate(loads) if j != i)
+            memory.sent(i, prefixes)
+            got = await self.proxy(mid, i).handle(
+                request, prebody=raw, upstream_path=upstream, deadline=deadline, stay=stay, resent=resent
+            )
+            if not isinstance(got, Elsewhere):
+                return got
+            resent = resent or got.resent
+            gone.add(i)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, at most MAX_BODY bytes (ValueError beyond), with no gap between
@@ -151,7 +202,17 @@ class Router:
         # an earlier "no room" refusal, which would otherwise answer 503 until an operator's load).
         self._fleet.load(mid)
         upstream = worker_path(request.path)
-        return await self.proxy(mid).handle(request, prebody=raw, upstream_path=None if upstream == request.path else upstream)
+        return await self.dispatch(mid, request, raw, None if upstream == request.path else upstream)
+
+
+def _load(mgr: WorkerManager) -> ReplicaLoad:
+    """A replica's load, from its published view and its admission's counters."""
+    v = mgr.view
+    h = v.handle
+    adm = mgr.admission
+    if v.state is WorkerState.READY and h is not None:
+        return ReplicaLoad(True, slots=h.slots, generating=adm.in_worker_slots(h.gen), waiting=adm.waiting)
+    return ReplicaLoad(False, coming=v.state in PROCESS_STATES, waiting=adm.waiting)
 
 
 class ModelCards:
@@ -199,9 +260,22 @@ class ModelCards:
         finishing its requests is not servable any more), in the fleet's order."""
         fleet = self._fleet
         return tuple(
-            _Facts(mid, fleet.managers[mid].state, fleet.entry(mid).pinned, *fleet.footprint(mid))
+            _Facts(mid, fleet.managers[mid].state, fleet.entry(mid).pinned, *fleet.footprint(mid), self._replicas(mid))
             for mid in fleet.ids
         )
+
+    def _replicas(self, mid: str) -> tuple[tuple[WorkerState, tuple[str, ...]], ...]:
+        """Each replica's state and GPUs, when the model has several; () with one."""
+        fleet = self._fleet
+        keys = [mid, *fleet.extras.get(mid, ())]
+        if len(keys) < 2:
+            return ()
+        out = []
+        for key in keys:
+            state = fleet.workers[key].state
+            planned, measured = fleet.footprint(key) if state in PROCESS_STATES else ({}, {})
+            out.append((state, tuple(sorted(set(planned) | set(measured)))))
+        return tuple(out)
 
     def _card(self, f: _Facts) -> dict[str, object]:
         # Where a model is: only while it has a worker process.
@@ -212,11 +286,13 @@ class ModelCards:
             "created": self._created,
             "owned_by": "vram-llm",
             # Beyond OpenAI's shape: where the model is and what it holds.
-            "loaded": f.state is WorkerState.READY,
+            "loaded": f.state is WorkerState.READY or any(s is WorkerState.READY for s, _ in f.replicas),
             "state": f.state.value,  # an unloaded model is "unloaded", a state of its own
             "gpus": sorted(set(measured) | set(planned)),
             "mib": sum((measured or planned).values()),
             "pinned": f.pinned,
+            **({"replicas": [{"replica": n, "state": s.value, "loaded": s is WorkerState.READY, "gpus": list(g)}
+                             for n, (s, g) in enumerate(f.replicas, 1)]} if f.replicas else {}),
         }
 
 
@@ -228,3 +304,4 @@ class _Facts(NamedTuple):
     pinned: bool
     planned_mib: dict[str, int]  # GPU UUID -> MiB (fleet.footprint: copies, compared by value)
     measured_mib: dict[str, int]
+    replicas: tuple[tuple[WorkerState, tuple[str, ...]], ...]  # (state, GPU UUIDs) of each, with several

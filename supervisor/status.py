@@ -189,6 +189,23 @@ class HealthVerdict(_S, omit_defaults=True):
     retry_after_s: int | None = None  # /health's Retry-After when not ok
 
 
+class ReplicaRow(_S):
+    """One replica of a model that has several (``replicas`` other than 1)."""
+
+    replica: int  # 1: the model's first replica (its manager), 2, 3...: extra ones
+    state: str
+    reason: str = ""
+    pid: int | None = None
+    planned_mib: dict[str, int] = msgspec.field(default_factory=dict)  # GPU UUID -> MiB of its plan
+    slots: int = 0  # generation slots of its worker (0 while not ready)
+    generating: int = 0  # requests holding one
+    waiting: int = 0  # requests waiting for it
+    served: int = 0  # requests it answered
+    restarts: int = 0
+    cache_hits: int | None = None  # its worker's prompt reuse (last /health)
+    cache_tokens_reused: int | None = None
+
+
 class ModelRow(_S):
     """One model of several (absent with a single model)."""
 
@@ -204,6 +221,7 @@ class ModelRow(_S):
     in_flight: int = 0
     idle_s: float | None = None  # seconds since its last request (None: none yet)
     disk_cache: DiskCache | None = None  # its prompt cache's disk tier, while it has a worker
+    replicas: list[ReplicaRow] = msgspec.field(default_factory=list)  # with several replicas
 
 
 class Status(_S):
@@ -228,6 +246,8 @@ class Status(_S):
     # made to load another model.
     models: list[ModelRow] = msgspec.field(default_factory=list)
     swaps: int = 0
+    # The first model's replicas, when it has several (each model's are in its row too).
+    replicas: list[ReplicaRow] = msgspec.field(default_factory=list)
 
 
 def decode_status(raw: bytes) -> Status:

@@ -114,6 +114,26 @@ def _models_table(st: Status) -> list[str]:
     return out
 
 
+def _replicas_table(st: Status) -> list[str]:
+    """Every model with several replicas: a row per replica."""
+    index = {g.uuid: g.index for g in st.gpus_now}
+    models = [(m.id, m.replicas) for m in st.models] if st.models else [("", st.replicas)]
+    out: list[str] = []
+    for mid, reps in models:
+        if not reps:
+            continue
+        rows = [["REPLICA", "STATE", "PID", "GPUS", "PLANNED MiB", "SLOTS", "GENERATING", "WAITING", "SERVED",
+                 "CACHE HITS", "RESTARTS"]]
+        for r in reps:
+            gpus = sorted(index.get(u, -1) for u in r.planned_mib)
+            rows.append([str(r.replica), r.state, str(r.pid or "-"), ",".join(map(str, gpus)) or "-",
+                         _mib_of(r.planned_mib), str(r.slots), str(r.generating), str(r.waiting), str(r.served),
+                         "-" if r.cache_hits is None else str(r.cache_hits), str(r.restarts)])
+        out.append(f"replicas{' of ' + mid if mid else ''}: {len(reps)}")
+        out.extend("  " + line for line in _table(rows))
+    return out
+
+
 def render(doc: Status | dict[str, Any], url: str) -> str:
     st = doc if isinstance(doc, Status) else msgspec.convert(doc, Status)
     out: list[str] = []
@@ -199,6 +219,7 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
         out.append("gpus:    none visible (CPU only)")
     if st.models:
         out.extend(_models_table(st))
+    out.extend(_replicas_table(st))
     line = f"restarts: {st.restarts}"
     if st.failure_streak:
         line += f", {st.failure_streak} in the current streak"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from supervisor.admission import Admission
 from supervisor.states import PROCESS_STATES, WorkerState
-from supervisor.status import DiskCache, ModelRow, RamCache, RequestCounts, Status, WorkerStatus
+from supervisor.status import DiskCache, ModelRow, RamCache, ReplicaRow, RequestCounts, Status, WorkerStatus
 
 if TYPE_CHECKING:
     from supervisor.fleet import Fleet
@@ -98,9 +98,44 @@ def model_rows(fleet: Fleet, now: float) -> list[ModelRow]:
                 measured_mib=measured if loaded else {},
                 restarts=view.history.restarts_total,
                 swaps_in=view.swaps_in,
-                in_flight=adm.in_flight,
+                in_flight=model_requests(fleet, mid).in_flight,
                 idle_s=round(now - adm.last_used, 1) if adm.last_used else None,
                 disk_cache=disk_cache(view) if loaded else None,
+                replicas=replica_rows(fleet, mid, now),
             )
         )
+    return rows
+
+
+def model_requests(fleet: Fleet, mid: str) -> RequestCounts:
+    """The model's request counts: every replica's together."""
+    adms = [m.admission for m in fleet.replicas(mid)] if mid in fleet.ids else [fleet.managers[mid].admission]
+    return RequestCounts(in_flight=sum(a.in_flight for a in adms), waiting_for_worker=sum(a.waiting for a in adms),
+                         served=sum(a.served for a in adms))
+
+
+def replica_rows(fleet: Fleet, mid: str, now: float) -> list[ReplicaRow]:
+    """One row per replica of model ``mid``; none when it has one."""
+    reps = fleet.replicas(mid) if mid in fleet.managers else []
+    if len(reps) < 2:
+        return []
+    keys = [mid, *fleet.extras.get(mid, ())]
+    rows = []
+    for n, (key, mgr) in enumerate(zip(keys, reps), 1):
+        view, adm = mgr.view, mgr.admission
+        h, health = view.handle, view.last_health
+        rows.append(ReplicaRow(
+            replica=n,
+            state=view.state.value,
+            reason=view.reason_at(now),
+            pid=None if view.proc is None else view.proc.pid,
+            planned_mib=fleet.footprint(key)[0] if view.state in PROCESS_STATES else {},
+            slots=h.slots if h is not None and view.state is WorkerState.READY else 0,
+            generating=adm.generating,
+            waiting=adm.waiting,
+            served=adm.served,
+            restarts=view.history.restarts_total,
+            cache_hits=None if health is None else health.cache_hits,
+            cache_tokens_reused=None if health is None else health.cache_tokens_reused,
+        ))
     return rows

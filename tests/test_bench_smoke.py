@@ -95,6 +95,15 @@ def test_placement_time_runs() -> None:
     assert "evict several" in proc.stdout and "only busy ones in the way" in proc.stdout, proc.stdout
 
 
+def test_replicas_bench_runs(tmp_path: Path) -> None:
+    out_json = tmp_path / "replicas.json"
+    proc = run_module("bench.replicas", "--rounds", "1", "--clients", "2", "--tokens", "4", "--ctx-size", "512",
+                      "--json-out", str(out_json), timeout=240)
+    assert "agg_tok_s" in proc.stdout, proc.stdout
+    assert set(json.loads(out_json.read_text())["rounds"][0]) == {
+        "2 replicas x 1 thread", "1 worker x 2 threads", "1 worker x 1 thread"}
+
+
 def test_swap_time_runs() -> None:
     proc = run_module("bench.swap_time", "--rounds", "2", timeout=240)
     assert "median first token after a swap" in proc.stdout and "swaps counted: 2" in proc.stdout, proc.stdout

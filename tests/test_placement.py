@@ -43,7 +43,7 @@ def model(mid: str, size_layers: int = 20, **kw: object) -> ModelInfo:
     devices = kw.pop("devices", None)
     # One slot: BIG below is the size of such a model with one slot's KV cache.
     settings = PlanSettings(devices=devices, parallel=1)  # type: ignore[arg-type]
-    policy = {"pinned": False, "refuse_when_no_room": False, **kw}
+    policy = {"pinned": False, "refuse_when_no_room": False, "placement": "spread", "replicas": 1, **kw}
     return ModelInfo(mid, facts(size_layers, name=mid), settings, **policy)  # type: ignore[arg-type]
 
 

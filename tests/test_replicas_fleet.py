@@ -1,0 +1,110 @@
+"""Replicas in the fleet with the fake worker on one simulated GPU (issue 28): extra replicas
+are capacity (evicted before any model, never evicting one to load), and a model's queue
+bound applies across its replicas."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from tests.supervisor_harness import poll
+from tests.test_fleet import ROOM_FOR_ONE, ROOM_FOR_TWO, chat, fleet, models_state, remember_pids
+
+__all__ = ["fleet"]  # the fixture, imported to be used
+
+ROOM_FOR_THREE = 5000  # three workers of SmolLM2 (1264 MiB planned each) and the reserve
+
+
+def replica_states(s: Any, mid: str) -> list[str]:
+    row = next(m for m in s.status()["models"] if m["id"] == mid)
+    return [r["state"] for r in row["replicas"]]
+
+
+def test_an_extra_replica_is_evicted_before_another_model(fleet: Any) -> None:
+    s = fleet(ROOM_FOR_TWO, [{"id": "a", "replicas": 2}, {"id": "b"}])
+    poll(lambda: replica_states(s, "a") == ["ready", "ready"], 60, "both replicas of a ready")
+    remember_pids(s)
+    code, body = chat(s, "b")
+    assert code == 200 and body["model"] == "b", body
+    remember_pids(s)
+    # b took the memory of a's second replica; a itself still serves.
+    assert replica_states(s, "a") == ["ready", "unloaded"]
+    assert models_state(s) == {"a": "ready", "b": "ready"} and s.status()["swaps"] == 1
+    code, body = chat(s, "a")
+    assert code == 200 and body["model"] == "a"
+
+
+def test_an_extra_replica_never_evicts_a_model(fleet: Any) -> None:
+    s = fleet(ROOM_FOR_TWO, [{"id": "b", "preload": True}, {"id": "a", "replicas": 2}])
+    poll(lambda: models_state(s)["b"] == "ready", 60, "b ready")
+    code, _ = chat(s, "a")  # a loads beside b; its second replica finds no room
+    assert code == 200
+    remember_pids(s)
+    row = poll(lambda: (r := next(m for m in s.status()["models"] if m["id"] == "a"))["replicas"][1]["reason"]
+               .startswith("not loaded") and r, 30, "a's second replica refused")
+    assert "never evicts a model" in row["replicas"][1]["reason"], row
+    assert models_state(s) == {"b": "ready", "a": "ready"} and s.status()["swaps"] == 0
+
+
+def test_the_queue_bound_is_the_models_across_its_replicas(fleet: Any) -> None:
+    # Room for both replicas, one slot each (the fake worker generates one at a time), and
+    # two requests may wait for the model in all.
+    s = fleet(ROOM_FOR_TWO, [{"id": "a", "replicas": 2}], env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"},
+              sections={"admission": {"queue_size": 2, "wait_timeout_s": 60.0}})
+    poll(lambda: [r["state"] for r in s.status()["replicas"]] == ["ready", "ready"], 60, "both replicas ready")
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        code, _ = chat(s, "a", max_tokens=40)
+        with lock:
+            results.append(code)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    # Two generate (one per replica), two wait (one per replica: under each replica's own bound).
+    poll(lambda: sum(r["waiting"] for r in s.status()["replicas"]) == 2, 30, "two requests waiting")
+    code, body = chat(s, "a")
+    assert code == 429 and body["error"]["code"] == "queue_full", body
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [200] * 4
+
+
+def test_sighup_removes_a_model_with_its_replicas_and_adds_one_with_its_own(fleet: Any) -> None:
+    from tests.test_fleet_sighup import model_dirs, model_ids, sighup_with_models
+
+    s = fleet(ROOM_FOR_THREE, [{"id": "a", "replicas": 2}, {"id": "b"}])
+    poll(lambda: replica_states(s, "a") == ["ready", "ready"], 60, "both replicas of a ready")
+    remember_pids(s)
+    # a goes (b, the first now, loads as the first does at start), c comes with two replicas (loaded on demand, its second once its first is ready).
+    sighup_with_models(s, [{"id": "b"}, {"id": "c", "replicas": 2}])
+    poll(lambda: model_ids(s) == ["b", "c"], 30, "the new list")
+    poll(lambda: "a" not in model_dirs(s), 30, "a's workers and sockets gone")
+    assert chat(s, "a")[1]["error"]["code"] == "model_not_found"
+    code, body = chat(s, "c")
+    assert code == 200 and body["model"] == "c"
+    remember_pids(s)
+    poll(lambda: replica_states(s, "c") == ["ready", "ready"], 60, "both replicas of c ready")
+    remember_pids(s)
+
+
+def test_a_model_evicted_goes_with_its_replicas(fleet: Any, tmp_path: Path) -> None:
+    # Two GPUs, room for one worker each: a's replicas take one each; b may use GPU 0 only,
+    # so a's first replica must go, and its second with it (else a's next request would load
+    # a back, evicting b).
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps([{"index": i, "uuid": f"GPU-0000000{i}-0000-0000-0000-00000000aaaa", "name": "sim",
+                                "total_mib": 8192, "free_mib": ROOM_FOR_ONE} for i in range(2)]))
+    s = fleet(ROOM_FOR_ONE, [{"id": "a", "replicas": 2}, {"id": "b", "devices": [0]}],
+              sections={"gpu": {"simulate_gpus": str(two)}})
+    poll(lambda: replica_states(s, "a") == ["ready", "ready"], 60, "both replicas of a ready")
+    remember_pids(s)
+    code, body = chat(s, "b")
+    assert code == 200 and body["model"] == "b", body
+    remember_pids(s)
+    assert replica_states(s, "a") == ["unloaded", "unloaded"]
+    assert models_state(s) == {"a": "unloaded", "b": "ready"}

@@ -135,9 +135,11 @@ def test_kill_9_of_one_replica_loses_no_request_and_the_other_keeps_serving(sup:
 def test_a_conversations_second_turn_lands_on_the_replica_holding_its_prefix(sup: Supervisor) -> None:
     poll(lambda: len(ready_replicas(sup)) == 2, 120, "both replicas ready")
     # Replica 1 busy with one long answer: the first turn goes to replica 2 (more free slots).
+    # Long enough to outlast the first turn on a fast box (160 tokens took 0.8 s and ended
+    # before it: replica 1 then counted one served).
     long_done: list[int] = []
     hold = threading.Thread(target=lambda: long_done.append(
-        chat(sup, [{"role": "user", "content": "Write a long story."}], max_tokens=160, ignore_eos=True)[0]))
+        chat(sup, [{"role": "user", "content": "Write a long story."}], max_tokens=1200, ignore_eos=True)[0]))
     hold.start()
     poll(lambda: replicas(sup)[0]["generating"] == 1, 60, "replica 1 answering the long request")
     turn1 = [{"role": "user", "content": "My name is Ada and I like to count sheep in the evening."}]

@@ -206,7 +206,9 @@ def test_logit_bias_forces_a_token(client: httpx.Client) -> None:
 def test_response_format_json_object_returns_json(client: httpx.Client) -> None:
     body = chat(
         client, temperature=0, max_tokens=60,
-        messages=[{"role": "user", "content": 'Reply with the JSON object {"a": 1}.'}],
+        # A prompt whose greedy object closes within max_tokens ('Reply with the JSON object
+        # {"a": 1}.' nests keys until the limit with flash attention on).
+        messages=[{"role": "user", "content": 'Give me a JSON object with the key "name" set to "Ada".'}],
         response_format={"type": "json_object"},
     )
     assert body["choices"][0]["finish_reason"] == "stop"

@@ -96,7 +96,7 @@ def test_completion_stop_word_and_eos_stop_types(client: httpx.Client) -> None:
     stopped = completion(client, prompt=PROMPT, n_predict=8, temperature=0, stop=[word])
     assert (stopped["stop_type"], stopped["stopping_word"]) == ("word", word)
     assert word not in stopped["content"] and full.startswith(stopped["content"])
-    chat_like = completion(client, prompt="<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n",
+    chat_like = completion(client, prompt="<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
                            n_predict=60, temperature=0)
     assert chat_like["stop_type"] == "eos"
 

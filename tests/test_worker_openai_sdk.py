@@ -66,7 +66,7 @@ def test_sdk_completion_and_streaming(sdk: openai.OpenAI) -> None:
 def test_sdk_json_mode(sdk: openai.OpenAI) -> None:
     r = sdk.chat.completions.create(
         model="m", temperature=0, max_tokens=60,
-        messages=[{"role": "user", "content": 'Reply with the JSON object {"a": 1}.'}],
+        messages=[{"role": "user", "content": 'Give me a JSON object with the key "name" set to "Ada".'}],
         response_format={"type": "json_object"},
     )
     import json

@@ -51,6 +51,9 @@ class CacheStats:
 
 # Shortest cached prefix worth choosing a slot for (a BOS token is shared by every prompt).
 _MIN_REUSE = 2
+# A slot whose cache the prompt would cut is chosen for its prefix only when the prefix is
+# at least this share of the prompt (llama-server's --slot-prompt-similarity default).
+_MIN_SHARE = 0.1
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -73,18 +76,25 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def pick_slot(idle: Sequence[Slot], head: Sequence[int]) -> tuple[Slot, int] | None:
-    """The idle slot to serve a prompt whose head (all but its last token) is ``head``.
+    """The idle slot to serve a prompt whose head (all but its last token) is ``head``, and
+    the prefix of its cache the prompt reuses. None when no slot is idle.
 
-    Longest shared prefix first (of at least ``_MIN_REUSE`` tokens), then least recently
-    used (an empty slot has never been used, so it is taken before a cache is
-    overwritten). Returns the slot and the prefix
-    length, or None when no slot is idle.
+    A slot is chosen for its cache when the prompt keeps all of it (a conversation's next
+    turn) or shares at least ``_MIN_SHARE`` of the prompt with it (a long system prompt);
+    the longest such prefix wins, least recently used breaking ties. Otherwise the least
+    recently used slot (an empty slot has never been used): a chat template's opening
+    tokens, shared by every conversation, are no reason to overwrite another's cache (a
+    past bug: three conversations on four slots took turns overwriting one slot, and every
+    second turn read its whole prompt again).
     """
     best: tuple[Slot, int] | None = None
+    lru: tuple[Slot, int] | None = None
     for slot in idle:
         n = common_prefix(slot.tokens, head)
-        if n < _MIN_REUSE:
-            n = 0  # a shared BOS alone is no reason to overwrite a cache: take the LRU slot
-        if best is None or n > best[1] or (n == best[1] and slot.last_used < best[0].last_used):
-            best = (slot, n)
-    return best
+        n = n if n >= _MIN_REUSE else 0
+        if lru is None or slot.last_used < lru[0].last_used:
+            lru = (slot, n)
+        if n and (n == len(slot.tokens) or n >= _MIN_SHARE * len(head)):
+            if best is None or n > best[1] or (n == best[1] and slot.last_used < best[0].last_used):
+                best = (slot, n)
+    return best if best is not None else lru

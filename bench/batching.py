@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -23,7 +22,7 @@ import aiohttp
 import msgspec
 
 from bench.client import Target, pct
-from bench.procs import Procs, free_port, start_supervisor, wait_http_ok
+from bench.procs import Procs, free_port, run_and_report, start_supervisor, wait_http_ok
 from supervisor.default_model import default_model_path
 
 _dec = msgspec.json.Decoder()
@@ -180,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     args.clients = [int(x) for x in args.clients.split(",")]
-    res = asyncio.run(_run(args))
-    print(report(res))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=1))
-    return 0
+    return run_and_report("bench.batching", args, lambda _model: asyncio.run(_run(args)), report)
 
 
 if __name__ == "__main__":

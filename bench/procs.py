@@ -45,8 +45,11 @@ def run_and_report(
     name: str, a: argparse.Namespace, run: Callable[[str], dict[str, Any]], render: Callable[[dict[str, Any]], str],
 ) -> int:
     """The end of a comparison bench's main: ``run(model)`` on ``a.model`` (default: the
-    embedded model), its table printed, the JSON written to ``a.json_out``; 1 on a failure."""
+    embedded model), its table printed, the JSON written to ``a.json_out``; 1 on a failure.
+    A SIGTERM (a timeout, a wrapper's Ctrl-C) unwinds through Procs: no server left behind."""
     from supervisor.default_model import default_model_path
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     model = str(Path(a.model).resolve()) if a.model else str(default_model_path())
     try:
@@ -416,3 +419,4 @@ http {{
     base = f"http://127.0.0.1:{port}"
     wait_http_ok(procs, s, base + "/v1/models", 30.0)
     return s, base
+

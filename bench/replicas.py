@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +31,7 @@ from typing import Any
 
 from bench.batching import _session, _stream
 from bench.client import Target, pct
-from bench.procs import Procs, http_get_json
+from bench.procs import Procs, http_get_json, run_and_report
 from bench.scheduler import NO_EOS, start_vram_llm
 from supervisor.default_model import default_model_path
 
@@ -116,13 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
-    # A SIGTERM (timeout, Ctrl-C from a wrapper) unwinds through Procs: no server left behind.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    res = asyncio.run(_run(args))
-    print(report(res))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=1))
-    return 0
+    return run_and_report("bench.replicas", args, lambda _model: asyncio.run(_run(args)), report)
 
 
 if __name__ == "__main__":

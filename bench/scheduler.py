@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
-import signal
 import statistics
 import sys
 import tempfile
@@ -37,7 +35,7 @@ from typing import Any
 
 from bench.batching import SYSTEM, TOPICS, _session, _stream, start_llama_server_np
 from bench.client import Target, pct
-from bench.procs import Procs, free_port, http_get_json, toml_value, wait_http_ok
+from bench.procs import Procs, free_port, http_get_json, run_and_report, toml_value, wait_http_ok
 from supervisor.default_model import default_model_path
 
 NO_EOS = {"0": -100.0, "2": -100.0}  # SmolLM2's <|endoftext|> and <|im_end|>
@@ -269,13 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     args.workloads = args.workloads.split(",")
-    # A SIGTERM (timeout, Ctrl-C from a wrapper) unwinds through Procs: no server left behind.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    res = asyncio.run(_run(args))
-    print(report(res))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=1))
-    return 0
+    return run_and_report("bench.scheduler", args, lambda _model: asyncio.run(_run(args)), report)
 
 
 if __name__ == "__main__":

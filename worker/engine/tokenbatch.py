@@ -114,29 +114,35 @@ def logits_batch_invariant(ctx: Any, batch: TokenBatch) -> bool:
     mem = llama_lib.llama_get_memory(ctx)
     cells = int(llama_lib.llama_n_ctx_seq(ctx))
     context = min(64, batch.capacity, cells // 2)
-    tokens = [max(0, llama_lib.llama_vocab_bos(vocab))] + [(7 * i + 100) % n_vocab for i in range(1, cells)]
+    tokens = [max(0, llama_lib.llama_vocab_bos(vocab))] + [(7 * i + 100) % n_vocab for i in range(1, context + 33)]
 
     def last_row(chunk: int, together: bool) -> bytes | None:
-        llama_lib.llama_memory_seq_rm(mem, 0, -1, -1)
-        runs = [tokens[:context], tokens[context : context + chunk]]
+        # The context stays in the cache; what followed it is removed (a recurrent state
+        # cannot be cut: no merge then).
+        if not llama_lib.llama_memory_seq_rm(mem, 0, context, -1):
+            return None
         last = tokens[context + chunk]
-        for i, run in enumerate(runs):
-            batch.clear()
-            batch.add(0, run, 0 if i == 0 else context, False)
-            if i == 1 and together:
-                batch.add(0, [last], context + chunk, True)
-            if batch.decode(ctx) != 0:
-                return None
-        if not together:
+        batch.clear()
+        batch.add(0, tokens[context : context + chunk], context, False)
+        if together:
+            batch.add(0, [last], context + chunk, True)
+        elif batch.decode(ctx) != 0:
+            return None
+        else:
             batch.clear()
             batch.add(0, [last], context + chunk, True)
-            if batch.decode(ctx) != 0:
-                return None
+        if batch.decode(ctx) != 0:
+            return None
         return ctypes.string_at(llama_lib.llama_get_logits_ith(ctx, batch.n - 1), 4 * n_vocab)
 
     try:
+        llama_lib.llama_memory_seq_rm(mem, 0, -1, -1)
+        batch.clear()
+        batch.add(0, tokens[:context], 0, False)  # read once: the trials differ after it
+        if context < 1 or batch.decode(ctx) != 0:
+            return False
         for chunk in sorted({min(c, batch.capacity - 1, cells - context - 1) for c in (1, 7, 31)}):
-            if context < 1 or chunk < 1:
+            if chunk < 1:
                 return False
             together = last_row(chunk, True)
             if together is None or together != last_row(chunk, False):

@@ -53,7 +53,8 @@ def fake_server(mode: str = "ok", version: tuple[int, int, int] = (7, 0, 0), por
 
     def serve() -> None:
         if delay_s:
-            time.sleep(delay_s)  # comes up late (a host that is rebooting)
+            if stop.wait(delay_s):  # comes up late (a host that is rebooting), unless stopped first
+                return
             listen()
         while not stop.is_set():
             try:

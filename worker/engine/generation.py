@@ -2,7 +2,7 @@
 
 Rules for this module:
 - ``Generation`` is the one place that turns a sampled token into output: sampling from
-  its own row of the batch's logits with its own sampler chain, the end-of-generation
+  its own row of the batch's logits with its own sampler (chains.py), the end-of-generation
   check, the incremental UTF-8 decoder, stop strings, ``max_tokens`` and the finish
   reason. The batch loop (batch.py) never looks inside a token; a per-token feature
   belongs here.
@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Protocol
 import llama_cpp.llama_cpp as llama_lib
 import numpy as np
 
-from worker.engine.chains import sampler_chain
+from worker.engine.chains import Argmax, Chain, make_sampler
 from worker.engine.prompt import Prepared
 from worker.engine.stops import _held_back, _stop_at, _stop_end
 
@@ -147,7 +147,7 @@ class Generation:
         # A state the prompt-cache thread read from disk for this request (tokens, bytes);
         # taken by the batch loop when it admits the request.
         self.from_disk: tuple[list[int], bytearray] | None = None
-        self._chain: Any = None
+        self._sampler: Chain | Argmax | None = None
         self._pending = ""  # text held back: it may be the start of a stop string
         self._utf8: Callable[..., str] = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         stops = prepared.stop
@@ -177,11 +177,11 @@ class Generation:
     # --- the loop thread ---
 
     def begin(self) -> None:
-        """The request got a slot: build its sampler chain."""
+        """The request got a slot: build its sampler (chains.py)."""
         s = self.prepared.sampling
         # 0xFFFFFFFF is LLAMA_DEFAULT_SEED: llama.cpp picks a random seed.
         seed = s.seed & 0xFFFFFFFF if s.seed is not None else llama_lib.LLAMA_DEFAULT_SEED
-        self._chain = sampler_chain(self._pieces.vocab, self._pieces.n_vocab, self.prepared, seed)
+        self._sampler = make_sampler(self._pieces.vocab, self._pieces.n_vocab, self.prepared, seed)
         self.started_at = self.last_token_at = time.monotonic()
         if self.sink is not None:
             self.sink.started()
@@ -192,7 +192,8 @@ class Generation:
         Returns the token to decode next, or None when the generation finished (then
         ``finish_reason`` is set; the caller calls ``end``).
         """
-        token: int = llama_lib.llama_sampler_sample(self._chain, ctx, row)
+        assert self._sampler is not None
+        token = self._sampler.sample(ctx, row)
         self.last_token_at = time.monotonic()
         s = self.prepared.sampling
         # Sampling reads the row without changing it: these are the raw logits' values.
@@ -213,8 +214,7 @@ class Generation:
         if lp is not None:
             self.logprobs.append(lp)
         if n == s.min_tokens:
-            # min_tokens reached: drop the ban at the head of the chain (chains.py).
-            llama_lib.llama_sampler_free(llama_lib.llama_sampler_chain_remove(self._chain, 0))
+            self._sampler.min_tokens_reached()  # end-of-generation and stop ids are allowed now
         text = self._utf8(self._pieces.piece(token, self._special))
         stops = self.prepared.stop
         if stops and n >= s.min_tokens:
@@ -269,9 +269,9 @@ class Generation:
             self._pending = ""
             if pending and self.sink is not None:
                 self.sink.piece(pending)
-        if self._chain is not None:
-            llama_lib.llama_sampler_free(self._chain)
-            self._chain = None
+        if self._sampler is not None:
+            self._sampler.free()
+            self._sampler = None
         self.done = True
         if self.sink is not None:
             self.sink.ended()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.engine.drafts import Drafter, DraftStats
+from worker.engine.drafts import Drafter, DraftStats, bucket
 from worker.engine.scheduler import HOLD_TOKENS, SlotWork, StepCost, plan_step
 
 
@@ -142,55 +142,81 @@ def test_index_is_incremental() -> None:
 
 
 @pytest.mark.parametrize(
-    ("accepted", "rejected", "threshold", "want"),
+    ("alpha", "threshold", "want"),
     [
-        (1, 1, 0.5, 0),  # the prior (alpha 1/2) where a row costs half a step: no draft
-        (1, 1, 0.33, 1),  # a row costs a third of a step (ratio 1/2): one token
-        (2, 1, 0.6, 1),  # alpha 2/3 against one stream's threshold at ratio 2
-        (2, 1, 0.86, 0),  # four streams on two CPU cores: rows cost as much as tokens
-        (1, 1, 0.03, 5),  # a GPU: rows almost free (0.5^5 > 0.03)
-        (2, 1, 0.03, 8),  # ... and the setting's limit
-        (19, 1, 0.6, 8),  # alpha 0.95: long drafts pay even on a CPU (0.95^8 = 0.66)
-        (9, 1, 0.86, 1),  # alpha 0.9 beats four CPU streams' threshold by one token
-        (1, 9, 0.03, 1),  # alpha 0.1: one token still pays on a GPU
+        (0.5, 0.5, 0),  # a short match's prior where a row costs a step: no draft
+        (0.5, 0.33, 1),  # a row costs a third of a step (ratio 1/2): one token
+        (2 / 3, 0.6, 1),
+        (2 / 3, 0.89, 0),  # four streams on two CPU cores (ratio 2): rows cost as much as tokens
+        (0.5, 0.03, 5),  # a GPU: rows almost free (0.5^5 > 0.03)
+        (2 / 3, 0.03, 8),  # ... and the setting's limit
+        (0.95, 0.6, 8),  # a long match: long drafts pay even on a CPU (0.95^8 = 0.66)
+        (0.9, 0.86, 1),  # alpha 0.9 beats four CPU streams' threshold by one token
+        (0.1, 0.03, 1),  # alpha 0.1: one token still pays on a GPU
     ],
 )
-def test_draft_length_is_what_pays_for_its_rows(accepted: float, rejected: float, threshold: float,
-                                                want: int) -> None:
+def test_draft_length_is_what_pays_for_its_rows(alpha: float, threshold: float, want: int) -> None:
+    assert Drafter(8, DraftStats()).length(alpha, threshold) == want
+
+
+# A context whose end ("... 7 8 9" + 10) repeats an earlier run: a match of ``n`` tokens.
+def matched(n: int) -> tuple[list[int], int]:
+    run = list(range(100, 100 + n))
+    return [1, 2, *run, 50, 51, 52, 53, 3, 4, *run[:-1]], run[-1]
+
+
+def test_a_long_match_drafts_where_a_short_one_does_not() -> None:
+    assert [bucket(n) for n in (2, 3, 4, 7, 8, 15, 16, 31, 32, 64)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     d = Drafter(8, DraftStats())
-    d._acc, d._rej = accepted, rejected
-    assert d.length(threshold) == want
+    for n, want in ((3, 0), (6, 0), (10, 1), (20, 3), (40, 7)):
+        d.reset()
+        ctx, last = matched(n)
+        # 2/3: one CPU stream's threshold; the priors 0.5 (< 8 tokens), 0.8, 0.9, 0.95
+        assert len(d.propose(ctx, last, 8, 2 / 3)) == want, n
+    d.reset()
+    ctx, last = matched(10)
+    assert d.propose(ctx, last, 8, 0.0) == [50, 51, 52, 53, 3, 4, 100, 101]  # what followed the earlier run
 
 
-def test_acceptance_is_learned_and_drafting_pauses_then_retries() -> None:
+def test_acceptance_is_learned_per_match_and_drafting_pauses_then_retries() -> None:
     stats = DraftStats()
     d = Drafter(16, stats)
-    ctx = list(range(40)) * 2
-    assert len(d.propose(ctx[:45], ctx[45], 16, 0.3)) == 1
+    ctx, last = matched(10)  # bucket 2 (8-15 tokens): prior 0.8
+    first = len(d.propose(ctx, last, 16, 2 / 3))
     for _ in range(6):
+        d.propose(ctx, last, 16, 2 / 3)
         d.verified(4, 4)  # everything accepted: alpha grows, drafts get longer
-    assert d.alpha > 0.95 and len(d.propose(ctx[:45], ctx[45], 16, 0.6)) >= 8
+    assert d.alpha(2) > 0.95 and len(d.propose(ctx, last, 16, 2 / 3)) > first
     assert (stats.drafted, stats.accepted, stats.drafts) == (24, 24, 6)
+    assert stats.alpha(2) > 0.8  # the worker learned it too
     for _ in range(8):
-        d.verified(2, 0)  # rejected: alpha falls below what pays
-    assert d.propose(ctx[:45], ctx[45], 16, 0.6) == []
-    for _ in range(64):  # the cooldown: the prior again
-        d.propose(ctx[:45], ctx[45], 16, 0.6)
-    assert d.alpha == pytest.approx(1 / 2)
-    assert Drafter(0, DraftStats()).propose(ctx[:45], ctx[45], 16, 0.0) == []  # draft_max = 0: never
+        d.propose(ctx, last, 16, 2 / 3)
+        d.verified(2, 0)  # rejected: this request's alpha falls below what pays
+    assert d.propose(ctx, last, 16, 2 / 3) == []
+    other = Drafter(16, stats)  # another request of the same worker still drafts
+    assert other.propose(ctx, last, 16, 2 / 3) != []
+    short, short_last = matched(3)
+    assert other.propose(short, short_last, 16, 2 / 3) == []  # the short match's bucket learned nothing
+    for _ in range(64):  # the cooldown: the worker's estimates again
+        d.propose(ctx, last, 16, 2 / 3)
+    assert d.alpha(2) == pytest.approx(stats.alpha(2))
+    assert Drafter(0, DraftStats()).propose(ctx, last, 16, 0.0) == []  # draft_max = 0: never
 
 
 @pytest.mark.parametrize(
     ("one", "two", "eight", "ratio", "t1", "t4"),
     [
-        # Two CPU cores, SmolLM2: 1 row 5.1 ms, 8 rows 39 ms: a row costs as much as a step,
-        # a draft pays only if almost sure (it never does on this machine).
-        (0.0051, 0.0090, 0.0391, 16.0, 0.941, 0.985),
+        # Two CPU cores, SmolLM2, flash attention off: 1 row 5.1 ms, 8 rows 39 ms: a row costs
+        # as much as a step, a draft pays only if almost sure.
+        (0.0051, 0.0090, 0.0391, 32.0, 0.970, 0.992),
+        # ... flash attention on (the default): 1 row 5.4 ms, 2 rows 7.8, 8 rows 27: b/a 1.27,
+        # rounded up: long matches pay, short ones do not.
+        (0.00543, 0.00783, 0.02674, 2.0, 0.667, 0.889),
         # The same whose 8-row average looks cheap: the first extra row still decides.
         (0.0051, 0.0090, 0.0240, 4.0, 0.8, 0.94),
         (0.0040, 0.0041, 0.0047, 1 / 32, 0.03, 0.11),  # a GPU: rows almost free
         (0.0040, 0.0040, 0.0040, 1 / 256, 0.004, 0.015),  # not measurably dearer: the floor
-        (0.0051, 0.0090, 0.0389, 16.0, 0.941, 0.985),  # a little noise: the same ratio (a power of two)
+        (0.0051, 0.0090, 0.0389, 32.0, 0.970, 0.992),  # a little noise: the same ratio (a power of two)
         (0.0100, 0.0160, 0.0540, 2.0, 0.667, 0.889),  # a big model on a CPU: rows cost less than steps
     ],
 )

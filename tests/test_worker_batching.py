@@ -215,9 +215,8 @@ def test_a_prompt_and_its_first_token_take_one_step(engine: Engine) -> None:
     list(gen)
     assert engine.loop.merge_last  # measured before the first request
     assert (gen.completion_tokens, steps.steps - before) == (3, 3)
-    # Every layer on the CPU: a drafted row counts as 4 steps' fixed cost at least, though
-    # this build has the RPC backend (llama_supports_gpu_offload() is true with it).
-    assert engine.loop.cost.row_ratio is not None and engine.loop.cost.row_ratio >= 4
+    # The drafts' row cost was measured before the worker said it was loaded.
+    assert engine.loop.calibrated.is_set() and engine.loop.cost.row_ratio is not None
 
 
 def test_greedy_alone_is_the_same_with_parallel_1_and_4(engine: Engine) -> None:

@@ -74,7 +74,6 @@ class BatchLoop:
         cache_ram_bytes: int,
         token_gap_s: float,
         draft_max: int,
-        rows_on_cpu: bool,  # no layer offloaded: a drafted row costs about a token (tokenbatch.py)
         disk: DiskCache | None = None,
     ) -> None:
         if not 1 <= parallel <= n_batch:
@@ -84,11 +83,12 @@ class BatchLoop:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.prefill_chunk = max(1, prefill_chunk)  # the scheduler's floor beside running streams
-        self.gap_s, self.cost, self._rows_on_cpu = token_gap_s, StepCost(), rows_on_cpu
+        self.gap_s, self.cost = token_gap_s, StepCost()
         self._batch = TokenBatch(n_batch)
         self.steps, self.drafts = StepStats(), DraftStats()  # written by the loop thread, read by /health
         self.draft_threshold: float | None = None  # pinned by tests (0: as on a GPU); None: measured
         self.merge_last = False  # measured at load: a prompt's last token goes with its last chunk
+        self.calibrated = threading.Event()  # the load-time measures are done (Engine.load waits)
         self._draft_max = draft_max = 0 if llama_lib.llama_model_is_recurrent(llama_lib.llama_get_model(ctx)) \
             else draft_max  # a rejected draft is removed from the KV cache: a recurrent state cannot be
         self.slots = [Slot(seq, drafter=Drafter(draft_max, self.drafts)) for seq in range(parallel)]
@@ -150,7 +150,7 @@ class BatchLoop:
 
     def _run(self) -> None:
         # Timed on this thread, the one that owns the context and decodes (tokenbatch.py).
-        self.merge_last = calibrate(self._ctx, self._batch, self.cost, self._draft_max > 0, self._rows_on_cpu)
+        self.merge_last = calibrate(self._ctx, self._batch, self.cost, self._draft_max > 0, self.calibrated)
         while True:
             self.chores.run(self.slots)
             with self._cond:

@@ -26,6 +26,8 @@ from worker.engine.tools import ToolRequest
 from worker.protocol import AppliedParams, LaunchSpec
 
 log = logging.getLogger("worker")
+# Longest wait for the batch loop's load-time measures (a second on two CPU cores with SmolLM2).
+_CALIBRATION_WAIT_S = 120.0
 
 
 class Engine:
@@ -68,10 +70,13 @@ class Engine:
             prefill_chunk=self.spec.prefill_chunk,
             token_gap_s=self.spec.token_gap_ms / 1000,
             draft_max=self.spec.draft_max,
-            rows_on_cpu=self.spec.n_gpu_layers == 0,
             cache_ram_bytes=self.spec.cache_ram_mib * 2**20,
             disk=self._disk_cache(),
         )
+        # Ready only once the loop has timed its rows (tokenbatch.py): timings taken while the
+        # next model loads beside it would mislead the drafts for this worker's whole life.
+        if not self.loop.calibrated.wait(_CALIBRATION_WAIT_S):
+            log.warning("the batch loop's load-time measures took over %.0f s; serving anyway", _CALIBRATION_WAIT_S)
         if self.spec.embeddings:
             self._embedder = Embedder(
                 llama, int(llama_lib.llama_n_batch(ctx)), pooling_of(llama, self.spec.pooling),

@@ -5,6 +5,7 @@ Used by the batch loop's thread only."""
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,6 @@ import llama_cpp.llama_cpp as llama_lib
 from worker.engine.scheduler import StepCost
 
 _CALIBRATION_CONTEXT = 256  # tokens of context the drafts' rows are timed behind
-_CPU_ROW_RATIO = 4.0  # a CPU-only build's least row cost, in units of a step's fixed cost
 
 
 class TokenBatch:
@@ -54,27 +54,24 @@ class TokenBatch:
 
 
 def time_rows(ctx: Any, batch: TokenBatch, rows: int, token: int, pos0: int) -> float:
-    """Seconds of one decode step of ``rows`` rows with logits (the best of three) on
-    sequence 0 at positions pos0.., what sequence 0 held before staying as it was. For the
-    scheduler's row cost, measured once at load, before any request."""
-    mem = llama_lib.llama_get_memory(ctx)
-    best = float("inf")
-    for _ in range(3):
-        batch.clear()
-        batch.add(0, [token] * rows, pos0, True)
-        t0 = time.perf_counter()
-        rc = batch.decode(ctx)
-        best = min(best, time.perf_counter() - t0)
-        llama_lib.llama_memory_seq_rm(mem, 0, pos0, -1)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed (code {rc}) while timing {rows} rows")
+    """Seconds of one decode step of ``rows`` rows with logits on sequence 0 at positions
+    pos0.., what sequence 0 held before staying as it was. For the scheduler's row cost,
+    measured at load, before any request."""
     batch.clear()
-    return best
+    batch.add(0, [token] * rows, pos0, True)
+    t0 = time.perf_counter()
+    rc = batch.decode(ctx)
+    took = time.perf_counter() - t0
+    llama_lib.llama_memory_seq_rm(llama_lib.llama_get_memory(ctx), 0, pos0, -1)
+    batch.clear()
+    if rc != 0:
+        raise RuntimeError(f"llama_decode failed (code {rc}) while timing {rows} rows")
+    return took
 
 
-def calibrate_drafts(ctx: Any, batch: TokenBatch, cost: StepCost, on_cpu: bool) -> None:
+def calibrate_drafts(ctx: Any, batch: TokenBatch, cost: StepCost) -> None:
     """What a drafted row costs here (in ``cost``, for ``StepCost.draft_threshold``), timed
-    once before the first request; ``on_cpu``: no layer is offloaded."""
+    once before the first request."""
     model = llama_lib.llama_get_model(ctx)
     if batch.capacity > 1:
         # Timed behind a context of some length, as drafts are: on a CPU the rows' attention
@@ -87,19 +84,16 @@ def calibrate_drafts(ctx: Any, batch: TokenBatch, cost: StepCost, on_cpu: bool) 
         if batch.decode(ctx) != 0:
             raise RuntimeError("llama_decode failed while timing the drafts' rows")
         try:
-            one = time_rows(ctx, batch, 1, bos, context)
-            cost.calibrated(one, time_rows(ctx, batch, 2, bos, context), time_rows(ctx, batch, many, bos, context), many)
+            # The best of three, the row counts taking turns: a load elsewhere on the machine
+            # (another worker loading) slows all three alike rather than one of them.
+            best = dict.fromkeys((1, 2, many), float("inf"))
+            for _ in range(3):
+                for rows in best:
+                    best[rows] = min(best[rows], time_rows(ctx, batch, rows, bos, context))
+            cost.calibrated(best[1], best[2], best[many], many)
         finally:
             llama_lib.llama_memory_seq_rm(llama_lib.llama_get_memory(ctx), 0, -1, -1)
             batch.clear()
-        if on_cpu and cost.row_ratio is not None:
-            # Every layer on the CPU (not "a CPU-only build": llama_supports_gpu_offload() is
-            # true wherever the RPC backend is built, and a bench then drafted on two cores,
-            # single streams at 0.72x): the timing above is noisy on a busy CPU (it gave 1 where a
-            # bench measured a second row at more than a step: bench.scheduler's single
-            # stream lost a fifth of its speed to drafts); a row counts as 4x a step's
-            # fixed cost at least, so a draft must be near certain to pay.
-            cost.row_ratio = max(cost.row_ratio, _CPU_ROW_RATIO)
 
 
 def logits_batch_invariant(ctx: Any, batch: TokenBatch) -> bool:
@@ -153,9 +147,13 @@ def logits_batch_invariant(ctx: Any, batch: TokenBatch) -> bool:
         batch.clear()
 
 
-def calibrate(ctx: Any, batch: TokenBatch, cost: StepCost, drafts: bool, on_cpu: bool) -> bool:
+def calibrate(ctx: Any, batch: TokenBatch, cost: StepCost, drafts: bool, done: threading.Event) -> bool:
     """The load-time measures, before the first request: the drafts' row cost (when they
-    are on) and whether a prompt's last token may go with its last chunk (the answer)."""
-    if drafts:
-        calibrate_drafts(ctx, batch, cost, on_cpu)
-    return logits_batch_invariant(ctx, batch)
+    are on) and whether a prompt's last token may go with its last chunk (the answer).
+    ``done`` is set when they are over, whatever happened."""
+    try:
+        if drafts:
+            calibrate_drafts(ctx, batch, cost)
+        return logits_batch_invariant(ctx, batch)
+    finally:
+        done.set()

@@ -230,3 +230,26 @@ def test_draft_threshold_from_the_rows_measured_at_load(one: float, two: float, 
     assert cost.draft_threshold(4) == pytest.approx(t4, abs=0.005)
     cost.observe(1, 0, 5.0)  # the moment's timings never move it (reproducible drafts)
     assert cost.draft_threshold(1) == pytest.approx(t1, abs=0.005)
+
+
+def test_dear_prompts_finishing_together_beside_streams_are_read_one_per_step() -> None:
+    # One stream runs; three prompts of 10 tokens wait (the "four" workload's arrivals).
+    work = [SlotWork(0, 1, 0, True), SlotWork(1, 2, 10, False), SlotWork(2, 3, 10, False), SlotWork(3, 4, 10, False)]
+    cpu = StepCost(decode_s={1: 0.005, 2: 0.008, 4: 0.013}, prompt_token_s=0.0026)
+    plan = plan_step(work, cpu, 512, 1.0, 64, merge_last=True)
+    assert (plan.decode, plan.chunks, plan.merged) == ((0,), ((1, 10),), (1,))  # the oldest alone
+    gpu = StepCost(decode_s={1: 0.004, 2: 0.0041, 4: 0.0043}, prompt_token_s=0.00002)
+    plan = plan_step(work, gpu, 512, 1.0, 64, merge_last=True)
+    assert plan.chunks == ((1, 10), (2, 10), (3, 10)) and plan.merged == (1, 2, 3)  # cheap: together
+    unmeasured = StepCost(decode_s={1: 0.005})
+    assert len(plan_step(work, unmeasured, 512, 1.0, 64, merge_last=True).chunks) == 3
+    # Nobody runs yet: the burst rule decides (all read together, started together).
+    idle = [SlotWork(1, 2, 10, False), SlotWork(2, 3, 10, False), SlotWork(3, 4, 10, False)]
+    assert len(plan_step(idle, cpu, 512, 1.0, 64, merge_last=True).chunks) == 3
+    # A long prompt behind a short one: the short one's first token does not wait for 372
+    # tokens of it; the long one starts a step later.
+    long = [SlotWork(0, 1, 0, True), SlotWork(1, 2, 10, False), SlotWork(2, 3, 900, False)]
+    assert plan_step(long, cpu, 512, 1.0, 64, merge_last=True).chunks == ((1, 10),)
+    # The oldest is the long one: read as far as the gap allows, then the next; no cut.
+    first_long = [SlotWork(0, 1, 0, True), SlotWork(2, 2, 900, False), SlotWork(1, 3, 10, False)]
+    assert plan_step(first_long, cpu, 512, 1.0, 64, merge_last=True).chunks == ((2, 382),)

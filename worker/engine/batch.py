@@ -260,8 +260,9 @@ class BatchLoop:
         drafts: dict[int, list[int]] = {}
         work: list[SlotWork] = []
         spare = self.n_batch - sum(1 for s in busy.values() if s.next_token is not None)
-        threshold = self.draft_threshold if self.draft_threshold is not None else self.cost.draft_threshold(
-            self.n_batch - spare)
+        # No drafts while a prompt is read beside the streams: its reader waits for every row.
+        threshold = 1.0 if len(busy) > self.n_batch - spare else self.draft_threshold \
+            if self.draft_threshold is not None else self.cost.draft_threshold(self.n_batch - spare)
         for s in busy.values():
             gen = s.gen
             assert gen is not None

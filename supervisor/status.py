@@ -52,6 +52,7 @@ class WorkerStatus(_S, omit_defaults=True):
     # many; seconds in whole steps and inside llama_decode alone).
     draft_tokens: int | None = None
     draft_tokens_accepted: int | None = None
+    draft_acceptance: dict[str, float] | None = None  # by least match length (worker/engine/drafts.py)
     steps: int | None = None
     step_seconds: float | None = None
     decode_seconds: float | None = None

@@ -178,6 +178,8 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
                 f"         batch steps: {w.steps}, {1000 * (w.step_seconds or 0) / w.steps:.1f} ms each "
                 f"({1000 * (w.decode_seconds or 0) / w.steps:.1f} in llama_decode); drafts: {accepted} of "
                 f"{drafted} tokens accepted"
+                + (" (learned by match length: " + ", ".join(
+                    f"{n}+ {a:.0%}" for n, a in w.draft_acceptance.items()) + ")" if w.draft_acceptance else "")
             )
     else:
         out.append("worker:  none running")

@@ -50,6 +50,7 @@ def worker_status(view: WorkerView, now: float) -> WorkerStatus | None:
                                tokens_saved=h.ram_cache_tokens_saved)
         w.disk_cache = disk_cache(view)
         w.draft_tokens, w.draft_tokens_accepted = h.draft_tokens, h.draft_tokens_accepted
+        w.draft_acceptance = h.draft_acceptance
         w.steps, w.step_seconds, w.decode_seconds = h.steps, h.step_seconds, h.decode_seconds
     w.rss_mib, w.cpu_percent = proc.usage()
     return w

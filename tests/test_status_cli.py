@@ -64,6 +64,21 @@ def test_render_shows_the_prompt_caches() -> None:
             "600 tokens saved") in lines
 
 
+def test_render_shows_the_steps_and_what_the_drafts_learned() -> None:
+    st = {
+        "state": "ready",
+        "reason": "",
+        "worker": {
+            "pid": 5, "generation": 1, "started_at": 1.0, "uptime_s": 10.0, "steps": 100, "step_seconds": 0.6,
+            "decode_seconds": 0.5, "draft_tokens": 40, "draft_tokens_accepted": 30,
+            "draft_acceptance": {"2": 0.5, "4": 0.5, "8": 0.86, "16": 0.98, "32": 0.994},
+        },
+    }
+    lines = render(st, "http://127.0.0.1:8080/status").splitlines()
+    assert ("         batch steps: 100, 6.0 ms each (5.0 in llama_decode); drafts: 30 of 40 tokens accepted "
+            "(learned by match length: 2+ 50%, 4+ 50%, 8+ 86%, 16+ 98%, 32+ 99%)") in lines
+
+
 def test_exit_code_follows_the_health_verdict() -> None:
     def code(doc: dict[str, Any]) -> int:
         return exit_code(decode_status(json.dumps(doc).encode()))

@@ -217,6 +217,9 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     # draft_n_accepted, summed over requests).
     draft_tokens: int = 0
     draft_tokens_accepted: int = 0
+    # What the drafter learned: a drafted token's acceptance by the length of the match it
+    # came from (keyed by the least length of each bucket: "2", "4", "8", "16", "32").
+    draft_acceptance: dict[str, float] | None = None
     # The batch steps: how many, their decode rows, how many read prompt tokens and how many
     # read two slots' prompts or more together, and seconds in whole steps and inside
     # llama_decode alone (their difference is the Python around each step).

@@ -126,6 +126,7 @@ class WorkerServer:
                 kv_capacity=loop.n_ctx * len(loop.slots),
                 draft_tokens=loop.drafts.drafted,
                 draft_tokens_accepted=loop.drafts.accepted,
+                draft_acceptance=loop.drafts.acceptance(),
                 steps=loop.steps.steps,
                 step_rows=loop.steps.rows,
                 prompt_steps=loop.steps.prompt_steps,

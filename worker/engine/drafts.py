@@ -75,6 +75,10 @@ class DraftStats:
         acc, rej = self.by_match[b]
         return acc / (acc + rej)
 
+    def acceptance(self) -> dict[str, float]:
+        """The learned alpha per bucket, keyed by the bucket's least match length (/health)."""
+        return {str(low): round(self.alpha(b), 3) for b, low in enumerate(_BUCKETS)}
+
 
 @dataclass
 class Drafter:

@@ -333,8 +333,9 @@ def _explain(err: msgspec.ValidationError, source: str, data: dict[str, Any] | N
     return ConfigError(f"{source}: {key or 'config'}: {msg}")
 
 
-def _check(cfg: Config, source: str) -> None:
-    """Rules that span several keys (a Struct field cannot express them)."""
+def _check(cfg: Config, source: str, flagged: set[str]) -> None:
+    """Rules that span several keys (a Struct field cannot express them); ``flagged``: the
+    keys set by flags (their errors say "flag", and the CLI names the flag)."""
     if cfg.restart.backoff_max_s < cfg.restart.backoff_initial_s:
         raise ConfigError(
             f"{source}: restart.backoff_max_s ({cfg.restart.backoff_max_s}) must be >= "
@@ -348,13 +349,14 @@ def _check(cfg: Config, source: str) -> None:
                 f"{source}: gpu.reserve_overrides key {k!r}: expected a GPU UUID (GPU-...), "
                 "an NVML index like \"0\" or a remote device like \"rpc:host:port/0\""
             )
+    rpc_source = "flag" if "rpc" in flagged else source  # --rpc replaces the file's [[rpc]]
     for n, r in enumerate(cfg.rpc):
         host, sep, port = r.endpoint.partition(":")
         if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ConfigError(f"{source}: rpc[{n}].endpoint: {r.endpoint!r} is not host:port (e.g. 192.168.1.20:50052)")
+            raise ConfigError(f"{rpc_source}: rpc[{n}].endpoint: {r.endpoint!r} is not host:port (e.g. 192.168.1.20:50052)")
     ends = [r.endpoint for r in cfg.rpc]
     if len(set(ends)) != len(ends):
-        raise ConfigError(f"{source}: rpc: an endpoint is listed twice: {ends}")
+        raise ConfigError(f"{rpc_source}: rpc: an endpoint is listed twice: {ends}")
     ids = [m.id for m in cfg.models]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -470,7 +472,7 @@ def build_config(
         key = _error_key(e)
         # A bad value that came from a flag: say so, the file is not to blame.
         raise _explain(e, "flag" if key in flagged else source, merged) from None
-    _check(cfg, source)
+    _check(cfg, source, flagged)
     for key, problems in (
         ("server.host", _host_problems(cfg.server.host)),
         ("server.cors_origins", _origin_problems(cfg.server.cors_origins)),

@@ -138,6 +138,8 @@ def test_host_flags_and_the_address_status_asks(argv: list[str], host: str | lis
         (["--host", "::1", "--host", "::1"], "--host: server.host lists an address twice"),
         (["--cors-origins", "*,https://a.example"], '--cors-origins: "*" (any origin) stands alone'),
         (["--cors-origins", "https://a.example/"], "--cors-origins: server.cors_origins[0]"),
+        (["--rpc", "gpu-box"], "--rpc: rpc[0].endpoint: 'gpu-box' is not host:port"),
+        (["--rpc", "10.0.0.2:50052", "--rpc", "10.0.0.2:50052"], "--rpc: an endpoint is listed twice"),
     ],
 )
 def test_bad_host_and_cors_flags_name_the_flag(argv: list[str], needle: str) -> None:

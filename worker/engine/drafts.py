@@ -142,6 +142,7 @@ class Drafter:
                 self._idle = 0
             return []
         return list(tokens[at : at + min(most, length)])
+
     def _sync(self, tokens: Sequence[int]) -> None:
         """Index every n-gram of ``tokens`` with the position of the token that followed it
         (a later occurrence replaces an earlier one). Incremental: the slot's tokens only

@@ -18,11 +18,11 @@ and passes the seconds in, tests pass tables):
   (a past result: 4 x 512-token prompts generated at 0.27x llama-server's rate); held, the
   four start together and generate at full speed, their first tokens no later than
   llama-server's.
-- Where prompt tokens are dear against a step's decode rows (a CPU), prompts that would all
-  finish in one step beside running streams are read one per step, oldest first
-  (``StepCost.dear_prompts``): each gets its first token without waiting for the others'
-  tokens, and what that costs the others is one more step's decode rows each. Where
-  they are cheap (a GPU) they are read together.
+- Where prompt tokens are dear against a step's decode rows (a CPU), a step beside running
+  streams that finishes the oldest waiting prompt reads that prompt alone
+  (``StepCost.dear_prompts``): its first token does not wait for the other prompts' tokens,
+  which costs each of them one more step's decode rows. Where prompt tokens are cheap (a
+  GPU) the prompts are read together.
 - A prompt's last token goes in the step that reads the rest of it (``merged``: its first
   token is sampled a step sooner) only where the caller measured that a row's logits do
   not depend on the batch's shape (``merge_last``), and not when the burst rule would hold

@@ -5,6 +5,7 @@ Used by the batch loop's thread only."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -13,6 +14,8 @@ from typing import Any
 import llama_cpp.llama_cpp as llama_lib
 
 from worker.engine.scheduler import StepCost
+
+log = logging.getLogger("worker")
 
 _CALIBRATION_CONTEXT = 256  # tokens of context the drafts' rows are timed behind
 
@@ -150,10 +153,15 @@ def logits_batch_invariant(ctx: Any, batch: TokenBatch) -> bool:
 def calibrate(ctx: Any, batch: TokenBatch, cost: StepCost, drafts: bool, done: threading.Event) -> bool:
     """The load-time measures, before the first request: the drafts' row cost (when they
     are on) and whether a prompt's last token may go with its last chunk (the answer).
-    ``done`` is set when they are over, whatever happened."""
+    ``done`` is set when they are over, whatever happened. A failure is logged, never
+    raised: it would end the loop's thread, and every request would wait for it forever;
+    the drafts then keep their guessed threshold and the last token is read alone."""
     try:
         if drafts:
             calibrate_drafts(ctx, batch, cost)
         return logits_batch_invariant(ctx, batch)
+    except Exception:
+        log.exception("the batch loop's load-time measures failed; drafts and prompts use their defaults")
+        return False
     finally:
         done.set()

@@ -151,26 +151,38 @@ def place(
     goal = plan_on(idle) if no_room else best
     if _reaches(now, goal):
         return _no_eviction(m, now)
+    need = sum(g.planned_mib for g in goal.gpus)
+
+    def fewest(order: list[Resident]) -> list[Resident] | None:
+        """The shortest prefix of ``order`` whose memory reaches the goal, less those of it
+        that turned out not to be needed (a model on a GPU that did not help); None if even
+        all of it does not."""
+        chosen: list[Resident] = []
+        for r in order:
+            chosen.append(r)
+            if roomy(chosen, need) and _reaches(plan_on(chosen), goal):
+                break
+        else:
+            return None
+        for r in list(reversed(chosen[:-1])):
+            trial = [c for c in chosen if c is not r]
+            if roomy(trial, need) and _reaches(plan_on(trial), goal):
+                chosen = trial
+        return chosen
+
     # Extra replicas first (capacity, not a model), then the least recently used, then the
     # cheapest to reload, then by id (deterministic).
-    order = sorted(idle, key=lambda r: (not r.extra, r.last_used, _file_size(models, r.id), r.id))
-    need = sum(g.planned_mib for g in goal.gpus)
-    chosen: list[Resident] = []
-    found = False
-    for r in order:
-        chosen.append(r)
-        if roomy(chosen, need) and _reaches(plan_on(chosen), goal):
-            found = True
-            break
-    if not found:
-        # Only the busy ones (or loads in progress) stand in the way: wait for them.
-        return Placement(want, wait_for=tuple(r.id for r in sorted(busy, key=lambda r: r.id)))
-    # Drop evictions that turned out not to be needed (a model on a GPU that did not help).
-    for r in list(reversed(chosen[:-1])):
-        trial = [c for c in chosen if c is not r]
-        if roomy(trial, need) and _reaches(plan_on(trial), goal):
-            chosen = trial
-    return Placement(want, evict=tuple(r.id for r in chosen))
+    def key(r: Resident) -> tuple[bool, float, int, str]:
+        return (not r.extra, r.last_used, _file_size(models, r.id), r.id)
+
+    chosen = fewest(sorted(idle, key=key))
+    if chosen is not None:
+        return Placement(want, evict=tuple(r.id for r in chosen))
+    # Busy ones (or loads in progress) stand in the way: wait for the fewest of them, in the
+    # same order after every idle one (a busy model's extra replica, not the model with it;
+    # those idle then are evicted when the placement is asked again).
+    chosen = fewest(sorted(idle, key=key) + sorted(busy, key=key)) or busy
+    return Placement(want, wait_for=tuple(sorted(r.id for r in chosen if r in busy)))
 
 
 def _capped(s: PlanSettings) -> bool:

@@ -206,16 +206,10 @@ class Router:
 
 
 def _load(mgr: WorkerManager) -> ReplicaLoad:
-    """A replica's load, from its published view and its admission's counters. A replica
-    being drained to be evicted is neither ready nor coming: the model's other replicas
-    answer, and when all of them are drained the request waits for the first one, so that
-    if it loads the model again, the model comes back whole (an extra replica alone came
-    back serving a model listed as unloaded)."""
+    """A replica's load, from its published view and its admission's counters."""
     v = mgr.view
     h = v.handle
     adm = mgr.admission
-    if adm.held:
-        return ReplicaLoad(False, waiting=adm.waiting)
     if v.state is WorkerState.READY and h is not None:
         return ReplicaLoad(True, slots=h.slots, generating=adm.in_worker_slots(h.gen), waiting=adm.waiting)
     return ReplicaLoad(False, coming=v.state in PROCESS_STATES, waiting=adm.waiting)

@@ -134,6 +134,25 @@ def test_extra_replicas_are_evicted_before_any_model() -> None:
     assert place(gpus, models, residents, "c").evict == ("a#2",)
 
 
+def test_busy_extras_are_waited_for_before_a_busy_model() -> None:
+    models = {m.id: m for m in (model("a", 8, placement="spread", replicas=2), model("b", 8, placement="spread"),
+                                model("c", 10, placement="spread"))}
+    gpus = [gpu(0, 24 * 1024, 18 * 1024)]
+    # a and its extra replica both answer requests; c needs the memory of one of them: only
+    # the extra is waited for (it used to be both, and a went with it).
+    busy = [Resident("a", {"GPU-0": 9 * 1024}, last_used=1.0, busy=True),
+            Resident("a#2", {"GPU-0": 9 * 1024}, last_used=50.0, extra=True, busy=True)]
+    p = place(gpus, models, busy, "c")
+    assert (p.wait_for, p.evict) == (("a#2",), ())
+    # Two busy models: the least recently used one only.
+    two = [Resident("a", {"GPU-0": 9 * 1024}, last_used=9.0, busy=True),
+           Resident("b", {"GPU-0": 9 * 1024}, last_used=1.0, busy=True)]
+    assert place(gpus, models, two, "c").wait_for == ("b",)
+    # An idle one that is enough is evicted at once, whoever is busy.
+    mixed = [Resident("a", {"GPU-0": 9 * 1024}, last_used=9.0, busy=True), Resident("b", {"GPU-0": 9 * 1024})]
+    assert (place(gpus, models, mixed, "c").evict, place(gpus, models, mixed, "c").wait_for) == (("b",), ())
+
+
 def test_a_pinned_model_keeps_its_first_replica_not_its_extras() -> None:
     a = dataclasses.replace(model("a", 8, placement="spread", replicas=2), pinned=True)
     models = {"a": a, "c": model("c", 10, placement="spread")}

@@ -179,7 +179,7 @@ def render(doc: Status | dict[str, Any], url: str) -> str:
                 f"({1000 * (w.decode_seconds or 0) / w.steps:.1f} in llama_decode); drafts: {accepted} of "
                 f"{drafted} tokens accepted"
                 + (" (learned by match length: " + ", ".join(
-                    f"{n}+ {a:.0%}" for n, a in w.draft_acceptance.items()) + ")" if w.draft_acceptance else "")
+                    f"{n}+ {a:.0%}" for n, a in w.draft_acceptance.items()) + ")" if w.draft_acceptance and drafted else "")
             )
     else:
         out.append("worker:  none running")

@@ -77,6 +77,10 @@ def test_render_shows_the_steps_and_what_the_drafts_learned() -> None:
     lines = render(st, "http://127.0.0.1:8080/status").splitlines()
     assert ("         batch steps: 100, 6.0 ms each (5.0 in llama_decode); drafts: 30 of 40 tokens accepted "
             "(learned by match length: 2+ 50%, 4+ 50%, 8+ 86%, 16+ 98%, 32+ 99%)") in lines
+    # No draft yet (or drafts off): the priors are not news.
+    st["worker"].update(draft_tokens=0, draft_tokens_accepted=0)
+    lines = render(st, "http://127.0.0.1:8080/status").splitlines()
+    assert "         batch steps: 100, 6.0 ms each (5.0 in llama_decode); drafts: 0 of 0 tokens accepted" in lines
 
 
 def test_exit_code_follows_the_health_verdict() -> None:

@@ -259,6 +259,11 @@ class Admission:
         self._held = on
         self.notify()
 
+    @property
+    def held(self) -> bool:
+        """Being drained to be evicted (``hold``)."""
+        return self._held
+
     def hold_if_idle(self) -> bool:
         """Hold new requests if none is here now, in one step (no await between the check
         and the hold: a request cannot slip in between). False, and no hold, if busy."""

@@ -206,10 +206,16 @@ class Router:
 
 
 def _load(mgr: WorkerManager) -> ReplicaLoad:
-    """A replica's load, from its published view and its admission's counters."""
+    """A replica's load, from its published view and its admission's counters. A replica
+    being drained to be evicted is neither ready nor coming: it finishes the requests it
+    has, and a new one sent there would wait for them and for the eviction before going to
+    another replica; when every replica is drained, the request waits for the first one (if
+    it loads the model again, the model comes back whole)."""
     v = mgr.view
     h = v.handle
     adm = mgr.admission
+    if adm.held:
+        return ReplicaLoad(False, waiting=adm.waiting)
     if v.state is WorkerState.READY and h is not None:
         return ReplicaLoad(True, slots=h.slots, generating=adm.in_worker_slots(h.gen), waiting=adm.waiting)
     return ReplicaLoad(False, coming=v.state in PROCESS_STATES, waiting=adm.waiting)

@@ -10,7 +10,7 @@ answers {} at once: a read the supervisor proxies without a generation slot (it 
 /v1/models itself), for tests that need many requests at the worker's socket. It never loads a
 model: a completion is the tokens "tok0 tok1 ...", one every FAKE_WORKER_TOKEN_INTERVAL_S,
 ``max_tokens`` of them if the request says so, else FAKE_WORKER_TOKENS. Generations run one
-at a time, like the real worker (``active`` is 0 or 1, the rest are ``queued``).
+at a time (FAKE_WORKER_SLOTS: that many), the rest are ``queued``.
 
 Behaviour is chosen by environment variables (the supervisor passes its environment to
 the worker, so a test sets them on the supervisor process):
@@ -40,6 +40,8 @@ the worker, so a test sets them on the supervisor process):
                                     with active=1 and seconds_since_token growing
   FAKE_WORKER_TOKEN_INTERVAL_S=0.01 seconds between tokens
   FAKE_WORKER_TOKENS=5              tokens per completion when the request has no max_tokens
+  FAKE_WORKER_SLOTS=1               generations at once (its health's parallel); /slots
+                                    still lists one slot
   FAKE_WORKER_BACKLOG=n             listen backlog of the socket (aiohttp's default: 128)
   FAKE_WORKER_STATE_DIR=dir         append one JSON line per start to dir/starts.jsonl:
                                     {"start": i, "pid", "spec": {...}, "env": {CUDA_* vars}}
@@ -139,7 +141,8 @@ class FakeWorker:
         self.requests_served = 0
         self.last_token_at: float | None = None  # monotonic; None when idle
         self.hog: list[bytes] = []  # FAKE_WORKER_ALLOCATE_MIB
-        self.gen_lock = asyncio.Lock()
+        self.slots = max(1, _env_int("FAKE_WORKER_SLOTS", 1) or 1)
+        self.gen_lock = asyncio.Semaphore(self.slots)
         self.stopping = asyncio.Event()
         self.load_task: asyncio.Task[None] | None = None
 
@@ -230,7 +233,7 @@ class FakeWorker:
             cuda_device_order=os.environ.get("CUDA_DEVICE_ORDER"),
             llama_cpp_version="fake",
             gpu_offload_supported=True,
-            parallel=1,  # one request at a time, whatever the spec asks (see the top of this file)
+            parallel=self.slots,  # FAKE_WORKER_SLOTS at a time, whatever the spec asks (top of this file)
             prefill_chunk=spec.prefill_chunk,
             token_gap_ms=spec.token_gap_ms,
             draft_max=spec.draft_max,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,48 @@ def test_a_busy_models_extra_replica_is_drained_for_room_and_requests_go_elsewhe
     assert replica_states(s, "a") == ["ready", "unloaded"]  # no room for the extra: it never evicts b
     served = rows("served")
     assert sum(served) == 5 and served[0] >= 3, served  # r1, r1b and r4 at least by the first
+
+
+def test_a_replica_being_drained_gets_no_new_request(fleet: Any) -> None:
+    # Two slots per replica, 0.05 s a token. b needs the room of a's extra replica while it
+    # answers r2 (8 s) and r3 (20 s, sent once the drain began): the extra finishes both, then
+    # goes. r4, sent during that, finds a's first replica full (x1, x2) and the drained one
+    # with a free slot: it must wait for the first, not for the drained one to finish r3 and
+    # go (then it was moved to the first replica, after r3's end).
+    s = fleet(ROOM_FOR_TWO, [{"id": "a", "replicas": 2}, {"id": "b"}],
+              env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05", "FAKE_WORKER_SLOTS": "2"},
+              sections={"admission": {"queue_size": 8, "wait_timeout_s": 120.0}})
+    poll(lambda: replica_states(s, "a") == ["ready", "ready"], 60, "both replicas of a ready")
+    done: dict[str, tuple[int, float]] = {}
+    lock = threading.Lock()
+
+    def send(name: str, model: str, max_tokens: int) -> threading.Thread:
+        def run() -> None:
+            # A prompt of its own: no conversation affinity (supervisor/replicas.py) decides.
+            code, _ = chat(s, model, max_tokens=max_tokens, messages=[{"role": "user", "content": f"request {name}"}])
+            with lock:
+                done[name] = (code, time.monotonic())
+        t = threading.Thread(target=run)
+        t.start()
+        return t
+
+    def rows(field: str) -> list[int]:
+        return [r[field] for r in next(m for m in s.status()["models"] if m["id"] == "a")["replicas"]]
+
+    threads = [send("x1", "a", 240)]  # 12 s, the first replica (the least busy: equal, the first)
+    poll(lambda: rows("generating") == [1, 0], 30, "x1 on a's first replica")
+    threads.append(send("r2", "a", 160))  # 8 s, the extra replica (more free slots)
+    poll(lambda: rows("generating") == [1, 1], 30, "r2 on the extra replica")
+    threads.append(send("x2", "a", 240))  # the first replica again (equal free slots)
+    poll(lambda: rows("generating") == [2, 1], 30, "x2 on the first replica")
+    threads.append(send("b", "b", 3))
+    poll(lambda: "for a#2 to finish its requests" in s.log(), 30, "the drain of a's extra replica")
+    threads.append(send("r3", "a", 400))  # 20 s, the extra replica (its free slot), before the hold
+    poll(lambda: rows("generating") == [2, 2], 30, "r3 on the extra replica")
+    poll(lambda: rows("served")[1] == 1, 30, "r2 answered: the extra replica is held for its eviction")
+    threads.append(send("r4", "a", 3))
+    for t in threads:
+        t.join(120)
+    assert {k: v[0] for k, v in done.items()} == dict.fromkeys(("x1", "r2", "x2", "b", "r3", "r4"), 200), done
+    assert done["r4"][1] < done["r3"][1]  # answered by the first replica, not after the drained one went
+    assert rows("served") == [3, 2]

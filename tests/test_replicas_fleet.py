@@ -23,6 +23,35 @@ def replica_states(s: Any, mid: str) -> list[str]:
     return [r["state"] for r in row["replicas"]]
 
 
+class Clients:
+    """Requests for a supervisor sent from threads, each with a prompt of its own (no
+    conversation affinity decides where it goes): their status and when they were answered."""
+
+    def __init__(self, s: Any) -> None:
+        self.s = s
+        self.done: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def send(self, name: str, model: str, max_tokens: int) -> None:
+        def run() -> None:
+            code, _ = chat(self.s, model, max_tokens=max_tokens, messages=[{"role": "user", "content": f"request {name}"}])
+            with self._lock:
+                self.done[name] = (code, time.monotonic())
+        t = threading.Thread(target=run)
+        t.start()
+        self._threads.append(t)
+
+    def codes(self) -> dict[str, int]:
+        for t in self._threads:
+            t.join(120)
+        return {k: v[0] for k, v in self.done.items()}
+
+
+def replica_rows(s: Any, mid: str, field: str) -> list[int]:
+    return [r[field] for r in next(m for m in s.status()["models"] if m["id"] == mid)["replicas"]]
+
+
 def test_an_extra_replica_is_evicted_before_another_model(fleet: Any) -> None:
     s = fleet(ROOM_FOR_TWO, [{"id": "a", "replicas": 2}, {"id": "b"}])
     poll(lambda: replica_states(s, "a") == ["ready", "ready"], 60, "both replicas of a ready")
@@ -120,36 +149,24 @@ def test_a_busy_models_extra_replica_is_drained_for_room_and_requests_go_elsewhe
     s = fleet(ROOM_FOR_TWO, [{"id": "a", "replicas": 2}, {"id": "b"}], env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05"},
               sections={"admission": {"queue_size": 8, "wait_timeout_s": 120.0}})
     poll(lambda: replica_states(s, "a") == ["ready", "ready"], 60, "both replicas of a ready")
-    results: dict[str, tuple[int, Any]] = {}
-    lock = threading.Lock()
-
-    def send(name: str, model: str, max_tokens: int) -> threading.Thread:
-        def run() -> None:
-            got = chat(s, model, max_tokens=max_tokens)
-            with lock:
-                results[name] = got
-        t = threading.Thread(target=run)
-        t.start()
-        return t
+    c = Clients(s)
 
     def rows(field: str) -> list[int]:
-        return [r[field] for r in next(m for m in s.status()["models"] if m["id"] == "a")["replicas"]]
+        return replica_rows(s, "a", field)
 
-    threads = [send("r1", "a", 400)]  # 20 s: the first replica stays busy through the drain
+    c.send("r1", "a", 400)  # 20 s: the first replica stays busy through the drain
     poll(lambda: rows("generating") == [1, 0], 30, "a's first replica generating")
-    threads.append(send("r2", "a", 160))  # 8 s
+    c.send("r2", "a", 160)  # 8 s
     poll(lambda: rows("generating") == [1, 1], 30, "both replicas generating")
-    threads.append(send("r1b", "a", 160))  # both full: the first replica's queue
+    c.send("r1b", "a", 160)  # both full: the first replica's queue
     poll(lambda: rows("waiting") == [1, 0], 30, "one waiting for the first replica")
-    threads.append(send("b", "b", 3))
+    c.send("b", "b", 3)
     poll(lambda: "waiting (up to" in s.log(), 30, "the eviction to wait for a's extra replica")
     assert "for a#2 to finish its requests" in s.log()  # not "a, a#2"
-    threads.append(send("r3", "a", 160))  # the shorter queue: the extra replica's, before the hold
+    c.send("r3", "a", 160)  # the shorter queue: the extra replica's, before the hold
     poll(lambda: rows("served")[1] == 1, 30, "r2 answered: the extra replica is drained")
-    threads.append(send("r4", "a", 3))
-    for t in threads:
-        t.join(120)
-    assert {k: v[0] for k, v in results.items()} == dict.fromkeys(("r1", "r2", "r1b", "b", "r3", "r4"), 200), results
+    c.send("r4", "a", 3)
+    assert c.codes() == dict.fromkeys(("r1", "r2", "r1b", "b", "r3", "r4"), 200), c.done
     poll(lambda: models_state(s) == {"a": "ready", "b": "ready"}, 30, "a and b ready")
     assert replica_states(s, "a") == ["ready", "unloaded"]  # no room for the extra: it never evicts b
     served = rows("served")
@@ -166,36 +183,23 @@ def test_a_replica_being_drained_gets_no_new_request(fleet: Any) -> None:
               env={"FAKE_WORKER_TOKEN_INTERVAL_S": "0.05", "FAKE_WORKER_SLOTS": "2"},
               sections={"admission": {"queue_size": 8, "wait_timeout_s": 120.0}})
     poll(lambda: replica_states(s, "a") == ["ready", "ready"], 60, "both replicas of a ready")
-    done: dict[str, tuple[int, float]] = {}
-    lock = threading.Lock()
-
-    def send(name: str, model: str, max_tokens: int) -> threading.Thread:
-        def run() -> None:
-            # A prompt of its own: no conversation affinity (supervisor/replicas.py) decides.
-            code, _ = chat(s, model, max_tokens=max_tokens, messages=[{"role": "user", "content": f"request {name}"}])
-            with lock:
-                done[name] = (code, time.monotonic())
-        t = threading.Thread(target=run)
-        t.start()
-        return t
+    c = Clients(s)
 
     def rows(field: str) -> list[int]:
-        return [r[field] for r in next(m for m in s.status()["models"] if m["id"] == "a")["replicas"]]
+        return replica_rows(s, "a", field)
 
-    threads = [send("x1", "a", 240)]  # 12 s, the first replica (the least busy: equal, the first)
+    c.send("x1", "a", 240)  # 12 s, the first replica (the least busy: equal, the first)
     poll(lambda: rows("generating") == [1, 0], 30, "x1 on a's first replica")
-    threads.append(send("r2", "a", 160))  # 8 s, the extra replica (more free slots)
+    c.send("r2", "a", 160)  # 8 s, the extra replica (more free slots)
     poll(lambda: rows("generating") == [1, 1], 30, "r2 on the extra replica")
-    threads.append(send("x2", "a", 240))  # the first replica again (equal free slots)
+    c.send("x2", "a", 240)  # the first replica again (equal free slots)
     poll(lambda: rows("generating") == [2, 1], 30, "x2 on the first replica")
-    threads.append(send("b", "b", 3))
+    c.send("b", "b", 3)
     poll(lambda: "for a#2 to finish its requests" in s.log(), 30, "the drain of a's extra replica")
-    threads.append(send("r3", "a", 400))  # 20 s, the extra replica (its free slot), before the hold
+    c.send("r3", "a", 400)  # 20 s, the extra replica (its free slot), before the hold
     poll(lambda: rows("generating") == [2, 2], 30, "r3 on the extra replica")
     poll(lambda: rows("served")[1] == 1, 30, "r2 answered: the extra replica is held for its eviction")
-    threads.append(send("r4", "a", 3))
-    for t in threads:
-        t.join(120)
-    assert {k: v[0] for k, v in done.items()} == dict.fromkeys(("x1", "r2", "x2", "b", "r3", "r4"), 200), done
-    assert done["r4"][1] < done["r3"][1]  # answered by the first replica, not after the drained one went
+    c.send("r4", "a", 3)
+    assert c.codes() == dict.fromkeys(("x1", "r2", "x2", "b", "r3", "r4"), 200), c.done
+    assert c.done["r4"][1] < c.done["r3"][1]  # answered by the first replica, not after the drained one went
     assert rows("served") == [3, 2]

@@ -175,13 +175,14 @@ def place(
     def key(r: Resident) -> tuple[bool, float, int, str]:
         return (not r.extra, r.last_used, _file_size(models, r.id), r.id)
 
-    chosen = fewest(sorted(idle, key=key))
+    idle_order = sorted(idle, key=key)
+    chosen = fewest(idle_order)
     if chosen is not None:
         return Placement(want, evict=tuple(r.id for r in chosen))
     # Busy ones (or loads in progress) stand in the way: wait for the fewest of them, in the
     # same order after every idle one (a busy model's extra replica, not the model with it;
     # those idle then are evicted when the placement is asked again).
-    chosen = fewest(sorted(idle, key=key) + sorted(busy, key=key)) or busy
+    chosen = fewest(idle_order + sorted(busy, key=key)) or busy
     return Placement(want, wait_for=tuple(sorted(r.id for r in chosen if r in busy)))
 
 
